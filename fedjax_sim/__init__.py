@@ -1,0 +1,34 @@
+"""fedjax_sim: fast, exact federated learning simulation in JAX.
+
+Client training is one pure function for one client, vmapped across the cohort in chunks;
+sampling, local training, clipping, aggregation, DP noise and the server optimizer step are fused
+into one compiled round, and many rounds run inside one ``lax.scan``.
+"""
+
+from fedjax_sim import aggregators, algorithms, models
+from fedjax_sim.algorithms import Algorithm
+from fedjax_sim.client import ClientData, make_client_update
+from fedjax_sim.data import partition, sampling
+from fedjax_sim.data.population import Population
+from fedjax_sim.round import ServerState, Simulation
+from fedjax_sim.types import MASK_KEY, ClientOutput, RoundContext, WeightedUpdate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MASK_KEY",
+    "Algorithm",
+    "ClientData",
+    "ClientOutput",
+    "Population",
+    "RoundContext",
+    "ServerState",
+    "Simulation",
+    "WeightedUpdate",
+    "aggregators",
+    "algorithms",
+    "make_client_update",
+    "models",
+    "partition",
+    "sampling",
+]

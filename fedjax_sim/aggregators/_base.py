@@ -1,0 +1,183 @@
+"""Aggregator stages as ``(init, aggregate)`` pairs, composed with ``chain`` and placed in the
+three slots of a :class:`Process`: ``per_client`` -> ``reduce`` -> ``post``.
+
+* ``per_client`` stages see ONE client's :class:`~fedjax_sim.types.WeightedUpdate`; they run
+  inside the vmapped cohort chunk (clip, quantise, compress, attack). Their state is read-only
+  during a round. Their metrics are averaged over the real clients of the cohort.
+* ``reduce`` is a :class:`Reducer`: the (weighted) **sum** over the cohort. Because it is a sum,
+  it streams across chunks (and devices).
+* ``post`` stages see the single reduced update (noise, normalisation, dequantisation) and may
+  update their state.
+
+Every ``aggregate`` has the signature
+``aggregate(update, state, key, context) -> (update, new_state, metrics)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_sim.types import EmptyState, Params, PRNGKey, RoundContext, WeightedUpdate
+
+AggState = Any
+Metrics = dict[str, jax.Array]
+AggregateFn = Callable[
+    [WeightedUpdate, AggState, PRNGKey, RoundContext], tuple[WeightedUpdate, AggState, Metrics]
+]
+
+#: Tags a stage can carry so that compositions can be checked before compiling.
+CLIPS = "clips"  # bounds each client's L2 contribution (sensitivity)
+ADDS_NOISE = "adds_noise"  # adds random noise to the aggregate (DP)
+
+
+class Aggregator(NamedTuple):
+  """A pair of pure functions: ``init(params) -> state`` and ``aggregate`` (module docstring)."""
+
+  init: Callable[[Params], AggState]
+  aggregate: AggregateFn
+  tags: frozenset = frozenset()
+
+
+class Reducer(NamedTuple):
+  """The cohort reduction: a sum of per-client contributions.
+
+  Attributes:
+    contribute: ``(update, is_real) -> WeightedUpdate`` for one client; the engine sums these
+      over the cohort (streaming across chunks). ``is_real`` is 1.0 for a real client, 0.0 for a
+      padded slot.
+    weighted: whether contributions are multiplied by the client weight.
+  """
+
+  contribute: Callable[[WeightedUpdate, jax.Array], WeightedUpdate]
+  weighted: bool
+
+
+class Process(NamedTuple):
+  """An aggregation pipeline in three slots (see the module docstring)."""
+
+  per_client: Aggregator
+  reduce: Reducer
+  post: Aggregator
+
+  @property
+  def tags(self) -> frozenset:
+    return self.per_client.tags | self.post.tags
+
+  def init(self, params: Params) -> tuple[AggState, AggState]:
+    return self.per_client.init(params), self.post.init(params)
+
+
+def identity() -> Aggregator:
+  """A stage that changes nothing."""
+
+  def aggregate(update, state, key, context):
+    del key, context
+    return update, state, {}
+
+  return Aggregator(lambda params: EmptyState(), aggregate)
+
+
+def chain(*stages: Aggregator) -> Aggregator:
+  """Applies ``stages`` in order; stage ``i`` gets the key ``fold_in(key, i)``.
+
+  The state is a tuple of the stages' states and the metrics are merged (later stages win on a
+  name clash).
+
+  Examples:
+    >>> import fedjax_sim as fs
+    >>> agg = fs.aggregators.chain(fs.aggregators.clip_l2(1.0), fs.aggregators.identity())
+    >>> len(agg.init({"w": 0.0}))
+    2
+  """
+  for i, s in enumerate(stages):
+    if not isinstance(s, Aggregator):
+      raise TypeError(
+          f"chain() takes Aggregator stages; argument {i} is {type(s).__name__}. Processes "
+          "(weighted_mean, dp_mean, ...) cannot be chained; build one with process(...)."
+      )
+
+  def init(params):
+    return tuple(s.init(params) for s in stages)
+
+  def aggregate(update, state, key, context):
+    new_states, metrics = [], {}
+    for i, (stage, st) in enumerate(zip(stages, state, strict=True)):
+      update, st, m = stage.aggregate(update, st, jax.random.fold_in(key, i), context)
+      new_states.append(st)
+      metrics.update(m)
+    return update, tuple(new_states), metrics
+
+  tags = frozenset().union(*(s.tags for s in stages)) if stages else frozenset()
+  return Aggregator(init, aggregate, tags)
+
+
+def weighted_sum_reducer() -> Reducer:
+  """Sum of ``weight * delta`` and of ``weight``."""
+
+  def contribute(update, is_real):
+    w = update.weight * is_real
+    return WeightedUpdate(jax.tree.map(lambda d: w * d, update.delta), w)
+
+  return Reducer(contribute, weighted=True)
+
+
+def sum_reducer() -> Reducer:
+  """Unweighted sum of ``delta``; the weight becomes the number of real clients."""
+
+  def contribute(update, is_real):
+    return WeightedUpdate(jax.tree.map(lambda d: is_real * d, update.delta), is_real)
+
+  return Reducer(contribute, weighted=False)
+
+
+def process(
+    per_client: Aggregator | None = None,
+    reduce: Reducer | None = None,
+    post: Aggregator | None = None,
+) -> Process:
+  """Assembles an aggregation pipeline; missing slots are identities / an unweighted sum.
+
+  Raises:
+    ValueError: for compositions whose privacy is undefined: noise without per-client clipping,
+      or noise on an example-weighted sum (unbounded sensitivity).
+  """
+  per_client = identity() if per_client is None else per_client
+  reduce = sum_reducer() if reduce is None else reduce
+  post = identity() if post is None else post
+  for name, stage in (("per_client", per_client), ("post", post)):
+    if not isinstance(stage, Aggregator):
+      raise TypeError(f"{name} must be an Aggregator stage; got {type(stage).__name__}.")
+  if not isinstance(reduce, Reducer):
+    raise TypeError(
+        f"reduce must be a Reducer (sum_reducer() or weighted_sum_reducer()); got "
+        f"{type(reduce).__name__}."
+    )
+  if ADDS_NOISE in post.tags:
+    if CLIPS not in per_client.tags:
+      raise ValueError(
+          "noise is added but no per-client stage bounds the clients' contributions, so the "
+          "noise protects nothing; put clip_l2(clip) in per_client (or use dp_mean)."
+      )
+    if reduce.weighted:
+      raise ValueError(
+          "DP noise on an example-weighted sum: its sensitivity is unbounded (one client's "
+          "weight is unbounded). Use the unweighted sum with a fixed denominator (dp_mean)."
+      )
+  return Process(per_client, reduce, post)
+
+
+def as_process(aggregator: Any) -> Process:
+  """Validates the ``aggregator`` argument of an algorithm."""
+  if isinstance(aggregator, Process):
+    return aggregator
+  if isinstance(aggregator, Aggregator):
+    raise TypeError(
+        "aggregator must be a Process (e.g. weighted_mean(), dp_mean(...), or "
+        "process(per_client=..., reduce=..., post=...)); got a single Aggregator stage. Put it "
+        "in a slot: process(per_client=stage) or process(post=stage)."
+    )
+  raise TypeError(f"aggregator must be a Process; got {type(aggregator).__name__}.")

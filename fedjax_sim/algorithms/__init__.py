@@ -1,0 +1,24 @@
+"""Federated algorithms: factories that compose a client update, an aggregator and a server optax
+optimizer into an :class:`Algorithm`."""
+
+from fedjax_sim.algorithms._fedavg import (
+    Algorithm,
+    fedadagrad,
+    fedadam,
+    fedavg,
+    fedavgm,
+    fedprox,
+    fedsgd,
+    fedyogi,
+)
+
+__all__ = [
+    "Algorithm",
+    "fedadagrad",
+    "fedadam",
+    "fedavg",
+    "fedavgm",
+    "fedprox",
+    "fedsgd",
+    "fedyogi",
+]

@@ -1,0 +1,224 @@
+"""Federated algorithms as compositions over one engine: a client update, an aggregator process
+and an optax server optimizer. New algorithms are new compositions, never subclasses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_sim.aggregators import Process, as_process, weighted_mean
+from fedjax_sim.client import ClientUpdateFn, make_client_update
+from fedjax_sim.types import LossFn, Params
+
+
+class Algorithm(NamedTuple):
+  """A federated algorithm as data; :class:`fedjax_sim.Simulation` runs it.
+
+  Attributes:
+    client_update: ``(broadcast, client_data, client_state, key) -> ClientOutput`` for ONE client.
+    aggregator: the :class:`~fedjax_sim.aggregators.Process` applied to the cohort's outputs.
+    server_optimizer: optax transformation applied to the aggregated pseudo-gradient.
+    client_state_init: ``params -> state of one client`` for algorithms with persistent
+      per-client state (stored for the whole population); None when stateless.
+    name: for logs.
+    loss_fn, client_optimizer, batch_size_hint: optional; when given, ``Simulation.init`` checks
+      them against the params and the population before compiling (clear errors instead of
+      tracer errors).
+  """
+
+  client_update: ClientUpdateFn
+  aggregator: Process
+  server_optimizer: optax.GradientTransformation
+  client_state_init: Callable[[Params], Any] | None = None
+  name: str = "custom"
+  loss_fn: LossFn | None = None
+  client_optimizer: optax.GradientTransformation | None = None
+  batch_size_hint: int | None = None
+
+
+def _check_optimizer(name: str, opt: Any) -> None:
+  if not isinstance(opt, optax.GradientTransformation):
+    raise TypeError(
+        f"{name} must be an optax.GradientTransformation (e.g. optax.sgd(0.1)); got "
+        f"{type(opt).__name__}."
+    )
+
+
+def _check_loss(loss_fn: Any) -> None:
+  if not callable(loss_fn):
+    raise TypeError(
+        "loss_fn must be callable as loss_fn(params, batch, key) -> (loss, aux); build one with "
+        "fs.models.classifier_loss(apply_fn)."
+    )
+
+
+def fedavg(
+    loss_fn: LossFn,
+    *,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation | None = None,
+    batch_size: int | None,
+    local_epochs: int | None = None,
+    local_steps: int | None = None,
+    aggregator: Process | None = None,
+) -> Algorithm:
+  """Federated Averaging (generalised: any client and server optax optimizer).
+
+  Each sampled client trains locally from the broadcast model; the server aggregates the
+  pseudo-gradients ``server - client`` (example-weighted mean by default) and applies
+  ``server_optimizer`` (``optax.sgd(1.0)`` = plain FedAvg).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch, key) -> (loss, aux)``.
+    client_optimizer: optax optimizer for local steps (state reset every round).
+    server_optimizer: optax optimizer on the aggregated update; default ``optax.sgd(1.0)``.
+    batch_size: local minibatch size (None: full batch).
+    local_epochs: local passes over the data (exactly one of local_epochs / local_steps).
+    local_steps: fixed number of local steps.
+    aggregator: a Process; default :func:`~fedjax_sim.aggregators.weighted_mean`.
+
+  References:
+    McMahan, Moore, Ramage, Hampson, Agüera y Arcas, "Communication-Efficient Learning of Deep
+    Networks from Decentralized Data", AISTATS 2017. Reddi et al., "Adaptive Federated
+    Optimization", ICLR 2021 (server optimizers).
+
+  Examples:
+    >>> import optax, fedjax_sim as fs
+    >>> loss_fn = fs.models.classifier_loss(lambda p, x: x @ p)
+    >>> algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=10,
+    ...                             local_epochs=1)
+    >>> algo.name
+    'fedavg'
+  """
+  return _local_sgd_algorithm(
+      "fedavg", loss_fn, client_optimizer, server_optimizer, batch_size, local_epochs,
+      local_steps, aggregator, regularizer=None,
+  )
+
+
+def fedprox(
+    loss_fn: LossFn,
+    *,
+    mu: float,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation | None = None,
+    batch_size: int | None,
+    local_epochs: int | None = None,
+    local_steps: int | None = None,
+    aggregator: Process | None = None,
+) -> Algorithm:
+  """FedProx: FedAvg whose local objective adds ``mu/2 * ||w - w_server||^2``.
+
+  ``mu=0`` is exactly FedAvg.
+
+  References:
+    Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, "Federated Optimization in Heterogeneous
+    Networks", MLSys 2020.
+
+  Examples:
+    >>> import optax, fedjax_sim as fs
+    >>> loss_fn = fs.models.classifier_loss(lambda p, x: x @ p)
+    >>> fs.algorithms.fedprox(loss_fn, mu=0.01, client_optimizer=optax.sgd(0.1),
+    ...                       batch_size=10, local_epochs=1).name
+    'fedprox'
+  """
+  try:
+    mu_value = float(mu)
+  except (TypeError, ValueError):
+    raise TypeError(f"mu must be a number >= 0; got {mu!r}.") from None
+  if not mu_value >= 0:
+    raise ValueError(f"mu must be >= 0 (0 is FedAvg); got {mu!r}.")
+  mu_arr = jnp.float32(mu_value)
+
+  def proximal(params, broadcast):
+    sq = sum(jnp.sum(jnp.square(p - b)) for p, b in zip(
+        jax.tree.leaves(params), jax.tree.leaves(broadcast), strict=True))
+    return 0.5 * mu_arr * sq
+
+  return _local_sgd_algorithm(
+      "fedprox", loss_fn, client_optimizer, server_optimizer, batch_size, local_epochs,
+      local_steps, aggregator, regularizer=proximal,
+  )
+
+
+def fedsgd(
+    loss_fn: LossFn,
+    *,
+    server_optimizer: optax.GradientTransformation,
+    aggregator: Process | None = None,
+) -> Algorithm:
+  """FedSGD: each client sends the gradient of its loss on ALL its data at the server model.
+
+  One full-batch step with ``sgd(1.0)`` makes the client's pseudo-gradient equal to its mean
+  gradient; the example-weighted mean over clients is then the full-batch gradient of the union
+  of their data, which ``server_optimizer`` applies (e.g. ``optax.sgd(lr)``: centralised GD).
+
+  References:
+    McMahan et al., AISTATS 2017 (FedSGD baseline).
+
+  Examples:
+    >>> import optax, fedjax_sim as fs
+    >>> loss_fn = fs.models.classifier_loss(lambda p, x: x @ p)
+    >>> fs.algorithms.fedsgd(loss_fn, server_optimizer=optax.sgd(0.5)).name
+    'fedsgd'
+  """
+  return _local_sgd_algorithm(
+      "fedsgd", loss_fn, optax.sgd(1.0), server_optimizer, None, None, 1, aggregator,
+      regularizer=None,
+  )
+
+
+def _local_sgd_algorithm(
+    name, loss_fn, client_optimizer, server_optimizer, batch_size, local_epochs, local_steps,
+    aggregator, regularizer,
+) -> Algorithm:
+  _check_loss(loss_fn)
+  _check_optimizer("client_optimizer", client_optimizer)
+  server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
+  _check_optimizer("server_optimizer", server_optimizer)
+  process = weighted_mean() if aggregator is None else as_process(aggregator)
+  client_update = make_client_update(
+      loss_fn, client_optimizer, batch_size=batch_size, local_epochs=local_epochs,
+      local_steps=local_steps, regularizer=regularizer,
+  )
+  return Algorithm(
+      client_update, process, server_optimizer, None, name, loss_fn, client_optimizer, batch_size
+  )
+
+
+# -- server optimizers (Reddi et al. 2021): thin named helpers over optax --------------------------
+
+
+def fedavgm(learning_rate: float = 1.0, momentum: float = 0.9) -> optax.GradientTransformation:
+  """Server SGD with heavy-ball momentum (FedAvgM, Hsu et al. 2019)."""
+  return optax.sgd(learning_rate, momentum=momentum)
+
+
+def fedadam(
+    learning_rate: float = 1e-2, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3
+) -> optax.GradientTransformation:
+  """Server Adam of FedAdam (Reddi et al. 2021): beta1 0.9, beta2 0.99, tau (eps) 1e-3."""
+  return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+
+
+def fedyogi(
+    learning_rate: float = 1e-2, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3,
+    initial_accumulator_value: float = 1e-6,
+) -> optax.GradientTransformation:
+  """Server Yogi of FedYogi (Reddi et al. 2021): beta1 0.9, beta2 0.99, tau (eps) 1e-3."""
+  return optax.yogi(
+      learning_rate, b1=b1, b2=b2, eps=eps, initial_accumulator_value=initial_accumulator_value
+  )
+
+
+def fedadagrad(
+    learning_rate: float = 1e-1, eps: float = 1e-3, initial_accumulator_value: float = 0.0
+) -> optax.GradientTransformation:
+  """Server Adagrad of FedAdagrad (Reddi et al. 2021, tau = 1e-3 as eps; no server momentum)."""
+  return optax.adagrad(
+      learning_rate, initial_accumulator_value=initial_accumulator_value, eps=eps**2
+  )

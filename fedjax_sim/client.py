@@ -1,0 +1,183 @@
+"""Local training of ONE client. The round vmaps it across the cohort, in one place (round.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_sim.types import MASK_KEY, ClientOutput, LossFn, Params, PRNGKey, PyTree
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ClientData:
+  """One client's view of the population (CSR): the shared flat arrays plus its row range.
+
+  Attributes:
+    features: the population's flat feature arrays ``[total_examples, ...]`` (shared, not copied).
+    offset: int32 scalar, the client's first row.
+    num_examples: int32 scalar, its number of examples (0 for a padded cohort slot).
+    max_examples: static Python int, the largest client in the population.
+  """
+
+  features: dict[str, jax.Array]
+  offset: jax.Array
+  num_examples: jax.Array
+  max_examples: int = dataclasses.field(metadata=dict(static=True))
+
+  def batch(self, perm: jax.Array, position: jax.Array, batch_size: int) -> dict[str, jax.Array]:
+    """The ``position``-th minibatch of an epoch ordered by ``perm``, with a mask for the tail."""
+    slots = position * batch_size + jnp.arange(batch_size)
+    valid = slots < self.num_examples
+    local = perm[jnp.clip(slots, 0, self.max_examples - 1)]
+    rows = self.offset + jnp.where(valid, local, 0)
+    batch = {k: v[rows] for k, v in self.features.items()}
+    batch[MASK_KEY] = valid.astype(jnp.float32)
+    return batch
+
+
+#: Optional key of ``ClientOutput.metrics``: local steps the client ran. The round sums it (it
+#: measures vmap padding) instead of averaging it.
+NUM_STEPS = "num_steps"
+
+ClientUpdateFn = Callable[[Params, ClientData, PyTree, PRNGKey], ClientOutput]
+
+
+def epoch_permutation(key: PRNGKey, num_examples: jax.Array, max_examples: int) -> jax.Array:
+  """A uniformly random order of ``[0, num_examples)`` in the first slots of a ``[max]`` array."""
+  scores = jax.random.uniform(key, (max_examples,))
+  scores = jnp.where(jnp.arange(max_examples) < num_examples, scores, 2.0)
+  return jnp.argsort(scores).astype(jnp.int32)
+
+
+def make_client_update(
+    loss_fn: LossFn,
+    client_optimizer: optax.GradientTransformation,
+    *,
+    batch_size: int | None,
+    local_epochs: int | None = None,
+    local_steps: int | None = None,
+    regularizer: Callable[[Params, Params], jax.Array] | None = None,
+) -> ClientUpdateFn:
+  """Builds the local-training function of ONE client.
+
+  The client starts from the broadcast parameters, re-initialises ``client_optimizer`` and runs
+  minibatch steps over its own data, shuffled each epoch with its own key. With
+  ``local_epochs=E`` it runs ``E * ceil(n_k / batch_size)`` steps (so the number of steps
+  varies per client; the last batch of an epoch is masked). With ``local_steps=S`` it runs
+  exactly S steps, cycling through reshuffled epochs (a client with no data runs none).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch, key) -> (scalar loss, aux dict)``; mean over real examples.
+    client_optimizer: any optax transformation; its state is fresh every round.
+    batch_size: static minibatch size B; None means one full batch of the largest client.
+    local_epochs: passes over the local data (exactly one of local_epochs / local_steps).
+    local_steps: fixed number of local steps.
+    regularizer: optional ``r(params, broadcast) -> scalar`` added to the loss (e.g. FedProx).
+
+  Returns:
+    ``client_update(broadcast, data, client_state, key) -> ClientOutput`` with
+    ``delta = broadcast - local_params`` and ``weight = num_examples``; ``metrics`` holds the
+    example-weighted mean ``loss`` (and the loss's aux metrics) over the local steps, and
+    ``num_steps``. ``client_state`` is passed through unchanged.
+  """
+  _check_local_work(batch_size, local_epochs, local_steps)
+
+  def objective(params, broadcast, batch, key):
+    loss, aux = loss_fn(params, batch, key)
+    total = loss if regularizer is None else loss + regularizer(params, broadcast)
+    return total, (loss, aux)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def client_update(broadcast: Params, data: ClientData, client_state: Any, key: PRNGKey):
+    bsz = data.max_examples if batch_size is None else batch_size
+    n = data.num_examples
+    steps_per_epoch = jnp.maximum((n + bsz - 1) // bsz, 1)
+    if local_epochs is not None:
+      total_steps = local_epochs * ((n + bsz - 1) // bsz)
+    else:
+      total_steps = jnp.where(n > 0, local_steps, 0)
+    shuffle_key, step_key = jax.random.split(key)
+
+    if local_epochs is not None:
+      epochs = jnp.arange(local_epochs)
+      perms = jax.vmap(
+          lambda e: epoch_permutation(jax.random.fold_in(shuffle_key, e), n, data.max_examples)
+      )(epochs)
+
+      def order_for(step, perm):
+        return perms[step // steps_per_epoch]
+    else:
+
+      def order_for(step, perm):
+        epoch = step // steps_per_epoch
+        fresh = epoch_permutation(jax.random.fold_in(shuffle_key, epoch), n, data.max_examples)
+        return jnp.where(step % steps_per_epoch == 0, fresh, perm)
+
+    aux_shape = _aux_template(loss_fn, broadcast, data, bsz)
+
+    def body(carry):
+      step, params, opt_state, perm, sums = carry
+      perm = order_for(step, perm)
+      batch = data.batch(perm, step % steps_per_epoch, bsz)
+      (_, (loss, aux)), grads = grad_fn(params, broadcast, batch, jax.random.fold_in(step_key, step))
+      updates, opt_state = client_optimizer.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      count = batch[MASK_KEY].sum()
+      metrics = {"loss": loss, **aux}
+      sums = jax.tree.map(lambda s, m: s + count * m.astype(jnp.float32), sums, metrics)
+      return step + 1, params, opt_state, perm, sums
+
+    sums0 = {"loss": jnp.zeros((), jnp.float32)}
+    sums0.update(jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape))
+    carry0 = (
+        jnp.zeros((), jnp.int32),
+        broadcast,
+        client_optimizer.init(broadcast),
+        jnp.arange(data.max_examples, dtype=jnp.int32),
+        sums0,
+    )
+    _, params, _, _, sums = jax.lax.while_loop(lambda c: c[0] < total_steps, body, carry0)
+    processed = _examples_processed(n, bsz, total_steps, steps_per_epoch)
+    metrics = jax.tree.map(lambda s: s / jnp.maximum(processed, 1.0), sums)
+    metrics[NUM_STEPS] = total_steps.astype(jnp.float32)
+    delta = jax.tree.map(lambda b, p: b - p, broadcast, params)
+    return ClientOutput(delta, n.astype(jnp.float32), metrics, client_state)
+
+  return client_update
+
+
+def _examples_processed(n, bsz, total_steps, steps_per_epoch):
+  """Real examples seen over ``total_steps`` (full epochs plus a partial one)."""
+  full_epochs = total_steps // steps_per_epoch
+  rest = total_steps % steps_per_epoch
+  return (full_epochs * n + jnp.minimum(rest * bsz, n)).astype(jnp.float32)
+
+
+def _aux_template(loss_fn, params, data: ClientData, bsz: int):
+  batch = {k: jax.ShapeDtypeStruct((bsz, *v.shape[1:]), v.dtype) for k, v in data.features.items()}
+  batch[MASK_KEY] = jax.ShapeDtypeStruct((bsz,), jnp.float32)
+  _, aux = jax.eval_shape(loss_fn, params, batch, jax.random.key(0))
+  return aux
+
+
+def _check_local_work(batch_size, local_epochs, local_steps) -> None:
+  if (local_epochs is None) == (local_steps is None):
+    raise ValueError(
+        "pass exactly one of local_epochs (passes over each client's data) or local_steps "
+        f"(a fixed number of minibatch steps); got local_epochs={local_epochs!r}, "
+        f"local_steps={local_steps!r}."
+    )
+  for name, value in (("local_epochs", local_epochs), ("local_steps", local_steps)):
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+      raise ValueError(f"{name} must be a positive int; got {value!r}.")
+  if batch_size is not None and (
+      not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+  ):
+    raise ValueError(f"batch_size must be a positive int (or None for full batch); got {batch_size!r}.")

@@ -1,0 +1,193 @@
+"""In-jit cohort samplers with static shapes.
+
+Every sampler returns a :class:`Cohort` of static size ``max_cohort_size``: client ids, a mask of
+real slots, and a count of clients dropped by truncation. Samplers are small frozen dataclasses so
+that the privacy accountant can read exactly which sampling ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Cohort(NamedTuple):
+  """A sampled cohort.
+
+  Attributes:
+    ids: int32 ``[K]`` client indices; padded slots hold 0 and are masked out.
+    mask: bool ``[K]``, True for a real (sampled) client.
+    truncated: int32 scalar: clients that were drawn but did not fit in ``K`` (Poisson only).
+  """
+
+  ids: jax.Array
+  mask: jax.Array
+  truncated: jax.Array
+
+
+def _check_availability(availability, name: str):
+  if availability is None:
+    return None
+  a = np.asarray(availability, dtype=np.float64)
+  if a.ndim != 1:
+    raise ValueError(f"{name} must be 1-D with one entry per client; got shape {a.shape}.")
+  if not np.all(np.isfinite(a)) or a.min() < 0:
+    raise ValueError(f"{name} must be finite and non-negative.")
+  return a
+
+
+def _top_k_ids(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Indices of the k largest scores (ties broken by index) and the scores themselves."""
+  values, ids = jax.lax.top_k(scores, k)
+  return ids.astype(jnp.int32), values
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformSampler:
+  """Fixed-size cohorts: ``cohort_size`` distinct clients drawn uniformly without replacement.
+
+  With ``weights``, clients are drawn without replacement with probability proportional to their
+  weight (successive sampling, via the Gumbel-top-k trick); a weight of 0 marks an unavailable
+  client. If fewer than ``cohort_size`` clients are available, the rest of the slots are masked.
+
+  Args:
+    cohort_size: K, the static number of clients per round.
+    weights: optional non-negative ``[num_clients]`` sampling weights / availability.
+
+  Examples:
+    >>> import jax, fedjax_sim as fs
+    >>> cohort = fs.sampling.UniformSampler(3).sample(jax.random.key(0), num_clients=10)
+    >>> cohort.ids.shape, bool(cohort.mask.all())
+    ((3,), True)
+  """
+
+  cohort_size: int
+  weights: tuple[float, ...] | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.cohort_size, (int, np.integer)) or self.cohort_size < 1:
+      raise ValueError(f"cohort_size must be a positive int; got {self.cohort_size!r}.")
+    if self.weights is not None:
+      w = _check_availability(self.weights, "weights")
+      object.__setattr__(self, "weights", tuple(float(v) for v in w))
+      if not any(v > 0 for v in self.weights):
+        raise ValueError("weights are all zero: no client can be sampled.")
+
+  @property
+  def max_cohort_size(self) -> int:
+    return int(self.cohort_size)
+
+  def expected_cohort_size(self, num_clients: int) -> float:
+    del num_clients
+    return float(self.cohort_size)
+
+  def validate(self, num_clients: int) -> None:
+    if self.cohort_size > num_clients:
+      raise ValueError(
+          f"cohort_size={self.cohort_size} exceeds the number of clients ({num_clients}); a "
+          "fixed-size sampler draws without replacement. Lower cohort_size or use Poisson sampling."
+      )
+    if self.weights is not None and len(self.weights) != num_clients:
+      raise ValueError(
+          f"weights has {len(self.weights)} entries but the population has {num_clients} clients."
+      )
+
+  def sample(self, key: jax.Array, num_clients: int) -> Cohort:
+    k = self.cohort_size
+    gumbel = jax.random.gumbel(key, (num_clients,))
+    if self.weights is None:
+      ids, _ = _top_k_ids(gumbel, k)
+      mask = jnp.ones((k,), bool)
+    else:
+      logw = jnp.log(jnp.asarray(self.weights, jnp.float32))
+      ids, values = _top_k_ids(gumbel + logw, k)
+      mask = jnp.isfinite(values)
+      ids = jnp.where(mask, ids, 0)
+    return Cohort(ids, mask, jnp.zeros((), jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class PoissonSampler:
+  """Poisson sampling: each client joins the round independently with probability ``q``.
+
+  The cohort size is then ``Binomial(N, q)``. To keep shapes static the cohort is padded to
+  ``max_cohort_size`` with a client mask; if a draw exceeds it, a uniformly random subset of
+  ``max_cohort_size`` is kept and the excess is reported as ``truncated`` (accounting must then
+  treat the sampling as truncated). With ``availability`` (per-client probabilities in [0, 1]),
+  client i joins with probability ``q * availability[i]``.
+
+  Args:
+    q: sampling probability in (0, 1].
+    max_cohort_size: static cap K_max. Choose it well above ``q * N`` (e.g. ``qN + 4 sqrt(qN)``)
+      so truncation is rare.
+    availability: optional per-client availability probabilities.
+
+  Examples:
+    >>> import jax, fedjax_sim as fs
+    >>> cohort = fs.sampling.PoissonSampler(q=0.1, max_cohort_size=40).sample(
+    ...     jax.random.key(0), num_clients=200)
+    >>> cohort.ids.shape
+    (40,)
+  """
+
+  q: float
+  max_cohort_size: int
+  availability: tuple[float, ...] | None = None
+
+  def __post_init__(self):
+    q = self.q
+    if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)) or not 0 < q <= 1:
+      raise ValueError(f"q must be a probability in (0, 1]; got {q!r}.")
+    if not isinstance(self.max_cohort_size, (int, np.integer)) or self.max_cohort_size < 1:
+      raise ValueError(f"max_cohort_size must be a positive int; got {self.max_cohort_size!r}.")
+    if self.availability is not None:
+      a = _check_availability(self.availability, "availability")
+      if a.max() > 1:
+        raise ValueError("availability entries are probabilities and must lie in [0, 1].")
+      object.__setattr__(self, "availability", tuple(float(v) for v in a))
+
+  def expected_cohort_size(self, num_clients: int) -> float:
+    if self.availability is None:
+      return float(self.q) * num_clients
+    return float(self.q) * float(sum(self.availability))
+
+  def validate(self, num_clients: int) -> None:
+    if self.availability is not None and len(self.availability) != num_clients:
+      raise ValueError(
+          f"availability has {len(self.availability)} entries but the population has "
+          f"{num_clients} clients."
+      )
+
+  def sample(self, key: jax.Array, num_clients: int) -> Cohort:
+    k = min(self.max_cohort_size, num_clients)
+    join_key, order_key = jax.random.split(key)
+    p = jnp.float32(self.q)
+    if self.availability is not None:
+      p = p * jnp.asarray(self.availability, jnp.float32)
+    joined = jax.random.uniform(join_key, (num_clients,)) < p
+    # Among the joined clients pick (up to) k in uniformly random order: scores in (0, 1) for
+    # joined clients, -1 for the rest.
+    scores = jnp.where(joined, jax.random.uniform(order_key, (num_clients,)), -1.0)
+    ids, values = _top_k_ids(scores, k)
+    mask = values >= 0
+    ids = jnp.where(mask, ids, 0)
+    if k < self.max_cohort_size:  # N < K_max: pad to the static size.
+      pad = self.max_cohort_size - k
+      ids = jnp.concatenate([ids, jnp.zeros((pad,), jnp.int32)])
+      mask = jnp.concatenate([mask, jnp.zeros((pad,), bool)])
+    truncated = jnp.maximum(joined.sum() - k, 0).astype(jnp.int32)
+    return Cohort(ids, mask, truncated)
+
+
+def uniform(cohort_size: int, weights=None) -> UniformSampler:
+  """Fixed-size uniform sampling without replacement (see :class:`UniformSampler`)."""
+  return UniformSampler(cohort_size, weights)
+
+
+def poisson(q: float, max_cohort_size: int, availability=None) -> PoissonSampler:
+  """Poisson sampling with rate ``q`` padded to ``max_cohort_size`` (see :class:`PoissonSampler`)."""
+  return PoissonSampler(q, max_cohort_size, availability)

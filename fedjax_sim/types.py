@@ -1,0 +1,83 @@
+"""Core types and contracts shared by every part of fedjax_sim.
+
+The sign convention of a client's update is written here, once:
+
+    ``delta = server_params - client_params``   (a *pseudo-gradient*)
+
+so any optax optimizer used as the server optimizer applies it like a gradient:
+``optax.sgd(1.0)`` on the mean ``delta`` moves the server exactly to the mean client model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+import jax
+
+Params = Any
+PyTree = Any
+PRNGKey = jax.Array
+Batch = dict[str, jax.Array]
+
+#: Key of the per-example mask in every batch handed to a ``loss_fn``: float32 ``[B]``, 1.0 for
+#: a real example and 0.0 for padding. A ``loss_fn`` must give padded examples exactly zero weight
+#: (the helpers in :mod:`fedjax_sim.models` do). Feature names may not use this key.
+MASK_KEY = "__mask__"
+
+
+class LossFn(Protocol):
+  """``loss_fn(params, batch, key) -> (loss, aux)``.
+
+  ``batch`` is a dict of features with leading dimension ``B`` plus ``batch[MASK_KEY]``; ``loss``
+  is a scalar: the mean loss over the *real* examples of the batch. ``aux`` is a (possibly empty)
+  dict of scalar metrics, also means over real examples.
+  """
+
+  def __call__(self, params: Params, batch: Batch, key: PRNGKey) -> tuple[jax.Array, PyTree]: ...
+
+
+class ClientOutput(NamedTuple):
+  """What one client sends back after local training.
+
+  Attributes:
+    delta: pseudo-gradient ``server_params - client_params`` (same tree as the params).
+    weight: float32 scalar; the number of real examples the client holds (0 for a padded client
+      or a client with no data). Aggregators decide whether to use it.
+    metrics: dict of float32 scalars, example-weighted means over the client's local steps
+      (e.g. ``{"loss": ...}``).
+    client_state: the client's new persistent state (an empty tuple for stateless algorithms).
+  """
+
+  delta: Params
+  weight: jax.Array
+  metrics: dict[str, jax.Array]
+  client_state: PyTree
+
+
+class WeightedUpdate(NamedTuple):
+  """The part of a :class:`ClientOutput` that flows through an aggregator.
+
+  Per-client stages see one client's ``(delta, weight)``; after the reduce, ``delta`` holds the
+  sum over the cohort and ``weight`` the summed weight (or the number of clients, for an
+  unweighted reduce).
+  """
+
+  delta: Params
+  weight: jax.Array
+
+
+class RoundContext(NamedTuple):
+  """Static facts about the round, handed to every aggregator stage.
+
+  Attributes:
+    expected_cohort_size: ``K`` for fixed-size sampling, ``q * N`` for Poisson sampling. The fixed
+      denominator of DP estimators.
+    num_clients: ``N``, the population size.
+  """
+
+  expected_cohort_size: float
+  num_clients: int
+
+
+class EmptyState(NamedTuple):
+  """State of a stateless stage."""
