@@ -183,6 +183,7 @@ class Simulation:
       key: the run's key, ``jax.random.key(seed)`` (a legacy ``PRNGKey`` is accepted too).
     """
     key = _as_typed_key(key)
+    key = jax.random.wrap_key_data(jnp.array(jax.random.key_data(key)))  # a private copy
     params = jax.tree.map(lambda x: jnp.array(x), params)  # a private copy (state is donated)
     self._validate_params(params)
     algo = self.algorithm
