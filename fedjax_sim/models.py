@@ -114,7 +114,7 @@ def regression_loss(
 def linen_apply(module: Any, *, rng_collection: str = "dropout", **apply_kwargs) -> ApplyFn:
   """``apply(params, x, key)`` for a flax linen module, with ``params = variables["params"]``.
 
-  The key is passed as the ``rng_collection`` stream (dropout); extra keyword arguments (e.g.
+  The key is passed as the ``rng_collection`` stream (dropout; ``key=None`` for evaluation); extra keyword arguments (e.g.
   ``train=True``) are forwarded to ``module.apply``. Modules with mutable collections
   (BatchNorm statistics) are not supported by this helper; use GroupNorm/LayerNorm, as is
   customary in federated learning.
@@ -127,8 +127,9 @@ def linen_apply(module: Any, *, rng_collection: str = "dropout", **apply_kwargs)
     (2, 3)
   """
 
-  def apply(params: Params, x: jax.Array, key: jax.Array) -> jax.Array:
-    return module.apply({"params": params}, x, rngs={rng_collection: key}, **apply_kwargs)
+  def apply(params: Params, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    rngs = None if key is None else {rng_collection: key}
+    return module.apply({"params": params}, x, rngs=rngs, **apply_kwargs)
 
   return apply
 
