@@ -126,7 +126,8 @@ def make_client_update(
       step, params, opt_state, perm, sums = carry
       perm = order_for(step, perm)
       batch = data.batch(perm, step % steps_per_epoch, bsz)
-      (_, (loss, aux)), grads = grad_fn(params, broadcast, batch, jax.random.fold_in(step_key, step))
+      key = jax.random.fold_in(step_key, step)
+      (_, (loss, aux)), grads = grad_fn(params, broadcast, batch, key)
       updates, opt_state = client_optimizer.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
       count = batch[MASK_KEY].sum()
@@ -180,4 +181,6 @@ def _check_local_work(batch_size, local_epochs, local_steps) -> None:
   if batch_size is not None and (
       not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
   ):
-    raise ValueError(f"batch_size must be a positive int (or None for full batch); got {batch_size!r}.")
+    raise ValueError(
+        f"batch_size must be a positive int (or None for full batch); got {batch_size!r}."
+    )

@@ -1,4 +1,5 @@
-"""Aggregation pipelines: ``process(per_client=, reduce=, post=)`` of ``(init, aggregate)`` stages."""
+"""Aggregation pipelines: ``process(per_client=, reduce=, post=)`` of ``(init, aggregate)``
+stages."""
 
 from fedjax_sim.aggregators._base import (
     ADDS_NOISE,

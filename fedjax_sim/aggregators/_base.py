@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from fedjax_sim.types import EmptyState, Params, PRNGKey, RoundContext, WeightedUpdate
 

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import builtins
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_sim.aggregators._base import (
-    ADDS_NOISE,
-    CLIPS,
-    Aggregator,
-    Process,
-    identity,
-    chain,
-    process,
-    sum_reducer,
-    weighted_sum_reducer,
+  ADDS_NOISE,
+  CLIPS,
+  Aggregator,
+  Process,
+  chain,
+  identity,
+  process,
+  sum_reducer,
+  weighted_sum_reducer,
 )
 from fedjax_sim.types import EmptyState, WeightedUpdate
 

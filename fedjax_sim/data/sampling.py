@@ -189,5 +189,5 @@ def uniform(cohort_size: int, weights=None) -> UniformSampler:
 
 
 def poisson(q: float, max_cohort_size: int, availability=None) -> PoissonSampler:
-  """Poisson sampling with rate ``q`` padded to ``max_cohort_size`` (see :class:`PoissonSampler`)."""
+  """Poisson sampling with rate ``q``, padded to ``max_cohort_size`` (:class:`PoissonSampler`)."""
   return PoissonSampler(q, max_cohort_size, availability)
