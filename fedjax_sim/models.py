@@ -115,9 +115,9 @@ def linen_apply(module: Any, *, rng_collection: str = "dropout", **apply_kwargs)
   """``apply(params, x, key)`` for a flax linen module, with ``params = variables["params"]``.
 
   The key is passed as the ``rng_collection`` stream (dropout; ``key=None`` for evaluation);
-  extra keyword arguments (e.g. ``train=True``) are forwarded to ``module.apply``. Modules with mutable collections
-  (BatchNorm statistics) are not supported by this helper; use GroupNorm/LayerNorm, as is
-  customary in federated learning.
+  extra keyword arguments (e.g. ``train=True``) are forwarded to ``module.apply``. Modules
+  with mutable collections (BatchNorm statistics) are not supported by this helper; use
+  GroupNorm/LayerNorm, as is customary in federated learning.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, fedjax_sim as fs
