@@ -61,16 +61,10 @@ def _param_count(params) -> int:
 
 
 def default_memory_budget() -> int:
-  """Bytes the client pass may use: a quarter of an accelerator's memory; 32 MiB on CPU.
-
-  On CPU a small working set that stays in cache is faster than a large one (measured on the
-  2-core CI machine, dense workload, cohort 100: 518 client-updates/s at 4 clients per chunk,
-  421 at 12, 299 at 16), so the CPU budget is small on purpose: it gives ~4 clients per chunk
-  for a 200k-parameter model and ~17 for a 50k one.
-  """
+  """Bytes the client pass may use: a quarter of an accelerator's memory; 256 MiB on CPU."""
   dev = jax.devices()[0]
   if dev.platform == "cpu":
-    return 32 * 2**20
+    return 256 * 2**20
   try:
     limit = dev.memory_stats()["bytes_limit"]
   except Exception:  # noqa: BLE001 - memory_stats is optional per backend
@@ -78,17 +72,38 @@ def default_memory_budget() -> int:
   return int(limit) // 4
 
 
-def auto_chunk_size(
-    cohort_size: int, num_params: int, example_bytes: int, batch_size: int, memory_budget: int
-) -> int:
-  """Clients per vmapped chunk from a memory budget.
+#: On CPU, a chunk is sized so that one vmapped local step does about this many FLOPs.
+CPU_STEP_FLOPS = 1e6
 
-  One client in flight holds ~8 copies of the parameters (local params, gradient, optimizer
-  state, delta, loop carries) plus its batch with activations (estimated as 4x the input bytes).
-  The chunk count is then balanced so that padding slots are fewer than the number of chunks.
+
+def auto_chunk_size(
+    cohort_size: int,
+    num_params: int,
+    example_bytes: int,
+    batch_size: int,
+    memory_budget: int,
+    platform: str = "cpu",
+) -> int:
+  """Clients per vmapped chunk.
+
+  Memory bound (every backend): one client in flight holds ~8 copies of the parameters (local
+  params, gradient, optimizer state, delta, loop carries) plus its batch with activations
+  (estimated as 4x the input bytes); the chunk fits in ``memory_budget``.
+
+  CPU: XLA:CPU runs a single client's matmuls on all cores but a vmapped (batched) matmul slower
+  (measured on the 2-core CI machine, EMNIST-shaped workloads, cohort 100: dense model 633
+  client-updates/s at 1 client per chunk, 470 at 2, 429 at 4; logistic 2050 at 1, 1518 at 4,
+  1058 at 17). Batching only pays when a step is too small to keep the cores busy (digits MLP,
+  227 kFLOP per step: 8.1k client-updates/s at 1, 16.1k at 5). So on CPU the chunk is sized to
+  about ``CPU_STEP_FLOPS`` per vmapped step, estimated as ``6 * params * batch_size`` per client.
+
+  The number of chunks is then balanced so that padded slots are fewer than the chunks.
   """
   per_client = 8 * 4 * num_params + 4 * example_bytes * batch_size
   chunk = max(1, min(cohort_size, memory_budget // max(per_client, 1)))
+  if platform == "cpu":
+    step_flops = 6.0 * num_params * batch_size
+    chunk = max(1, min(chunk, int(round(CPU_STEP_FLOPS / max(step_flops, 1.0)))))
   num_chunks = math.ceil(cohort_size / chunk)
   return math.ceil(cohort_size / num_chunks)
 
@@ -282,8 +297,10 @@ class Simulation:
     example_bytes = sum(
         int(np.prod(v.shape[1:])) * np.dtype(v.dtype).itemsize for v in spec.values()
     )
-    self.chunk_size = auto_chunk_size(k, _param_count(params), example_bytes, bsz,
-                                      self.memory_budget)
+    self.chunk_size = auto_chunk_size(
+        k, _param_count(params), example_bytes, bsz, self.memory_budget,
+        jax.devices()[0].platform,
+    )
 
   # -- the round -----------------------------------------------------------------------------
   def _round_step(self, state: ServerState, population: Population):
