@@ -5,7 +5,7 @@ sampling, local training, clipping, aggregation, DP noise and the server optimiz
 into one compiled round, and many rounds run inside one ``lax.scan``.
 """
 
-from fedjax_sim import aggregators, algorithms, models
+from fedjax_sim import aggregators, algorithms, models, privacy
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.client import ClientData, make_client_update
 from fedjax_sim.data import partition, sampling
@@ -30,5 +30,6 @@ __all__ = [
     "make_client_update",
     "models",
     "partition",
+    "privacy",
     "sampling",
 ]

@@ -101,6 +101,42 @@ def _demo(args: argparse.Namespace) -> int:
   return 0
 
 
+def _privacy(args: argparse.Namespace) -> int:
+  from fedjax_sim import privacy, sampling
+
+  n = args.num_clients
+  if (args.cohort_size is None) == (args.q is None):
+    raise SystemExit("fedjax-sim privacy: pass exactly one of --cohort-size K (fixed-size) or "
+                     "--q Q (Poisson).")
+  if args.cohort_size is not None:
+    sampler = sampling.uniform(args.cohort_size)
+    what = f"fixed-size cohorts of {args.cohort_size} (replace-one, sensitivity 2S)"
+  else:
+    cap = args.max_cohort_size or n
+    sampler = sampling.poisson(args.q, max_cohort_size=cap)
+    what = f"Poisson sampling q={args.q} (add/remove-one)" + (
+        f", truncated at {cap}" if cap < n else "")
+  print(f"population {n}, {what}, {args.rounds} rounds, delta={args.delta}")
+  if (args.noise_multiplier is None) == (args.target_epsilon is None):
+    raise SystemExit("fedjax-sim privacy: pass exactly one of --noise-multiplier Z or "
+                     "--target-epsilon EPS.")
+  for accountant in privacy.ACCOUNTANTS:
+    try:
+      if args.noise_multiplier is not None:
+        eps = privacy.epsilon(sampler, n, args.noise_multiplier, args.rounds, args.delta,
+                              accountant=accountant)
+        print(f"  {accountant.upper():3s}: epsilon = {eps:.4f} at z = {args.noise_multiplier}")
+      else:
+        z = privacy.calibrate_noise_multiplier(args.target_epsilon, args.delta, args.rounds,
+                                               sampler, n, accountant=accountant)
+        eps = privacy.epsilon(sampler, n, z, args.rounds, args.delta, accountant=accountant)
+        print(f"  {accountant.upper():3s}: noise multiplier z = {z:.4f} "
+              f"(epsilon = {eps:.4f} <= {args.target_epsilon})")
+    except ValueError as e:
+      print(f"  {accountant.upper():3s}: not available: {e}")
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="fedjax-sim", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +159,18 @@ def main(argv: list[str] | None = None) -> int:
   demo.add_argument("--no-dp", dest="noise_multiplier", action="store_const", const=None)
   demo.add_argument("--seed", type=int, default=0)
   demo.set_defaults(func=_demo)
+  priv = sub.add_parser(
+      "privacy", help="user-level epsilon of DP-FedAvg for a sampler (or z for a target epsilon)"
+  )
+  priv.add_argument("--num-clients", type=int, required=True)
+  priv.add_argument("--cohort-size", type=int, help="fixed-size cohorts of K")
+  priv.add_argument("--q", type=float, help="Poisson sampling probability")
+  priv.add_argument("--max-cohort-size", type=int, help="Poisson cap (truncation); default N")
+  priv.add_argument("--noise-multiplier", type=float)
+  priv.add_argument("--target-epsilon", type=float)
+  priv.add_argument("--rounds", type=int, required=True)
+  priv.add_argument("--delta", type=float, default=1e-5)
+  priv.set_defaults(func=_privacy)
   args = parser.parse_args(argv)
   return args.func(args)
 

@@ -184,7 +184,10 @@ class Simulation:
     self.context = RoundContext(
         expected_cohort_size=sampler.expected_cohort_size(population.num_clients),
         num_clients=population.num_clients,
+        client_sizes=np.asarray(population.num_examples),
     )
+    if algorithm.aggregator.check is not None:
+      algorithm.aggregator.check(self.context)
     self._requested_chunk_size = None if chunk_size is None else int(chunk_size)
     self.memory_budget = default_memory_budget() if memory_budget is None else int(memory_budget)
     self.sort_by_size = bool(sort_by_size)
@@ -315,7 +318,7 @@ class Simulation:
 
     round_key = jax.random.fold_in(state.key, state.round)
     cohort_key, client_key, agg_key = jax.random.split(round_key, 3)
-    per_client_key, post_key = jax.random.split(agg_key)
+    per_client_key, post_key, finalize_key = jax.random.split(agg_key, 3)
     cohort = self.sampler.sample(cohort_key, num_clients)
     ids, real = cohort.ids, cohort.mask
     if self.sort_by_size:  # big clients together: each chunk runs only the steps it needs
@@ -395,8 +398,13 @@ class Simulation:
     )
     reduced, client_sums, stage_sums, stats = acc
     aggregated, post_state, post_metrics = process.post.aggregate(
-        reduced, post_state, post_key, context
+        reduced, post_state, post_key, context._replace(per_client_state=per_client_state)
     )
+    finalize_metrics = {}
+    if process.per_client.finalize is not None:
+      per_client_state, finalize_metrics = process.per_client.finalize(
+          per_client_state, stage_sums, finalize_key, context
+      )
     updates, opt_state = algo.server_optimizer.update(
         aggregated.delta, state.opt_state, state.params
     )
@@ -421,6 +429,7 @@ class Simulation:
     metrics.update({k: v / examples for k, v in client_sums.items()})
     metrics.update({k: v / clients for k, v in stage_sums.items()})
     metrics.update(post_metrics)
+    metrics.update(finalize_metrics)
     new_state = ServerState(
         round=state.round + 1,
         params=new_params,
@@ -488,6 +497,7 @@ class Simulation:
       eval_every: int | None = None,
       eval_fn: Callable[[Any], dict[str, float]] | None = None,
       callback: Callable[[int, dict[str, np.ndarray]], None] | None = None,
+      delta: float | None = None,
   ) -> tuple[ServerState, dict[str, np.ndarray]]:
     """Runs ``num_rounds`` rounds, ``block_size`` at a time inside one ``lax.scan``.
 
@@ -503,6 +513,9 @@ class Simulation:
       eval_fn: ``eval_fn(params) -> dict of floats``, called on the host after rounds that are
         multiples of ``eval_every`` and after the last round.
       callback: ``callback(rounds_done, block_metrics)`` after each block (progress, logging).
+      delta: for a central-DP aggregator (``dp_mean``, ``adaptive_dp_mean``), report the
+        user-level ε spent so far at this δ as ``metrics["epsilon"]`` (and in each block's
+        callback), computed on the host for the sampler actually used (``fs.privacy``).
 
     Returns:
       ``(state, metrics)`` with ``metrics[name]`` a NumPy array ``[num_rounds]``; eval results
@@ -526,6 +539,7 @@ class Simulation:
       )
     fn = self._block_fn(block_size)
     start = int(state.round)
+    epsilons = self._epsilons(start, num_rounds, delta)
     done = 0
     chunks: list[dict[str, np.ndarray]] = []
     evals: dict[int, dict[str, float]] = {}
@@ -533,6 +547,8 @@ class Simulation:
       active = min(block_size, num_rounds - done)
       state, block_metrics = fn(state, self.population, jnp.int32(active))
       block_metrics = {k: np.asarray(v)[:active] for k, v in jax.device_get(block_metrics).items()}
+      if epsilons is not None:
+        block_metrics["epsilon"] = epsilons(done, done + active)
       chunks.append(block_metrics)
       done += active
       if eval_fn is not None:
@@ -549,6 +565,34 @@ class Simulation:
         col[r] = e.get(names, np.nan)
       metrics["eval_" + names] = col
     return state, metrics
+
+  def _epsilons(self, start: int, num_rounds: int, delta: float | None):
+    """``f(lo, hi) -> ε after rounds start+lo+1 .. start+hi`` for the run, or None."""
+    if delta is None:
+      return None
+    from fedjax_sim import privacy
+    from fedjax_sim.data.sampling import PoissonSampler
+
+    z = self.algorithm.aggregator.noise_multiplier
+    if z is None:
+      raise ValueError(
+          "delta is set but the aggregator is not central DP (no noise_multiplier); use "
+          "fs.aggregators.dp_mean / adaptive_dp_mean, or drop delta."
+      )
+    n = self.population.num_clients
+    sampler = self.sampler
+    truncated = isinstance(sampler, PoissonSampler) and sampler.max_cohort_size < n
+    if z == 0:
+      return lambda lo, hi: np.full(hi - lo, np.inf)
+    if truncated:  # the bound needs the full epsilon() (block ends only)
+      def at_ends(lo, hi):
+        col = np.full(hi - lo, np.nan)
+        col[-1] = privacy.epsilon(sampler, n, z, start + hi, delta)
+        return col
+      privacy.epsilon(sampler, n, z, start + num_rounds, delta)  # fail early if unbounded
+      return at_ends
+    table = privacy.epsilon_per_round(sampler, n, z, start + num_rounds, delta)
+    return lambda lo, hi: table[start + lo : start + hi]
 
   def benchmark(self, state: ServerState, num_rounds: int) -> tuple[ServerState, dict[str, float]]:
     """Times ``num_rounds`` rounds in one block after a compile run; returns throughput figures."""

@@ -67,16 +67,22 @@ class WeightedUpdate(NamedTuple):
 
 
 class RoundContext(NamedTuple):
-  """Static facts about the round, handed to every aggregator stage.
+  """Facts about the round, handed to every aggregator stage.
 
   Attributes:
     expected_cohort_size: ``K`` for fixed-size sampling, ``q * N`` for Poisson sampling. The fixed
       denominator of DP estimators.
     num_clients: ``N``, the population size.
+    client_sizes: host-side NumPy array of every client's number of examples (public
+      metadata used by estimators with capped example weights), or None.
+    per_client_state: inside ``post`` stages, the state of the ``per_client`` slot (e.g. the
+      current adaptive clip), read-only; None elsewhere.
   """
 
   expected_cohort_size: float
   num_clients: int
+  client_sizes: Any = None
+  per_client_state: Any = None
 
 
 class EmptyState(NamedTuple):

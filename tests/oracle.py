@@ -2,7 +2,7 @@
 
 Key derivation (the contract in DESIGN.md):
   round_key = fold_in(run_key, round); cohort, client, agg = split(round_key, 3)
-  per_client_agg, post = split(agg); client key = fold_in(client, id)
+  per_client_agg, post, finalize = split(agg, 3); client key = fold_in(client, id)
   shuffle, step = split(client key); epoch e order = epoch_permutation(fold_in(shuffle, e), ...)
   step s key = fold_in(step, s); chained post stage i key = fold_in(post, i)
 """
@@ -19,7 +19,7 @@ from fedjax_sim.client import epoch_permutation
 def round_keys(run_key, r):
   round_key = jax.random.fold_in(run_key, r)
   cohort_key, client_key, agg_key = jax.random.split(round_key, 3)
-  per_client_key, post_key = jax.random.split(agg_key)
+  per_client_key, post_key, _ = jax.random.split(agg_key, 3)
   return cohort_key, client_key, per_client_key, post_key
 
 

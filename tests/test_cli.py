@@ -7,3 +7,14 @@ def test_demo_runs_and_learns(capsys):
   assert "final test accuracy" in out
   acc = float(out.split("final test accuracy")[1].split()[0])
   assert acc > 0.7  # 40 DP rounds; the full demo (200 rounds) reaches ~0.95
+
+
+def test_privacy_command_prints_both_accountants(capsys):
+  cli.main(["privacy", "--num-clients", "10000", "--q", "0.01", "--noise-multiplier", "1.0",
+            "--rounds", "1000"])
+  out = capsys.readouterr().out
+  assert "RDP: epsilon = 2.10" in out and "PLD: epsilon = 1.8" in out
+  cli.main(["privacy", "--num-clients", "10000", "--cohort-size", "100", "--target-epsilon",
+            "4", "--rounds", "500"])
+  out = capsys.readouterr().out
+  assert "RDP: noise multiplier z =" in out and "PLD: not available" in out

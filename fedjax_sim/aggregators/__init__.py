@@ -3,7 +3,9 @@ stages."""
 
 from fedjax_sim.aggregators._base import (
     ADDS_NOISE,
+    CAPS_WEIGHTS,
     CLIPS,
+    LOCAL_NOISE,
     Aggregator,
     Process,
     Reducer,
@@ -14,10 +16,20 @@ from fedjax_sim.aggregators._base import (
     sum_reducer,
     weighted_sum_reducer,
 )
+from fedjax_sim.aggregators._dp import (
+    AdaptiveClipState,
+    adaptive_clip_l2,
+    adaptive_dp_mean,
+    cap_weights,
+    divide_by_expected_weight,
+    dp_mean,
+    local_dp_mean,
+    local_gaussian_noise,
+    split_noise_multiplier,
+)
 from fedjax_sim.aggregators._stages import (
     clip_l2,
     divide_by,
-    dp_mean,
     gaussian_noise,
     global_norm,
     mean,
@@ -27,8 +39,18 @@ from fedjax_sim.aggregators._stages import (
 )
 
 __all__ = [
+    "AdaptiveClipState",
+    "adaptive_clip_l2",
+    "adaptive_dp_mean",
+    "cap_weights",
+    "divide_by_expected_weight",
+    "local_dp_mean",
+    "local_gaussian_noise",
+    "split_noise_multiplier",
     "ADDS_NOISE",
+    "CAPS_WEIGHTS",
     "CLIPS",
+    "LOCAL_NOISE",
     "Aggregator",
     "Process",
     "Reducer",

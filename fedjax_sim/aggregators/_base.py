@@ -7,7 +7,10 @@ three slots of a :class:`Process`: ``per_client`` -> ``reduce`` -> ``post``.
 * ``reduce`` is a :class:`Reducer`: the (weighted) **sum** over the cohort. Because it is a sum,
   it streams across chunks (and devices).
 * ``post`` stages see the single reduced update (noise, normalisation, dequantisation) and may
-  update their state.
+  update their state; ``context.per_client_state`` shows them the per-client slot's state.
+* After ``post``, a per-client stage may ``finalize``: it receives the cohort SUMS of the
+  per-client metrics it emitted and returns its new state (e.g. adaptive clipping moves its clip
+  from the noised count of unclipped clients).
 
 Every ``aggregate`` has the signature
 ``aggregate(update, state, key, context) -> (update, new_state, metrics)``.
@@ -30,15 +33,21 @@ AggregateFn = Callable[
 
 #: Tags a stage can carry so that compositions can be checked before compiling.
 CLIPS = "clips"  # bounds each client's L2 contribution (sensitivity)
-ADDS_NOISE = "adds_noise"  # adds random noise to the aggregate (DP)
+ADDS_NOISE = "adds_noise"  # adds random noise to the aggregate (central DP)
+CAPS_WEIGHTS = "caps_weights"  # bounds each client's weight by 1 (weighted DP estimators)
+LOCAL_NOISE = "local_noise"  # each client noises its own update (local DP)
+
+FinalizeFn = Callable[[AggState, Metrics, PRNGKey, RoundContext], tuple[AggState, Metrics]]
 
 
 class Aggregator(NamedTuple):
-  """A pair of pure functions: ``init(params) -> state`` and ``aggregate`` (module docstring)."""
+  """A pair of pure functions ``init(params) -> state`` and ``aggregate`` (module docstring),
+  plus, for per-client stages, an optional ``finalize(state, metric_sums, key, context)``."""
 
   init: Callable[[Params], AggState]
   aggregate: AggregateFn
   tags: frozenset = frozenset()
+  finalize: FinalizeFn | None = None
 
 
 class Reducer(NamedTuple):
@@ -56,11 +65,21 @@ class Reducer(NamedTuple):
 
 
 class Process(NamedTuple):
-  """An aggregation pipeline in three slots (see the module docstring)."""
+  """An aggregation pipeline in three slots (see the module docstring).
+
+  Attributes:
+    per_client, reduce, post: the slots.
+    noise_multiplier: for central-DP processes, the noise multiplier z that the privacy
+      accountant must use (the effective one for adaptive clipping); None otherwise.
+    check: optional ``check(context)`` run by ``Simulation`` before compiling (raises on settings
+      that cannot work for this population / sampler).
+  """
 
   per_client: Aggregator
   reduce: Reducer
   post: Aggregator
+  noise_multiplier: float | None = None
+  check: Callable[[RoundContext], None] | None = None
 
   @property
   def tags(self) -> frozenset:
@@ -110,8 +129,18 @@ def chain(*stages: Aggregator) -> Aggregator:
       metrics.update(m)
     return update, tuple(new_states), metrics
 
+  def finalize(state, metric_sums, key, context):
+    new_states, metrics = [], {}
+    for i, (stage, st) in enumerate(zip(stages, state, strict=True)):
+      if stage.finalize is not None:
+        st, m = stage.finalize(st, metric_sums, jax.random.fold_in(key, i), context)
+        metrics.update(m)
+      new_states.append(st)
+    return tuple(new_states), metrics
+
   tags = frozenset().union(*(s.tags for s in stages)) if stages else frozenset()
-  return Aggregator(init, aggregate, tags)
+  has_finalize = any(s.finalize is not None for s in stages)
+  return Aggregator(init, aggregate, tags, finalize if has_finalize else None)
 
 
 def weighted_sum_reducer() -> Reducer:
@@ -137,12 +166,15 @@ def process(
     per_client: Aggregator | None = None,
     reduce: Reducer | None = None,
     post: Aggregator | None = None,
+    *,
+    noise_multiplier: float | None = None,
+    check: Callable[[RoundContext], None] | None = None,
 ) -> Process:
   """Assembles an aggregation pipeline; missing slots are identities / an unweighted sum.
 
   Raises:
     ValueError: for compositions whose privacy is undefined: noise without per-client clipping,
-      or noise on an example-weighted sum (unbounded sensitivity).
+      or noise on an example-weighted sum whose weights are not capped (unbounded sensitivity).
   """
   per_client = identity() if per_client is None else per_client
   reduce = sum_reducer() if reduce is None else reduce
@@ -155,18 +187,19 @@ def process(
         f"reduce must be a Reducer (sum_reducer() or weighted_sum_reducer()); got "
         f"{type(reduce).__name__}."
     )
-  if ADDS_NOISE in post.tags:
+  if ADDS_NOISE in post.tags or LOCAL_NOISE in per_client.tags:
     if CLIPS not in per_client.tags:
       raise ValueError(
           "noise is added but no per-client stage bounds the clients' contributions, so the "
           "noise protects nothing; put clip_l2(clip) in per_client (or use dp_mean)."
       )
-    if reduce.weighted:
+    if ADDS_NOISE in post.tags and reduce.weighted and CAPS_WEIGHTS not in per_client.tags:
       raise ValueError(
-          "DP noise on an example-weighted sum: its sensitivity is unbounded (one client's "
-          "weight is unbounded). Use the unweighted sum with a fixed denominator (dp_mean)."
+          "DP noise on an example-weighted sum (weighted_mean): its sensitivity is unbounded "
+          "(one client's weight is unbounded). Use dp_mean (unweighted sum, fixed denominator) "
+          "or dp_mean(..., weight_cap=w) (weights min(n_k / w, 1))."
       )
-  return Process(per_client, reduce, post)
+  return Process(per_client, reduce, post, noise_multiplier, check)
 
 
 def as_process(aggregator: Any) -> Process:

@@ -13,7 +13,6 @@ from fedjax_sim.aggregators._base import (
   CLIPS,
   Aggregator,
   Process,
-  chain,
   identity,
   process,
   sum_reducer,
@@ -177,36 +176,3 @@ def mean() -> Process:
 def sum() -> Process:  # noqa: A001 - mirrors the name of the operation, like optax
   """Unweighted sum of the real clients' updates."""
   return process(identity(), sum_reducer(), identity())
-
-
-def dp_mean(clip, noise_multiplier, *, per_layer: bool = False, denominator=None) -> Process:
-  """DP-FedAvg aggregation: clip each client to L2 norm ``clip``, sum, add Gaussian noise, divide
-  by a fixed denominator.
-
-  Estimator: ``(sum_k clip(delta_k) + N(0, (z S)^2 I)) / D`` with ``D`` the expected cohort size
-  (K for fixed-size sampling, qN for Poisson) unless ``denominator`` is given. Adding or removing
-  one client changes the sum by at most ``S`` in L2 (replacing one, as fixed-size sampling does,
-  by ``2S``); the noise std on the returned mean is ``z S / D``. Clients are weighted equally, so
-  the sensitivity does not depend on their example counts.
-
-  Args:
-    clip: the L2 bound S > 0.
-    noise_multiplier: z >= 0.
-    per_layer: per-layer clipping with an equal budget split (same total bound).
-    denominator: fixed denominator D (default: expected cohort size).
-
-  References:
-    McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent Language Models",
-    ICLR 2018 (arXiv:1710.06963).
-
-  Examples:
-    >>> import fedjax_sim as fs
-    >>> agg = fs.aggregators.dp_mean(clip=1.0, noise_multiplier=0.5)
-    >>> isinstance(agg, fs.aggregators.Process)
-    True
-  """
-  return process(
-      clip_l2(clip, per_layer=per_layer),
-      sum_reducer(),
-      chain(gaussian_noise(noise_multiplier, clip), divide_by(denominator)),
-  )
