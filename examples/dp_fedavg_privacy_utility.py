@@ -35,6 +35,9 @@ class MLP(nn.Module):
 
 
 def main():
+  from absl import logging as absl_logging
+
+  absl_logging.set_verbosity(absl_logging.ERROR)  # dp-accounting's notes on excluded RDP orders
   ap = argparse.ArgumentParser()
   ap.add_argument("--num-clients", type=int, default=400)
   ap.add_argument("--q", type=float, default=0.1, help="Poisson sampling probability")

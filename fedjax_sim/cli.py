@@ -102,7 +102,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _privacy(args: argparse.Namespace) -> int:
+  from absl import logging as absl_logging
+
   from fedjax_sim import privacy, sampling
+
+  absl_logging.set_verbosity(absl_logging.ERROR)  # dp-accounting's notes on excluded RDP orders
 
   n = args.num_clients
   if (args.cohort_size is None) == (args.q is None):

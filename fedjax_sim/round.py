@@ -49,13 +49,6 @@ class ServerState:
   key: jax.Array
 
 
-def _tree_all_finite(tree) -> jax.Array:
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.bool_(True)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
 def _param_count(params) -> int:
   return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params)))
 
@@ -343,22 +336,27 @@ class Simulation:
       )
       key = jax.random.fold_in(client_key, cid)
       out = algo.client_update(broadcast, data, client_state, key)
-      finite = _tree_all_finite(out.delta) & jnp.isfinite(out.weight)
-      real_f = (is_real & finite).astype(jnp.float32)
-      update = WeightedUpdate(
-          jax.tree.map(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), out.delta),
-          jnp.where(finite, out.weight, 0.0),
-      )
+      # A non-finite update has a non-finite norm: the same reduction clip_l2 computes, so XLA
+      # shares it and the check costs no extra pass over the update. (An update whose squared
+      # norm overflows float32, i.e. entries beyond ~1e19, is treated as non-finite too.)
+      finite = jnp.isfinite(global_norm(out.delta)) & jnp.isfinite(out.weight)
+      real = is_real & finite
+      real_f = real.astype(jnp.float32)
       update, _, stage_metrics = process.per_client.aggregate(
-          update, per_client_state, jax.random.fold_in(per_client_key, cid), context
+          WeightedUpdate(out.delta, out.weight), per_client_state,
+          jax.random.fold_in(per_client_key, cid), context,
       )
-      contribution = process.reduce.contribute(update, real_f)
+      # Zero (select, never multiply: NaN * 0 is NaN) everything a dropped client produced.
+      contribution = jax.tree.map(
+          lambda c: jnp.where(real, c, jnp.zeros_like(c)),
+          process.reduce.contribute(update, real_f),
+      )
       n = data.num_examples.astype(jnp.float32) * real_f
       client_metrics = {
-          name: jnp.where(real_f > 0, m * n, 0.0)
+          name: jnp.where(real, m * n, 0.0)
           for name, m in out.metrics.items() if name != NUM_STEPS
       }
-      stage_metrics = jax.tree.map(lambda m: m * real_f, stage_metrics)
+      stage_metrics = jax.tree.map(lambda m: jnp.where(real, m, 0.0), stage_metrics)
       steps = jnp.asarray(out.metrics.get(NUM_STEPS, 0.0), jnp.float32) * is_real
       stats = {
           "clients": real_f,
