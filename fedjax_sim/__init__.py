@@ -5,10 +5,10 @@ sampling, local training, clipping, aggregation, DP noise and the server optimiz
 into one compiled round, and many rounds run inside one ``lax.scan``.
 """
 
-from fedjax_sim import aggregators, algorithms, models, privacy
+from fedjax_sim import aggregators, algorithms, evaluation, models, privacy, zoo
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.client import ClientData, make_client_update
-from fedjax_sim.data import partition, sampling
+from fedjax_sim.data import datasets, partition, sampling
 from fedjax_sim.data.population import Population
 from fedjax_sim.round import ServerState, Simulation
 from fedjax_sim.types import MASK_KEY, ClientOutput, RoundContext, WeightedUpdate
@@ -27,9 +27,12 @@ __all__ = [
     "WeightedUpdate",
     "aggregators",
     "algorithms",
+    "datasets",
+    "evaluation",
     "make_client_update",
     "models",
     "partition",
     "privacy",
     "sampling",
+    "zoo",
 ]

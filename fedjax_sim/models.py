@@ -82,6 +82,77 @@ def classifier_loss(
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
     return masked_mean(per_example, mask), {"accuracy": masked_mean(correct, mask)}
 
+  def check_population(params: Params, population: Any) -> None:
+    """Raises if the population's labels fall outside the model's classes (before compiling)."""
+    if label_key not in population.features or input_key not in population.features:
+      raise ValueError(
+          f"classifier_loss reads features {input_key!r} and {label_key!r}; the population has "
+          f"{sorted(population.features)}. Pass input_key= / label_key=."
+      )
+    x = population.features[input_key]
+    logits = jax.eval_shape(call, params, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype),
+                            jax.random.key(0))
+    num_classes = logits.shape[-1]
+    y = population.features[label_key]
+    lo, hi = int(jnp.min(y)), int(jnp.max(y))
+    if lo < 0 or hi >= num_classes:
+      raise ValueError(
+          f"labels {label_key!r} span [{lo}, {hi}] but the model outputs {num_classes} classes; "
+          f"labels must lie in [0, {num_classes - 1}] (size the output layer to the labels)."
+      )
+
+  loss_fn.check_population = check_population
+  return loss_fn
+
+
+def sequence_loss(
+    apply_fn: ApplyFn, *, input_key: str = "x", label_key: str = "y", pad_id: int = 0
+) -> LossFn:
+  """Token-level cross-entropy for ``apply_fn(params, x[, key]) -> logits [B, T, V]``.
+
+  The loss is the mean over real (non-pad) target tokens of real examples; ``accuracy`` is the
+  next-token accuracy over the same tokens.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, fedjax_sim as fs
+    >>> loss_fn = fs.models.sequence_loss(lambda p, x: jax.nn.one_hot(x, 4) * p)
+    >>> batch = {"x": jnp.array([[1, 2, 0]]), "y": jnp.array([[1, 2, 0]]),
+    ...          fs.MASK_KEY: jnp.ones(1)}
+    >>> float(loss_fn(10.0, batch, None)[1]["accuracy"])
+    1.0
+  """
+  call = _caller(apply_fn)
+
+  def loss_fn(params: Params, batch: Batch, key: jax.Array):
+    logits = call(params, batch[input_key], key)
+    labels = batch[label_key]
+    tokens = (labels != pad_id) & (batch[MASK_KEY][:, None] > 0)
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    flat = tokens.reshape(-1)
+    return (masked_mean(per_token.reshape(-1), flat),
+            {"accuracy": masked_mean(correct.reshape(-1), flat)})
+
+  return loss_fn
+
+
+def multilabel_loss(
+    apply_fn: ApplyFn, *, input_key: str = "x", label_key: str = "y"
+) -> LossFn:
+  """Sigmoid cross-entropy (summed over labels) for multi-hot targets, e.g. StackOverflow tags.
+
+  ``aux["precision_at_1"]``: whether the top-scored label is one of the true labels.
+  """
+  call = _caller(apply_fn)
+
+  def loss_fn(params: Params, batch: Batch, key: jax.Array):
+    logits = call(params, batch[input_key], key)
+    targets = batch[label_key].astype(logits.dtype)
+    per_example = optax.sigmoid_binary_cross_entropy(logits, targets).sum(-1)
+    top = jnp.take_along_axis(targets, jnp.argmax(logits, -1)[:, None], axis=-1)[:, 0]
+    mask = batch[MASK_KEY]
+    return masked_mean(per_example, mask), {"precision_at_1": masked_mean(top, mask)}
+
   return loss_fn
 
 

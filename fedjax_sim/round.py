@@ -263,6 +263,9 @@ class Simulation:
       if not (isinstance(out, tuple) and len(out) == 2):
         raise TypeError("loss_fn must return a pair (loss, aux); return (loss, {}) for no aux.")
       loss, _ = out
+      check = getattr(algo.loss_fn, "check_population", None)
+      if check is not None:
+        check(state.params, self.population)
       if getattr(loss, "shape", None) != ():
         raise ValueError(
             f"loss_fn must return a scalar loss (the mean over the real examples of the batch); "

@@ -1,0 +1,381 @@
+"""Loaders that feed the CSR :class:`~fedjax_sim.Population`.
+
+* Federated h5 files in the TFF / FedJAX schema, ``examples/<client_id>/<feature>``: EMNIST-62
+  (``pixels``, ``label``), Shakespeare (``snippets``), StackOverflow (``tokens``, ``tags``, ...),
+  CIFAR-100 (``image``, ``label``, ``coarse_label``). The files are the ones TFF publishes
+  (``tff.simulation.datasets.<name>.load_data`` downloads them from
+  ``https://storage.googleapis.com/tff-datasets-public/<name>.tar.bz2``: ``fed_emnist.tar.bz2``,
+  ``shakespeare.tar.bz2``, ``stackoverflow.tar.bz2``, ``fed_cifar100.tar.bz2``); fedjax_sim never
+  downloads anything itself. h5 files are read whole into host memory, then copied to the device
+  once; for a file larger than host RAM pass ``client_names`` / ``max_clients`` to load a subset.
+* scikit-learn's bundled real datasets (digits, iris, wine, breast_cancer), split over clients.
+* LEAF's Synthetic(α, β) generator; pandas data frames; Hugging Face ``datasets`` (any object with
+  column access).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fedjax_sim.data import partition as _partition
+from fedjax_sim.data.population import Population
+
+# -- h5 (TFF / FedJAX schema) -------------------------------------------------------------------
+
+
+def read_h5(
+    path: str,
+    features: Sequence[str],
+    *,
+    client_names: Sequence[str] | None = None,
+    max_clients: int | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+  """Reads a federated h5 file with groups ``examples/<client_id>/<feature>``.
+
+  Args:
+    path: the h5 file.
+    features: feature datasets to read for every client.
+    client_names: read only these clients (in this order); default all, in sorted order.
+    max_clients: read at most this many clients (after ``client_names``).
+
+  Returns:
+    ``(features, client_index, names)``: flat arrays ``[total, ...]``, the client index of each
+    example, and the client names (index -> name).
+
+  Raises:
+    ValueError: if the file does not follow the schema, naming the keys expected and found.
+  """
+  import h5py
+
+  with h5py.File(path, "r") as f:
+    if "examples" not in f:
+      raise ValueError(
+          f"{path} is not in the TFF federated h5 schema: expected a top-level group "
+          f"'examples' (examples/<client_id>/<feature>); found keys {sorted(f.keys())}."
+      )
+    group = f["examples"]
+    names = sorted(group.keys()) if client_names is None else [str(c) for c in client_names]
+    if max_clients is not None:
+      names = names[: int(max_clients)]
+    if not names:
+      raise ValueError(f"{path} has no clients under 'examples'.")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in features}
+    sizes = []
+    for name in names:
+      if name not in group:
+        raise ValueError(f"client {name!r} is not in {path}.")
+      client = group[name]
+      missing = [k for k in features if k not in client]
+      if missing:
+        raise ValueError(
+            f"{path}: client {name!r} lacks features {missing}; expected {list(features)}, "
+            f"found {sorted(client.keys())}."
+        )
+      lengths = {k: client[k].shape[0] for k in features}
+      if len(set(lengths.values())) != 1:
+        raise ValueError(f"{path}: client {name!r} features have different lengths {lengths}.")
+      for k in features:
+        parts[k].append(client[k][()])
+      sizes.append(next(iter(lengths.values())))
+  arrays = {k: np.concatenate(v) for k, v in parts.items()}
+  index = np.repeat(np.arange(len(names)), sizes)
+  return arrays, index, names
+
+
+def _population(arrays, index, names) -> Population:
+  pop = Population.from_arrays(arrays, index, num_clients=len(names))
+  pop.labels = np.asarray(names)
+  return pop
+
+
+def emnist(path: str, **kwargs) -> Population:
+  """Federated EMNIST (TFF h5: ``pixels`` [n, 28, 28] float32, ``label``), one client per writer.
+
+  Returns a population with ``x`` ``[n, 28, 28, 1]`` float32 and ``y`` int32.
+  """
+  arrays, index, names = read_h5(path, ["pixels", "label"], **kwargs)
+  x = arrays["pixels"].astype(np.float32)[..., None]
+  return _population({"x": x, "y": arrays["label"].astype(np.int32)}, index, names)
+
+
+def cifar100(path: str, *, label: str = "label", **kwargs) -> Population:
+  """Federated CIFAR-100 (TFF h5: ``image`` uint8 [n, 32, 32, 3], ``label``, ``coarse_label``).
+
+  ``x`` is float32 in [0, 1]; ``y`` is the fine ``label`` (or ``label="coarse_label"``).
+  """
+  if label not in ("label", "coarse_label"):
+    raise ValueError(f"label must be 'label' or 'coarse_label'; got {label!r}.")
+  arrays, index, names = read_h5(path, ["image", label], **kwargs)
+  x = arrays["image"].astype(np.float32) / 255.0
+  return _population({"x": x, "y": arrays[label].astype(np.int32)}, index, names)
+
+
+# Character vocabulary for Shakespeare next-character prediction: 0 pad, 1 beginning of snippet,
+# 2 end, 3 out of vocabulary, then printable ASCII.
+PAD, BOS, EOS, OOV = 0, 1, 2, 3
+CHARS = "".join(chr(c) for c in range(32, 127)) + "\n\t"
+CHAR_TO_ID = {c: i + 4 for i, c in enumerate(CHARS)}
+SHAKESPEARE_VOCAB_SIZE = len(CHARS) + 4
+
+
+def encode_text(text: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """``[BOS] + chars + [EOS]`` cut into windows: inputs ``x`` and next-char targets ``y``
+  ``[num_windows, seq_len]`` (PAD-padded; PAD targets carry no loss)."""
+  ids = [BOS] + [CHAR_TO_ID.get(c, OOV) for c in text] + [EOS]
+  windows = []
+  for start in range(0, max(len(ids) - 1, 1), seq_len):
+    w = ids[start : start + seq_len + 1]
+    w = w + [PAD] * (seq_len + 1 - len(w))
+    windows.append(w)
+  arr = np.asarray(windows, np.int32)
+  return arr[:, :-1], arr[:, 1:]
+
+
+def decode_text(ids) -> str:
+  inv = {i: c for c, i in CHAR_TO_ID.items()}
+  return "".join(inv.get(int(i), "") for i in ids)
+
+
+def text_population(client_texts: Sequence[Sequence[str]], seq_len: int = 80,
+                    names: Sequence[str] | None = None) -> Population:
+  """Population for next-character prediction from each client's list of text snippets."""
+  xs, ys, index = [], [], []
+  for c, snippets in enumerate(client_texts):
+    for s in snippets:
+      x, y = encode_text(s, seq_len)
+      xs.append(x)
+      ys.append(y)
+      index.append(np.full(x.shape[0], c))
+  if not xs:
+    raise ValueError("no text: every client's snippet list is empty.")
+  pop = Population.from_arrays({"x": np.concatenate(xs), "y": np.concatenate(ys)},
+                               np.concatenate(index), num_clients=len(client_texts))
+  if names is not None:
+    pop.labels = np.asarray(names)
+  return pop
+
+
+def shakespeare(path: str, *, seq_len: int = 80, **kwargs) -> Population:
+  """Federated Shakespeare (TFF h5: ``snippets`` byte strings), one client per speaking role.
+
+  Next-character prediction: ``x``, ``y`` int32 ``[n, seq_len]`` with the character vocabulary
+  above (``SHAKESPEARE_VOCAB_SIZE`` ids, PAD = 0).
+  """
+  arrays, index, names = read_h5(path, ["snippets"], **kwargs)
+  texts: list[list[str]] = [[] for _ in names]
+  for s, c in zip(arrays["snippets"], index, strict=True):
+    texts[c].append(s.decode("utf-8") if isinstance(s, bytes) else str(s))
+  return text_population(texts, seq_len, names)
+
+
+def _split_words(s) -> list[str]:
+  return (s.decode("utf-8") if isinstance(s, bytes) else str(s)).split()
+
+
+def stackoverflow(
+    path: str, *, vocab: Sequence[str] | None = None, vocab_size: int = 10_000,
+    tags: Sequence[str] | None = None, num_tags: int = 500, max_tokens: int = 30, **kwargs,
+) -> tuple[Population, list[str], list[str]]:
+  """Federated StackOverflow tag prediction (TFF h5: ``tokens``, ``tags`` byte strings).
+
+  ``x``: int32 ``[n, max_tokens]`` word ids (0 pad, 1 out of vocabulary, words from 2); ``y``:
+  float32 multi-hot ``[n, num_tags]`` over the tag vocabulary (tags joined by ``|`` as in TFF).
+  Vocabularies default to the most frequent words / tags in the file (pass the published ones
+  for comparability).
+
+  Returns:
+    ``(population, word_vocab, tag_vocab)``.
+  """
+  from collections import Counter
+
+  arrays, index, names = read_h5(path, ["tokens", "tags"], **kwargs)
+  if vocab is None:
+    counts = Counter(w for s in arrays["tokens"] for w in _split_words(s))
+    vocab = [w for w, _ in counts.most_common(vocab_size)]
+  if tags is None:
+    counts = Counter(
+        t for s in arrays["tags"]
+        for t in (s.decode() if isinstance(s, bytes) else str(s)).split("|") if t)
+    tags = [t for t, _ in counts.most_common(num_tags)]
+  word_id = {w: i + 2 for i, w in enumerate(vocab)}
+  tag_id = {t: i for i, t in enumerate(tags)}
+  n = arrays["tokens"].shape[0]
+  x = np.zeros((n, max_tokens), np.int32)
+  y = np.zeros((n, len(tags)), np.float32)
+  for i, (tok, tg) in enumerate(zip(arrays["tokens"], arrays["tags"], strict=True)):
+    ids = [word_id.get(w, 1) for w in _split_words(tok)][:max_tokens]
+    x[i, : len(ids)] = ids
+    for t in (tg.decode() if isinstance(tg, bytes) else str(tg)).split("|"):
+      if t in tag_id:
+        y[i, tag_id[t]] = 1.0
+  return _population({"x": x, "y": y}, index, names), list(vocab), list(tags)
+
+
+# -- bundled and generated data -----------------------------------------------------------------
+
+SKLEARN_DATASETS = ("digits", "iris", "wine", "breast_cancer")
+
+
+def sklearn_dataset(
+    name: str, num_clients: int, *, alpha: float | None = 0.5, test_fraction: float = 0.2,
+    seed: int = 0, min_examples: int = 1,
+) -> tuple[Population, dict[str, np.ndarray]]:
+  """A scikit-learn bundled real dataset split over ``num_clients`` clients.
+
+  Features are scaled (digits / 16; the others standardised with train statistics). The train
+  part is partitioned Dirichlet(``alpha``) by label, or IID with ``alpha=None``; the held-out
+  test part is returned as centralized arrays.
+
+  Returns:
+    ``(train_population, {"x": x_test, "y": y_test})``.
+
+  Examples:
+    >>> pop, test = sklearn_dataset("iris", num_clients=5, seed=0)
+    >>> pop.num_clients, test["x"].shape[1]
+    (5, 4)
+  """
+  from sklearn import datasets as skd
+  from sklearn.model_selection import train_test_split
+
+  loaders = {"digits": skd.load_digits, "iris": skd.load_iris, "wine": skd.load_wine,
+             "breast_cancer": skd.load_breast_cancer}
+  if name not in loaders:
+    raise ValueError(f"unknown dataset {name!r}; choose one of {SKLEARN_DATASETS}.")
+  if not 0 < test_fraction < 1:
+    raise ValueError(f"test_fraction must lie in (0, 1); got {test_fraction!r}.")
+  d = loaders[name]()
+  x, y = d.data.astype(np.float32), d.target.astype(np.int32)
+  xtr, xte, ytr, yte = train_test_split(x, y, test_size=test_fraction, random_state=seed,
+                                        stratify=y)
+  if name == "digits":
+    xtr, xte = xtr / 16.0, xte / 16.0
+  else:
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-8
+    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+  if alpha is None:
+    ids = _partition.iid(len(ytr), num_clients, seed=seed)
+  else:
+    ids = _partition.dirichlet(ytr, num_clients, alpha, seed=seed, min_examples=min_examples)
+  pop = Population.from_arrays({"x": xtr.astype(np.float32), "y": ytr}, ids,
+                               num_clients=num_clients)
+  return pop, {"x": xte.astype(np.float32), "y": yte}
+
+
+def leaf_synthetic(
+    alpha: float, beta: float, *, num_clients: int = 30, dim: int = 60, num_classes: int = 10,
+    seed: int = 0, mean_examples: float = 50.0, iid: bool = False,
+) -> Population:
+  """LEAF's Synthetic(α, β) (Li et al., FedProx): per-client softmax-regression tasks.
+
+  Client k draws ``u_k ~ N(0, α)``, ``B_k ~ N(0, β)``; its model ``W_k, b_k ~ N(u_k, 1)`` and
+  inputs ``x ~ N(v_k, Σ)`` with ``v_k ~ N(B_k, 1)`` and ``Σ = diag(j^-1.2)``; labels
+  ``argmax softmax(W_k x + b_k)``. α controls how much the local models differ, β how much the
+  local data differ. ``iid=True`` gives every client the same model and input distribution.
+  Client sizes are lognormal (power-law-like), at least 10 examples.
+
+  References:
+    Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, "Federated Optimization in Heterogeneous
+    Networks", MLSys 2020; Caldas et al., "LEAF", 2018.
+
+  Examples:
+    >>> pop = leaf_synthetic(1.0, 1.0, num_clients=8, seed=0)
+    >>> pop.num_clients, pop.features["x"].shape[1]
+    (8, 60)
+  """
+  if alpha < 0 or beta < 0:
+    raise ValueError(f"alpha and beta must be >= 0; got {alpha!r}, {beta!r}.")
+  rng = np.random.default_rng(seed)
+  sizes = np.maximum(rng.lognormal(np.log(mean_examples), 1.0, num_clients).astype(int), 10)
+  cov = np.diag(np.arange(1, dim + 1, dtype=np.float64) ** -1.2)
+  w_global = rng.normal(0, 1, (dim, num_classes))
+  b_global = rng.normal(0, 1, num_classes)
+  xs, ys = [], []
+  for k in range(num_clients):
+    if iid:
+      w, b, v = w_global, b_global, np.zeros(dim)
+    else:
+      u = rng.normal(0, np.sqrt(alpha))
+      big_b = rng.normal(0, np.sqrt(beta))
+      w = rng.normal(u, 1, (dim, num_classes))
+      b = rng.normal(u, 1, num_classes)
+      v = rng.normal(big_b, 1, dim)
+    x = rng.multivariate_normal(v, cov, sizes[k])
+    ys.append(np.argmax(x @ w + b, axis=1))
+    xs.append(x)
+  return Population.from_arrays(
+      {"x": np.concatenate(xs).astype(np.float32), "y": np.concatenate(ys).astype(np.int32)},
+      np.repeat(np.arange(num_clients), sizes), num_clients=num_clients)
+
+
+def from_pandas(df: Any, client_column: str, feature_columns: Mapping[str, Any]) -> Population:
+  """Population from a pandas DataFrame with one row per example.
+
+  Args:
+    df: the frame.
+    client_column: column with the user / device id (any hashable values).
+    feature_columns: ``{feature name: column name or list of column names}``; a list is stacked
+      into a vector feature.
+  """
+  return _from_columns(lambda c: np.asarray(df[c]), list(df.columns), client_column,
+                       feature_columns)
+
+
+def from_hf_dataset(ds: Any, client_column: str, feature_columns: Mapping[str, Any]) -> Population:
+  """Population from a Hugging Face ``datasets.Dataset`` (or anything with ``ds[column]``).
+
+  Columns are read whole (``ds[column]``) into host memory; nothing is downloaded here.
+  """
+  names = list(getattr(ds, "column_names", None) or list(ds.keys()))
+  return _from_columns(lambda c: np.asarray(ds[c]), names, client_column, feature_columns)
+
+
+def _from_columns(get, columns, client_column, feature_columns) -> Population:
+  wanted = [client_column] + [c for v in feature_columns.values()
+                              for c in ([v] if isinstance(v, str) else v)]
+  missing = [c for c in wanted if c not in columns]
+  if missing:
+    raise ValueError(f"columns {missing} not found; available: {columns}.")
+  feats = {}
+  for name, cols in feature_columns.items():
+    feats[name] = get(cols) if isinstance(cols, str) else np.stack([get(c) for c in cols], -1)
+  labels, index = np.unique(get(client_column), return_inverse=True)
+  pop = Population.from_arrays(feats, index, num_clients=len(labels))
+  pop.labels = labels
+  return pop
+
+
+def split_clients(
+    population: Population, test_fraction: float = 0.2, *, seed: int = 0
+) -> tuple[Population, Population]:
+  """Splits every client's examples into a train and a test part (per-client held-out data).
+
+  Each client with n examples keeps ``ceil(n * (1 - test_fraction))`` for training (so a client
+  with one example keeps it for training); both populations keep the same client numbering.
+  """
+  if not 0 < test_fraction < 1:
+    raise ValueError(f"test_fraction must lie in (0, 1); got {test_fraction!r}.")
+  rng = np.random.default_rng(seed)
+  feats = {k: np.asarray(v) for k, v in population.features.items()}
+  offsets = np.asarray(population.offsets)
+  sizes = np.asarray(population.num_examples)
+  train_rows, test_rows, train_ids, test_ids = [], [], [], []
+  for c in range(population.num_clients):
+    rows = offsets[c] + rng.permutation(sizes[c])
+    k = int(np.ceil(sizes[c] * (1 - test_fraction)))
+    train_rows.append(rows[:k])
+    test_rows.append(rows[k:])
+    train_ids.append(np.full(k, c))
+    test_ids.append(np.full(sizes[c] - k, c))
+  out = []
+  for rows, ids in ((train_rows, train_ids), (test_rows, test_ids)):
+    rows, ids = np.concatenate(rows), np.concatenate(ids)
+    if rows.size == 0:
+      raise ValueError("the split leaves one side empty; change test_fraction.")
+    pop = Population.from_arrays({k: v[rows] for k, v in feats.items()}, ids,
+                                 num_clients=population.num_clients)
+    pop.labels = population.labels
+    out.append(pop)
+  return out[0], out[1]
