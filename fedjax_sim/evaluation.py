@@ -39,8 +39,8 @@ def evaluate(
     >>> import jax.numpy as jnp, numpy as np, fedjax_sim as fs
     >>> loss_fn = fs.models.classifier_loss(lambda p, x: x @ p)
     >>> x = np.eye(3, dtype=np.float32); y = np.array([0, 1, 0])
-    >>> acc = fs.evaluation.evaluate(loss_fn, jnp.eye(3), {"x": x, "y": y}, batch_size=2)["accuracy"]
-    >>> round(acc, 4)
+    >>> m = fs.evaluation.evaluate(loss_fn, jnp.eye(3), {"x": x, "y": y}, batch_size=2)
+    >>> round(m["accuracy"], 4)
     0.6667
   """
   arrays = {k: np.asarray(v) for k, v in data.items()}

@@ -16,3 +16,25 @@ def test_dp_privacy_utility_example(tmp_path):
   assert res.returncode == 0, res.stderr[-2000:]
   assert out.exists() and out.stat().st_size > 10_000
   assert "| 1.0 |" in res.stdout
+
+
+def run_example(name, *args, tmp_path):
+  out = tmp_path / f"{name}.png"
+  res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", f"{name}.py"), *args,
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert out.exists() and out.stat().st_size > 10_000
+  return res.stdout
+
+
+def test_emnist_example_on_digits(tmp_path):
+  out = run_example("emnist_fedavg", "--rounds", "20", "--num-clients", "30", tmp_path=tmp_path)
+  assert float(out.split("final test accuracy")[1].split()[0]) > 0.6
+
+
+def test_shakespeare_example_learns(tmp_path):
+  out = run_example("shakespeare_fedavg", "--rounds", "20", "--hidden", "32",
+                    "--client-lr", "0.03", tmp_path=tmp_path)
+  loss = float(out.split("final loss")[1].split()[0])
+  baseline = float(out.split("vs unigram")[1].split()[0])
+  assert loss < 0.85 * baseline

@@ -158,6 +158,26 @@ def text_population(client_texts: Sequence[Sequence[str]], seq_len: int = 80,
   return pop
 
 
+def tiny_shakespeare(seq_len: int = 80) -> Population:
+  """A small bundled public-domain Shakespeare text, one client per role (10 roles), for
+  next-character prediction without downloading anything (see :func:`shakespeare` for the
+  federated Shakespeare h5 of TFF/LEAF)."""
+  from importlib import resources
+
+  text = resources.files("fedjax_sim.data").joinpath("assets/shakespeare_tiny.txt").read_text()
+  roles: dict[str, list[str]] = {}
+  current = None
+  for line in text.splitlines():
+    if line.startswith("#") or not line.strip():
+      continue
+    if line.startswith("== "):
+      current = line[3:].strip()
+      roles[current] = []
+    elif current is not None:
+      roles[current].append(line.strip())
+  return text_population(list(roles.values()), seq_len, list(roles))
+
+
 def shakespeare(path: str, *, seq_len: int = 80, **kwargs) -> Population:
   """Federated Shakespeare (TFF h5: ``snippets`` byte strings), one client per speaking role.
 
