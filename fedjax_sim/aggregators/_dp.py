@@ -25,20 +25,13 @@ from fedjax_sim.aggregators._stages import (
     _non_negative,
     _positive,
     _scale_to,
+    add_gaussian,
     clip_l2,
     divide_by,
     gaussian_noise,
     global_norm,
 )
 from fedjax_sim.types import EmptyState, RoundContext
-
-
-def _add_gaussian(tree, stddev, key):
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  noised = [x + (stddev * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
-            for x, k in zip(leaves, keys, strict=True)]
-  return jax.tree.unflatten(treedef, noised)
 
 
 def capped_weights(client_sizes: np.ndarray, weight_cap: float) -> np.ndarray:
@@ -243,7 +236,7 @@ def adaptive_dp_mean(
       return update, state, {}
     z_delta = split_noise_multiplier(z, sigma_b(context))
     clip = context.per_client_state.clip
-    return update._replace(delta=_add_gaussian(update.delta, z_delta * clip, key)), state, {}
+    return update._replace(delta=add_gaussian(update.delta, z_delta * clip, key)), state, {}
 
   noise = Aggregator(lambda params: EmptyState(), noise_aggregate, frozenset({ADDS_NOISE}))
   return process(stage, sum_reducer(), chain(noise, divide_by(denominator)),
@@ -263,7 +256,7 @@ def local_gaussian_noise(noise_multiplier, clip) -> Aggregator:
 
   def aggregate(update, state, key, context):
     del context
-    return update._replace(delta=_add_gaussian(update.delta, stddev, key)), state, {}
+    return update._replace(delta=add_gaussian(update.delta, stddev, key)), state, {}
 
   return Aggregator(lambda params: EmptyState(), aggregate, frozenset({LOCAL_NOISE}))
 

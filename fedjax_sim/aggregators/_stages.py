@@ -96,6 +96,15 @@ def clip_l2(clip, *, per_layer: bool = False) -> Aggregator:
   return Aggregator(lambda params: EmptyState(), aggregate, frozenset({CLIPS}))
 
 
+def add_gaussian(tree, stddev, key):
+  """``tree + N(0, stddev^2)`` per coordinate, an independent key per leaf."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  noised = [x + (stddev * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
+            for x, k in zip(leaves, keys, strict=True)]
+  return jax.tree.unflatten(treedef, noised)
+
+
 def gaussian_noise(noise_multiplier, clip) -> Aggregator:
   """Adds ``N(0, (noise_multiplier * clip)^2)`` to every coordinate of the summed update.
 
@@ -119,13 +128,7 @@ def gaussian_noise(noise_multiplier, clip) -> Aggregator:
 
   def aggregate(update, state, key, context):
     del context
-    leaves, treedef = jax.tree.flatten(update.delta)
-    keys = jax.random.split(key, len(leaves))
-    noised = [
-        x + (stddev * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
-        for x, k in zip(leaves, keys, strict=True)
-    ]
-    return update._replace(delta=jax.tree.unflatten(treedef, noised)), state, {}
+    return update._replace(delta=add_gaussian(update.delta, stddev, key)), state, {}
 
   return Aggregator(lambda params: EmptyState(), aggregate, frozenset({ADDS_NOISE}))
 
