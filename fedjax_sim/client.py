@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +55,19 @@ def epoch_permutation(key: PRNGKey, num_examples: jax.Array, max_examples: int) 
   return jnp.argsort(scores).astype(jnp.int32)
 
 
-def make_client_update(
+class LocalResult(NamedTuple):
+  """What local training returns: the trained params, the steps run, and the step metrics
+  (example-weighted means of ``loss`` and the loss's aux metrics)."""
+
+  params: Params
+  num_steps: jax.Array
+  metrics: dict[str, jax.Array]
+
+
+LocalTrainer = Callable[..., LocalResult]
+
+
+def make_local_trainer(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation,
     *,
@@ -63,14 +75,16 @@ def make_client_update(
     local_epochs: int | None = None,
     local_steps: int | None = None,
     regularizer: Callable[[Params, Params], jax.Array] | None = None,
-) -> ClientUpdateFn:
-  """Builds the local-training function of ONE client.
+) -> LocalTrainer:
+  """Builds ``train(start_params, data, key, grad_shift=None) -> LocalResult`` for ONE client.
 
-  The client starts from the broadcast parameters, re-initialises ``client_optimizer`` and runs
+  The client starts from ``start_params``, re-initialises ``client_optimizer`` and runs
   minibatch steps over its own data, shuffled each epoch with its own key. With
   ``local_epochs=E`` it runs ``E * ceil(n_k / batch_size)`` steps (so the number of steps
   varies per client; the last batch of an epoch is masked). With ``local_steps=S`` it runs
   exactly S steps, cycling through reshuffled epochs (a client with no data runs none).
+  ``grad_shift`` (a params-shaped tree) is added to every gradient (SCAFFOLD's control-variate
+  correction ``c - c_i``).
 
   Args:
     loss_fn: ``loss_fn(params, batch, key) -> (scalar loss, aux dict)``; mean over real examples.
@@ -78,24 +92,18 @@ def make_client_update(
     batch_size: static minibatch size B; None means one full batch of the largest client.
     local_epochs: passes over the local data (exactly one of local_epochs / local_steps).
     local_steps: fixed number of local steps.
-    regularizer: optional ``r(params, broadcast) -> scalar`` added to the loss (e.g. FedProx).
-
-  Returns:
-    ``client_update(broadcast, data, client_state, key) -> ClientOutput`` with
-    ``delta = broadcast - local_params`` and ``weight = num_examples``; ``metrics`` holds the
-    example-weighted mean ``loss`` (and the loss's aux metrics) over the local steps, and
-    ``num_steps``. ``client_state`` is passed through unchanged.
+    regularizer: optional ``r(params, start_params) -> scalar`` added to the loss (FedProx).
   """
   _check_local_work(batch_size, local_epochs, local_steps)
 
-  def objective(params, broadcast, batch, key):
+  def objective(params, anchor, batch, key):
     loss, aux = loss_fn(params, batch, key)
-    total = loss if regularizer is None else loss + regularizer(params, broadcast)
+    total = loss if regularizer is None else loss + regularizer(params, anchor)
     return total, (loss, aux)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-  def client_update(broadcast: Params, data: ClientData, client_state: Any, key: PRNGKey):
+  def train(start: Params, data: ClientData, key: PRNGKey, grad_shift: Params | None = None):
     bsz = data.max_examples if batch_size is None else batch_size
     n = data.num_examples
     steps_per_epoch = jnp.maximum((n + bsz - 1) // bsz, 1)
@@ -120,14 +128,16 @@ def make_client_update(
         fresh = epoch_permutation(jax.random.fold_in(shuffle_key, epoch), n, data.max_examples)
         return jnp.where(step % steps_per_epoch == 0, fresh, perm)
 
-    aux_shape = _aux_template(loss_fn, broadcast, data, bsz)
+    aux_shape = _aux_template(loss_fn, start, data, bsz)
 
     def body(carry):
       step, params, opt_state, perm, sums = carry
       perm = order_for(step, perm)
       batch = data.batch(perm, step % steps_per_epoch, bsz)
       key = jax.random.fold_in(step_key, step)
-      (_, (loss, aux)), grads = grad_fn(params, broadcast, batch, key)
+      (_, (loss, aux)), grads = grad_fn(params, start, batch, key)
+      if grad_shift is not None:
+        grads = jax.tree.map(jnp.add, grads, grad_shift)
       updates, opt_state = client_optimizer.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
       count = batch[MASK_KEY].sum()
@@ -139,19 +149,66 @@ def make_client_update(
     sums0.update(jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape))
     carry0 = (
         jnp.zeros((), jnp.int32),
-        broadcast,
-        client_optimizer.init(broadcast),
+        start,
+        client_optimizer.init(start),
         jnp.arange(data.max_examples, dtype=jnp.int32),
         sums0,
     )
     _, params, _, _, sums = jax.lax.while_loop(lambda c: c[0] < total_steps, body, carry0)
     processed = _examples_processed(n, bsz, total_steps, steps_per_epoch)
     metrics = jax.tree.map(lambda s: s / jnp.maximum(processed, 1.0), sums)
-    metrics[NUM_STEPS] = total_steps.astype(jnp.float32)
-    delta = jax.tree.map(lambda b, p: b - p, broadcast, params)
-    return ClientOutput(delta, n.astype(jnp.float32), metrics, client_state)
+    return LocalResult(params, total_steps, metrics)
+
+  return train
+
+
+def make_client_update(
+    loss_fn: LossFn,
+    client_optimizer: optax.GradientTransformation,
+    *,
+    batch_size: int | None,
+    local_epochs: int | None = None,
+    local_steps: int | None = None,
+    regularizer: Callable[[Params, Params], jax.Array] | None = None,
+) -> ClientUpdateFn:
+  """Builds the FedAvg-style local update of ONE client (see :func:`make_local_trainer`).
+
+  Returns:
+    ``client_update(broadcast, data, client_state, key) -> ClientOutput`` with
+    ``delta = broadcast - local_params`` and ``weight = num_examples``; ``metrics`` holds the
+    example-weighted mean ``loss`` (and the loss's aux metrics) over the local steps, and
+    ``num_steps``. ``client_state`` is passed through unchanged.
+  """
+  train = make_local_trainer(
+      loss_fn, client_optimizer, batch_size=batch_size, local_epochs=local_epochs,
+      local_steps=local_steps, regularizer=regularizer,
+  )
+
+  def client_update(broadcast: Params, data: ClientData, client_state: Any, key: PRNGKey):
+    result = train(broadcast, data, key)
+    metrics = dict(result.metrics)
+    metrics[NUM_STEPS] = result.num_steps.astype(jnp.float32)
+    delta = jax.tree.map(lambda b, p: b - p, broadcast, result.params)
+    return ClientOutput(delta, data.num_examples.astype(jnp.float32), metrics, client_state)
 
   return client_update
+
+
+def client_mean_loss(
+    loss_fn: LossFn, params: Params, data: ClientData, batch_size: int, key: PRNGKey
+) -> jax.Array:
+  """Mean loss of ``params`` over ALL of one client's examples (forward passes only)."""
+  order = jnp.arange(data.max_examples, dtype=jnp.int32)
+  steps = (data.num_examples + batch_size - 1) // batch_size
+
+  def body(carry):
+    step, total = carry
+    batch = data.batch(order, step, batch_size)
+    loss, _ = loss_fn(params, batch, key)
+    return step + 1, total + loss * batch[MASK_KEY].sum()
+
+  _, total = jax.lax.while_loop(lambda c: c[0] < steps, body, (0, jnp.zeros((), jnp.float32)))
+  return total / jnp.maximum(data.num_examples, 1).astype(jnp.float32)
 
 
 def _examples_processed(n, bsz, total_steps, steps_per_epoch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_sim.aggregators import ADDS_NOISE, global_norm
+from fedjax_sim.aggregators import ADDS_NOISE, LOCAL_NOISE, global_norm
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.client import NUM_STEPS, ClientData
 from fedjax_sim.data.population import Population
@@ -39,6 +40,7 @@ class ServerState:
     client_states: per-client persistent state for the whole population (leading dim
       ``num_clients``), or ``()`` for stateless algorithms.
     key: the run's typed PRNG key; round ``r`` uses ``fold_in(key, r)``.
+    server_extra: server-side algorithm state (``Algorithm.server_extra_init``), or ``()``.
   """
 
   round: jax.Array
@@ -47,6 +49,7 @@ class ServerState:
   agg_state: Any
   client_states: Any
   key: jax.Array
+  server_extra: Any = ()
 
 
 def _param_count(params) -> int:
@@ -181,6 +184,13 @@ class Simulation:
     )
     if algorithm.aggregator.check is not None:
       algorithm.aggregator.check(self.context)
+    dp_tags = {ADDS_NOISE, LOCAL_NOISE} & algorithm.aggregator.tags
+    if algorithm.server_update is not None and dp_tags:
+      raise ValueError(
+          f"{algorithm.name} sends per-client values besides its update (ClientOutput.extra) that "
+          "bypass the aggregator, so a DP aggregator cannot protect them; this combination is "
+          "not supported. Use a non-DP aggregator, or FedAvg / FedProx for DP."
+      )
     self._requested_chunk_size = None if chunk_size is None else int(chunk_size)
     self.memory_budget = default_memory_budget() if memory_budget is None else int(memory_budget)
     self.sort_by_size = bool(sort_by_size)
@@ -214,7 +224,9 @@ class Simulation:
     else:
       one = algo.client_state_init(params)
       n = self.population.num_clients
+      _check_population_state_fits(one, n, algo.name)
       client_states = jax.tree.map(lambda x: jnp.tile(x[None], (n,) + (1,) * x.ndim), one)
+    server_extra = () if algo.server_extra_init is None else algo.server_extra_init(params)
     state = ServerState(
         round=jnp.zeros((), jnp.int32),
         params=params,
@@ -222,6 +234,7 @@ class Simulation:
         agg_state=algo.aggregator.init(params),
         client_states=client_states,
         key=key,
+        server_extra=server_extra,
     )
     self._resolve_chunk_size(params)
     self._check_round_traces(state)
@@ -328,7 +341,10 @@ class Simulation:
     ids = ids.reshape(num_chunks, chunk)
     real = real.reshape(num_chunks, chunk)
     per_client_state, post_state = state.agg_state
-    broadcast = state.params
+    broadcast = (
+        state.params if algo.broadcast_fn is None
+        else algo.broadcast_fn(state.params, state.server_extra)
+    )
 
     def one_client(cid, is_real, client_state):
       data = ClientData(
@@ -367,7 +383,8 @@ class Simulation:
           "nan_clients": (is_real & ~finite).astype(jnp.float32),
           "client_steps": steps,
       }
-      return contribution, client_metrics, stage_metrics, stats, out.client_state
+      extra = jax.tree.map(lambda e: jnp.where(real, e, jnp.zeros_like(e)), out.extra)
+      return (contribution, client_metrics, stage_metrics, stats, extra), out.client_state, real
 
     vmapped = jax.vmap(one_client)
 
@@ -375,13 +392,14 @@ class Simulation:
       acc, client_states = carry
       cids, creal = xs
       cstates = jax.tree.map(lambda s: s[cids], client_states)
-      contribution, cm, sm, stats, new_cstates = vmapped(cids, creal, cstates)
-      summed = jax.tree.map(lambda x: jnp.sum(x, axis=0), (contribution, cm, sm, stats))
-      summed[3]["step_slots"] = chunk * jnp.max(stats["client_steps"])
+      outputs, new_cstates, kept = vmapped(cids, creal, cstates)
+      summed = jax.tree.map(lambda x: jnp.sum(x, axis=0), outputs)
+      summed[3]["step_slots"] = chunk * jnp.max(outputs[3]["client_steps"])
       acc = jax.tree.map(jnp.add, acc, summed)
       if client_states != ():
-        # Padded slots write out of bounds and are dropped (they may repeat a real id).
-        write = jnp.where(creal, cids, num_clients)
+        # Padded slots (which may repeat a real id) and clients whose update was non-finite
+        # write out of bounds and are dropped: their state is unchanged.
+        write = jnp.where(kept, cids, num_clients)
         client_states = jax.tree.map(
             lambda s, new: s.at[write].set(new, mode="drop"), client_states, new_cstates
         )
@@ -397,7 +415,7 @@ class Simulation:
     (acc, client_states), _ = jax.lax.scan(
         chunk_body, (acc0, state.client_states), (ids, real)
     )
-    reduced, client_sums, stage_sums, stats = acc
+    reduced, client_sums, stage_sums, stats, extra_sums = acc
     aggregated, post_state, post_metrics = process.post.aggregate(
         reduced, post_state, post_key, context._replace(per_client_state=per_client_state)
     )
@@ -406,8 +424,14 @@ class Simulation:
       per_client_state, finalize_metrics = process.per_client.finalize(
           per_client_state, stage_sums, finalize_key, context
       )
+    server_delta, server_extra = aggregated.delta, state.server_extra
+    if algo.server_update is not None:
+      server_delta, server_extra = algo.server_update(
+          aggregated.delta, extra_sums, state.server_extra,
+          {"clients": stats["clients"], "examples": stats["examples"]}, context,
+      )
     updates, opt_state = algo.server_optimizer.update(
-        aggregated.delta, state.opt_state, state.params
+        server_delta, state.opt_state, state.params
     )
     new_params = optax.apply_updates(state.params, updates)
     if ADDS_NOISE not in process.tags:
@@ -416,6 +440,9 @@ class Simulation:
       took_part = stats["clients"] > 0
       new_params = jax.tree.map(lambda a, b: jnp.where(took_part, a, b), new_params, state.params)
       opt_state = jax.tree.map(lambda a, b: jnp.where(took_part, a, b), opt_state, state.opt_state)
+      server_extra = jax.tree.map(
+          lambda a, b: jnp.where(took_part, a, b), server_extra, state.server_extra
+      )
     examples = jnp.maximum(stats["examples"], 1.0)
     clients = jnp.maximum(stats["clients"], 1.0)
     metrics = {
@@ -423,7 +450,7 @@ class Simulation:
         "examples": stats["examples"],
         "nan_clients": stats["nan_clients"],
         "truncated": cohort.truncated.astype(jnp.float32),
-        "update_norm": global_norm(aggregated.delta),
+        "update_norm": global_norm(server_delta),
         "client_steps": stats["client_steps"],
         "step_slots": stats["step_slots"],
     }
@@ -438,6 +465,7 @@ class Simulation:
         agg_state=(per_client_state, post_state),
         client_states=client_states,
         key=state.key,
+        server_extra=server_extra,
     )
     return new_state, metrics
 
@@ -620,10 +648,31 @@ class Simulation:
 
 
 def _summable(outputs):
-  contribution, cm, sm, stats, _ = outputs
+  (contribution, cm, sm, stats, extra), _, _ = outputs
   stats = dict(stats)
   stats["step_slots"] = jnp.zeros((1,), jnp.float32)
-  return contribution, cm, sm, stats
+  return contribution, cm, sm, stats, extra
+
+
+def _check_population_state_fits(one_client_state, num_clients: int, name: str) -> None:
+  """Refuses per-client state for the whole population that cannot fit in device memory."""
+  per_client = sum(
+      int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+      for x in jax.tree.leaves(one_client_state)
+  )
+  needed = per_client * num_clients
+  dev = jax.devices()[0]
+  try:
+    available = int(dev.memory_stats()["bytes_limit"])
+  except Exception:  # noqa: BLE001 - CPU: the host's physical memory
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  if needed > 0.8 * available:
+    raise ValueError(
+        f"{name} keeps {per_client / 2**20:.2f} MiB of state per client; for {num_clients} "
+        f"clients that is {needed / 2**30:.2f} GiB, more than 80% of the "
+        f"{available / 2**30:.1f} GiB of {dev.platform} memory. Use fewer clients, a smaller "
+        "model, or a stateless algorithm."
+    )
 
 
 def _as_typed_key(key) -> jax.Array:

@@ -46,12 +46,16 @@ class ClientOutput(NamedTuple):
     metrics: dict of float32 scalars, example-weighted means over the client's local steps
       (e.g. ``{"loss": ...}``).
     client_state: the client's new persistent state (an empty tuple for stateless algorithms).
+    extra: optional pytree the round SUMS over the cohort's real clients and hands to the
+      algorithm's ``server_update`` (e.g. SCAFFOLD's control-variate deltas); ``()`` if unused.
+      It bypasses the aggregator, so algorithms that use it are not combined with DP.
   """
 
   delta: Params
   weight: jax.Array
   metrics: dict[str, jax.Array]
   client_state: PyTree
+  extra: PyTree = ()
 
 
 class WeightedUpdate(NamedTuple):

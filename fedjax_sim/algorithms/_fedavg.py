@@ -28,6 +28,13 @@ class Algorithm(NamedTuple):
     loss_fn, client_optimizer, batch_size_hint: optional; when given, ``Simulation.init`` checks
       them against the params and the population before compiling (clear errors instead of
       tracer errors).
+    server_extra_init: ``params -> server-side algorithm state`` (e.g. SCAFFOLD's server control
+      variate), kept in ``ServerState.server_extra``; None when unused.
+    broadcast_fn: ``(params, server_extra) -> broadcast`` sent to every client; default: params.
+    server_update: ``(aggregated_delta, extra_sums, server_extra, stats, context) ->
+      (delta_for_server_optimizer, new_server_extra)``, run after the aggregator; ``extra_sums``
+      is the cohort sum of the clients' ``ClientOutput.extra`` and ``stats`` holds the round's
+      ``clients`` and ``examples``. Default: the aggregated delta, unchanged.
   """
 
   client_update: ClientUpdateFn
@@ -38,6 +45,9 @@ class Algorithm(NamedTuple):
   loss_fn: LossFn | None = None
   client_optimizer: optax.GradientTransformation | None = None
   batch_size_hint: int | None = None
+  server_extra_init: Callable[[Params], Any] | None = None
+  broadcast_fn: Callable[[Params, Any], Any] | None = None
+  server_update: Callable[..., tuple[Params, Any]] | None = None
 
 
 def _check_optimizer(name: str, opt: Any) -> None:
