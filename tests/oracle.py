@@ -24,7 +24,7 @@ def round_keys(run_key, r):
 
 
 def train_client(loss_fn, opt, params, data, n, max_examples, key, *, batch_size, epochs=None,
-                 steps=None, mu=0.0):
+                 steps=None, mu=0.0, shift=None, return_steps=False):
   """Local training for one client as a plain Python loop over its minibatches."""
   shuffle_key, step_key = jax.random.split(key)
   spe = -(-n // batch_size)
@@ -45,9 +45,11 @@ def train_client(loss_fn, opt, params, data, n, max_examples, key, *, batch_size
     batch = {k: jnp.asarray(v[idx]) for k, v in data.items()}
     batch[fs.MASK_KEY] = jnp.ones(len(idx), jnp.float32)
     g = jax.grad(objective)(w, batch, jax.random.fold_in(step_key, s))
+    if shift is not None:
+      g = jax.tree.map(lambda a, b: a + b, g, shift)
     upd, opt_state = opt.update(g, opt_state, w)
     w = optax.apply_updates(w, upd)
-  return w
+  return (w, total) if return_steps else w
 
 
 def clip(delta, c):

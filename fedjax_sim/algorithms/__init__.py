@@ -11,6 +11,7 @@ from fedjax_sim.algorithms._fedavg import (
     fedsgd,
     fedyogi,
 )
+from fedjax_sim.algorithms._heterogeneity import fednova, qffl, scaffold
 
 __all__ = [
     "Algorithm",
@@ -21,4 +22,7 @@ __all__ = [
     "fedprox",
     "fedsgd",
     "fedyogi",
+    "fednova",
+    "qffl",
+    "scaffold",
 ]
