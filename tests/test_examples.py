@@ -38,3 +38,9 @@ def test_shakespeare_example_learns(tmp_path):
   loss = float(out.split("final loss")[1].split()[0])
   baseline = float(out.split("vs unigram")[1].split()[0])
   assert loss < 0.85 * baseline
+
+
+def test_heterogeneity_example(tmp_path):
+  out = run_example("heterogeneity", "--rounds", "12", "--fairness-rounds", "20", "--q", "0", "1",
+                    tmp_path=tmp_path)
+  assert "SCAFFOLD" in out and "FedNova" in out and "q = 1.0" in out
