@@ -84,7 +84,8 @@ def make_local_trainer(
   varies per client; the last batch of an epoch is masked). With ``local_steps=S`` it runs
   exactly S steps, cycling through reshuffled epochs (a client with no data runs none).
   ``grad_shift`` (a params-shaped tree) is added to every gradient (SCAFFOLD's control-variate
-  correction ``c - c_i``).
+  correction ``c - c_i``); ``anchor`` is the second argument of ``regularizer`` (default: the
+  start; Ditto anchors its personal model to the global one).
 
   Args:
     loss_fn: ``loss_fn(params, batch, key) -> (scalar loss, aux dict)``; mean over real examples.
@@ -92,7 +93,7 @@ def make_local_trainer(
     batch_size: static minibatch size B; None means one full batch of the largest client.
     local_epochs: passes over the local data (exactly one of local_epochs / local_steps).
     local_steps: fixed number of local steps.
-    regularizer: optional ``r(params, start_params) -> scalar`` added to the loss (FedProx).
+    regularizer: optional ``r(params, anchor) -> scalar`` added to the loss (FedProx, Ditto).
   """
   _check_local_work(batch_size, local_epochs, local_steps)
 
@@ -103,7 +104,8 @@ def make_local_trainer(
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-  def train(start: Params, data: ClientData, key: PRNGKey, grad_shift: Params | None = None):
+  def train(start: Params, data: ClientData, key: PRNGKey, grad_shift: Params | None = None,
+            anchor: Params | None = None):
     bsz = data.max_examples if batch_size is None else batch_size
     n = data.num_examples
     steps_per_epoch = jnp.maximum((n + bsz - 1) // bsz, 1)
@@ -129,13 +131,14 @@ def make_local_trainer(
         return jnp.where(step % steps_per_epoch == 0, fresh, perm)
 
     aux_shape = _aux_template(loss_fn, start, data, bsz)
+    anchor = start if anchor is None else anchor
 
     def body(carry):
       step, params, opt_state, perm, sums = carry
       perm = order_for(step, perm)
       batch = data.batch(perm, step % steps_per_epoch, bsz)
       key = jax.random.fold_in(step_key, step)
-      (_, (loss, aux)), grads = grad_fn(params, start, batch, key)
+      (_, (loss, aux)), grads = grad_fn(params, anchor, batch, key)
       if grad_shift is not None:
         grads = jax.tree.map(jnp.add, grads, grad_shift)
       updates, opt_state = client_optimizer.update(grads, opt_state, params)

@@ -109,6 +109,7 @@ def evaluate_clients(
     chunk_size: int = 16,
     personalize: ClientUpdateFn | None = None,
     personalize_population: Population | None = None,
+    client_params: Params | None = None,
     key: jax.Array | None = None,
 ) -> ClientEvaluation:
   """Evaluates ``params`` on every client's own data, vmapped over clients in chunks.
@@ -124,6 +125,8 @@ def evaluate_clients(
       on ``personalize_population`` (its training data; default ``population``), and is then
       evaluated with its fine-tuned model.
     personalize_population: the data to fine-tune on (same client numbering).
+    client_params: optional per-client models (leading dimension ``num_clients``, e.g. Ditto's
+      ``state.client_states``): client i is evaluated with its own model instead of ``params``.
     key: base key of the fine-tuning (client i uses ``fold_in(key, i)``).
 
   Returns:
@@ -145,8 +148,15 @@ def evaluate_clients(
   real = ids < n
   ids = np.where(real, ids, 0).reshape(num_chunks, chunk)
   real = real.reshape(num_chunks, chunk)
-  sums, counts = _client_sums(loss_fn, personalize, batch_size, params, population, tune,
-                              jnp.asarray(ids, jnp.int32), jnp.asarray(real), key)
+  if client_params is not None:
+    lead = {np.shape(x)[0] for x in jax.tree.leaves(client_params)}
+    if lead != {n}:
+      raise ValueError(
+          f"client_params must have leading dimension num_clients={n}; got {sorted(lead)}."
+      )
+  sums, counts = _client_sums(loss_fn, personalize, batch_size, params, client_params,
+                              population, tune, jnp.asarray(ids, jnp.int32), jnp.asarray(real),
+                              key)
   sums, counts = jax.device_get((sums, counts))
   counts = np.asarray(counts).reshape(-1)[:n]
   with np.errstate(invalid="ignore", divide="ignore"):
@@ -156,16 +166,21 @@ def evaluate_clients(
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _client_sums(loss_fn, personalize, batch_size, params, population, tune, ids, real, key):
+def _client_sums(loss_fn, personalize, batch_size, params, client_params, population, tune, ids,
+                 real, key):
   def one_client(cid, is_real):
     n = jnp.where(is_real, population.num_examples[cid], 0)
     data = ClientData(population.features, population.offsets[cid], n, population.max_examples)
-    local = params
+    if client_params is not None:
+      params_i = jax.tree.map(lambda p: p[cid], client_params)
+    else:
+      params_i = params
+    local = params_i
     if personalize is not None:
       train = ClientData(tune.features, tune.offsets[cid],
                          jnp.where(is_real, tune.num_examples[cid], 0), tune.max_examples)
-      out = personalize(params, train, (), jax.random.fold_in(key, cid))
-      local = jax.tree.map(lambda p, d: p - d, params, out.delta)
+      out = personalize(params_i, train, (), jax.random.fold_in(key, cid))
+      local = jax.tree.map(lambda p, d: p - d, params_i, out.delta)
     order = jnp.arange(population.max_examples, dtype=jnp.int32)
     steps = (n + batch_size - 1) // batch_size
 

@@ -156,3 +156,58 @@ def test_algorithms_with_extras_refuse_dp(pop, loss_fn):
   with pytest.raises(ValueError, match="momentum"):
     fs.algorithms.fednova(loss_fn, client_learning_rate=0.1, momentum=1.0, batch_size=4,
                           local_epochs=1)
+
+
+def test_ditto_matches_oracle_and_global_part_is_fedavg(pop, loss_fn):
+  lam, lr, key = 0.5, 0.2, jax.random.key(12)
+  algo = fs.algorithms.ditto(loss_fn, lam=lam, client_optimizer=optax.sgd(lr), batch_size=4,
+                             local_epochs=1)
+  sim = fs.Simulation(algo, pop, cohort_size=5, chunk_size=2)
+  state = sim.init(init_params(), key)
+  fedavg = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(lr), batch_size=4,
+                                local_epochs=1)
+  ref = fs.Simulation(fedavg, pop, cohort_size=5)
+  ref_state = ref.init(init_params(), key)
+  x = init_params()
+  personal = {i: init_params() for i in range(pop.num_clients)}
+  for r in range(2):
+    client_key = round_keys(key, r)[1]
+    for cid in cohort_ids(sim, key, r):
+      ckey = jax.random.fold_in(jax.random.fold_in(client_key, int(cid)), 0xD1770)
+      v = personal[int(cid)]
+      # The personal objective F_k(v) + lam/2 ||v - x||^2 = the FedProx objective anchored at x.
+      personal[int(cid)] = _prox_train(loss_fn, lr, v, x, lam, pop, int(cid), ckey)
+    state, _ = sim.round(state)
+    ref_state, _ = ref.round(ref_state)
+    x = ref_state.params
+  close(state.params, ref_state.params)
+  for cid, v in personal.items():
+    close(tree(lambda s: s[cid], state.client_states), v)
+  ev = fs.evaluation.evaluate_clients(loss_fn, state.params, pop,
+                                      client_params=state.client_states)
+  assert np.isfinite(ev.summary()["loss_mean"])
+
+
+def _prox_train(loss_fn, lr, v, anchor, lam, pop, cid, key):
+  from oracle import train_client  # the same loop, with the proximal anchor moved to `anchor`
+
+  def prox_loss(p, batch, k):
+    loss, aux = loss_fn(p, batch, k)
+    sq = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(anchor)))
+    return loss + 0.5 * lam * sq, aux
+
+  n = int(pop.num_examples[cid])
+  return train_client(prox_loss, optax.sgd(lr), v, pop.client(cid), n, pop.max_examples, key,
+                      batch_size=4, epochs=1)
+
+
+def test_ditto_large_lambda_pins_personal_to_global(pop, loss_fn):
+  lr = 1e-3
+  algo = fs.algorithms.ditto(loss_fn, lam=1.0 / lr, client_optimizer=optax.sgd(lr), batch_size=4,
+                             local_epochs=1)
+  sim = fs.Simulation(algo, pop, cohort_size=pop.num_clients)
+  state, _ = sim.round(sim.init(init_params(), jax.random.key(0)))
+  start = init_params()
+  # lr * lam = 1: every personal step lands on (global - lr * grad), i.e. within lr*|grad|.
+  for cid in range(pop.num_clients):
+    close(tree(lambda s: s[cid], state.client_states), start, rtol=0, atol=5e-3)

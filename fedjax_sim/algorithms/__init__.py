@@ -11,7 +11,7 @@ from fedjax_sim.algorithms._fedavg import (
     fedsgd,
     fedyogi,
 )
-from fedjax_sim.algorithms._heterogeneity import fednova, qffl, scaffold
+from fedjax_sim.algorithms._heterogeneity import ditto, fednova, qffl, scaffold
 
 __all__ = [
     "Algorithm",
@@ -22,6 +22,7 @@ __all__ = [
     "fedprox",
     "fedsgd",
     "fedyogi",
+    "ditto",
     "fednova",
     "qffl",
     "scaffold",

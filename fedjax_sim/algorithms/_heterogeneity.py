@@ -243,3 +243,84 @@ def qffl(
       client_update, sum_process(), optax.sgd(1.0), name="qffl", loss_fn=loss_fn,
       client_optimizer=client_opt, batch_size_hint=batch_size, server_update=server_update,
   )
+
+
+def ditto(
+    loss_fn: LossFn,
+    *,
+    lam: float,
+    client_optimizer: optax.GradientTransformation,
+    personal_optimizer: optax.GradientTransformation | None = None,
+    server_optimizer: optax.GradientTransformation | None = None,
+    batch_size: int | None,
+    local_epochs: int | None = None,
+    local_steps: int | None = None,
+    personal_epochs: int | None = None,
+    personal_steps: int | None = None,
+    aggregator: Process | None = None,
+) -> Algorithm:
+  """Ditto: a global model trained by FedAvg plus one personal model per client.
+
+  Each selected client (i) trains the global model from the broadcast exactly as FedAvg and
+  sends the update, and (ii) trains its personal model ``v_k`` (kept in the population state,
+  initialised to the initial global model) on ``F_k(v) + λ/2 ‖v − w‖²`` with ``w`` the broadcast
+  global model. λ → ∞ pins the personal models to the global one; λ = 0 gives purely local
+  models. Evaluate the personal models with
+  ``fs.evaluation.evaluate_clients(..., client_params=state.client_states)``.
+
+  Args:
+    lam: λ >= 0.
+    client_optimizer: optimizer of the global-model local training.
+    personal_optimizer: optimizer of the personal model (default: ``client_optimizer``).
+    personal_epochs / personal_steps: the personal model's local work (default: the same as
+      the global model's).
+
+  References:
+    Li, Hu, Beirami, Smith, "Ditto: Fair and Robust Federated Learning Through
+    Personalization", ICML 2021.
+
+  Examples:
+    >>> import optax, fedjax_sim as fs
+    >>> loss_fn = fs.models.classifier_loss(lambda p, x: x @ p)
+    >>> fs.algorithms.ditto(loss_fn, lam=0.1, client_optimizer=optax.sgd(0.1), batch_size=10,
+    ...                     local_epochs=1).name
+    'ditto'
+  """
+  _check_loss(loss_fn)
+  _check_optimizer("client_optimizer", client_optimizer)
+  personal_optimizer = client_optimizer if personal_optimizer is None else personal_optimizer
+  _check_optimizer("personal_optimizer", personal_optimizer)
+  try:
+    lam_value = float(lam)
+  except (TypeError, ValueError):
+    raise TypeError(f"lam must be a number >= 0; got {lam!r}.") from None
+  if not lam_value >= 0:
+    raise ValueError(f"lam must be >= 0; got {lam!r}.")
+  if personal_epochs is None and personal_steps is None:
+    personal_epochs, personal_steps = local_epochs, local_steps
+  global_train = make_local_trainer(loss_fn, client_optimizer, batch_size=batch_size,
+                                    local_epochs=local_epochs, local_steps=local_steps)
+
+  def proximal(v, w):
+    return 0.5 * lam_value * sum(jnp.sum(jnp.square(a - b)) for a, b in zip(
+        jax.tree.leaves(v), jax.tree.leaves(w), strict=True))
+
+  personal_train = make_local_trainer(loss_fn, personal_optimizer, batch_size=batch_size,
+                                      local_epochs=personal_epochs, local_steps=personal_steps,
+                                      regularizer=proximal)
+
+  def client_update(broadcast, data, personal, key):
+    result = global_train(broadcast, data, key)  # the client key, as in FedAvg
+    mine = personal_train(personal, data, jax.random.fold_in(key, 0xD1770), anchor=broadcast)
+    metrics = dict(result.metrics)
+    metrics[NUM_STEPS] = result.num_steps.astype(jnp.float32)
+    metrics["personal_loss"] = mine.metrics["loss"]
+    delta = _tree_sub(broadcast, result.params)
+    return ClientOutput(delta, data.num_examples.astype(jnp.float32), metrics, mine.params)
+
+  return Algorithm(
+      client_update, weighted_mean() if aggregator is None else as_process(aggregator),
+      _server(server_optimizer), client_state_init=lambda params: params, name="ditto",
+      loss_fn=loss_fn, client_optimizer=client_optimizer,
+      batch_size_hint=batch_size,
+  )
