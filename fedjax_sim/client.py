@@ -23,12 +23,16 @@ class ClientData:
     offset: int32 scalar, the client's first row.
     num_examples: int32 scalar, its number of examples (0 for a padded cohort slot).
     max_examples: static Python int, the largest client in the population.
+    work_fraction: fraction of its planned local steps the client completes (stragglers; 1.0).
+    step_cap: the most local steps the client can run this round (deadlines; effectively none).
   """
 
   features: dict[str, jax.Array]
   offset: jax.Array
   num_examples: jax.Array
   max_examples: int = dataclasses.field(metadata=dict(static=True))
+  work_fraction: jax.Array = 1.0
+  step_cap: jax.Array = 2**30
 
   def batch(self, perm: jax.Array, position: jax.Array, batch_size: int) -> dict[str, jax.Array]:
     """The ``position``-th minibatch of an epoch ordered by ``perm``, with a mask for the tail."""
@@ -44,6 +48,9 @@ class ClientData:
 #: Optional key of ``ClientOutput.metrics``: local steps the client ran. The round sums it (it
 #: measures vmap padding) instead of averaging it.
 NUM_STEPS = "num_steps"
+#: Optional key of ``ClientOutput.metrics``: 1.0 if the client's planned work exceeded its
+#: ``step_cap`` (missed the deadline). The round counts it and applies the deadline policy.
+LATE = "late"
 
 ClientUpdateFn = Callable[[Params, ClientData, PyTree, PRNGKey], ClientOutput]
 
@@ -62,6 +69,7 @@ class LocalResult(NamedTuple):
   params: Params
   num_steps: jax.Array
   metrics: dict[str, jax.Array]
+  late: jax.Array = False
 
 
 LocalTrainer = Callable[..., LocalResult]
@@ -110,9 +118,13 @@ def make_local_trainer(
     n = data.num_examples
     steps_per_epoch = jnp.maximum((n + bsz - 1) // bsz, 1)
     if local_epochs is not None:
-      total_steps = local_epochs * ((n + bsz - 1) // bsz)
+      planned = local_epochs * ((n + bsz - 1) // bsz)
     else:
-      total_steps = jnp.where(n > 0, local_steps, 0)
+      planned = jnp.where(n > 0, local_steps, 0)
+    # Stragglers complete a fraction of the planned steps; a deadline caps them.
+    planned = jnp.ceil(planned * data.work_fraction).astype(jnp.int32)
+    late = planned > data.step_cap
+    total_steps = jnp.minimum(planned, data.step_cap)
     shuffle_key, step_key = jax.random.split(key)
 
     if local_epochs is not None:
@@ -160,7 +172,7 @@ def make_local_trainer(
     _, params, _, _, sums = jax.lax.while_loop(lambda c: c[0] < total_steps, body, carry0)
     processed = _examples_processed(n, bsz, total_steps, steps_per_epoch)
     metrics = jax.tree.map(lambda s: s / jnp.maximum(processed, 1.0), sums)
-    return LocalResult(params, total_steps, metrics)
+    return LocalResult(params, total_steps, metrics, late)
 
   return train
 
@@ -191,6 +203,7 @@ def make_client_update(
     result = train(broadcast, data, key)
     metrics = dict(result.metrics)
     metrics[NUM_STEPS] = result.num_steps.astype(jnp.float32)
+    metrics[LATE] = jnp.asarray(result.late, jnp.float32)
     delta = jax.tree.map(lambda b, p: b - p, broadcast, result.params)
     return ClientOutput(delta, data.num_examples.astype(jnp.float32), metrics, client_state)
 

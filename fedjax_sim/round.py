@@ -21,9 +21,10 @@ import optax
 
 from fedjax_sim.aggregators import ADDS_NOISE, LOCAL_NOISE, global_norm
 from fedjax_sim.algorithms import Algorithm
-from fedjax_sim.client import NUM_STEPS, ClientData
+from fedjax_sim.client import LATE, NUM_STEPS, ClientData
 from fedjax_sim.data.population import Population
 from fedjax_sim.data.sampling import PoissonSampler, UniformSampler
+from fedjax_sim.systems import SystemModel
 from fedjax_sim.types import MASK_KEY, RoundContext, WeightedUpdate
 
 
@@ -119,6 +120,8 @@ class Simulation:
     memory_budget: bytes for the client pass when ``chunk_size`` is None.
     sort_by_size: order the cohort by client size before chunking so that each chunk runs only
       as many steps as its largest client needs. Speed only, like ``chunk_size``.
+    system: optional :class:`fedjax_sim.systems.SystemModel` (availability, dropout, stragglers,
+      deadlines), applied in-jit each round.
 
   Examples:
     >>> import jax, jax.numpy as jnp, numpy as np, optax, fedjax_sim as fs
@@ -145,6 +148,7 @@ class Simulation:
       chunk_size: int | None = None,
       memory_budget: int | None = None,
       sort_by_size: bool = True,
+      system: SystemModel | None = None,
   ):
     if not isinstance(algorithm, Algorithm):
       raise TypeError(
@@ -194,6 +198,11 @@ class Simulation:
     self._requested_chunk_size = None if chunk_size is None else int(chunk_size)
     self.memory_budget = default_memory_budget() if memory_budget is None else int(memory_budget)
     self.sort_by_size = bool(sort_by_size)
+    if system is not None:
+      if not isinstance(system, SystemModel):
+        raise TypeError(f"system must be an fs.systems.SystemModel; got {type(system).__name__}.")
+      system.validate(population.num_clients)
+    self.system = system
     self.chunk_size: int | None = None  # resolved in init() once the model size is known
     self.num_traces = {"round": 0, "block": 0}
     self._round_jit = None
@@ -328,7 +337,13 @@ class Simulation:
     round_key = jax.random.fold_in(state.key, state.round)
     cohort_key, client_key, agg_key = jax.random.split(round_key, 3)
     per_client_key, post_key, finalize_key = jax.random.split(agg_key, 3)
-    cohort = self.sampler.sample(cohort_key, num_clients)
+    # System heterogeneity draws from its own key (a fold of the round key).
+    system_key = jax.random.fold_in(round_key, 0x5157E)
+    available = None
+    if self.system is not None:
+      available = self.system.available(jax.random.fold_in(system_key, 0), state.round,
+                                        num_clients)
+    cohort = self.sampler.sample(cohort_key, num_clients, available)
     ids, real = cohort.ids, cohort.mask
     if self.sort_by_size:  # big clients together: each chunk runs only the steps it needs
       sizes = jnp.where(real, population.num_examples[ids], -1)
@@ -346,15 +361,30 @@ class Simulation:
         else algo.broadcast_fn(state.params, state.server_extra)
     )
 
+    system = self.system
+
     def one_client(cid, is_real, client_state):
+      selected = is_real
+      if system is not None:
+        outcome = system.after_selection(jax.random.fold_in(system_key, 1), cid[None])
+        outcome = jax.tree.map(lambda x: x[0], outcome)
+        is_real = is_real & outcome.kept  # a dropped client's update is lost (it trains nothing)
+        work_fraction, step_cap = outcome.work_fraction, outcome.step_cap
+      else:
+        work_fraction, step_cap = jnp.float32(1.0), jnp.int32(2**30)
       data = ClientData(
           population.features,
           population.offsets[cid],
           jnp.where(is_real, population.num_examples[cid], 0),
           population.max_examples,
+          work_fraction,
+          step_cap,
       )
       key = jax.random.fold_in(client_key, cid)
       out = algo.client_update(broadcast, data, client_state, key)
+      late = is_real & (jnp.asarray(out.metrics.get(LATE, 0.0)) > 0)
+      if system is not None and system.deadline_policy == "drop":
+        is_real = is_real & ~late
       # A non-finite update has a non-finite norm: the same reduction clip_l2 computes, so XLA
       # shares it and the check costs no extra pass over the update. (An update whose squared
       # norm overflows float32, i.e. entries beyond ~1e19, is treated as non-finite too.)
@@ -373,7 +403,7 @@ class Simulation:
       n = data.num_examples.astype(jnp.float32) * real_f
       client_metrics = {
           name: jnp.where(real, m * n, 0.0)
-          for name, m in out.metrics.items() if name != NUM_STEPS
+          for name, m in out.metrics.items() if name not in (NUM_STEPS, LATE)
       }
       stage_metrics = jax.tree.map(lambda m: jnp.where(real, m, 0.0), stage_metrics)
       steps = jnp.asarray(out.metrics.get(NUM_STEPS, 0.0), jnp.float32) * is_real
@@ -383,6 +413,10 @@ class Simulation:
           "nan_clients": (is_real & ~finite).astype(jnp.float32),
           "client_steps": steps,
       }
+      if system is not None:
+        stats["dropped"] = (selected & ~outcome.kept).astype(jnp.float32)
+        stats["stragglers"] = (selected & outcome.kept & outcome.straggler).astype(jnp.float32)
+        stats["late"] = late.astype(jnp.float32)
       extra = jax.tree.map(lambda e: jnp.where(real, e, jnp.zeros_like(e)), out.extra)
       return (contribution, client_metrics, stage_metrics, stats, extra), out.client_state, real
 
@@ -450,6 +484,11 @@ class Simulation:
         "examples": stats["examples"],
         "nan_clients": stats["nan_clients"],
         "truncated": cohort.truncated.astype(jnp.float32),
+        **({} if self.system is None else {
+            "available": jnp.sum(available).astype(jnp.float32),
+            "dropped": stats["dropped"], "stragglers": stats["stragglers"],
+            "late": stats["late"],
+        }),
         "update_norm": global_norm(server_delta),
         "client_steps": stats["client_steps"],
         "step_slots": stats["step_slots"],

@@ -15,7 +15,7 @@ import optax
 from fedjax_sim.aggregators import Process, as_process, global_norm, weighted_mean
 from fedjax_sim.aggregators import sum as sum_process
 from fedjax_sim.algorithms._fedavg import Algorithm, _check_loss, _check_optimizer
-from fedjax_sim.client import NUM_STEPS, client_mean_loss, make_local_trainer
+from fedjax_sim.client import LATE, NUM_STEPS, client_mean_loss, make_local_trainer
 from fedjax_sim.types import ClientOutput, LossFn
 
 
@@ -94,6 +94,7 @@ def scaffold(
                          c_i, c, delta)
     metrics = dict(result.metrics)
     metrics[NUM_STEPS] = k
+    metrics[LATE] = jnp.asarray(result.late, jnp.float32)
     return ClientOutput(delta, data.num_examples.astype(jnp.float32), metrics, c_new,
                         extra=_tree_sub(c_new, c_i))
 
@@ -162,6 +163,7 @@ def fednova(
     n = data.num_examples.astype(jnp.float32)
     metrics = dict(result.metrics)
     metrics[NUM_STEPS] = tau
+    metrics[LATE] = jnp.asarray(result.late, jnp.float32)
     extra = {"weighted_a": n * jnp.where(tau > 0, a, 0.0), "weight": n}
     return ClientOutput(delta, n, metrics, client_state, extra=extra)
 
@@ -231,6 +233,7 @@ def qffl(
     delta = jax.tree.map(lambda d: jnp.where(has_data, fq * d, 0.0), dw)
     metrics = dict(result.metrics)
     metrics[NUM_STEPS] = result.num_steps.astype(jnp.float32)
+    metrics[LATE] = jnp.asarray(result.late, jnp.float32)
     metrics["loss_at_global"] = f
     return ClientOutput(delta, data.num_examples.astype(jnp.float32), metrics, client_state,
                         extra=jnp.where(has_data, h, 0.0))
@@ -314,6 +317,7 @@ def ditto(
     mine = personal_train(personal, data, jax.random.fold_in(key, 0xD1770), anchor=broadcast)
     metrics = dict(result.metrics)
     metrics[NUM_STEPS] = result.num_steps.astype(jnp.float32)
+    metrics[LATE] = jnp.asarray(result.late, jnp.float32)
     metrics["personal_loss"] = mine.metrics["loss"]
     delta = _tree_sub(broadcast, result.params)
     return ClientOutput(delta, data.num_examples.astype(jnp.float32), metrics, mine.params)

@@ -96,15 +96,19 @@ class UniformSampler:
           f"weights has {len(self.weights)} entries but the population has {num_clients} clients."
       )
 
-  def sample(self, key: jax.Array, num_clients: int) -> Cohort:
+  def sample(self, key: jax.Array, num_clients: int, available: jax.Array | None = None
+             ) -> Cohort:
+    """Draws the cohort; ``available`` (bool ``[N]``) restricts it to available clients."""
     k = self.cohort_size
-    gumbel = jax.random.gumbel(key, (num_clients,))
-    if self.weights is None:
-      ids, _ = _top_k_ids(gumbel, k)
+    scores = jax.random.gumbel(key, (num_clients,))
+    if self.weights is not None:
+      scores = scores + jnp.log(jnp.asarray(self.weights, jnp.float32))
+    if available is not None:
+      scores = jnp.where(available, scores, -jnp.inf)
+    ids, values = _top_k_ids(scores, k)
+    if self.weights is None and available is None:
       mask = jnp.ones((k,), bool)
     else:
-      logw = jnp.log(jnp.asarray(self.weights, jnp.float32))
-      ids, values = _top_k_ids(gumbel + logw, k)
       mask = jnp.isfinite(values)
       ids = jnp.where(mask, ids, 0)
     return Cohort(ids, mask, jnp.zeros((), jnp.int32))
@@ -162,13 +166,17 @@ class PoissonSampler:
           f"{num_clients} clients."
       )
 
-  def sample(self, key: jax.Array, num_clients: int) -> Cohort:
+  def sample(self, key: jax.Array, num_clients: int, available: jax.Array | None = None
+             ) -> Cohort:
+    """Draws the cohort; ``available`` (bool ``[N]``) restricts it to available clients."""
     k = min(self.max_cohort_size, num_clients)
     join_key, order_key = jax.random.split(key)
     p = jnp.float32(self.q)
     if self.availability is not None:
       p = p * jnp.asarray(self.availability, jnp.float32)
     joined = jax.random.uniform(join_key, (num_clients,)) < p
+    if available is not None:
+      joined = joined & available
     # Among the joined clients pick (up to) k in uniformly random order: scores in (0, 1) for
     # joined clients, -1 for the rest.
     scores = jnp.where(joined, jax.random.uniform(order_key, (num_clients,)), -1.0)

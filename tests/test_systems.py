@@ -1,0 +1,123 @@
+"""Availability, dropout, stragglers and deadlines: in-jit, keyed by client id."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from conftest import init_params
+from test_client_state import counting_algorithm
+
+import fedjax_sim as fs
+
+
+def fedavg(loss_fn, **kw):
+  return fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
+                              local_epochs=kw.pop("local_epochs", 1), **kw)
+
+
+def planned_steps(pop, batch_size=4, epochs=1):
+  return epochs * -(-np.asarray(pop.num_examples) // batch_size)
+
+
+def test_dropout_all_keeps_server_and_counts(pop, loss_fn):
+  sim = fs.Simulation(fedavg(loss_fn), pop, cohort_size=5,
+                      system=fs.systems.SystemModel(dropout=1.0))
+  state, m = sim.run(sim.init(init_params(), jax.random.key(0)), num_rounds=3)
+  assert np.all(m["dropped"] == 5) and np.all(m["clients"] == 0)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(init_params())):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_dropout_rate_and_chunk_invariance(pop, loss_fn):
+  system = fs.systems.SystemModel(dropout=0.3, straggler_prob=0.5)
+  results = []
+  for chunk in (1, 4):
+    sim = fs.Simulation(fedavg(loss_fn), pop, cohort_size=10, chunk_size=chunk, system=system)
+    state, m = sim.run(sim.init(init_params(), jax.random.key(3)), num_rounds=40)
+    results.append((state.params, m))
+  (pa, ma), (pb, mb) = results
+  for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  np.testing.assert_array_equal(ma["dropped"], mb["dropped"])
+  rate = ma["dropped"].sum() / 400
+  assert 0.22 < rate < 0.38  # 400 Bernoulli(0.3) draws: sd 0.023
+  assert np.all(ma["clients"] + ma["dropped"] == 10)
+
+
+def test_stragglers_do_part_of_their_work(pop, loss_fn):
+  full = fs.Simulation(fedavg(loss_fn, local_epochs=3), pop, cohort_size=pop.num_clients)
+  slow = fs.Simulation(fedavg(loss_fn, local_epochs=3), pop, cohort_size=pop.num_clients,
+                       system=fs.systems.SystemModel(straggler_prob=1.0,
+                                                     straggler_min_fraction=0.5))
+  _, mf = full.round(full.init(init_params(), jax.random.key(0)))
+  _, ms = slow.round(slow.init(init_params(), jax.random.key(0)))
+  planned = planned_steps(pop, epochs=3)
+  assert mf["client_steps"] == planned.sum()
+  assert 0.5 * planned.sum() <= ms["client_steps"] < planned.sum()
+  assert ms["stragglers"] == pop.num_clients
+
+
+@pytest.mark.parametrize("policy", ["drop", "partial"])
+def test_deadline_policies(pop, loss_fn, policy):
+  n = pop.num_clients
+  system = fs.systems.SystemModel(deadline=2.0, steps_per_second=np.ones(n),
+                                  deadline_policy=policy)
+  sim = fs.Simulation(fedavg(loss_fn), pop, cohort_size=n, system=system)
+  _, m = sim.round(sim.init(init_params(), jax.random.key(0)))
+  planned = planned_steps(pop)
+  assert m["late"] == np.sum(planned > 2)
+  if policy == "drop":
+    assert m["clients"] == np.sum(planned <= 2)
+    assert m["client_steps"] == planned[planned <= 2].sum() + 0  # late clients' work is lost
+  else:
+    assert m["clients"] == n
+    assert m["client_steps"] == np.minimum(planned, 2).sum()
+
+
+def test_unavailable_clients_are_never_selected(pop, loss_fn):
+  avail = np.zeros(pop.num_clients)
+  avail[::2] = 1.0
+  sim = fs.Simulation(counting_algorithm(loss_fn), pop, cohort_size=4,
+                      system=fs.systems.SystemModel(availability=avail))
+  state, m = sim.run(sim.init(init_params(), jax.random.key(0)), num_rounds=10)
+  counts = np.asarray(state.client_states[0])
+  assert counts[1::2].sum() == 0 and counts[::2].sum() == 40
+  assert np.all(m["available"] == pop.num_clients // 2)
+
+
+def test_trace_and_diurnal_availability(tmp_path, pop, loss_fn):
+  n = pop.num_clients
+  lines = ["client_id,window"] + [f"{c},{c % 3}" for c in range(n)]
+  (tmp_path / "trace.csv").write_text("\n".join(lines))
+  trace = fs.systems.load_trace(str(tmp_path / "trace.csv"), num_clients=n)
+  assert trace.shape == (3, n)
+  sim = fs.Simulation(counting_algorithm(loss_fn), pop, cohort_size=2,
+                      system=fs.systems.SystemModel(trace=trace))
+  state, m = sim.run(sim.init(init_params(), jax.random.key(0)), num_rounds=3)
+  np.testing.assert_array_equal(m["available"], [np.sum(np.arange(n) % 3 == w) for w in range(3)])
+  diurnal = fs.systems.SystemModel(availability=np.ones(n), diurnal_period=8,
+                                   phases=np.zeros(n))
+  sim = fs.Simulation(fedavg(loss_fn), pop, cohort_size=2, system=diurnal)
+  _, m = sim.run(sim.init(init_params(), jax.random.key(0)), num_rounds=16)
+  expected = n * 0.5 * (1 + np.sin(2 * np.pi * np.arange(16) / 8))
+  assert np.corrcoef(m["available"], expected)[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("fn,match", [
+    (lambda n: fs.systems.SystemModel(availability=np.full(n, 1.5)), "lie in \\[0, 1\\]"),
+    (lambda n: fs.systems.SystemModel(dropout=-0.1), "dropout"),
+    (lambda n: fs.systems.SystemModel(deadline=1.0), "together"),
+    (lambda n: fs.systems.SystemModel(deadline_policy="wait"), "deadline_policy"),
+])
+def test_system_bad_input(pop, fn, match):
+  with pytest.raises(ValueError, match=match):
+    fn(pop.num_clients)
+
+
+def test_trace_ids_must_match_population(tmp_path, pop, loss_fn):
+  (tmp_path / "t.csv").write_text("0,0\n99,1\n")
+  with pytest.raises(ValueError, match="must match the population"):
+    fs.systems.load_trace(str(tmp_path / "t.csv"), num_clients=pop.num_clients)
+  with pytest.raises(ValueError, match="must match the population"):
+    fs.Simulation(fedavg(loss_fn), pop, cohort_size=2,
+                  system=fs.systems.SystemModel(trace=np.ones((2, 5))))
