@@ -211,3 +211,32 @@ def test_ditto_large_lambda_pins_personal_to_global(pop, loss_fn):
   # lr * lam = 1: every personal step lands on (global - lr * grad), i.e. within lr*|grad|.
   for cid in range(pop.num_clients):
     close(tree(lambda s: s[cid], state.client_states), start, rtol=0, atol=5e-3)
+
+
+def test_feddyn_matches_oracle(pop, loss_fn):
+  alpha, lr, key = 0.3, 0.1, jax.random.key(21)
+  algo = fs.algorithms.feddyn(loss_fn, alpha=alpha, client_optimizer=optax.sgd(lr), batch_size=4,
+                              local_epochs=1)
+  sim = fs.Simulation(algo, pop, cohort_size=5, chunk_size=3)
+  state = sim.init(init_params(), key)
+  theta = init_params()
+  zero = tree(jnp.zeros_like, theta)
+  h, g = zero, {i: zero for i in range(pop.num_clients)}
+  for r in range(3):
+    client_key = round_keys(key, r)[1]
+    models = []
+    for cid in cohort_ids(sim, key, r):
+      n = int(pop.num_examples[cid])
+      gk = g[int(cid)]
+      y = train_client(loss_fn, optax.sgd(lr), theta, pop.client(int(cid)), n, pop.max_examples,
+                       jax.random.fold_in(client_key, int(cid)), batch_size=4, epochs=1,
+                       mu=alpha, shift=tree(jnp.negative, gk))
+      g[int(cid)] = tree(lambda gg, yy, tt: gg - alpha * (yy - tt), gk, y, theta)
+      models.append(y)
+    m = len(models)
+    h = tree(lambda hh, tt, *ys: hh - alpha / pop.num_clients * sum(yy - tt for yy in ys),
+             h, theta, *models)
+    theta = tree(lambda hh, *ys: sum(ys) / m - hh / alpha, h, *models)
+    state, _ = sim.round(state)
+  close(state.params, theta, rtol=1e-4, atol=1e-5)
+  close(state.server_extra, h, rtol=1e-4, atol=1e-5)

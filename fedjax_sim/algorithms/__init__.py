@@ -11,7 +11,7 @@ from fedjax_sim.algorithms._fedavg import (
     fedsgd,
     fedyogi,
 )
-from fedjax_sim.algorithms._heterogeneity import ditto, fednova, qffl, scaffold
+from fedjax_sim.algorithms._heterogeneity import ditto, feddyn, fednova, qffl, scaffold
 
 __all__ = [
     "Algorithm",
@@ -23,6 +23,7 @@ __all__ = [
     "fedsgd",
     "fedyogi",
     "ditto",
+    "feddyn",
     "fednova",
     "qffl",
     "scaffold",

@@ -1,6 +1,7 @@
-"""Algorithms for heterogeneous clients: SCAFFOLD (client drift), FedNova (heterogeneous local
-work) and q-FFL (fairness). Each is a composition over the same engine: a one-client update, an
-aggregator process, server-side state through ``server_update`` and an optax server optimizer.
+"""Algorithms for heterogeneous clients: SCAFFOLD and FedDyn (client drift), FedNova
+(heterogeneous local work), q-FFL (fairness) and Ditto (personalisation). Each is a composition
+over the same engine: a one-client update, an aggregator process, server-side state through
+``server_update`` and an optax server optimizer.
 
 None of them is combined with DP: they send values besides the update (control variates, step
 counts, curvature estimates) that bypass the aggregator (``Simulation`` refuses the mix).
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.aggregators import Process, as_process, global_norm, weighted_mean
+from fedjax_sim.aggregators import mean as mean_process
 from fedjax_sim.aggregators import sum as sum_process
 from fedjax_sim.algorithms._fedavg import Algorithm, _check_loss, _check_optimizer
 from fedjax_sim.client import LATE, NUM_STEPS, client_mean_loss, make_local_trainer
@@ -327,4 +329,68 @@ def ditto(
       _server(server_optimizer), client_state_init=lambda params: params, name="ditto",
       loss_fn=loss_fn, client_optimizer=client_optimizer,
       batch_size_hint=batch_size,
+  )
+
+
+def feddyn(
+    loss_fn: LossFn,
+    *,
+    alpha: float,
+    client_optimizer: optax.GradientTransformation,
+    batch_size: int | None,
+    local_epochs: int | None = None,
+    local_steps: int | None = None,
+) -> Algorithm:
+  """FedDyn: federated learning with dynamic regularisation (Acar et al. 2021).
+
+  Client k keeps a gradient state ``g_k`` (population state, zero at start) and minimises
+  ``L_k(θ) − ⟨g_k, θ⟩ + α/2 ‖θ − θ^{t−1}‖²``; then ``g_k ← g_k − α (θ_k − θ^{t−1})``. The server
+  keeps ``h`` (``ServerState.server_extra``): ``h ← h − α/N Σ_{k∈P} (θ_k − θ^{t−1})`` and
+  ``θ^t = mean_{k∈P} θ_k − h / α`` (the server optimizer is ``sgd(1.0)`` on the implied
+  pseudo-gradient; the mean is unweighted, as in the paper).
+
+  References:
+    Acar, Zhao, Navarro, Mattina, Whatmough, Saligrama, "Federated Learning Based on Dynamic
+    Regularization", ICLR 2021.
+
+  Examples:
+    >>> import optax, fedjax_sim as fs
+    >>> loss_fn = fs.models.classifier_loss(lambda p, x: x @ p)
+    >>> fs.algorithms.feddyn(loss_fn, alpha=0.01, client_optimizer=optax.sgd(0.1),
+    ...                      batch_size=10, local_epochs=1).name
+    'feddyn'
+  """
+  _check_loss(loss_fn)
+  _check_optimizer("client_optimizer", client_optimizer)
+  a = _positive_float("alpha", alpha)
+
+  def proximal(theta, anchor):
+    return 0.5 * a * sum(jnp.sum(jnp.square(x - y)) for x, y in zip(
+        jax.tree.leaves(theta), jax.tree.leaves(anchor), strict=True))
+
+  train = make_local_trainer(loss_fn, client_optimizer, batch_size=batch_size,
+                             local_epochs=local_epochs, local_steps=local_steps,
+                             regularizer=proximal)
+
+  def client_update(broadcast, data, g_k, key):
+    # The linear term −⟨g_k, θ⟩ adds −g_k to every gradient.
+    result = train(broadcast, data, key, grad_shift=jax.tree.map(jnp.negative, g_k))
+    delta = _tree_sub(broadcast, result.params)  # θ^{t−1} − θ_k
+    g_new = jax.tree.map(lambda g, d: g + a * d, g_k, delta)
+    metrics = dict(result.metrics)
+    metrics[NUM_STEPS] = result.num_steps.astype(jnp.float32)
+    metrics[LATE] = jnp.asarray(result.late, jnp.float32)
+    return ClientOutput(delta, data.num_examples.astype(jnp.float32), metrics, g_new,
+                        extra=delta)
+
+  def server_update(mean_delta, delta_sum, h, stats, context):
+    del stats
+    h_new = jax.tree.map(lambda hh, s: hh + a * s / context.num_clients, h, delta_sum)
+    return jax.tree.map(lambda d, hh: d + hh / a, mean_delta, h_new), h_new
+
+  zeros = lambda params: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+  return Algorithm(
+      client_update, mean_process(), optax.sgd(1.0), client_state_init=zeros, name="feddyn",
+      loss_fn=loss_fn, client_optimizer=client_optimizer, batch_size_hint=batch_size,
+      server_extra_init=zeros, server_update=server_update,
   )
