@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_sim.aggregators import ADDS_NOISE, LOCAL_NOISE, global_norm
+from fedjax_sim.aggregators import ADDS_NOISE, CAPS_WEIGHTS, LOCAL_NOISE, global_norm
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.client import LATE, NUM_STEPS, ClientData
 from fedjax_sim.data.population import Population
@@ -189,6 +189,14 @@ class Simulation:
     if algorithm.aggregator.check is not None:
       algorithm.aggregator.check(self.context)
     dp_tags = {ADDS_NOISE, LOCAL_NOISE} & algorithm.aggregator.tags
+    if algorithm.weight_fn is not None and dp_tags and not (
+        algorithm.aggregator.reduce.weighted and CAPS_WEIGHTS in algorithm.aggregator.tags
+    ):
+      raise ValueError(
+          "weight_fn with a DP aggregator that sums clients unweighted: the weights would be "
+          "ignored, and uncapped weights would break the DP sensitivity. Use "
+          "fs.aggregators.dp_mean(clip, z, weight_cap=w), which caps every weight at 1."
+      )
     if algorithm.server_update is not None and dp_tags:
       raise ValueError(
           f"{algorithm.name} sends per-client values besides its update (ClientOutput.extra) that "
@@ -382,6 +390,9 @@ class Simulation:
       )
       key = jax.random.fold_in(client_key, cid)
       out = algo.client_update(broadcast, data, client_state, key)
+      if algo.weight_fn is not None:
+        w = algo.weight_fn(data.num_examples.astype(jnp.float32), out.metrics, cid)
+        out = out._replace(weight=jnp.maximum(jnp.asarray(w, jnp.float32), 0.0))
       late = is_real & (jnp.asarray(out.metrics.get(LATE, 0.0)) > 0)
       if system is not None and system.deadline_policy == "drop":
         is_real = is_real & ~late

@@ -240,3 +240,34 @@ def test_feddyn_matches_oracle(pop, loss_fn):
     state, _ = sim.round(state)
   close(state.params, theta, rtol=1e-4, atol=1e-5)
   close(state.server_extra, h, rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_weight_fn_matches_manual_weighting(pop, loss_fn):
+  # Loss-proportional weights: the update is sum(loss_k * delta_k) / sum(loss_k).
+  key = jax.random.key(5)
+  algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
+                              local_epochs=1, weight_fn=lambda n, m, cid: m["loss"])
+  sim = fs.Simulation(algo, pop, cohort_size=5, chunk_size=2)
+  state, _ = sim.round(sim.init(init_params(), key))
+  plain = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
+                               local_epochs=1)
+  client_key = round_keys(key, 0)[1]
+  x = init_params()
+  outs = []
+  for cid in cohort_ids(sim, key, 0):
+    data = fs.ClientData(pop.features, pop.offsets[cid], pop.num_examples[cid], pop.max_examples)
+    outs.append(plain.client_update(x, data, (), jax.random.fold_in(client_key, int(cid))))
+  w = np.asarray([float(o.metrics["loss"]) for o in outs])
+  expected = tree(lambda xx, *ds: xx - sum(wi * d for wi, d in zip(w, ds)) / w.sum(), x,
+                  *[o.delta for o in outs])
+  close(state.params, expected)
+
+
+def test_weight_fn_with_unweighted_dp_is_refused(pop, loss_fn):
+  algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
+                              local_epochs=1, weight_fn=lambda n, m, cid: m["loss"],
+                              aggregator=fs.aggregators.dp_mean(1.0, 1.0))
+  with pytest.raises(ValueError, match="weight_cap"):
+    fs.Simulation(algo, pop, cohort_size=3)
+  capped = algo._replace(aggregator=fs.aggregators.dp_mean(1.0, 1.0, weight_cap=2.0))
+  fs.Simulation(capped, pop, cohort_size=3)  # capped weights: allowed

@@ -35,6 +35,10 @@ class Algorithm(NamedTuple):
       (delta_for_server_optimizer, new_server_extra)``, run after the aggregator; ``extra_sums``
       is the cohort sum of the clients' ``ClientOutput.extra`` and ``stats`` holds the round's
       ``clients`` and ``examples``. Default: the aggregated delta, unchanged.
+    weight_fn: optional in-jit ``weight_fn(num_examples, client_metrics, client_id) -> weight``
+      replacing each client's weight (e.g. loss-proportional weighting); negative values are
+      clipped to 0. Under DP it needs an estimator with capped weights
+      (``dp_mean(..., weight_cap=...)``), which bounds every weight by 1.
   """
 
   client_update: ClientUpdateFn
@@ -48,6 +52,7 @@ class Algorithm(NamedTuple):
   server_extra_init: Callable[[Params], Any] | None = None
   broadcast_fn: Callable[[Params, Any], Any] | None = None
   server_update: Callable[..., tuple[Params, Any]] | None = None
+  weight_fn: Callable[[Any, dict, Any], Any] | None = None
 
 
 def _check_optimizer(name: str, opt: Any) -> None:
@@ -75,6 +80,7 @@ def fedavg(
     local_epochs: int | None = None,
     local_steps: int | None = None,
     aggregator: Process | None = None,
+    weight_fn: Callable[[Any, dict, Any], Any] | None = None,
 ) -> Algorithm:
   """Federated Averaging (generalised: any client and server optax optimizer).
 
@@ -90,6 +96,7 @@ def fedavg(
     local_epochs: local passes over the data (exactly one of local_epochs / local_steps).
     local_steps: fixed number of local steps.
     aggregator: a Process; default :func:`~fedjax_sim.aggregators.weighted_mean`.
+    weight_fn: optional dynamic client weighting (see :class:`Algorithm`).
 
   References:
     McMahan, Moore, Ramage, Hampson, Agüera y Arcas, "Communication-Efficient Learning of Deep
@@ -104,10 +111,13 @@ def fedavg(
     >>> algo.name
     'fedavg'
   """
-  return _local_sgd_algorithm(
+  algo = _local_sgd_algorithm(
       "fedavg", loss_fn, client_optimizer, server_optimizer, batch_size, local_epochs,
       local_steps, aggregator, regularizer=None,
   )
+  if weight_fn is not None and not callable(weight_fn):
+    raise TypeError("weight_fn must be callable as weight_fn(num_examples, metrics, client_id).")
+  return algo._replace(weight_fn=weight_fn)
 
 
 def fedprox(

@@ -3,8 +3,9 @@
 over the same engine: a one-client update, an aggregator process, server-side state through
 ``server_update`` and an optax server optimizer.
 
-None of them is combined with DP: they send values besides the update (control variates, step
-counts, curvature estimates) that bypass the aggregator (``Simulation`` refuses the mix).
+SCAFFOLD, FedDyn, FedNova and q-FFL send values besides the update (control variates, step
+counts, curvature estimates) that bypass the aggregator, so ``Simulation`` refuses them with DP
+aggregators. Ditto's personal models never leave the client; it composes with DP.
 """
 
 from __future__ import annotations
