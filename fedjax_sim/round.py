@@ -433,33 +433,35 @@ class Simulation:
 
     vmapped = jax.vmap(one_client)
 
-    def chunk_body(carry, xs):
-      acc, client_states = carry
-      cids, creal = xs
-      cstates = jax.tree.map(lambda s: s[cids], client_states)
+    # The cohort's persistent states are gathered once (O(K x state)), streamed through the
+    # chunk loop as inputs/outputs, and scattered back once per round: carrying the whole
+    # population state through the loop would copy it per chunk (round time ~ population).
+    cohort_states = jax.tree.map(lambda s: s[ids], state.client_states)
+
+    def chunk_body(acc, xs):
+      cids, creal, cstates = xs
       outputs, new_cstates, kept = vmapped(cids, creal, cstates)
       summed = jax.tree.map(lambda x: jnp.sum(x, axis=0), outputs)
       summed[3]["step_slots"] = chunk * jnp.max(outputs[3]["client_steps"])
-      acc = jax.tree.map(jnp.add, acc, summed)
-      if client_states != ():
-        # Padded slots (which may repeat a real id) and clients whose update was non-finite
-        # write out of bounds and are dropped: their state is unchanged.
-        write = jnp.where(kept, cids, num_clients)
-        client_states = jax.tree.map(
-            lambda s, new: s.at[write].set(new, mode="drop"), client_states, new_cstates
-        )
-      return (acc, client_states), None
+      return jax.tree.map(jnp.add, acc, summed), (new_cstates, kept)
 
     acc0 = jax.tree.map(
         lambda s: jnp.zeros(s.shape[1:], s.dtype),
         jax.eval_shape(
-            lambda: _summable(vmapped(ids[0], real[0], jax.tree.map(
-                lambda s: s[ids[0]], state.client_states)))
+            lambda: _summable(vmapped(ids[0], real[0], jax.tree.map(lambda s: s[0],
+                                                                     cohort_states)))
         ),
     )
-    (acc, client_states), _ = jax.lax.scan(
-        chunk_body, (acc0, state.client_states), (ids, real)
-    )
+    acc, (new_states, kept) = jax.lax.scan(chunk_body, acc0, (ids, real, cohort_states))
+    client_states = state.client_states
+    if client_states != ():
+      # Padded slots (which may repeat a real id) and clients whose update was non-finite (or
+      # was dropped) write out of bounds and are dropped: their state is unchanged.
+      write = jnp.where(kept, ids, num_clients).reshape(-1)
+      client_states = jax.tree.map(
+          lambda s, new: s.at[write].set(new.reshape(-1, *new.shape[2:]), mode="drop"),
+          client_states, new_states,
+      )
     reduced, client_sums, stage_sums, stats, extra_sums = acc
     aggregated, post_state, post_metrics = process.post.aggregate(
         reduced, post_state, post_key, context._replace(per_client_state=per_client_state)
