@@ -177,6 +177,26 @@ def make_local_trainer(
   return train
 
 
+def proximal(strength) -> Callable[[Params, Params], jax.Array]:
+  """``r(params, anchor) = strength / 2 * ||params - anchor||^2`` (FedProx, Ditto, FedDyn)."""
+  strength = jnp.float32(strength)
+
+  def regularizer(params: Params, anchor: Params) -> jax.Array:
+    sq = sum(jnp.sum(jnp.square(p - a)) for p, a in zip(
+        jax.tree.leaves(params), jax.tree.leaves(anchor), strict=True))
+    return 0.5 * strength * sq
+
+  return regularizer
+
+
+def result_metrics(result: LocalResult) -> dict[str, jax.Array]:
+  """A local result's metrics plus the ``num_steps`` and ``late`` entries the round reads."""
+  metrics = dict(result.metrics)
+  metrics[NUM_STEPS] = result.num_steps.astype(jnp.float32)
+  metrics[LATE] = jnp.asarray(result.late, jnp.float32)
+  return metrics
+
+
 def make_client_update(
     loss_fn: LossFn,
     client_optimizer: optax.GradientTransformation,
@@ -201,11 +221,9 @@ def make_client_update(
 
   def client_update(broadcast: Params, data: ClientData, client_state: Any, key: PRNGKey):
     result = train(broadcast, data, key)
-    metrics = dict(result.metrics)
-    metrics[NUM_STEPS] = result.num_steps.astype(jnp.float32)
-    metrics[LATE] = jnp.asarray(result.late, jnp.float32)
     delta = jax.tree.map(lambda b, p: b - p, broadcast, result.params)
-    return ClientOutput(delta, data.num_examples.astype(jnp.float32), metrics, client_state)
+    return ClientOutput(delta, data.num_examples.astype(jnp.float32), result_metrics(result),
+                        client_state)
 
   return client_update
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import optax
 
 from fedjax_sim.aggregators import Process, as_process, weighted_mean
-from fedjax_sim.client import ClientUpdateFn, make_client_update
+from fedjax_sim.client import ClientUpdateFn, make_client_update, proximal
 from fedjax_sim.types import LossFn, Params
 
 
@@ -152,16 +150,9 @@ def fedprox(
     raise TypeError(f"mu must be a number >= 0; got {mu!r}.") from None
   if not mu_value >= 0:
     raise ValueError(f"mu must be >= 0 (0 is FedAvg); got {mu!r}.")
-  mu_arr = jnp.float32(mu_value)
-
-  def proximal(params, broadcast):
-    sq = sum(jnp.sum(jnp.square(p - b)) for p, b in zip(
-        jax.tree.leaves(params), jax.tree.leaves(broadcast), strict=True))
-    return 0.5 * mu_arr * sq
-
   return _local_sgd_algorithm(
       "fedprox", loss_fn, client_optimizer, server_optimizer, batch_size, local_epochs,
-      local_steps, aggregator, regularizer=proximal,
+      local_steps, aggregator, regularizer=proximal(mu_value),
   )
 
 

@@ -18,7 +18,12 @@ from fedjax_sim.aggregators import Process, as_process, global_norm, weighted_me
 from fedjax_sim.aggregators import mean as mean_process
 from fedjax_sim.aggregators import sum as sum_process
 from fedjax_sim.algorithms._fedavg import Algorithm, _check_loss, _check_optimizer
-from fedjax_sim.client import LATE, NUM_STEPS, client_mean_loss, make_local_trainer
+from fedjax_sim.client import (
+    client_mean_loss,
+    make_local_trainer,
+    proximal,
+    result_metrics,
+)
 from fedjax_sim.types import ClientOutput, LossFn
 
 
@@ -95,10 +100,7 @@ def scaffold(
     scale = 1.0 / (jnp.maximum(k, 1.0) * lr)
     c_new = jax.tree.map(lambda ci, cc, d: jnp.where(k > 0, ci - cc + d * scale, ci),
                          c_i, c, delta)
-    metrics = dict(result.metrics)
-    metrics[NUM_STEPS] = k
-    metrics[LATE] = jnp.asarray(result.late, jnp.float32)
-    return ClientOutput(delta, data.num_examples.astype(jnp.float32), metrics, c_new,
+    return ClientOutput(delta, data.num_examples.astype(jnp.float32), result_metrics(result), c_new,
                         extra=_tree_sub(c_new, c_i))
 
   def server_update(delta, dc_sum, c, stats, context):
@@ -164,11 +166,8 @@ def fednova(
     a = jnp.maximum(norm_factor(tau), 1e-12)
     delta = jax.tree.map(lambda b, p: (b - p) / a, broadcast, result.params)
     n = data.num_examples.astype(jnp.float32)
-    metrics = dict(result.metrics)
-    metrics[NUM_STEPS] = tau
-    metrics[LATE] = jnp.asarray(result.late, jnp.float32)
     extra = {"weighted_a": n * jnp.where(tau > 0, a, 0.0), "weight": n}
-    return ClientOutput(delta, n, metrics, client_state, extra=extra)
+    return ClientOutput(delta, n, result_metrics(result), client_state, extra=extra)
 
   def server_update(delta, sums, server_extra, stats, context):
     del stats, context
@@ -234,9 +233,7 @@ def qffl(
     fq = f**q
     h = (q * f ** (q - 1) * jnp.square(global_norm(dw)) if q > 0 else 0.0) + lipschitz * fq
     delta = jax.tree.map(lambda d: jnp.where(has_data, fq * d, 0.0), dw)
-    metrics = dict(result.metrics)
-    metrics[NUM_STEPS] = result.num_steps.astype(jnp.float32)
-    metrics[LATE] = jnp.asarray(result.late, jnp.float32)
+    metrics = result_metrics(result)
     metrics["loss_at_global"] = f
     return ClientOutput(delta, data.num_examples.astype(jnp.float32), metrics, client_state,
                         extra=jnp.where(has_data, h, 0.0))
@@ -307,20 +304,14 @@ def ditto(
   global_train = make_local_trainer(loss_fn, client_optimizer, batch_size=batch_size,
                                     local_epochs=local_epochs, local_steps=local_steps)
 
-  def proximal(v, w):
-    return 0.5 * lam_value * sum(jnp.sum(jnp.square(a - b)) for a, b in zip(
-        jax.tree.leaves(v), jax.tree.leaves(w), strict=True))
-
   personal_train = make_local_trainer(loss_fn, personal_optimizer, batch_size=batch_size,
                                       local_epochs=personal_epochs, local_steps=personal_steps,
-                                      regularizer=proximal)
+                                      regularizer=proximal(lam_value))
 
   def client_update(broadcast, data, personal, key):
     result = global_train(broadcast, data, key)  # the client key, as in FedAvg
     mine = personal_train(personal, data, jax.random.fold_in(key, 0xD1770), anchor=broadcast)
-    metrics = dict(result.metrics)
-    metrics[NUM_STEPS] = result.num_steps.astype(jnp.float32)
-    metrics[LATE] = jnp.asarray(result.late, jnp.float32)
+    metrics = result_metrics(result)
     metrics["personal_loss"] = mine.metrics["loss"]
     delta = _tree_sub(broadcast, result.params)
     return ClientOutput(delta, data.num_examples.astype(jnp.float32), metrics, mine.params)
@@ -365,23 +356,16 @@ def feddyn(
   _check_optimizer("client_optimizer", client_optimizer)
   a = _positive_float("alpha", alpha)
 
-  def proximal(theta, anchor):
-    return 0.5 * a * sum(jnp.sum(jnp.square(x - y)) for x, y in zip(
-        jax.tree.leaves(theta), jax.tree.leaves(anchor), strict=True))
-
   train = make_local_trainer(loss_fn, client_optimizer, batch_size=batch_size,
                              local_epochs=local_epochs, local_steps=local_steps,
-                             regularizer=proximal)
+                             regularizer=proximal(a))
 
   def client_update(broadcast, data, g_k, key):
     # The linear term −⟨g_k, θ⟩ adds −g_k to every gradient.
     result = train(broadcast, data, key, grad_shift=jax.tree.map(jnp.negative, g_k))
     delta = _tree_sub(broadcast, result.params)  # θ^{t−1} − θ_k
     g_new = jax.tree.map(lambda g, d: g + a * d, g_k, delta)
-    metrics = dict(result.metrics)
-    metrics[NUM_STEPS] = result.num_steps.astype(jnp.float32)
-    metrics[LATE] = jnp.asarray(result.late, jnp.float32)
-    return ClientOutput(delta, data.num_examples.astype(jnp.float32), metrics, g_new,
+    return ClientOutput(delta, data.num_examples.astype(jnp.float32), result_metrics(result), g_new,
                         extra=delta)
 
   def server_update(mean_delta, delta_sum, h, stats, context):
