@@ -5,7 +5,16 @@ sampling, local training, clipping, aggregation, DP noise and the server optimiz
 into one compiled round, and many rounds run inside one ``lax.scan``.
 """
 
-from fedjax_sim import aggregators, algorithms, evaluation, models, privacy, systems, zoo
+from fedjax_sim import (
+    aggregators,
+    algorithms,
+    checkpoint,
+    evaluation,
+    models,
+    privacy,
+    systems,
+    zoo,
+)
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.client import ClientData, make_client_update
 from fedjax_sim.data import datasets, partition, sampling
@@ -27,6 +36,7 @@ __all__ = [
     "WeightedUpdate",
     "aggregators",
     "algorithms",
+    "checkpoint",
     "datasets",
     "evaluation",
     "make_client_update",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_sim import checkpoint as _ckpt
 from fedjax_sim.aggregators import ADDS_NOISE, CAPS_WEIGHTS, LOCAL_NOISE, global_norm
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.client import LATE, NUM_STEPS, ClientData
@@ -579,6 +582,9 @@ class Simulation:
       eval_fn: Callable[[Any], dict[str, float]] | None = None,
       callback: Callable[[int, dict[str, np.ndarray]], None] | None = None,
       delta: float | None = None,
+      checkpoint_dir: str | None = None,
+      checkpoint_every: int | None = None,
+      log_dir: str | None = None,
   ) -> tuple[ServerState, dict[str, np.ndarray]]:
     """Runs ``num_rounds`` rounds, ``block_size`` at a time inside one ``lax.scan``.
 
@@ -597,6 +603,14 @@ class Simulation:
       delta: for a central-DP aggregator (``dp_mean``, ``adaptive_dp_mean``), report the
         user-level ε spent so far at this δ as ``metrics["epsilon"]`` (and in each block's
         callback), computed on the host for the sampler actually used (``fs.privacy``).
+      checkpoint_dir: save the state there (orbax) after blocks that end on a multiple of
+        ``checkpoint_every`` rounds (default: every block), at the end, and when SIGINT or
+        SIGTERM arrives (the current block finishes first; then
+        :class:`~fedjax_sim.checkpoint.SimulationInterrupted` is raised). Resume with
+        :meth:`restore`: the continuation is bit-identical to an uninterrupted run.
+      checkpoint_every: rounds between checkpoints (a multiple of ``block_size`` is exact).
+      log_dir: append every round's metrics to ``<log_dir>/metrics.jsonl`` (with the config
+        hash; ``config.json`` records the configuration and versions).
 
     Returns:
       ``(state, metrics)`` with ``metrics[name]`` a NumPy array ``[num_rounds]``; eval results
@@ -618,9 +632,17 @@ class Simulation:
           f"eval_every={eval_every} and block_size={block_size}: one must divide the other so "
           "evaluations fall between blocks."
       )
+    if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
+                                         or checkpoint_every < 1):
+      raise ValueError(f"checkpoint_every must be a positive int; got {checkpoint_every!r}.")
+    if checkpoint_every is not None and checkpoint_dir is None:
+      raise ValueError("checkpoint_every is set but checkpoint_dir is None.")
     fn = self._block_fn(block_size)
     start = int(state.round)
     epsilons = self._epsilons(start, num_rounds, delta)
+    fp = _ckpt.fingerprint(self, state) if (checkpoint_dir or log_dir) else None
+    log = _ckpt.MetricsLog(log_dir, fp) if log_dir else None
+    stop = _SignalFlag() if checkpoint_dir is not None else None
     done = 0
     chunks: list[dict[str, np.ndarray]] = []
     evals: dict[int, dict[str, float]] = {}
@@ -631,6 +653,8 @@ class Simulation:
       if epsilons is not None:
         block_metrics["epsilon"] = epsilons(done, done + active)
       chunks.append(block_metrics)
+      if log is not None:
+        log.write(start + done, block_metrics)
       done += active
       if eval_fn is not None:
         at = start + done
@@ -639,6 +663,22 @@ class Simulation:
           evals[done - 1] = {k: float(v) for k, v in eval_fn(state.params).items()}
       if callback is not None:
         callback(start + done, block_metrics)
+      if checkpoint_dir is not None:
+        interrupted = stop.raised
+        crossed = checkpoint_every is None or (
+            (start + done) // checkpoint_every > (start + done - active) // checkpoint_every)
+        if done == num_rounds or interrupted or crossed:
+          _ckpt.save(checkpoint_dir, state, fp)
+        if interrupted:
+          stop.restore()
+          partial = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+          raise _ckpt.SimulationInterrupted(
+              state, partial,
+              f"{stop.raised} received: stopped after round {start + done}, checkpoint saved "
+              f"in {checkpoint_dir!r} (resume with sim.restore)."
+          )
+    if stop is not None:
+      stop.restore()
     metrics = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     for names in {n for e in evals.values() for n in e}:
       col = np.full(num_rounds, np.nan)
@@ -646,6 +686,28 @@ class Simulation:
         col[r] = e.get(names, np.nan)
       metrics["eval_" + names] = col
     return state, metrics
+
+  # -- checkpoints ---------------------------------------------------------------------------
+  def save(self, state: ServerState, directory: str) -> int:
+    """Checkpoints ``state`` (step = its round) under ``directory``; returns the step."""
+    self._check_state(state)
+    return _ckpt.save(directory, state, _ckpt.fingerprint(self, state))
+
+  def restore(self, directory: str, params: Any, *, step: int | None = None) -> ServerState:
+    """Restores the latest (or ``step``) checkpoint of this configuration.
+
+    Args:
+      directory: the ``checkpoint_dir`` of a previous run.
+      params: parameters with the model's structure (e.g. the initial ones); they give the
+        shapes, the values come from the checkpoint.
+      step: a specific round to restore (default: the latest).
+
+    Raises:
+      ValueError: the checkpoint is from another configuration (the differences are named) or
+        unreadable (the other steps are named).
+    """
+    template = self.init(params, jax.random.key(0))
+    return _ckpt.restore(directory, template, _ckpt.fingerprint(self, template), step=step)
 
   def _epsilons(self, start: int, num_rounds: int, delta: float | None):
     """``f(lo, hi) -> ε after rounds start+lo+1 .. start+hi`` for the run, or None."""
@@ -697,6 +759,28 @@ class Simulation:
         "client_steps": float(np.sum(m["client_steps"])),
         "step_slots": float(np.sum(m["step_slots"])),
     }
+
+
+class _SignalFlag:
+  """Records SIGINT/SIGTERM during a run (main thread only) so the block in flight can finish
+  and be checkpointed; ``restore`` puts the previous handlers back."""
+
+  def __init__(self):
+    self.raised = None
+    self._old = {}
+    if threading.current_thread() is not threading.main_thread():
+      return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._old[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.raised = signal.Signals(signum).name
+
+  def restore(self):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+    self._old = {}
 
 
 def _summable(outputs):
