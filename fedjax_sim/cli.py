@@ -141,6 +141,87 @@ def _privacy(args: argparse.Namespace) -> int:
   return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+  import json
+  import os
+
+  import jax
+  import numpy as np
+
+  from fedjax_sim import config as cfglib
+  from fedjax_sim import plots
+  from fedjax_sim.checkpoint import SimulationInterrupted
+
+  try:
+    cfg = cfglib.load(args.config, args.set or [])
+    sim, params, eval_fn, _ = cfglib.build(cfg)
+  except cfglib.ConfigError as e:
+    print(f"fedjax-sim run: {e}", file=sys.stderr)
+    return 2
+  out = cfg.run.out_dir
+  os.makedirs(out, exist_ok=True)
+  ckpt = os.path.join(out, "checkpoints")
+  if args.resume and os.path.isdir(ckpt):
+    state = sim.restore(ckpt, params)
+    print(f"resumed from round {int(state.round)} ({ckpt})", flush=True)
+  else:
+    state = sim.init(params, jax.random.key(cfg.run.seed))
+  remaining = cfg.run.rounds - int(state.round)
+  if remaining <= 0:
+    print(f"nothing to do: {int(state.round)} of {cfg.run.rounds} rounds done.")
+    return 0
+  delta = cfg.privacy.delta if sim.algorithm.aggregator.noise_multiplier else None
+  try:
+    state, metrics = sim.run(
+        state, remaining, eval_every=cfg.run.eval_every, eval_fn=eval_fn, delta=delta,
+        checkpoint_dir=ckpt, checkpoint_every=cfg.run.checkpoint_every, log_dir=out,
+        progress=cfg.run.progress and not args.quiet,
+    )
+  except SimulationInterrupted as e:
+    print(f"fedjax-sim run: {e}", file=sys.stderr)
+    return 130
+  summary = {k: float(v[-1]) for k, v in metrics.items() if np.isfinite(v[-1])}
+  with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump({"rounds": int(state.round), **summary}, f, indent=1)
+  paths = plots.plot_run(out)
+  shown = {k: round(v, 4) for k, v in summary.items() if k.startswith("eval_") or k in (
+      "loss", "epsilon")}
+  print(f"done: {int(state.round)} rounds; {shown}; logs, checkpoints and {paths} in {out}")
+  return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+  from fedjax_sim import plots
+
+  for path in plots.plot_run(args.run_dir):
+    print(f"wrote {path}")
+  return 0
+
+
+def _describe(args: argparse.Namespace) -> int:
+  import numpy as np
+
+  import fedjax_sim as fs
+
+  alpha = None if args.partition == "iid" else args.alpha
+  if args.partition == "shards":
+    pop, _ = fs.datasets.sklearn_dataset(args.dataset, args.num_clients, alpha=None,
+                                         seed=args.seed)
+    y = np.asarray(pop.features["y"])
+    ids = fs.partition.shards(y, args.num_clients, args.shards_per_client, seed=args.seed)
+  else:
+    pop, _ = fs.datasets.sklearn_dataset(args.dataset, args.num_clients, alpha=alpha,
+                                         seed=args.seed)
+    y = np.asarray(pop.features["y"])
+    ids = np.repeat(np.arange(pop.num_clients), np.asarray(pop.num_examples))
+  stats = fs.partition.describe(ids, y, num_clients=args.num_clients, plot_path=args.plot)
+  for k, v in stats.as_dict().items():
+    print(f"{k:28s} {v:.4g}")
+  if args.plot:
+    print(f"wrote {args.plot}")
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="fedjax-sim", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +256,29 @@ def main(argv: list[str] | None = None) -> int:
   priv.add_argument("--rounds", type=int, required=True)
   priv.add_argument("--delta", type=float, default=1e-5)
   priv.set_defaults(func=_privacy)
+  run = sub.add_parser("run", help="run a simulation from a YAML config")
+  run.add_argument("config")
+  run.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
+  run.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in run.out_dir")
+  run.add_argument("--quiet", action="store_true", help="no progress bar")
+  run.set_defaults(func=_run)
+  plot = sub.add_parser("plot", help="PNG learning curves of a run directory")
+  plot.add_argument("run_dir")
+  plot.set_defaults(func=_plot)
+  data = sub.add_parser("data", help="dataset tools")
+  data_sub = data.add_subparsers(dest="data_command", required=True)
+  desc = data_sub.add_parser("describe", help="size and label statistics of a partition")
+  desc.add_argument("--dataset", default="digits",
+                    choices=["digits", "iris", "wine", "breast_cancer"])
+  desc.add_argument("--num-clients", type=int, default=100)
+  desc.add_argument("--partition", default="dirichlet", choices=["dirichlet", "iid", "shards"])
+  desc.add_argument("--alpha", type=float, default=0.5)
+  desc.add_argument("--shards-per-client", type=int, default=2)
+  desc.add_argument("--seed", type=int, default=0)
+  desc.add_argument("--plot", default=None, help="PNG path for the histograms")
+  desc.set_defaults(func=_describe)
   args = parser.parse_args(argv)
   return args.func(args)
 

@@ -585,6 +585,7 @@ class Simulation:
       checkpoint_dir: str | None = None,
       checkpoint_every: int | None = None,
       log_dir: str | None = None,
+      progress: bool = False,
   ) -> tuple[ServerState, dict[str, np.ndarray]]:
     """Runs ``num_rounds`` rounds, ``block_size`` at a time inside one ``lax.scan``.
 
@@ -611,6 +612,8 @@ class Simulation:
       checkpoint_every: rounds between checkpoints (a multiple of ``block_size`` is exact).
       log_dir: append every round's metrics to ``<log_dir>/metrics.jsonl`` (with the config
         hash; ``config.json`` records the configuration and versions).
+      progress: show progress per block: a tqdm bar (loss, accuracy, ε, client-updates/s) on
+        a terminal, one plain line per block otherwise (CI logs).
 
     Returns:
       ``(state, metrics)`` with ``metrics[name]`` a NumPy array ``[num_rounds]``; eval results
@@ -643,6 +646,7 @@ class Simulation:
     fp = _ckpt.fingerprint(self, state) if (checkpoint_dir or log_dir) else None
     log = _ckpt.MetricsLog(log_dir, fp) if log_dir else None
     stop = _SignalFlag() if checkpoint_dir is not None else None
+    bar = _Progress(num_rounds, self.max_cohort_size) if progress else None
     done = 0
     chunks: list[dict[str, np.ndarray]] = []
     evals: dict[int, dict[str, float]] = {}
@@ -663,6 +667,8 @@ class Simulation:
           evals[done - 1] = {k: float(v) for k, v in eval_fn(state.params).items()}
       if callback is not None:
         callback(start + done, block_metrics)
+      if bar is not None:
+        bar.update(start + done, active, block_metrics, evals.get(done - 1))
       if checkpoint_dir is not None:
         interrupted = stop.raised
         crossed = checkpoint_every is None or (
@@ -679,6 +685,8 @@ class Simulation:
           )
     if stop is not None:
       stop.restore()
+    if bar is not None:
+      bar.close()
     metrics = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     for names in {n for e in evals.values() for n in e}:
       col = np.full(num_rounds, np.nan)
@@ -759,6 +767,46 @@ class Simulation:
         "client_steps": float(np.sum(m["client_steps"])),
         "step_slots": float(np.sum(m["step_slots"])),
     }
+
+
+class _Progress:
+  """Per-block progress: tqdm on a terminal, plain lines otherwise."""
+
+  def __init__(self, total: int, cohort: int):
+    import sys
+
+    self.cohort = cohort
+    self.tty = sys.stderr.isatty()
+    self.last = time.perf_counter()
+    self.bar = None
+    if self.tty:
+      from tqdm.auto import tqdm
+
+      self.bar = tqdm(total=total, unit="round", dynamic_ncols=True)
+
+  def update(self, rounds_done: int, active: int, block: dict, evals: dict | None) -> None:
+    import sys
+
+    now = time.perf_counter()
+    info = {"loss": f"{block['loss'][-1]:.4f}"}
+    if "accuracy" in block:
+      info["acc"] = f"{block['accuracy'][-1]:.3f}"
+    for k, v in (evals or {}).items():
+      info[f"eval_{k}"] = f"{v:.4f}"
+    if "epsilon" in block and np.isfinite(block["epsilon"][-1]):
+      info["eps"] = f"{block['epsilon'][-1]:.3g}"
+    info["cu/s"] = f"{active * self.cohort / max(now - self.last, 1e-9):.0f}"
+    self.last = now
+    if self.bar is not None:
+      self.bar.set_postfix(info, refresh=False)
+      self.bar.update(active)
+    else:
+      print(f"round {rounds_done}: " + " ".join(f"{k}={v}" for k, v in info.items()),
+            file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
 
 
 class _SignalFlag:

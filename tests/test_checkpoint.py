@@ -90,3 +90,10 @@ def test_jsonl_log_and_csv(tmp_path, pop, loss_fn):
   np.testing.assert_allclose(log["loss"], m["loss"], rtol=1e-6)
   assert os.path.exists(to_csv(str(tmp_path / "log")))
   assert (tmp_path / "log" / "config.json").exists()
+
+
+def test_progress_prints_plain_lines_when_not_a_tty(pop, loss_fn, capsys):
+  sim = make_sim(pop, loss_fn)
+  sim.run(sim.init(init_params(), jax.random.key(0)), num_rounds=4, block_size=2, progress=True)
+  err = capsys.readouterr().err
+  assert "round 2: loss=" in err and "round 4: loss=" in err and "cu/s=" in err

@@ -1,0 +1,104 @@
+"""fedjax-sim run / plot / data describe, configs and their error messages."""
+
+import json
+import os
+import textwrap
+
+import pytest
+
+from fedjax_sim import cli
+from fedjax_sim import config as cfglib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "examples", "configs", "digits_dp.yaml")
+
+
+def run_cli(*args):
+  return cli.main(list(args))
+
+
+def test_run_resume_and_plot(tmp_path, capsys):
+  out = str(tmp_path / "run")
+  sets = ["--set", f"run.out_dir={out}", "--set", "run.eval_every=2", "--set",
+          "data.num_clients=30", "--set", "sampler.cohort_size=10", "--set",
+          "run.checkpoint_every=2"]
+  assert run_cli("run", DIGITS, *sets, "--set", "run.rounds=4", "--quiet") == 0
+  assert run_cli("run", DIGITS, *sets, "--set", "run.rounds=6", "--resume", "--quiet") == 0
+  text = capsys.readouterr().out
+  assert "resumed from round 4" in text
+  rounds = [json.loads(line)["round"] for line in open(os.path.join(out, "metrics.jsonl"))]
+  assert rounds == [1, 2, 3, 4, 5, 6]
+  straight = str(tmp_path / "straight")
+  assert run_cli("run", DIGITS, *sets, "--set", f"run.out_dir={straight}", "--set",
+                 "run.rounds=6", "--quiet") == 0
+  a = json.load(open(os.path.join(out, "summary.json")))
+  b = json.load(open(os.path.join(straight, "summary.json")))
+  assert a == b  # resumed run == uninterrupted run, to the last digit
+  assert os.path.exists(os.path.join(out, "learning_curves.png"))
+  assert run_cli("plot", out) == 0
+
+
+def test_data_describe(tmp_path, capsys):
+  assert run_cli("data", "describe", "--dataset", "iris", "--num-clients", "5",
+                 "--plot", str(tmp_path / "p.png")) == 0
+  assert "label_tv_distance_mean" in capsys.readouterr().out
+  assert (tmp_path / "p.png").exists()
+
+
+def write(tmp_path, text):
+  path = tmp_path / "c.yaml"
+  path.write_text(textwrap.dedent(text))
+  return str(path)
+
+
+BAD_CONFIGS = [
+    ("modle: {name: mlp}", "unknown key 'modle'. Did you mean 'model'"),
+    ("algorithm: {clinet_lr: 0.1}", "unknown key 'algorithm.clinet_lr'. Did you mean 'client_lr'"),
+    ("model: {name: resnet}", "model.name='resnet' is not one of"),
+    ("data: {name: digts}", "Did you mean 'digits'"),
+    ("data: {partition: dirichlet, alpha: 0}", "data.alpha must be a positive"),
+    ("algorithm: {local_epochs: 1, local_steps: 5}", "exactly one of algorithm.local_epochs"),
+    ("sampler: {cohort_size: 10, q: 0.1}", "exactly one of sampler.cohort_size"),
+    ("privacy: {noise_multiplier: 1.0}", "needs privacy.clip"),
+    ("privacy: {clip: 1.0, delta: 2.0}", "privacy.delta must lie in"),
+    ("server: {optimizer: adamw}", "server.optimizer='adamw' is not one of"),
+    ("data: {name: emnist_h5}", "set data.path"),
+    ("data: {name: emnist_h5, path: /nonexistent.h5}", "does not exist"),
+    ("run: {rounds: -3}", "run.rounds must be a positive"),
+    ("model: [1, 2]", "model must be a mapping"),
+    ("model: {name: char_lstm}", "needs text data"),
+    ("algorithm: {batch_size: 0}", "algorithm.batch_size must be a positive"),
+]
+
+
+@pytest.mark.parametrize("text,match", BAD_CONFIGS, ids=[b[1][:30] for b in BAD_CONFIGS])
+def test_bad_config_messages(tmp_path, text, match):
+  with pytest.raises(cfglib.ConfigError, match=match.replace("(", r"\(").replace("[", r"\[")):
+    cfglib.load(write(tmp_path, text))
+
+
+def test_yaml_syntax_error_has_line(tmp_path):
+  path = write(tmp_path, """\
+      data: {name: digits}
+      model: {name: mlp
+      run: {rounds: 3}
+      """)
+  with pytest.raises(cfglib.ConfigError, match="line 3"):
+    cfglib.load(path)
+
+
+def test_missing_file_and_bad_set(tmp_path, capsys):
+  with pytest.raises(cfglib.ConfigError, match="not found"):
+    cfglib.load(str(tmp_path / "nope.yaml"))
+  with pytest.raises(cfglib.ConfigError, match="Did you mean 'rounds'"):
+    cfglib.load(DIGITS, ["run.roudns=3"])
+  with pytest.raises(cfglib.ConfigError, match="unknown section"):
+    cfglib.load(DIGITS, ["runn.rounds=3"])
+  assert run_cli("run", DIGITS, "--set", "run.roudns=3") == 2
+  assert "Did you mean 'rounds'" in capsys.readouterr().err
+
+
+def test_dp_with_extras_algorithm_refused():
+  cfg = cfglib.load(DIGITS, ["algorithm.name=scaffold"])
+  with pytest.raises(cfglib.ConfigError, match="cannot run with privacy settings"):
+    cfglib.build(cfg)
