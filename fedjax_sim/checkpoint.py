@@ -151,10 +151,20 @@ def restore(directory: str, template_state, fp: dict[str, Any], *, step: int | N
 
 
 class MetricsLog:
-  """Appends one JSON object per round to ``<log_dir>/metrics.jsonl`` (with the config hash)."""
+  """Appends one JSON object per round to ``<log_dir>/metrics.jsonl`` (with the config hash),
+  and with ``tensorboard=True`` the same scalars as TensorBoard event files (tensorboardX)."""
 
-  def __init__(self, log_dir: str, fp: dict[str, Any], seed_info: dict[str, Any] | None = None):
+  def __init__(self, log_dir: str, fp: dict[str, Any], seed_info: dict[str, Any] | None = None,
+               *, tensorboard: bool = False):
     os.makedirs(log_dir, exist_ok=True)
+    self.tb = None
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+      except ImportError as e:
+        raise ImportError("tensorboard=True needs tensorboardX: pip install "
+                          "'fedjax-sim[tensorboard]'.") from e
+      self.tb = SummaryWriter(log_dir)
     self.path = os.path.join(log_dir, "metrics.jsonl")
     self.hash = config_hash(fp)
     with open(os.path.join(log_dir, "config.json"), "w") as f:
@@ -168,6 +178,12 @@ class MetricsLog:
         row = {"round": first_round + i + 1, "config_hash": self.hash}
         row.update({k: _json_float(v[i]) for k, v in block.items()})
         f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+          for k, v in row.items():
+            if k not in ("round", "config_hash") and v is not None:
+              self.tb.add_scalar(k, v, row["round"])
+    if self.tb is not None:
+      self.tb.flush()
 
 
 def _json_float(x):

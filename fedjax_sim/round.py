@@ -586,6 +586,7 @@ class Simulation:
       checkpoint_every: int | None = None,
       log_dir: str | None = None,
       progress: bool = False,
+      tensorboard: bool = False,
   ) -> tuple[ServerState, dict[str, np.ndarray]]:
     """Runs ``num_rounds`` rounds, ``block_size`` at a time inside one ``lax.scan``.
 
@@ -612,6 +613,7 @@ class Simulation:
       checkpoint_every: rounds between checkpoints (a multiple of ``block_size`` is exact).
       log_dir: append every round's metrics to ``<log_dir>/metrics.jsonl`` (with the config
         hash; ``config.json`` records the configuration and versions).
+      tensorboard: with ``log_dir``, also write TensorBoard event files there (tensorboardX).
       progress: show progress per block: a tqdm bar (loss, accuracy, ε, client-updates/s) on
         a terminal, one plain line per block otherwise (CI logs).
 
@@ -644,7 +646,9 @@ class Simulation:
     start = int(state.round)
     epsilons = self._epsilons(start, num_rounds, delta)
     fp = _ckpt.fingerprint(self, state) if (checkpoint_dir or log_dir) else None
-    log = _ckpt.MetricsLog(log_dir, fp) if log_dir else None
+    if tensorboard and not log_dir:
+      raise ValueError("tensorboard=True needs log_dir (where the event files go).")
+    log = _ckpt.MetricsLog(log_dir, fp, tensorboard=tensorboard) if log_dir else None
     stop = _SignalFlag() if checkpoint_dir is not None else None
     bar = _Progress(num_rounds, self.max_cohort_size) if progress else None
     done = 0

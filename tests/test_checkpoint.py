@@ -97,3 +97,12 @@ def test_progress_prints_plain_lines_when_not_a_tty(pop, loss_fn, capsys):
   sim.run(sim.init(init_params(), jax.random.key(0)), num_rounds=4, block_size=2, progress=True)
   err = capsys.readouterr().err
   assert "round 2: loss=" in err and "round 4: loss=" in err and "cu/s=" in err
+
+
+def test_tensorboard_event_files(tmp_path, pop, loss_fn):
+  from tensorboardX.event_file_writer import EventFileWriter  # noqa: F401 - installed in [test]
+  sim = make_sim(pop, loss_fn)
+  sim.run(sim.init(init_params(), jax.random.key(0)), num_rounds=3, log_dir=str(tmp_path),
+          tensorboard=True)
+  events = [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents")]
+  assert events and os.path.getsize(tmp_path / events[0]) > 100
