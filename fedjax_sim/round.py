@@ -648,7 +648,10 @@ class Simulation:
     fp = _ckpt.fingerprint(self, state) if (checkpoint_dir or log_dir) else None
     if tensorboard and not log_dir:
       raise ValueError("tensorboard=True needs log_dir (where the event files go).")
-    log = _ckpt.MetricsLog(log_dir, fp, tensorboard=tensorboard) if log_dir else None
+    seed_info = {"run_key_data": np.asarray(jax.random.key_data(state.key)).tolist(),
+                 "start_round": start}
+    log = (_ckpt.MetricsLog(log_dir, fp, seed_info, tensorboard=tensorboard)
+           if log_dir else None)
     stop = _SignalFlag() if checkpoint_dir is not None else None
     bar = _Progress(num_rounds, self.max_cohort_size) if progress else None
     done = 0

@@ -1,5 +1,6 @@
 """Checkpoint/resume is bit-identical; SIGTERM saves and stops; wrong configs are refused."""
 
+import json
 import os
 import signal
 
@@ -89,7 +90,9 @@ def test_jsonl_log_and_csv(tmp_path, pop, loss_fn):
   np.testing.assert_array_equal(log["round"], np.arange(1, 6))
   np.testing.assert_allclose(log["loss"], m["loss"], rtol=1e-6)
   assert os.path.exists(to_csv(str(tmp_path / "log")))
-  assert (tmp_path / "log" / "config.json").exists()
+  config = json.loads((tmp_path / "log" / "config.json").read_text())
+  assert config["run_key_data"] == np.asarray(jax.random.key_data(jax.random.key(0))).tolist()
+  assert config["versions"]["jax"] == jax.__version__ and len(config["config_hash"]) == 16
 
 
 def test_progress_prints_plain_lines_when_not_a_tty(pop, loss_fn, capsys):
