@@ -13,6 +13,7 @@ from fedjax_sim import (
     models,
     privacy,
     systems,
+    unsupervised,
     zoo,
 )
 from fedjax_sim.algorithms import Algorithm
@@ -45,5 +46,6 @@ __all__ = [
     "privacy",
     "sampling",
     "systems",
+    "unsupervised",
     "zoo",
 ]

@@ -44,3 +44,12 @@ def test_heterogeneity_example(tmp_path):
   out = run_example("heterogeneity", "--rounds", "12", "--fairness-rounds", "20", "--q", "0", "1",
                     tmp_path=tmp_path)
   assert "SCAFFOLD" in out and "FedNova" in out and "q = 1.0" in out
+
+
+def test_federated_kmeans_example():
+  res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "federated_kmeans.py"),
+                        "--rounds", "10"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert res.returncode == 0, res.stderr[-2000:]
+  ratios = [float(line.split("|")[-2]) for line in res.stdout.splitlines()
+            if line.startswith("| iris") or line.startswith("| wine")]
+  assert len(ratios) == 2 and max(ratios) < 1.1
