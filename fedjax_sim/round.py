@@ -737,6 +737,15 @@ class Simulation:
           "delta is set but the aggregator is not central DP (no noise_multiplier); use "
           "fs.aggregators.dp_mean / adaptive_dp_mean, or drop delta."
       )
+    system = self.system
+    if system is not None and (system.availability is not None or system.trace is not None
+                               or system.diurnal_period is not None):
+      raise ValueError(
+          "cannot report epsilon: the SystemModel restricts availability, so each available "
+          "client's chance of selection exceeds what the sampler alone gives and the accountant "
+          "would under-report epsilon. Drop delta (or the availability model); dropout, "
+          "stragglers and deadlines alone keep the accounting valid (conservative)."
+      )
     n = self.population.num_clients
     sampler = self.sampler
     truncated = isinstance(sampler, PoissonSampler) and sampler.max_cohort_size < n

@@ -127,3 +127,16 @@ def test_weighted_dp_refused_unless_capped():
     fs.aggregators.process(fs.aggregators.clip_l2(1.0), fs.aggregators.weighted_sum_reducer(),
                            fs.aggregators.gaussian_noise(1.0, 1.0))
   fs.aggregators.dp_mean(1.0, 1.0, weight_cap=10.0)  # capped: allowed
+
+
+def test_epsilon_refused_when_availability_changes_sampling():
+  pop = index_population(50)
+  algo = synthetic_algorithm(fs.aggregators.dp_mean(1.0, 1.0), lambda k, d, dim: jnp.zeros(dim))
+  avail = fs.systems.SystemModel(availability=np.full(50, 0.5))
+  sim = fs.Simulation(algo, pop, cohort_size=5, system=avail)
+  with pytest.raises(ValueError, match="under-report epsilon"):
+    sim.run(sim.init({"w": jnp.zeros(8)}, jax.random.key(0)), num_rounds=2, delta=1e-5)
+  dropout = fs.systems.SystemModel(dropout=0.2)  # data-independent: accounting stays valid
+  sim = fs.Simulation(algo, pop, cohort_size=5, system=dropout)
+  _, m = sim.run(sim.init({"w": jnp.zeros(8)}, jax.random.key(0)), num_rounds=2, delta=1e-5)
+  assert np.all(np.isfinite(m["epsilon"]))
