@@ -102,3 +102,113 @@ def kmeans_cost(x: np.ndarray, centroids: np.ndarray) -> float:
   c = np.asarray(centroids, np.float64)
   d2 = (x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]
   return float(np.maximum(d2.min(1), 0).sum())
+
+
+# -- federated autoencoder anomaly detection ----------------------------------------------------
+
+
+def _client_error_stats(apply_fn, params, population, bins: np.ndarray, feature_key: str,
+                        batch_size: int):
+  """Per client: sum, sum of squares, count and histogram of reconstruction errors (vmapped)."""
+  edges = jnp.asarray(bins, jnp.float32)
+
+  def one(cid):
+    data = ClientData(population.features, population.offsets[cid],
+                      population.num_examples[cid], population.max_examples)
+    order = jnp.arange(data.max_examples, dtype=jnp.int32)
+    steps = (data.num_examples + batch_size - 1) // batch_size
+
+    def body(carry):
+      step, s, s2, n, hist = carry
+      batch = data.batch(order, step, batch_size)
+      x = batch[feature_key].astype(jnp.float32)
+      m = batch[MASK_KEY]
+      err = jnp.mean(jnp.square(apply_fn(params, x) - x).reshape(batch_size, -1), -1)
+      idx = jnp.clip(jnp.searchsorted(edges, err, side="right") - 1, 0, edges.shape[0] - 2)
+      hist = hist + jnp.zeros(edges.shape[0] - 1).at[idx].add(m)
+      return step + 1, s + jnp.sum(err * m), s2 + jnp.sum(err * err * m), n + m.sum(), hist
+
+    init = (0, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jnp.zeros(edges.shape[0] - 1))
+    _, s, s2, n, hist = jax.lax.while_loop(lambda c: c[0] < steps, body, init)
+    return s, s2, n, hist
+
+  return jax.jit(jax.vmap(one))(jnp.arange(population.num_clients))
+
+
+def federated_threshold(
+    apply_fn, params, population, *, method: str = "mean_std", k: float = 3.0,
+    percentile: float = 95.0, bins=None, feature_key: str = "x", batch_size: int = 64,
+    per_client: bool = False,
+):
+  """Anomaly threshold on reconstruction error, from client statistics only.
+
+  Each client computes its reconstruction errors locally and shares only aggregates: sums and
+  sums of squares (``method="mean_std"``: threshold = mean + k·std of the pooled errors) or a
+  histogram over fixed bins (``method="percentile"``: the pooled percentile, read off the summed
+  histogram by linear interpolation within a bin). Raw errors never leave a client.
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> reconstruction``.
+    params: the (federated) autoencoder.
+    population: the clients' (normal) data.
+    method: ``"mean_std"`` or ``"percentile"``.
+    k: standard deviations above the mean (``mean_std``), >= 0.
+    percentile: in (0, 100) (``percentile``).
+    bins: histogram edges (default: 512 log-spaced edges from 1e-6 to 1e2).
+    per_client: also return each client's own threshold (from its own statistics).
+
+  Returns:
+    The global threshold (float), or ``(threshold, per_client_thresholds)``.
+  """
+  if method not in ("mean_std", "percentile"):
+    raise ValueError(f"method must be 'mean_std' or 'percentile'; got {method!r}.")
+  if not k >= 0:
+    raise ValueError(f"k must be >= 0; got {k!r}.")
+  if not 0 < percentile < 100:
+    raise ValueError(f"percentile must lie in (0, 100); got {percentile!r}.")
+  edges = np.geomspace(1e-6, 1e2, 513) if bins is None else np.asarray(bins, np.float64)
+  if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
+    raise ValueError("bins must be increasing histogram edges (at least two).")
+  s, s2, n, hist = jax.device_get(
+      _client_error_stats(apply_fn, params, population, edges, feature_key, batch_size))
+
+  def from_stats(s, s2, n, hist):
+    if n <= 0:
+      return np.nan
+    if method == "mean_std":
+      mean = s / n
+      return float(mean + k * np.sqrt(max(s2 / n - mean * mean, 0.0)))
+    cdf = np.cumsum(hist) / max(hist.sum(), 1e-12)
+    target = percentile / 100.0
+    j = int(np.searchsorted(cdf, target))
+    j = min(j, len(hist) - 1)
+    below = cdf[j - 1] if j > 0 else 0.0
+    frac = (target - below) / max(cdf[j] - below, 1e-12)
+    return float(edges[j] + frac * (edges[j + 1] - edges[j]))
+
+  threshold = from_stats(s.sum(), s2.sum(), n.sum(), hist.sum(0))
+  if not per_client:
+    return threshold
+  return threshold, np.asarray([from_stats(*t) for t in zip(s, s2, n, hist, strict=True)])
+
+
+def reconstruction_error(apply_fn, params, x) -> np.ndarray:
+  """Per-example mean squared reconstruction error (host-side scoring of test data)."""
+  x = jnp.asarray(x, jnp.float32)
+  err = jnp.mean(jnp.square(apply_fn(params, x) - x).reshape(x.shape[0], -1), -1)
+  return np.asarray(err)
+
+
+def anomaly_metrics(scores, is_anomaly, threshold: float) -> dict[str, float]:
+  """AUROC, average precision, and F1 / TPR / FPR at ``threshold`` (score > threshold)."""
+  from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+
+  scores, y = np.asarray(scores), np.asarray(is_anomaly).astype(bool)
+  pred = scores > threshold
+  return {
+      "auroc": float(roc_auc_score(y, scores)),
+      "average_precision": float(average_precision_score(y, scores)),
+      "f1": float(f1_score(y, pred)),
+      "tpr": float(np.mean(pred[y])) if y.any() else float("nan"),
+      "fpr": float(np.mean(pred[~y])) if (~y).any() else float("nan"),
+  }

@@ -53,3 +53,12 @@ def test_federated_kmeans_example():
   ratios = [float(line.split("|")[-2]) for line in res.stdout.splitlines()
             if line.startswith("| iris") or line.startswith("| wine")]
   assert len(ratios) == 2 and max(ratios) < 1.1
+
+
+def test_autoencoder_anomaly_example():
+  res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "autoencoder_anomaly.py"),
+                        "--rounds", "20"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert res.returncode == 0, res.stderr[-2000:]
+  aurocs = [float(line.split("AUROC")[1].split()[0]) for line in res.stdout.splitlines()
+            if "AUROC" in line]
+  assert len(aurocs) == 2 and min(aurocs) > 0.6

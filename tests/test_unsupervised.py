@@ -51,3 +51,41 @@ def test_kmeans_bad_input():
     kmeans(0)
   with pytest.raises(ValueError, match="num_clusters must lie"):
     kmeans_plus_plus(np.zeros((3, 2)), 5)
+
+
+def _ae_setup():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(300, 6)).astype(np.float32)
+  ids = rng.integers(0, 9, 300)
+  pop = fs.Population.from_arrays({"x": x}, ids, num_clients=9)
+  w = jnp.asarray(rng.normal(size=(6, 6)).astype(np.float32) * 0.3)
+  apply_fn = lambda p, x: x @ p  # noqa: E731 - a linear "autoencoder" with known errors
+  return pop, apply_fn, w
+
+
+def test_federated_threshold_equals_pooled_statistics():
+  from fedjax_sim.unsupervised import federated_threshold, reconstruction_error
+  pop, apply_fn, w = _ae_setup()
+  errs = [reconstruction_error(apply_fn, w, pop.client(c)["x"]) for c in range(pop.num_clients)]
+  pooled = np.concatenate(errs)
+  thr, per = federated_threshold(apply_fn, w, pop, k=2.0, per_client=True, batch_size=7)
+  assert thr == pytest.approx(pooled.mean() + 2.0 * pooled.std(), rel=1e-4)
+  np.testing.assert_allclose(per, [e.mean() + 2 * e.std() for e in errs], rtol=1e-4)
+  edges = np.linspace(0, pooled.max() * 1.01, 2001)
+  p95 = federated_threshold(apply_fn, w, pop, method="percentile", percentile=95, bins=edges)
+  bw = edges[1] - edges[0]
+  # An inverse-CDF quantile at the histogram's resolution: the empirical CDF crosses 0.95
+  # within one bin of the threshold.
+  assert np.mean(pooled <= p95 - bw) <= 0.95 <= np.mean(pooled <= p95 + bw)
+
+
+def test_anomaly_threshold_bad_input_and_metrics():
+  from fedjax_sim.unsupervised import anomaly_metrics, federated_threshold
+  pop, apply_fn, w = _ae_setup()
+  for kw, match in [({"method": "max"}, "method"), ({"k": -1.0}, "k must"),
+                    ({"method": "percentile", "percentile": 100}, "percentile"),
+                    ({"bins": [1.0, 0.5]}, "bins")]:
+    with pytest.raises(ValueError, match=match):
+      federated_threshold(apply_fn, w, pop, **kw)
+  m = anomaly_metrics([0.1, 0.2, 0.9, 0.8], [0, 0, 1, 1], threshold=0.5)
+  assert m["auroc"] == 1.0 and m["tpr"] == 1.0 and m["fpr"] == 0.0 and m["f1"] == 1.0
