@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sim import _validation as _v
 from fedjax_sim.types import MASK_KEY, ClientOutput, LossFn, Params, PRNGKey, PyTree
 
 
@@ -266,12 +267,6 @@ def _check_local_work(batch_size, local_epochs, local_steps) -> None:
         f"(a fixed number of minibatch steps); got local_epochs={local_epochs!r}, "
         f"local_steps={local_steps!r}."
     )
-  for name, value in (("local_epochs", local_epochs), ("local_steps", local_steps)):
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-      raise ValueError(f"{name} must be a positive int; got {value!r}.")
-  if batch_size is not None and (
-      not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
-  ):
-    raise ValueError(
-        f"batch_size must be a positive int (or None for full batch); got {batch_size!r}."
-    )
+  _v.positive_int("local_epochs", local_epochs, allow_none=True)
+  _v.positive_int("local_steps", local_steps, allow_none=True)
+  _v.positive_int("batch_size (None for one full batch)", batch_size, allow_none=True)

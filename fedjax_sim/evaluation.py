@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim import _validation as _v
 from fedjax_sim.client import ClientData, ClientUpdateFn
 from fedjax_sim.data.population import Population
 from fedjax_sim.types import MASK_KEY, LossFn, Params
@@ -46,11 +47,10 @@ def evaluate(
   arrays = {k: np.asarray(v) for k, v in data.items()}
   if not arrays:
     raise ValueError("data is empty; pass a dict of arrays like {'x': ..., 'y': ...}.")
-  n = next(iter(arrays.values())).shape[0]
+  n = _v.same_length("evaluate(data=...)", arrays)
   if n == 0:
     raise ValueError("data has 0 examples.")
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+  _v.positive_int("batch_size", batch_size)
   bsz = min(batch_size, n)
   num_batches = math.ceil(n / bsz)
   padded = {k: _pad_rows(v, num_batches * bsz).reshape(num_batches, bsz, *v.shape[1:])
@@ -132,6 +132,8 @@ def evaluate_clients(
   Returns:
     A :class:`ClientEvaluation`.
   """
+  _v.positive_int("batch_size", batch_size)
+  _v.positive_int("chunk_size", chunk_size)
   if personalize_population is not None and personalize is None:
     raise ValueError("personalize_population is given but personalize is None.")
   tune = population if personalize_population is None else personalize_population

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim import _validation as _v
+
 DEADLINE_POLICIES = ("drop", "partial")
 
 
@@ -30,23 +32,6 @@ class SelectionOutcome(NamedTuple):
   work_fraction: jax.Array
   step_cap: jax.Array
   straggler: jax.Array
-
-
-def _probabilities(name, values, num=None):
-  a = np.asarray(values, dtype=np.float64)
-  if a.ndim != 1:
-    raise ValueError(f"{name} must be 1-D with one entry per client; got shape {a.shape}.")
-  if not np.all(np.isfinite(a)) or a.min() < 0 or a.max() > 1:
-    raise ValueError(f"{name} are probabilities and must lie in [0, 1]; got range "
-                     f"[{a.min()}, {a.max()}].")
-  return a
-
-
-def _prob(name, p):
-  p = float(p)
-  if not 0 <= p <= 1:
-    raise ValueError(f"{name} must lie in [0, 1]; got {p!r}.")
-  return p
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -91,8 +76,8 @@ class SystemModel:
 
   def __post_init__(self):
     if self.availability is not None:
-      object.__setattr__(self, "availability", tuple(_probabilities("availability",
-                                                                     self.availability)))
+      object.__setattr__(self, "availability",
+                         tuple(_v.per_client("availability", self.availability, max_value=1.0)))
     if self.phases is not None:
       object.__setattr__(self, "phases", tuple(float(p) for p in np.asarray(self.phases)))
     if self.diurnal_period is not None and (
@@ -105,8 +90,8 @@ class SystemModel:
       object.__setattr__(self, "trace", t.astype(bool))
     if self.rounds_per_window < 1:
       raise ValueError(f"rounds_per_window must be >= 1; got {self.rounds_per_window!r}.")
-    _prob("dropout", self.dropout)
-    _prob("straggler_prob", self.straggler_prob)
+    _v.probability("dropout", self.dropout)
+    _v.probability("straggler_prob", self.straggler_prob)
     if not 0 < self.straggler_min_fraction <= 1:
       raise ValueError("straggler_min_fraction must lie in (0, 1].")
     if self.deadline_policy not in DEADLINE_POLICIES:
@@ -115,11 +100,10 @@ class SystemModel:
     if (self.deadline is None) != (self.steps_per_second is None):
       raise ValueError("deadline and steps_per_second go together: pass both or neither.")
     if self.deadline is not None:
-      if not self.deadline > 0:
-        raise ValueError(f"deadline must be > 0 seconds; got {self.deadline!r}.")
-      s = np.asarray(self.steps_per_second, np.float64)
-      if s.ndim != 1 or not np.all(np.isfinite(s)) or s.min() <= 0:
-        raise ValueError("steps_per_second must be positive, one entry per client.")
+      _v.positive("deadline (seconds)", self.deadline)
+      s = _v.per_client("steps_per_second", self.steps_per_second)
+      if s.min() <= 0:
+        raise ValueError("steps_per_second must be > 0 for every client.")
       object.__setattr__(self, "steps_per_second", tuple(float(v) for v in s))
 
   def validate(self, num_clients: int) -> None:

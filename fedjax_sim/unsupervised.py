@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_sim import _validation as _v
 from fedjax_sim.aggregators import sum as sum_process
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.client import NUM_STEPS, ClientData
@@ -44,11 +45,20 @@ def kmeans(num_clusters: int, *, feature_key: str = "x", batch_size: int = 256) 
     >>> fs.unsupervised.kmeans(3).name
     'kmeans'
   """
-  if not isinstance(num_clusters, (int, np.integer)) or num_clusters <= 0:
-    raise ValueError(f"num_clusters must be a positive int; got {num_clusters!r}.")
+  _v.positive_int("num_clusters", num_clusters)
+  _v.positive_int("batch_size", batch_size)
 
   def client_update(centroids, data: ClientData, client_state, key):
     del key
+    # Trace-time (before compiling) checks of the centroids against the population.
+    if feature_key not in data.features:
+      raise ValueError(f"kmeans reads feature {feature_key!r}; the population has "
+                       f"{sorted(data.features)}. Pass feature_key=.")
+    dim = int(np.prod(data.features[feature_key].shape[1:]))
+    if getattr(centroids, "shape", None) != (num_clusters, dim):
+      raise ValueError(f"kmeans({num_clusters}) needs centroids of shape ({num_clusters}, "
+                       f"{dim}); got params of shape {getattr(centroids, 'shape', None)}. "
+                       "Seed them with kmeans_plus_plus(x, num_clusters).")
     order = jnp.arange(data.max_examples, dtype=jnp.int32)
     steps = (data.num_examples + batch_size - 1) // batch_size
 
@@ -160,10 +170,13 @@ def federated_threshold(
   Returns:
     The global threshold (float), or ``(threshold, per_client_thresholds)``.
   """
+  _v.positive_int("batch_size", batch_size)
+  if feature_key not in population.features:
+    raise ValueError(f"feature {feature_key!r} not in the population "
+                     f"({sorted(population.features)}); pass feature_key=.")
   if method not in ("mean_std", "percentile"):
     raise ValueError(f"method must be 'mean_std' or 'percentile'; got {method!r}.")
-  if not k >= 0:
-    raise ValueError(f"k must be >= 0; got {k!r}.")
+  _v.non_negative("k", k)
   if not 0 < percentile < 100:
     raise ValueError(f"percentile must lie in (0, 100); got {percentile!r}.")
   edges = np.geomspace(1e-6, 1e2, 513) if bins is None else np.asarray(bins, np.float64)

@@ -122,3 +122,47 @@ def test_integer_params_and_bad_key():
 def test_zero_example_client_is_allowed():
   pop = fs.Population.from_clients([{"x": X[:0]}, {"x": X}])
   assert pop.num_examples.tolist() == [0, 6]
+
+
+def _tiny_pop():
+  rng = np.random.default_rng(0)
+  return fs.Population.from_arrays(
+      {"x": rng.normal(size=(40, 3)).astype(np.float32), "y": rng.integers(0, 2, 40)},
+      rng.integers(0, 4, 40))
+
+
+def _kmeans_run(centroids, **kw):
+  sim = fs.Simulation(fs.unsupervised.kmeans(3, **kw), _tiny_pop(), cohort_size=4)
+  sim.run(sim.init(centroids, jax.random.key(0)), 1)
+
+
+_LOSS = fs.models.classifier_loss(lambda p, x: x @ p)
+MORE_CASES = [
+    ("evaluate_clients batch 0", lambda: fs.evaluation.evaluate_clients(
+        _LOSS, jnp.zeros((3, 2)), _tiny_pop(), batch_size=0), "batch_size"),
+    ("evaluate_clients chunk 0", lambda: fs.evaluation.evaluate_clients(
+        _LOSS, jnp.zeros((3, 2)), _tiny_pop(), chunk_size=0), "chunk_size"),
+    ("evaluate mismatched lengths", lambda: fs.evaluation.evaluate(
+        _LOSS, jnp.zeros((3, 2)), {"x": np.zeros((4, 3)), "y": np.zeros(3, int)}),
+     "same number of examples"),
+    ("kmeans wrong centroid count", lambda: _kmeans_run(jnp.zeros((5, 3))), r"shape \(3, 3\)"),
+    ("kmeans missing feature", lambda: _kmeans_run(jnp.zeros((3, 3)), feature_key="z"),
+     "feature_key"),
+    ("kmeans batch 0", lambda: fs.unsupervised.kmeans(3, batch_size=0), "batch_size"),
+    ("threshold batch 0", lambda: fs.unsupervised.federated_threshold(
+        lambda p, x: x, None, _tiny_pop(), batch_size=0), "batch_size"),
+    ("qffl loss batch 0", lambda: fs.algorithms.qffl(
+        _LOSS, q=1, client_learning_rate=0.1, batch_size=4, local_epochs=1, loss_batch_size=0),
+     "loss_batch_size"),
+    ("cohort_size bool", lambda: fs.sampling.uniform(True), "cohort_size"),
+    ("q nan", lambda: fs.sampling.poisson(float("nan"), 5), "q must"),
+    ("mu inf", lambda: fs.algorithms.fedprox(
+        _LOSS, mu=float("inf"), client_optimizer=optax.sgd(0.1), batch_size=2, local_epochs=1),
+     "mu must"),
+]
+
+
+@pytest.mark.parametrize("name,fn,match", MORE_CASES, ids=[c[0] for c in MORE_CASES])
+def test_more_bad_input_is_clear(name, fn, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    fn()

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim import _validation as _v
 from fedjax_sim.aggregators._base import (
   ADDS_NOISE,
   CLIPS,
@@ -22,23 +23,11 @@ from fedjax_sim.types import EmptyState, WeightedUpdate
 
 
 def _positive(name: str, value) -> jax.Array:
-  try:
-    v = np.asarray(value, dtype=np.float64)
-  except (TypeError, ValueError) as e:
-    raise TypeError(f"{name} must be a positive number; got {value!r}.") from e
-  if v.ndim != 0 or not np.isfinite(v) or v <= 0:
-    raise ValueError(f"{name} must be a finite number > 0; got {value!r}.")
-  return jnp.asarray(v, jnp.float32)
+  return jnp.asarray(_v.positive(name, value), jnp.float32)
 
 
 def _non_negative(name: str, value) -> jax.Array:
-  try:
-    v = np.asarray(value, dtype=np.float64)
-  except (TypeError, ValueError) as e:
-    raise TypeError(f"{name} must be a non-negative number; got {value!r}.") from e
-  if v.ndim != 0 or not np.isfinite(v) or v < 0:
-    raise ValueError(f"{name} must be a finite number >= 0; got {value!r}.")
-  return jnp.asarray(v, jnp.float32)
+  return jnp.asarray(_v.non_negative(name, value), jnp.float32)
 
 
 def global_norm(tree) -> jax.Array:

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import optax
 
+from fedjax_sim import _validation as _v
 from fedjax_sim.aggregators import Process, as_process, weighted_mean
 from fedjax_sim.client import ClientUpdateFn, make_client_update, proximal
 from fedjax_sim.types import LossFn, Params
@@ -144,12 +145,7 @@ def fedprox(
     ...                       batch_size=10, local_epochs=1).name
     'fedprox'
   """
-  try:
-    mu_value = float(mu)
-  except (TypeError, ValueError):
-    raise TypeError(f"mu must be a number >= 0; got {mu!r}.") from None
-  if not mu_value >= 0:
-    raise ValueError(f"mu must be >= 0 (0 is FedAvg); got {mu!r}.")
+  mu_value = _v.non_negative("mu", mu)  # 0 is FedAvg
   return _local_sgd_algorithm(
       "fedprox", loss_fn, client_optimizer, server_optimizer, batch_size, local_epochs,
       local_steps, aggregator, regularizer=proximal(mu_value),

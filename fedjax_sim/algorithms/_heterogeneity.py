@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sim import _validation as _v
 from fedjax_sim.aggregators import Process, as_process, global_norm, weighted_mean
 from fedjax_sim.aggregators import mean as mean_process
 from fedjax_sim.aggregators import sum as sum_process
@@ -25,16 +26,6 @@ from fedjax_sim.client import (
     result_metrics,
 )
 from fedjax_sim.types import ClientOutput, LossFn
-
-
-def _positive_float(name: str, value) -> float:
-  try:
-    v = float(value)
-  except (TypeError, ValueError):
-    raise TypeError(f"{name} must be a positive number; got {value!r}.") from None
-  if not v > 0:
-    raise ValueError(f"{name} must be > 0; got {value!r}.")
-  return v
 
 
 def _server(server_optimizer):
@@ -87,7 +78,7 @@ def scaffold(
     'scaffold'
   """
   _check_loss(loss_fn)
-  lr = _positive_float("client_learning_rate", client_learning_rate)
+  lr = _v.positive("client_learning_rate", client_learning_rate)
   client_opt = optax.sgd(lr)
   train = make_local_trainer(loss_fn, client_opt, batch_size=batch_size,
                              local_epochs=local_epochs, local_steps=local_steps)
@@ -147,9 +138,9 @@ def fednova(
     'fednova'
   """
   _check_loss(loss_fn)
-  lr = _positive_float("client_learning_rate", client_learning_rate)
-  rho = float(momentum)
-  if not 0 <= rho < 1:
+  lr = _v.positive("client_learning_rate", client_learning_rate)
+  rho = _v.probability("momentum", momentum)
+  if rho == 1:
     raise ValueError(f"momentum must lie in [0, 1); got {momentum!r}.")
   client_opt = optax.sgd(lr, momentum=rho if rho > 0 else None)
   train = make_local_trainer(loss_fn, client_opt, batch_size=batch_size,
@@ -210,13 +201,9 @@ def qffl(
     'qffl'
   """
   _check_loss(loss_fn)
-  lr = _positive_float("client_learning_rate", client_learning_rate)
-  try:
-    q = float(q)
-  except (TypeError, ValueError):
-    raise TypeError(f"q must be a number >= 0; got {q!r}.") from None
-  if not q >= 0:
-    raise ValueError(f"q must be >= 0 (0 is FedAvg); got {q!r}.")
+  lr = _v.positive("client_learning_rate", client_learning_rate)
+  q = _v.non_negative("q", q)  # 0 is FedAvg
+  loss_batch_size = _v.positive_int("loss_batch_size", loss_batch_size)
   lipschitz = 1.0 / lr
   client_opt = optax.sgd(lr)
   train = make_local_trainer(loss_fn, client_opt, batch_size=batch_size,
@@ -293,12 +280,7 @@ def ditto(
   _check_optimizer("client_optimizer", client_optimizer)
   personal_optimizer = client_optimizer if personal_optimizer is None else personal_optimizer
   _check_optimizer("personal_optimizer", personal_optimizer)
-  try:
-    lam_value = float(lam)
-  except (TypeError, ValueError):
-    raise TypeError(f"lam must be a number >= 0; got {lam!r}.") from None
-  if not lam_value >= 0:
-    raise ValueError(f"lam must be >= 0; got {lam!r}.")
+  lam_value = _v.non_negative("lam", lam)
   if personal_epochs is None and personal_steps is None:
     personal_epochs, personal_steps = local_epochs, local_steps
   global_train = make_local_trainer(loss_fn, client_optimizer, batch_size=batch_size,
@@ -354,7 +336,7 @@ def feddyn(
   """
   _check_loss(loss_fn)
   _check_optimizer("client_optimizer", client_optimizer)
-  a = _positive_float("alpha", alpha)
+  a = _v.positive("alpha", alpha)
 
   train = make_local_trainer(loss_fn, client_optimizer, batch_size=batch_size,
                              local_epochs=local_epochs, local_steps=local_steps,

@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from fedjax_sim import _validation as _v
 
 
 class Cohort(NamedTuple):
@@ -27,17 +28,6 @@ class Cohort(NamedTuple):
   ids: jax.Array
   mask: jax.Array
   truncated: jax.Array
-
-
-def _check_availability(availability, name: str):
-  if availability is None:
-    return None
-  a = np.asarray(availability, dtype=np.float64)
-  if a.ndim != 1:
-    raise ValueError(f"{name} must be 1-D with one entry per client; got shape {a.shape}.")
-  if not np.all(np.isfinite(a)) or a.min() < 0:
-    raise ValueError(f"{name} must be finite and non-negative.")
-  return a
 
 
 def _top_k_ids(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -69,10 +59,9 @@ class UniformSampler:
   weights: tuple[float, ...] | None = None
 
   def __post_init__(self):
-    if not isinstance(self.cohort_size, (int, np.integer)) or self.cohort_size < 1:
-      raise ValueError(f"cohort_size must be a positive int; got {self.cohort_size!r}.")
+    _v.positive_int("cohort_size", self.cohort_size)
     if self.weights is not None:
-      w = _check_availability(self.weights, "weights")
+      w = _v.per_client("weights", self.weights)
       object.__setattr__(self, "weights", tuple(float(v) for v in w))
       if not any(v > 0 for v in self.weights):
         raise ValueError("weights are all zero: no client can be sampled.")
@@ -143,15 +132,11 @@ class PoissonSampler:
   availability: tuple[float, ...] | None = None
 
   def __post_init__(self):
-    q = self.q
-    if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)) or not 0 < q <= 1:
-      raise ValueError(f"q must be a probability in (0, 1]; got {q!r}.")
-    if not isinstance(self.max_cohort_size, (int, np.integer)) or self.max_cohort_size < 1:
-      raise ValueError(f"max_cohort_size must be a positive int; got {self.max_cohort_size!r}.")
+    if _v.probability("q", self.q) == 0:
+      raise ValueError(f"q must be a probability in (0, 1]; got {self.q!r}.")
+    _v.positive_int("max_cohort_size", self.max_cohort_size)
     if self.availability is not None:
-      a = _check_availability(self.availability, "availability")
-      if a.max() > 1:
-        raise ValueError("availability entries are probabilities and must lie in [0, 1].")
+      a = _v.per_client("availability", self.availability, max_value=1.0)
       object.__setattr__(self, "availability", tuple(float(v) for v in a))
 
   def expected_cohort_size(self, num_clients: int) -> float:
