@@ -138,8 +138,14 @@ def test_leaf_synthetic_and_frames_and_split():
   hf = datasets.from_hf_dataset(FakeHF(frame), "user", {"x": ["f1", "f2"], "y": "label"})
   assert hf.labels.tolist() == ["a", "b"] and hf.client(0)["x"].tolist() == [[1, 4], [3, 6]]
   train, test = datasets.split_clients(pop, 0.25, seed=0)
+  sizes = np.asarray(pop.num_examples)
+  np.testing.assert_array_equal(np.asarray(train.num_examples), np.ceil(sizes * 0.75))
   np.testing.assert_array_equal(np.asarray(train.num_examples) + np.asarray(test.num_examples),
-                                np.asarray(pop.num_examples))
+                                sizes)
+  for c in range(pop.num_clients):  # every example lands on its own client's side, once
+    both = np.concatenate([train.client(c)["x"], test.client(c)["x"]])
+    mine = pop.client(c)["x"]
+    assert sorted(map(tuple, both.tolist())) == sorted(map(tuple, mine.tolist()))
 
 
 def linear_loss():

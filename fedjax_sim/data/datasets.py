@@ -381,17 +381,17 @@ def split_clients(
   feats = {k: np.asarray(v) for k, v in population.features.items()}
   offsets = np.asarray(population.offsets)
   sizes = np.asarray(population.num_examples)
-  train_rows, test_rows, train_ids, test_ids = [], [], [], []
-  for c in range(population.num_clients):
-    rows = offsets[c] + rng.permutation(sizes[c])
-    k = int(np.ceil(sizes[c] * (1 - test_fraction)))
-    train_rows.append(rows[:k])
-    test_rows.append(rows[k:])
-    train_ids.append(np.full(k, c))
-    test_ids.append(np.full(sizes[c] - k, c))
+  # Vectorised over all clients: a random order within each client (rows are stored client by
+  # client), then the first ceil(n (1 - f)) rows of each client go to training.
+  owner = np.repeat(np.arange(population.num_clients), sizes)
+  order = np.lexsort((rng.random(owner.size), owner))
+  rank = np.arange(owner.size) - offsets[owner]
+  keep = np.ceil(sizes * (1 - test_fraction)).astype(np.int64)
+  in_train = rank < keep[owner]
+  train_rows, test_rows = order[in_train], order[~in_train]
+  train_ids, test_ids = owner[in_train], owner[~in_train]
   out = []
   for rows, ids in ((train_rows, train_ids), (test_rows, test_ids)):
-    rows, ids = np.concatenate(rows), np.concatenate(ids)
     if rows.size == 0:
       raise ValueError("the split leaves one side empty; change test_fraction.")
     pop = Population.from_arrays({k: v[rows] for k, v in feats.items()}, ids,
