@@ -109,10 +109,25 @@ def test_divide_by_default_uses_expected_cohort_size():
   np.testing.assert_allclose(out.delta["w"], [2.0])
 
 
-def test_mean_and_sum_processes(pop, loss_fn):
-  for agg in (fs.aggregators.mean(), fs.aggregators.sum()):
-    algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=4,
-                                local_epochs=1, aggregator=agg)
-    sim = fs.Simulation(algo, pop, cohort_size=4)
-    state, m = sim.run(sim.init(init_params(), jax.random.key(0)), num_rounds=2)
-    assert np.all(np.isfinite(m["loss"]))
+@pytest.mark.parametrize("name", ["mean", "sum"])
+def test_mean_and_sum_processes_equal_hand_reduction(pop, loss_fn, name):
+  from oracle import round_keys
+
+  agg = fs.aggregators.mean() if name == "mean" else fs.aggregators.sum()
+  algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=4,
+                              local_epochs=1, aggregator=agg)
+  sim = fs.Simulation(algo, pop, cohort_size=5, chunk_size=2)
+  key = jax.random.key(3)
+  state, _ = sim.round(sim.init(init_params(), key))
+  cohort_key, client_key = round_keys(key, 0)[:2]
+  ids = np.asarray(sim.sampler.sample(cohort_key, pop.num_clients).ids)
+  deltas = []
+  for cid in ids:
+    data = fs.ClientData(pop.features, pop.offsets[cid], pop.num_examples[cid], pop.max_examples)
+    deltas.append(algo.client_update(init_params(), data, (),
+                                     jax.random.fold_in(client_key, int(cid))).delta)
+  total = jax.tree.map(lambda *d: sum(d), *deltas)
+  scale = 1.0 / len(ids) if name == "mean" else 1.0  # unweighted: every client counts once
+  expected = jax.tree.map(lambda p, t: p - scale * t, init_params(), total)
+  for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
