@@ -45,6 +45,8 @@ class ServerState:
       ``num_clients``), or ``()`` for stateless algorithms.
     key: the run's typed PRNG key; round ``r`` uses ``fold_in(key, r)``.
     server_extra: server-side algorithm state (``Algorithm.server_extra_init``), or ``()``.
+    agg_client_states: per-client state of the aggregator's per-client stages for the whole
+      population (e.g. top-k error feedback), or ``()``.
   """
 
   round: jax.Array
@@ -54,6 +56,7 @@ class ServerState:
   client_states: Any
   key: jax.Array
   server_extra: Any = ()
+  agg_client_states: Any = ()
 
 
 def _param_count(params) -> int:
@@ -247,6 +250,17 @@ class Simulation:
       _check_population_state_fits(one, n, algo.name)
       client_states = jax.tree.map(lambda x: jnp.tile(x[None], (n,) + (1,) * x.ndim), one)
     server_extra = () if algo.server_extra_init is None else algo.server_extra_init(params)
+    agg_client_states = ()
+    per_client_stage = algo.aggregator.per_client
+    if per_client_stage.client_init is not None:
+      one = per_client_stage.client_init(params)
+      n = self.population.num_clients
+      _check_population_state_fits(one, n, "the aggregator's per-client stage")
+      agg_client_states = jax.tree.map(lambda x: jnp.tile(x[None], (n,) + (1,) * x.ndim), one)
+    self.context = self.context._replace(
+        params_template=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    )
+    self._check_reducer(params)
     state = ServerState(
         round=jnp.zeros((), jnp.int32),
         params=params,
@@ -255,10 +269,29 @@ class Simulation:
         client_states=client_states,
         key=key,
         server_extra=server_extra,
+        agg_client_states=agg_client_states,
     )
     self._resolve_chunk_size(params)
     self._check_round_traces(state)
     return state
+
+  def _check_reducer(self, params) -> None:
+    """Stacked (robust) reducers hold all K updates at once: refuse what cannot fit."""
+    reduce = self.algorithm.aggregator.reduce
+    num_params = _param_count(params)
+    if reduce.check is not None:
+      reduce.check(self.context, num_params)
+    if reduce.needs_stack:
+      need = self.max_cohort_size * num_params * 4
+      if need > self.memory_budget:
+        raise ValueError(
+            f"this aggregator needs every client's update at once (a [K, P] buffer: robust "
+            f"rules and omniscient attacks are not sums, so they cannot stream across chunks or "
+            f"devices); K={self.max_cohort_size} x P={num_params} floats = "
+            f"{need / 2**30:.2f} GiB exceeds memory_budget={self.memory_budget / 2**30:.2f} "
+            "GiB. Use a smaller cohort, raise memory_budget, or a streaming defence "
+            "(fs.aggregators.norm_bounded_mean, which is a sum of clipped updates)."
+        )
 
   def _validate_params(self, params) -> None:
     leaves = jax.tree.leaves(params)
@@ -348,6 +381,8 @@ class Simulation:
     round_key = jax.random.fold_in(state.key, state.round)
     cohort_key, client_key, agg_key = jax.random.split(round_key, 3)
     per_client_key, post_key, finalize_key = jax.random.split(agg_key, 3)
+    # Public per-round randomness shared by all clients and the server (rotations, SecAgg seeds).
+    shared_key = jax.random.fold_in(round_key, 0x5EED)
     # System heterogeneity draws from its own key (a fold of the round key).
     system_key = jax.random.fold_in(round_key, 0x5157E)
     available = None
@@ -364,6 +399,8 @@ class Simulation:
     if pad:
       ids = jnp.concatenate([ids, jnp.zeros((pad,), jnp.int32)])
       real = jnp.concatenate([real, jnp.zeros((pad,), bool)])
+    slot_ids, slot_real = ids, real
+    context = context._replace(shared_key=shared_key, cohort_ids=slot_ids, cohort_mask=slot_real)
     ids = ids.reshape(num_chunks, chunk)
     real = real.reshape(num_chunks, chunk)
     per_client_state, post_state = state.agg_state
@@ -374,7 +411,10 @@ class Simulation:
 
     system = self.system
 
+    stacked = process.reduce.needs_stack
+
     def one_client(cid, is_real, client_state):
+      client_state, agg_client_state = client_state
       selected = is_real
       if system is not None:
         outcome = system.after_selection(jax.random.fold_in(system_key, 1), cid[None])
@@ -406,13 +446,15 @@ class Simulation:
       real = is_real & finite
       real_f = real.astype(jnp.float32)
       update, _, stage_metrics = process.per_client.aggregate(
-          WeightedUpdate(out.delta, out.weight), per_client_state,
-          jax.random.fold_in(per_client_key, cid), context,
+          WeightedUpdate(out.delta, out.weight, agg_client_state), per_client_state,
+          jax.random.fold_in(per_client_key, cid), context._replace(client_id=cid),
       )
+      new_agg_client_state = update.client_state
+      update = update._replace(client_state=())
       # Zero (select, never multiply: NaN * 0 is NaN) everything a dropped client produced.
       contribution = jax.tree.map(
           lambda c: jnp.where(real, c, jnp.zeros_like(c)),
-          process.reduce.contribute(update, real_f),
+          update if stacked else process.reduce.contribute(update, real_f),
       )
       n = data.num_examples.astype(jnp.float32) * real_f
       client_metrics = {
@@ -432,42 +474,59 @@ class Simulation:
         stats["stragglers"] = (selected & outcome.kept & outcome.straggler).astype(jnp.float32)
         stats["late"] = late.astype(jnp.float32)
       extra = jax.tree.map(lambda e: jnp.where(real, e, jnp.zeros_like(e)), out.extra)
-      return (contribution, client_metrics, stage_metrics, stats, extra), out.client_state, real
+      return ((contribution, client_metrics, stage_metrics, stats, extra),
+              (out.client_state, new_agg_client_state), real)
 
     vmapped = jax.vmap(one_client)
 
     # The cohort's persistent states are gathered once (O(K x state)), streamed through the
     # chunk loop as inputs/outputs, and scattered back once per round: carrying the whole
     # population state through the loop would copy it per chunk (round time ~ population).
-    cohort_states = jax.tree.map(lambda s: s[ids], state.client_states)
+    cohort_states = jax.tree.map(
+        lambda s: s[ids], (state.client_states, state.agg_client_states)
+    )
 
     def chunk_body(acc, xs):
       cids, creal, cstates = xs
       outputs, new_cstates, kept = vmapped(cids, creal, cstates)
+      per_client_updates = outputs[0]
+      if stacked:  # keep every update (robust rules); sum the rest
+        outputs = ((),) + tuple(outputs[1:])
       summed = jax.tree.map(lambda x: jnp.sum(x, axis=0), outputs)
       summed[3]["step_slots"] = chunk * jnp.max(outputs[3]["client_steps"])
-      return jax.tree.map(jnp.add, acc, summed), (new_cstates, kept)
+      ys = (new_cstates, kept, per_client_updates if stacked else ())
+      return jax.tree.map(jnp.add, acc, summed), ys
 
     acc0 = jax.tree.map(
         lambda s: jnp.zeros(s.shape[1:], s.dtype),
         jax.eval_shape(
             lambda: _summable(vmapped(ids[0], real[0], jax.tree.map(lambda s: s[0],
-                                                                     cohort_states)))
+                                                                     cohort_states)), stacked)
         ),
     )
-    acc, (new_states, kept) = jax.lax.scan(chunk_body, acc0, (ids, real, cohort_states))
-    client_states = state.client_states
-    if client_states != ():
+    acc, (new_states, kept, stack) = jax.lax.scan(
+        chunk_body, acc0, (ids, real, cohort_states)
+    )
+    client_states, agg_client_states = state.client_states, state.agg_client_states
+    if client_states != () or agg_client_states != ():
       # Padded slots (which may repeat a real id) and clients whose update was non-finite (or
       # was dropped) write out of bounds and are dropped: their state is unchanged.
       write = jnp.where(kept, ids, num_clients).reshape(-1)
-      client_states = jax.tree.map(
+      client_states, agg_client_states = jax.tree.map(
           lambda s, new: s.at[write].set(new.reshape(-1, *new.shape[2:]), mode="drop"),
-          client_states, new_states,
+          (client_states, agg_client_states), new_states,
       )
     reduced, client_sums, stage_sums, stats, extra_sums = acc
+    kept_flat = kept.reshape(-1)
+    reduce_metrics = {}
+    if stacked:
+      reduced, reduce_metrics = _reduce_stack(
+          process.reduce, jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), stack),
+          kept_flat, slot_ids, jax.random.fold_in(post_key, 0x57AC), context,
+      )
     aggregated, post_state, post_metrics = process.post.aggregate(
-        reduced, post_state, post_key, context._replace(per_client_state=per_client_state)
+        reduced, post_state, post_key,
+        context._replace(per_client_state=per_client_state, cohort_mask=kept_flat),
     )
     finalize_metrics = {}
     if process.per_client.finalize is not None:
@@ -511,6 +570,7 @@ class Simulation:
     }
     metrics.update({k: v / examples for k, v in client_sums.items()})
     metrics.update({k: v / clients for k, v in stage_sums.items()})
+    metrics.update(reduce_metrics)
     metrics.update(post_metrics)
     metrics.update(finalize_metrics)
     new_state = ServerState(
@@ -521,6 +581,7 @@ class Simulation:
         client_states=client_states,
         key=state.key,
         server_extra=server_extra,
+        agg_client_states=agg_client_states,
     )
     return new_state, metrics
 
@@ -847,11 +908,33 @@ class _SignalFlag:
     self._old = {}
 
 
-def _summable(outputs):
+def _summable(outputs, stacked=False):
   (contribution, cm, sm, stats, extra), _, _ = outputs
   stats = dict(stats)
   stats["step_slots"] = jnp.zeros((1,), jnp.float32)
-  return contribution, cm, sm, stats, extra
+  return (() if stacked else contribution), cm, sm, stats, extra
+
+
+def _reduce_stack(reducer, updates, mask, ids, key, context):
+  """The stacked reduce: an optional omniscient attack, then the robust rule (or the sum)."""
+  metrics = {}
+  if reducer.attack is not None:
+    updates, m = reducer.attack(updates, mask, ids, jax.random.fold_in(key, 0), context)
+    updates = jax.tree.map(
+        lambda u: jnp.where(mask.reshape((-1,) + (1,) * (u.ndim - 1)), u, jnp.zeros_like(u)),
+        updates,
+    )
+    metrics.update(m)
+  if reducer.stacked is not None:
+    reduced, m = reducer.stacked(updates, mask, jax.random.fold_in(key, 1), context)
+    metrics.update(m)
+    return reduced, metrics
+  contributions = jax.vmap(reducer.contribute)(updates, mask.astype(jnp.float32))
+  contributions = jax.tree.map(
+      lambda c: jnp.where(mask.reshape((-1,) + (1,) * (c.ndim - 1)), c, jnp.zeros_like(c)),
+      contributions,
+  )
+  return jax.tree.map(lambda c: jnp.sum(c, axis=0), contributions), metrics
 
 
 def _check_population_state_fits(one_client_state, num_clients: int, name: str) -> None:

@@ -64,10 +64,14 @@ class WeightedUpdate(NamedTuple):
   Per-client stages see one client's ``(delta, weight)``; after the reduce, ``delta`` holds the
   sum over the cohort and ``weight`` the summed weight (or the number of clients, for an
   unweighted reduce).
+
+  ``client_state`` is the client's own persistent state of the per-client stages that keep one
+  (e.g. top-k error feedback), stored for the whole population by the engine; ``()`` otherwise.
   """
 
   delta: Params
   weight: jax.Array
+  client_state: PyTree = ()
 
 
 class RoundContext(NamedTuple):
@@ -81,12 +85,25 @@ class RoundContext(NamedTuple):
       metadata used by estimators with capped example weights), or None.
     per_client_state: inside ``post`` stages, the state of the ``per_client`` slot (e.g. the
       current adaptive clip), read-only; None elsewhere.
+    params_template: the model's parameter shapes (a pytree of ``jax.ShapeDtypeStruct``), for
+      stages that flatten the update and must restore it (rotations).
+    shared_key: a key shared by every client and the server in this round (public randomness:
+      a rotation, secure-aggregation pairwise seeds); None outside a round.
+    client_id: inside ``per_client`` stages, the client's global id (traced int32).
+    cohort_ids, cohort_mask: the round's cohort slots (global ids, padded) and which slots hold
+      a real selected client; in ``post`` stages ``cohort_mask`` marks the clients whose update
+      reached the reduce.
   """
 
   expected_cohort_size: float
   num_clients: int
   client_sizes: Any = None
   per_client_state: Any = None
+  params_template: Any = None
+  shared_key: Any = None
+  client_id: Any = None
+  cohort_ids: Any = None
+  cohort_mask: Any = None
 
 
 class EmptyState(NamedTuple):

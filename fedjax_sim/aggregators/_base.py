@@ -8,6 +8,12 @@ three slots of a :class:`Process`: ``per_client`` -> ``reduce`` -> ``post``.
   it streams across chunks (and devices).
 * ``post`` stages see the single reduced update (noise, normalisation, dequantisation) and may
   update their state; ``context.per_client_state`` shows them the per-client slot's state.
+* A per-client stage may keep state for EACH client of the population (``client_init``; e.g.
+  top-k error feedback): the engine stores it for all clients, hands the client's own slice in
+  ``update.client_state`` and writes back what the stage returns there.
+* A :class:`Reducer` may instead be *stacked* (robust rules: median, trimmed mean, Krum, ...):
+  the engine then fills a ``[K, ...]`` buffer with the cohort's per-client updates chunk by
+  chunk and hands it over whole. Memory is O(K x params) for that buffer, not O(chunk x params).
 * After ``post``, a per-client stage may ``finalize``: it receives the cohort SUMS of the
   per-client metrics it emitted and returns its new state (e.g. adaptive clipping moves its clip
   from the noised count of unclipped clients).
@@ -36,18 +42,21 @@ CLIPS = "clips"  # bounds each client's L2 contribution (sensitivity)
 ADDS_NOISE = "adds_noise"  # adds random noise to the aggregate (central DP)
 CAPS_WEIGHTS = "caps_weights"  # bounds each client's weight by 1 (weighted DP estimators)
 LOCAL_NOISE = "local_noise"  # each client noises its own update (local DP)
+SECURE = "secure"  # the server only sees the sum in a finite group (secure aggregation)
 
 FinalizeFn = Callable[[AggState, Metrics, PRNGKey, RoundContext], tuple[AggState, Metrics]]
 
 
 class Aggregator(NamedTuple):
   """A pair of pure functions ``init(params) -> state`` and ``aggregate`` (module docstring),
-  plus, for per-client stages, an optional ``finalize(state, metric_sums, key, context)``."""
+  plus, for per-client stages, an optional ``finalize(state, metric_sums, key, context)`` and an
+  optional ``client_init(params) -> one client's state`` (state kept for every client)."""
 
   init: Callable[[Params], AggState]
   aggregate: AggregateFn
   tags: frozenset = frozenset()
   finalize: FinalizeFn | None = None
+  client_init: Callable[[Params], Any] | None = None
 
 
 class Reducer(NamedTuple):
@@ -58,10 +67,26 @@ class Reducer(NamedTuple):
       over the cohort (streaming across chunks). ``is_real`` is 1.0 for a real client, 0.0 for a
       padded slot.
     weighted: whether contributions are multiplied by the client weight.
+    stacked: for non-linear (robust) rules, ``stacked(updates, mask, key, context) ->
+      (WeightedUpdate, metrics)``: ``updates`` is the cohort's per-client
+      :class:`WeightedUpdate` stacked along a leading ``[K]`` axis (padded slots zeroed) and
+      ``mask`` marks the real ones. The engine then keeps all K updates (O(K x params) memory)
+      instead of streaming a sum. ``None`` for a plain sum.
+    attack: optional omniscient attack on the stacked updates before reducing,
+      ``attack(updates, mask, ids, key, context) -> (updates, metrics)`` (see
+      :mod:`fedjax_sim.attacks`); forces the stacked path.
+    check: optional ``check(context, num_params)`` run before compiling.
   """
 
   contribute: Callable[[WeightedUpdate, jax.Array], WeightedUpdate]
   weighted: bool
+  stacked: Callable | None = None
+  attack: Callable | None = None
+  check: Callable | None = None
+
+  @property
+  def needs_stack(self) -> bool:
+    return self.stacked is not None or self.attack is not None
 
 
 class Process(NamedTuple):
@@ -121,12 +146,24 @@ def chain(*stages: Aggregator) -> Aggregator:
   def init(params):
     return tuple(s.init(params) for s in stages)
 
+  has_client_state = any(s.client_init is not None for s in stages)
+
+  def client_init(params):
+    return tuple(() if s.client_init is None else s.client_init(params) for s in stages)
+
   def aggregate(update, state, key, context):
     new_states, metrics = [], {}
-    for i, (stage, st) in enumerate(zip(stages, state, strict=True)):
-      update, st, m = stage.aggregate(update, st, jax.random.fold_in(key, i), context)
+    client_states = update.client_state if has_client_state else ((),) * len(stages)
+    new_client_states = []
+    for i, (stage, st, cs) in enumerate(zip(stages, state, client_states, strict=True)):
+      update, st, m = stage.aggregate(
+          update._replace(client_state=cs), st, jax.random.fold_in(key, i), context
+      )
       new_states.append(st)
+      new_client_states.append(update.client_state)
       metrics.update(m)
+    if has_client_state:
+      update = update._replace(client_state=tuple(new_client_states))
     return update, tuple(new_states), metrics
 
   def finalize(state, metric_sums, key, context):
@@ -140,7 +177,10 @@ def chain(*stages: Aggregator) -> Aggregator:
 
   tags = frozenset().union(*(s.tags for s in stages)) if stages else frozenset()
   has_finalize = any(s.finalize is not None for s in stages)
-  return Aggregator(init, aggregate, tags, finalize if has_finalize else None)
+  return Aggregator(
+      init, aggregate, tags, finalize if has_finalize else None,
+      client_init if has_client_state else None,
+  )
 
 
 def weighted_sum_reducer() -> Reducer:
