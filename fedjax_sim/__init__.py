@@ -8,6 +8,7 @@ into one compiled round, and many rounds run inside one ``lax.scan``.
 from fedjax_sim import (
     aggregators,
     algorithms,
+    attacks,
     checkpoint,
     evaluation,
     models,
@@ -37,6 +38,7 @@ __all__ = [
     "WeightedUpdate",
     "aggregators",
     "algorithms",
+    "attacks",
     "checkpoint",
     "datasets",
     "evaluation",

@@ -53,6 +53,13 @@ def positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | No
   return int(value)
 
 
+def non_negative_int(name: str, value: Any) -> int:
+  """A Python/NumPy int >= 0 (not a bool)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f"{name} must be a non-negative int; got {value!r}.")
+  return int(value)
+
+
 def per_client(name: str, values: Any, *, max_value: float | None = None) -> np.ndarray:
   """A 1-D array of finite, non-negative per-client values (at most ``max_value``)."""
   a = np.asarray(values, dtype=np.float64)

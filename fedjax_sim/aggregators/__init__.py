@@ -6,6 +6,7 @@ from fedjax_sim.aggregators._base import (
     CAPS_WEIGHTS,
     CLIPS,
     LOCAL_NOISE,
+    SECURE,
     Aggregator,
     Process,
     Reducer,
@@ -27,6 +28,20 @@ from fedjax_sim.aggregators._dp import (
     local_gaussian_noise,
     split_noise_multiplier,
 )
+from fedjax_sim.aggregators._robust import (
+    centered_clip,
+    centered_clip_reducer,
+    geometric_median,
+    geometric_median_reducer,
+    krum,
+    krum_reducer,
+    median,
+    median_reducer,
+    multi_krum,
+    norm_bounded_mean,
+    trimmed_mean,
+    trimmed_mean_reducer,
+)
 from fedjax_sim.aggregators._stages import (
     clip_l2,
     divide_by,
@@ -39,6 +54,19 @@ from fedjax_sim.aggregators._stages import (
 )
 
 __all__ = [
+    "SECURE",
+    "centered_clip",
+    "centered_clip_reducer",
+    "geometric_median",
+    "geometric_median_reducer",
+    "krum",
+    "krum_reducer",
+    "median",
+    "median_reducer",
+    "multi_krum",
+    "norm_bounded_mean",
+    "trimmed_mean",
+    "trimmed_mean_reducer",
     "AdaptiveClipState",
     "adaptive_clip_l2",
     "adaptive_dp_mean",

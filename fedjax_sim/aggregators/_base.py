@@ -227,6 +227,18 @@ def process(
         f"reduce must be a Reducer (sum_reducer() or weighted_sum_reducer()); got "
         f"{type(reduce).__name__}."
     )
+  if reduce.needs_stack and SECURE in per_client.tags:
+    raise ValueError(
+        "a robust rule (or an omniscient attack) needs each client's update, but secure "
+        "aggregation reveals only their sum: the two cannot be combined. Use a streaming "
+        "defence that secure aggregation allows (norm bounding: clip_l2 in per_client)."
+    )
+  if reduce.stacked is not None and ADDS_NOISE in post.tags:
+    raise ValueError(
+        "central DP noise after a robust rule: the noise is calibrated to the sensitivity of a "
+        "SUM of clipped updates, and fedjax_sim does not account the sensitivity of robust "
+        "rules. Use dp_mean (with norm bounding by its clip), or local DP noise per client."
+    )
   if ADDS_NOISE in post.tags or LOCAL_NOISE in per_client.tags:
     if CLIPS not in per_client.tags:
       raise ValueError(
