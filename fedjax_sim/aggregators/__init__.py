@@ -17,6 +17,15 @@ from fedjax_sim.aggregators._base import (
     sum_reducer,
     weighted_sum_reducer,
 )
+from fedjax_sim.aggregators._compression import (
+    Rotation,
+    fwht,
+    hadamard_rotation,
+    quantize,
+    quantized_mean,
+    sign_compression,
+    top_k,
+)
 from fedjax_sim.aggregators._dp import (
     AdaptiveClipState,
     adaptive_clip_l2,
@@ -54,6 +63,13 @@ from fedjax_sim.aggregators._stages import (
 )
 
 __all__ = [
+    "Rotation",
+    "fwht",
+    "hadamard_rotation",
+    "quantize",
+    "quantized_mean",
+    "sign_compression",
+    "top_k",
     "SECURE",
     "centered_clip",
     "centered_clip_reducer",
