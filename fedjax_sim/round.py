@@ -191,6 +191,7 @@ class Simulation:
         expected_cohort_size=sampler.expected_cohort_size(population.num_clients),
         num_clients=population.num_clients,
         client_sizes=np.asarray(population.num_examples),
+        max_cohort_size=sampler.max_cohort_size,
     )
     if algorithm.aggregator.check is not None:
       algorithm.aggregator.check(self.context)
@@ -526,7 +527,7 @@ class Simulation:
       )
     aggregated, post_state, post_metrics = process.post.aggregate(
         reduced, post_state, post_key,
-        context._replace(per_client_state=per_client_state, cohort_mask=kept_flat),
+        context._replace(per_client_state=per_client_state, cohort_kept=kept_flat),
     )
     finalize_metrics = {}
     if process.per_client.finalize is not None:

@@ -91,8 +91,10 @@ class RoundContext(NamedTuple):
       a rotation, secure-aggregation pairwise seeds); None outside a round.
     client_id: inside ``per_client`` stages, the client's global id (traced int32).
     cohort_ids, cohort_mask: the round's cohort slots (global ids, padded) and which slots hold
-      a real selected client; in ``post`` stages ``cohort_mask`` marks the clients whose update
-      reached the reduce.
+      a real selected client.
+    cohort_kept: in ``post`` stages, which slots' updates reached the reduce (selected, not
+      dropped, finite).
+    max_cohort_size: the static cohort capacity K of the sampler.
   """
 
   expected_cohort_size: float
@@ -104,6 +106,8 @@ class RoundContext(NamedTuple):
   client_id: Any = None
   cohort_ids: Any = None
   cohort_mask: Any = None
+  cohort_kept: Any = None
+  max_cohort_size: int | None = None
 
 
 class EmptyState(NamedTuple):

@@ -51,6 +51,18 @@ from fedjax_sim.aggregators._robust import (
     trimmed_mean,
     trimmed_mean_reducer,
 )
+from fedjax_sim.aggregators._secure import (
+    SecurePayload,
+    SkellamParams,
+    distributed_dp_mean,
+    from_field,
+    min_secure_bits,
+    randomized_round,
+    secure_mean,
+    secure_sum_reducer,
+    skellam_params,
+    to_field,
+)
 from fedjax_sim.aggregators._stages import (
     clip_l2,
     divide_by,
@@ -63,6 +75,16 @@ from fedjax_sim.aggregators._stages import (
 )
 
 __all__ = [
+    "SecurePayload",
+    "SkellamParams",
+    "distributed_dp_mean",
+    "from_field",
+    "min_secure_bits",
+    "randomized_round",
+    "secure_mean",
+    "secure_sum_reducer",
+    "skellam_params",
+    "to_field",
     "Rotation",
     "fwht",
     "hadamard_rotation",
