@@ -62,3 +62,10 @@ def test_autoencoder_anomaly_example():
   aurocs = [float(line.split("AUROC")[1].split()[0]) for line in res.stdout.splitlines()
             if "AUROC" in line]
   assert len(aurocs) == 2 and min(aurocs) > 0.6
+
+
+def test_robustness_compression_example(tmp_path):
+  out = run_example("robustness_compression", "--rounds", "6", "--num-clients", "40",
+                    "--cohort", "10", "--bits", "2", "--dp-clients", "60", "--dp-cohort", "20",
+                    "--noise", "1.0", tmp_path=tmp_path)
+  assert "| median |" in out and "| 2 |" in out and "| 1.0 |" in out
