@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from fedjax_sim import checkpoint as _ckpt
+from fedjax_sim import sharding as _sharding
 from fedjax_sim.aggregators import ADDS_NOISE, CAPS_WEIGHTS, LOCAL_NOISE, global_norm
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.client import LATE, NUM_STEPS, ClientData
@@ -125,6 +126,13 @@ class Simulation:
       as many steps as its largest client needs. Speed only, like ``chunk_size``.
     system: optional :class:`fedjax_sim.systems.SystemModel` (availability, dropout, stragglers,
       deadlines), applied in-jit each round.
+    mesh: a :class:`jax.sharding.Mesh` with a ``clients`` axis
+      (:func:`fedjax_sim.sharding.clients_mesh`): each chunk's clients are split across its
+      devices, sums reduce across them, the server state is replicated and per-client state is
+      sharded along ``clients``. The chunk size must be a multiple of the axis size (an
+      automatic one is rounded up; padded slots are masked). Default None: one device (the
+      default device), no partitioning. *Changing this must not change results beyond float
+      tolerance* (speed only).
 
   Examples:
     >>> import jax, jax.numpy as jnp, numpy as np, optax, fedjax_sim as fs
@@ -152,6 +160,7 @@ class Simulation:
       memory_budget: int | None = None,
       sort_by_size: bool = True,
       system: SystemModel | None = None,
+      mesh: jax.sharding.Mesh | None = None,
   ):
     if not isinstance(algorithm, Algorithm):
       raise TypeError(
@@ -214,6 +223,11 @@ class Simulation:
         raise TypeError(f"system must be an fs.systems.SystemModel; got {type(system).__name__}.")
       system.validate(population.num_clients)
     self.system = system
+    self.mesh = mesh
+    self._num_shards = 1 if mesh is None else _sharding.mesh_size(mesh)
+    if mesh is not None:
+      _sharding.fit_chunk(1, self.max_cohort_size, self._num_shards, self._requested_chunk_size)
+      self.population = _sharding.put_replicated(population, mesh)
     self.chunk_size: int | None = None  # resolved in init() once the model size is known
     self.num_traces = {"round": 0, "block": 0}
     self._round_jit = None
@@ -258,6 +272,11 @@ class Simulation:
     )
     self._resolve_chunk_size(params)
     self._check_round_traces(state)
+    if self.mesh is not None:
+      state = dataclasses.replace(
+          _sharding.put_replicated(dataclasses.replace(state, client_states=()), self.mesh),
+          client_states=_sharding.put_along_clients(state.client_states, self.mesh),
+      )
     return state
 
   def _validate_params(self, params) -> None:
@@ -323,15 +342,21 @@ class Simulation:
   def _resolve_chunk_size(self, params) -> None:
     k = self.max_cohort_size
     if self._requested_chunk_size is not None:
-      self.chunk_size = min(self._requested_chunk_size, k)
-      return
-    bsz, spec = self._batch_spec()
-    example_bytes = sum(
-        int(np.prod(v.shape[1:])) * np.dtype(v.dtype).itemsize for v in spec.values()
-    )
-    self.chunk_size = auto_chunk_size(
-        k, _param_count(params), example_bytes, bsz, self.memory_budget,
-        jax.devices()[0].platform,
+      chunk = self._requested_chunk_size
+      if self._num_shards == 1:
+        chunk = min(chunk, k)
+    else:
+      bsz, spec = self._batch_spec()
+      example_bytes = sum(
+          int(np.prod(v.shape[1:])) * np.dtype(v.dtype).itemsize for v in spec.values()
+      )
+      # The budget is per device: with a mesh each device holds chunk / num_shards clients.
+      chunk = self._num_shards * auto_chunk_size(
+          -(-k // self._num_shards), _param_count(params), example_bytes, bsz,
+          self.memory_budget, jax.devices()[0].platform,
+      )
+    self.chunk_size = _sharding.fit_chunk(
+        chunk, k, self._num_shards, self._requested_chunk_size
     )
 
   # -- the round -----------------------------------------------------------------------------
@@ -442,7 +467,7 @@ class Simulation:
     cohort_states = jax.tree.map(lambda s: s[ids], state.client_states)
 
     def chunk_body(acc, xs):
-      cids, creal, cstates = xs
+      cids, creal, cstates = _sharding.constrain(xs, self._chunk_sharding())  # split over devices
       outputs, new_cstates, kept = vmapped(cids, creal, cstates)
       summed = jax.tree.map(lambda x: jnp.sum(x, axis=0), outputs)
       summed[3]["step_slots"] = chunk * jnp.max(outputs[3]["client_steps"])
@@ -525,12 +550,35 @@ class Simulation:
     return new_state, metrics
 
   # -- compiled entry points -----------------------------------------------------------------
+  def _chunk_sharding(self):
+    """Sharding of one chunk's per-client arrays: split along ``clients`` (None: no mesh)."""
+    return None if self.mesh is None else _sharding.along_clients(self.mesh)
+
+  def _placed(self, state: ServerState, metrics):
+    """Output placement: replicated server state and metrics, client states along clients."""
+    if self.mesh is None:
+      return state, metrics
+    rep = _sharding.replicated(self.mesh)
+    client_states = state.client_states
+    if client_states != ():
+      n = self._num_shards
+      client_states = jax.tree.map(
+          lambda x: jax.lax.with_sharding_constraint(
+              x, _sharding.along_clients(self.mesh) if x.shape[0] % n == 0 else rep),
+          client_states,
+      )
+    state = dataclasses.replace(
+        _sharding.constrain(dataclasses.replace(state, client_states=()), rep),
+        client_states=client_states,
+    )
+    return state, _sharding.constrain(metrics, rep)
+
   def _round_fn(self):
     if self._round_jit is None:
 
       def step(state, population):
         self.num_traces["round"] += 1
-        return self._round_step(state, population)
+        return self._placed(*self._round_step(state, population))
 
       self._round_jit = jax.jit(step, donate_argnums=0)
     return self._round_jit
@@ -551,7 +599,7 @@ class Simulation:
 
         _, metric_shapes = jax.eval_shape(self._round_step, state, population)
         skipped_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-        return jax.lax.scan(body, state, jnp.arange(block))
+        return self._placed(*jax.lax.scan(body, state, jnp.arange(block)))
 
       self._block_jits[block] = jax.jit(run_block, donate_argnums=0)
     return self._block_jits[block]
