@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from fedjax_sim import checkpoint as _ckpt
+from fedjax_sim import host_population as _host
 from fedjax_sim import sharding as _sharding
 from fedjax_sim.aggregators import ADDS_NOISE, CAPS_WEIGHTS, LOCAL_NOISE, global_norm
 from fedjax_sim.algorithms import Algorithm
@@ -133,6 +134,10 @@ class Simulation:
       automatic one is rounded up; padded slots are masked). Default None: one device (the
       default device), no partitioning. *Changing this must not change results beyond float
       tolerance* (speed only).
+    population_on: ``"device"`` (default): every example on the device. ``"host"``: examples
+      stay in host memory and each round's cohort is gathered on the host ahead of time
+      (double-buffered, overlapped with the previous block; :mod:`fedjax_sim.host_population`),
+      for populations larger than device memory. Same results as ``"device"``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, numpy as np, optax, fedjax_sim as fs
@@ -161,6 +166,7 @@ class Simulation:
       sort_by_size: bool = True,
       system: SystemModel | None = None,
       mesh: jax.sharding.Mesh | None = None,
+      population_on: str = "device",
   ):
     if not isinstance(algorithm, Algorithm):
       raise TypeError(
@@ -225,9 +231,19 @@ class Simulation:
     self.system = system
     self.mesh = mesh
     self._num_shards = 1 if mesh is None else _sharding.mesh_size(mesh)
+    if population_on not in ("device", "host"):
+      raise ValueError(f"population_on must be 'device' or 'host'; got {population_on!r}.")
+    self.population_on = population_on
+    if population_on == "host":
+      self.population = _host.to_host(population)
     if mesh is not None:
       _sharding.fit_chunk(1, self.max_cohort_size, self._num_shards, self._requested_chunk_size)
-      self.population = _sharding.put_replicated(population, mesh)
+      if population_on == "host":
+        pop = self.population
+        pop.offsets, pop.num_examples = _sharding.put_replicated(
+            (pop.offsets, pop.num_examples), mesh)
+      else:
+        self.population = _sharding.put_replicated(population, mesh)
     self.chunk_size: int | None = None  # resolved in init() once the model size is known
     self.num_traces = {"round": 0, "block": 0}
     self._round_jit = None
@@ -360,6 +376,21 @@ class Simulation:
     )
 
   # -- the round -----------------------------------------------------------------------------
+  def _sample_cohort(self, key: jax.Array, round_: jax.Array, num_clients: int):
+    """Round ``round_``'s cohort and availability mask (None without a system model).
+
+    A pure function of (run key, round): the round step and the host-side prefetcher
+    (``population_on="host"``) draw the same cohort from it.
+    """
+    round_key = jax.random.fold_in(key, round_)
+    cohort_key = jax.random.split(round_key, 3)[0]
+    # System heterogeneity draws from its own key (a fold of the round key).
+    system_key = jax.random.fold_in(round_key, 0x5157E)
+    available = None
+    if self.system is not None:
+      available = self.system.available(jax.random.fold_in(system_key, 0), round_, num_clients)
+    return self.sampler.sample(cohort_key, num_clients, available), available
+
   def _round_step(self, state: ServerState, population: Population):
     """One federated round, traced into the caller's program (pure)."""
     algo = self.algorithm
@@ -371,15 +402,10 @@ class Simulation:
     num_chunks = math.ceil(k / chunk)
 
     round_key = jax.random.fold_in(state.key, state.round)
-    cohort_key, client_key, agg_key = jax.random.split(round_key, 3)
+    _, client_key, agg_key = jax.random.split(round_key, 3)
     per_client_key, post_key, finalize_key = jax.random.split(agg_key, 3)
-    # System heterogeneity draws from its own key (a fold of the round key).
     system_key = jax.random.fold_in(round_key, 0x5157E)
-    available = None
-    if self.system is not None:
-      available = self.system.available(jax.random.fold_in(system_key, 0), state.round,
-                                        num_clients)
-    cohort = self.sampler.sample(cohort_key, num_clients, available)
+    cohort, available = self._sample_cohort(state.key, state.round, num_clients)
     ids, real = cohort.ids, cohort.mask
     if self.sort_by_size:  # big clients together: each chunk runs only the steps it needs
       sizes = jnp.where(real, population.num_examples[ids], -1)
@@ -574,6 +600,8 @@ class Simulation:
     return state, _sharding.constrain(metrics, rep)
 
   def _round_fn(self):
+    if self._round_jit is None and self.population_on == "host":
+      self._round_jit = _host.HostFeeder(self, None)
     if self._round_jit is None:
 
       def step(state, population):
@@ -584,6 +612,8 @@ class Simulation:
     return self._round_jit
 
   def _block_fn(self, block: int):
+    if block not in self._block_jits and self.population_on == "host":
+      self._block_jits[block] = _host.HostFeeder(self, block)
     if block not in self._block_jits:
 
       def run_block(state, population, num_active):
