@@ -258,9 +258,22 @@ class Simulation:
       key: the run's key, ``jax.random.key(seed)`` (a legacy ``PRNGKey`` is accepted too).
     """
     key = _as_typed_key(key)
-    key = jax.random.wrap_key_data(jnp.array(jax.random.key_data(key)))  # a private copy
     params = jax.tree.map(lambda x: jnp.array(x), params)  # a private copy (state is donated)
     self._validate_params(params)
+    state = self._initial_state(params, key)
+    self._resolve_chunk_size(params)
+    self._check_round_traces(state)
+    if self.mesh is not None:
+      state = dataclasses.replace(
+          _sharding.put_replicated(dataclasses.replace(state, client_states=()), self.mesh),
+          client_states=_sharding.put_along_clients(state.client_states, self.mesh),
+      )
+    return state
+
+  def _initial_state(self, params: Any, key: jax.Array) -> ServerState:
+    """The state before round 0 (pure: no checks that need concrete values; fs.sweep traces it
+    with traced hyper-parameters)."""
+    key = jax.random.wrap_key_data(jnp.array(jax.random.key_data(key)))  # a private copy
     algo = self.algorithm
     try:
       opt_state = algo.server_optimizer.init(params)
@@ -277,7 +290,7 @@ class Simulation:
       _check_population_state_fits(one, n, algo.name)
       client_states = jax.tree.map(lambda x: jnp.tile(x[None], (n,) + (1,) * x.ndim), one)
     server_extra = () if algo.server_extra_init is None else algo.server_extra_init(params)
-    state = ServerState(
+    return ServerState(
         round=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=opt_state,
@@ -286,14 +299,6 @@ class Simulation:
         key=key,
         server_extra=server_extra,
     )
-    self._resolve_chunk_size(params)
-    self._check_round_traces(state)
-    if self.mesh is not None:
-      state = dataclasses.replace(
-          _sharding.put_replicated(dataclasses.replace(state, client_states=()), self.mesh),
-          client_states=_sharding.put_along_clients(state.client_states, self.mesh),
-      )
-    return state
 
   def _validate_params(self, params) -> None:
     leaves = jax.tree.leaves(params)
