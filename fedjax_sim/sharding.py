@@ -21,7 +21,8 @@ Multi-host (one process per host, the same script everywhere)::
 
 Every process builds the same population and initial parameters (same files, same seeds); the
 arrays handed to the program are assembled from each process's local copy. Metrics and the
-server state come back replicated, so each process can read them.
+server state come back replicated, so each process can read them; per-client state is split
+across processes (read it with :func:`fetch`).
 """
 
 from __future__ import annotations
@@ -153,6 +154,24 @@ def constrain(tree: Any, sharding: NamedSharding | None) -> Any:
   if sharding is None:
     return tree
   return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
+
+
+def fetch(tree: Any) -> Any:
+  """Every leaf as a NumPy array, gathered from all processes when it spans several.
+
+  Examples:
+    >>> import jax.numpy as jnp, fedjax_sim as fs
+    >>> fs.sharding.fetch({"w": jnp.ones(2)})["w"].tolist()
+    [1.0, 1.0]
+  """
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(one, tree)
 
 
 def initialize(
