@@ -196,7 +196,8 @@ def sweep(
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
           jax.errors.TracerBoolConversionError, jax.errors.TracerArrayConversionError) as e:
     culprit = _find_static(lane, seeds_dev[0], lanes[0], hps)
-    raise _shape_error(culprit, f"build() or the algorithm uses it as a Python value ({e})") \
+    first = str(e).splitlines()[0]
+    raise _shape_error(culprit, f"build() or the algorithm uses it as a Python value ({first})") \
         from None
   states, metrics = program(seeds_dev, values_dev)
   return states, {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
