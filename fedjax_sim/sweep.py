@@ -145,6 +145,26 @@ def sweep(
     >>> states.params.shape, metrics["loss"].shape
     ((3, 3, 2), (3, 5))
   """
+  run = compile_sweep(build, population, params, seeds=seeds, num_rounds=num_rounds,
+                      hyperparameters=hyperparameters, **simulation_kwargs)
+  return run()
+
+
+def compile_sweep(
+    build: Callable[..., Algorithm],
+    population: Population,
+    params: Any,
+    *,
+    seeds: Sequence[int],
+    num_rounds: int,
+    hyperparameters: Mapping[str, Any] | None = None,
+    **simulation_kwargs,
+) -> Callable[[], tuple[ServerState, dict[str, np.ndarray]]]:
+  """Builds :func:`sweep`'s program; ``run()`` executes it (compiled on the first call).
+
+  Same arguments as :func:`sweep`; the returned ``run`` can be called again without
+  recompiling (e.g. to time the program apart from its compilation).
+  """
   if not callable(build):
     raise TypeError("build must be callable as build(**hyper_parameters) -> fs.Algorithm.")
   for name in ("mesh", "population_on"):
@@ -199,8 +219,12 @@ def sweep(
     first = str(e).splitlines()[0]
     raise _shape_error(culprit, f"build() or the algorithm uses it as a Python value ({first})") \
         from None
-  states, metrics = program(seeds_dev, values_dev)
-  return states, {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+
+  def run() -> tuple[ServerState, dict[str, np.ndarray]]:
+    states, metrics = program(seeds_dev, values_dev)
+    return states, {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+
+  return run
 
 
 def _find_static(lane, seed, lane0: dict[str, float], hps: dict[str, np.ndarray]) -> str:
