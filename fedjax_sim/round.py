@@ -244,6 +244,7 @@ class Simulation:
             (pop.offsets, pop.num_examples), mesh)
       else:
         self.population = _sharding.put_replicated(population, mesh)
+        self.population.labels = population.labels  # host-side, not a pytree leaf
     self.chunk_size: int | None = None  # resolved in init() once the model size is known
     self.num_traces = {"round": 0, "block": 0}
     self._round_jit = None

@@ -67,6 +67,9 @@ def main(argv):
   for name in workloads:
     results.update(run_workload(name, mesh))
   if mode == "devices":
+    # The host-resident population on the mesh (cohorts gathered on the host, then replicated).
+    host = run_workload("scaffold", mesh, population_on="host")
+    results.update({"host_" + k: v for k, v in host.items()})
     # A chunk that cannot be split over the mesh is refused before compiling.
     try:
       fs.Simulation(build("fedavg", fs.models.classifier_loss(lambda p, x: x)),

@@ -62,6 +62,8 @@ def test_eight_devices_equal_one_device(reference, tmp_path):
   _assert_same(got, reference, WORKLOADS)
   for name in WORKLOADS:  # cohort 7 padded to one chunk of 8: one client per device
     assert int(got[f"{name}/chunk"]) == 8
+  host = {k[len("host_"):]: got[k] for k in got.files if k.startswith("host_")}
+  _assert_same(host, reference, ("scaffold",))  # population_on="host" on 8 devices too
   assert str(got["state_sharding"]) == "P('clients',)"  # per-client state split over devices
   msg = str(got["chunk_error"])
   assert "chunk_size=3 cannot be split over the 8 devices" in msg and "8, 16, 24" in msg
