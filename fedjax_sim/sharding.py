@@ -64,7 +64,7 @@ def mesh_size(mesh: Any) -> int:
 
   Raises:
     TypeError: ``mesh`` is not a :class:`jax.sharding.Mesh`.
-    ValueError: the mesh has no ``clients`` axis.
+    ValueError: the mesh has no ``clients`` axis, or it is not ``AxisType.Auto``.
   """
   if not isinstance(mesh, Mesh):
     raise TypeError(
@@ -75,7 +75,14 @@ def mesh_size(mesh: Any) -> int:
     raise ValueError(
         f"the mesh has axes {tuple(mesh.axis_names)} but no {CLIENTS!r} axis, along which the "
         f"cohort is split; build one with fs.sharding.clients_mesh() or "
-        f"jax.make_mesh((n,), ('{CLIENTS}',))."
+        f"jax.make_mesh((n,), ('{CLIENTS}',), axis_types=(jax.sharding.AxisType.Auto,))."
+    )
+  axis_type = dict(zip(mesh.axis_names, mesh.axis_types))[CLIENTS]
+  if axis_type != AxisType.Auto:
+    raise ValueError(
+        f"the mesh's {CLIENTS!r} axis is {axis_type}; the engine partitions with sharding "
+        f"constraints, which need AxisType.Auto (jax.make_mesh defaults to Explicit). Use "
+        f"fs.sharding.clients_mesh() or jax.make_mesh(..., axis_types=(AxisType.Auto,))."
     )
   return int(mesh.shape[CLIENTS])
 

@@ -98,6 +98,9 @@ def test_mesh_bad_input(pop, loss_fn):
   algo = build("fedavg", loss_fn)
   with pytest.raises(ValueError, match="no 'clients' axis"):
     fs.Simulation(algo, pop, cohort_size=4, mesh=jax.make_mesh((1,), ("data",)))
+  with pytest.raises(ValueError, match="need AxisType.Auto"):
+    fs.Simulation(algo, pop, cohort_size=4, mesh=jax.make_mesh(
+        (1,), ("clients",), axis_types=(jax.sharding.AxisType.Explicit,)))
   with pytest.raises(TypeError, match="jax.sharding.Mesh"):
     fs.Simulation(algo, pop, cohort_size=4, mesh="clients")
   with pytest.raises(ValueError, match="use a multiple of 4"):
