@@ -134,10 +134,13 @@ class Simulation:
       automatic one is rounded up; padded slots are masked). Default None: one device (the
       default device), no partitioning. *Changing this must not change results beyond float
       tolerance* (speed only).
-    population_on: ``"device"`` (default): every example on the device. ``"host"``: examples
-      stay in host memory and each round's cohort is gathered on the host ahead of time
-      (double-buffered, overlapped with the previous block; :mod:`fedjax_sim.host_population`),
-      for populations larger than device memory. Same results as ``"device"``.
+    population_on: ``"device"`` (default): every example on the device (on every device of
+      the mesh). ``"sharded"`` (with a mesh): the examples are split along the ``clients`` axis,
+      each device holding ``1/n`` of them (a client's batch is gathered across devices in the
+      program). ``"host"``: examples stay in host memory and each round's cohort is gathered on
+      the host ahead of time (double-buffered, overlapped with the previous block;
+      :mod:`fedjax_sim.host_population`), for populations larger than device memory. All give
+      the same results.
 
   Examples:
     >>> import jax, jax.numpy as jnp, numpy as np, optax, fedjax_sim as fs
@@ -231,20 +234,19 @@ class Simulation:
     self.system = system
     self.mesh = mesh
     self._num_shards = 1 if mesh is None else _sharding.mesh_size(mesh)
-    if population_on not in ("device", "host"):
-      raise ValueError(f"population_on must be 'device' or 'host'; got {population_on!r}.")
+    if population_on not in ("device", "sharded", "host"):
+      raise ValueError(
+          f"population_on must be 'device', 'sharded' or 'host'; got {population_on!r}.")
+    if population_on == "sharded" and mesh is None:
+      raise ValueError(
+          "population_on='sharded' splits the examples over the devices of a mesh's 'clients' "
+          "axis; pass mesh=fs.sharding.clients_mesh() (or use 'device' / 'host').")
     self.population_on = population_on
     if population_on == "host":
       self.population = _host.to_host(population)
     if mesh is not None:
       _sharding.fit_chunk(1, self.max_cohort_size, self._num_shards, self._requested_chunk_size)
-      if population_on == "host":
-        pop = self.population
-        pop.offsets, pop.num_examples = _sharding.put_replicated(
-            (pop.offsets, pop.num_examples), mesh)
-      else:
-        self.population = _sharding.put_replicated(population, mesh)
-        self.population.labels = population.labels  # host-side, not a pytree leaf
+      self.population = _sharding.place_population(self.population, mesh, population_on)
     self.chunk_size: int | None = None  # resolved in init() once the model size is known
     self.num_traces = {"round": 0, "block": 0}
     self._round_jit = None

@@ -5,7 +5,9 @@ clients of every vmapped chunk are split along the mesh's ``clients`` axis (``Ax
 the compiler partitions the program from a few sharding constraints), the cohort sums become
 all-reduces across devices, and the server state is replicated. Per-client persistent state is
 sharded along ``clients`` (when the population size divides evenly; replicated otherwise).
-The population's examples are replicated: every device can then gather any client's batch.
+The population's examples are replicated (every device can gather any client's batch) or, with
+``population_on="sharded"``, split along ``clients`` so that each device holds ``1/n`` of them
+(batches are then gathered across devices inside the program).
 
 The mesh changes speed, never results: a client's randomness depends only on (seed, round,
 global client id), so 1 device and 8 devices give the same parameters up to the float summation
@@ -32,6 +34,8 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from fedjax_sim.data.population import Population
 
 #: Name of the mesh axis along which clients are split.
 CLIENTS = "clients"
@@ -154,6 +158,42 @@ def put_along_clients(tree: Any, mesh: Mesh) -> Any:
       tree,
       lambda x: along_clients(mesh) if np.ndim(x) and np.shape(x)[0] % n == 0 else replicated(mesh),
   )
+
+
+def place_population(population: Population, mesh: Mesh, how: str = "device") -> Population:
+  """The population placed on ``mesh``.
+
+  Args:
+    population: the clients' data.
+    mesh: a mesh with a ``clients`` axis.
+    how: ``"device"``: replicated on every device. ``"sharded"``: the example rows split along
+      ``clients`` (padded with zero rows to a multiple of the axis size; the padding belongs to
+      no client, so nothing reads it). ``"host"``: the features stay where they are (host
+      NumPy arrays); only the per-client offsets and counts are placed.
+
+  Examples:
+    >>> import numpy as np, fedjax_sim as fs
+    >>> pop = fs.Population.from_arrays({"x": np.ones((5, 2), np.float32)}, [0, 0, 1, 2, 2])
+    >>> placed = fs.sharding.place_population(pop, fs.sharding.clients_mesh(), "sharded")
+    >>> placed.num_clients, placed.client(2)["x"].shape
+    (3, (2, 2))
+  """
+  offsets, num_examples = put_replicated((population.offsets, population.num_examples), mesh)
+  features = population.features
+  if how == "device":
+    features = put_replicated(features, mesh)
+  elif how == "sharded":
+    n = mesh_size(mesh)
+
+    def pad(x):
+      x = np.asarray(x)
+      extra = -x.shape[0] % n
+      return np.concatenate([x, np.zeros((extra, *x.shape[1:]), x.dtype)]) if extra else x
+
+    features = put(jax.tree.map(pad, features), lambda x: along_clients(mesh))
+  elif how != "host":
+    raise ValueError(f"how must be 'device', 'sharded' or 'host'; got {how!r}.")
+  return Population(features, offsets, num_examples, population.max_examples, population.labels)
 
 
 def constrain(tree: Any, sharding: NamedSharding | None) -> Any:

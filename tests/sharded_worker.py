@@ -59,6 +59,7 @@ def main(argv):
     fs.sharding.initialize(f"127.0.0.1:{port}", nproc, pid, initialization_timeout=60)
   jax.config.update("jax_default_matmul_precision", "highest")
   import numpy as np
+  from conftest import linear_apply, make_population
 
   import fedjax_sim as fs
 
@@ -67,9 +68,10 @@ def main(argv):
   for name in workloads:
     results.update(run_workload(name, mesh))
   if mode == "devices":
-    # The host-resident population on the mesh (cohorts gathered on the host, then replicated).
-    host = run_workload("scaffold", mesh, population_on="host")
-    results.update({"host_" + k: v for k, v in host.items()})
+    # Population on the host (cohorts gathered there) or split over the devices, on the mesh.
+    for where in ("host", "sharded"):
+      placed = run_workload("scaffold", mesh, population_on=where)
+      results.update({f"{where}_{k}": v for k, v in placed.items()})
     # A chunk that cannot be split over the mesh is refused before compiling.
     try:
       fs.Simulation(build("fedavg", fs.models.classifier_loss(lambda p, x: x)),
@@ -80,6 +82,13 @@ def main(argv):
       results["chunk_error"] = np.asarray(str(e))
     results["state_sharding"] = np.asarray(str(
         jax.tree.leaves(run_state_sharding(mesh))[0]))
+    pop = fs.Population.from_clients(make_population(num_clients=24))
+    sim = fs.Simulation(build("fedavg", fs.models.classifier_loss(linear_apply)), pop,
+                        cohort_size=7, mesh=mesh, population_on="sharded")
+    x = sim.population.features["x"]
+    results["features_sharding"] = np.asarray(str(x.sharding.spec))
+    results["features_shard_rows"] = np.asarray(x.addressable_shards[0].data.shape[0])
+    results["total_rows"] = np.asarray(pop.total_examples)
   if mode == "devices" or jax.process_index() == 0:
     np.savez(path, **results)
   if mode == "multihost":

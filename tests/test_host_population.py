@@ -48,5 +48,5 @@ def test_gather_rows_matches_clients(pop):
 def test_bad_population_on(pop, loss_fn):
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=4,
                               local_epochs=1)
-  with pytest.raises(ValueError, match="population_on must be 'device' or 'host'"):
+  with pytest.raises(ValueError, match="population_on must be 'device', 'sharded' or 'host'"):
     fs.Simulation(algo, pop, cohort_size=3, population_on="disk")

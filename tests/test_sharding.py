@@ -62,9 +62,12 @@ def test_eight_devices_equal_one_device(reference, tmp_path):
   _assert_same(got, reference, WORKLOADS)
   for name in WORKLOADS:  # cohort 7 padded to one chunk of 8: one client per device
     assert int(got[f"{name}/chunk"]) == 8
-  host = {k[len("host_"):]: got[k] for k in got.files if k.startswith("host_")}
-  _assert_same(host, reference, ("scaffold",))  # population_on="host" on 8 devices too
+  for where in ("host", "sharded"):  # population_on="host" / "sharded" on 8 devices too
+    placed = {k[len(where) + 1:]: got[k] for k in got.files if k.startswith(where + "_")}
+    _assert_same(placed, reference, ("scaffold",))
   assert str(got["state_sharding"]) == "P('clients',)"  # per-client state split over devices
+  assert str(got["features_sharding"]) == "P('clients',)"  # "sharded": 1/8 of the rows each
+  assert int(got["features_shard_rows"]) == -(-int(got["total_rows"]) // 8)
   msg = str(got["chunk_error"])
   assert "chunk_size=3 cannot be split over the 8 devices" in msg and "8, 16, 24" in msg
 
@@ -101,6 +104,8 @@ def test_mesh_bad_input(pop, loss_fn):
   with pytest.raises(ValueError, match="need AxisType.Auto"):
     fs.Simulation(algo, pop, cohort_size=4, mesh=jax.make_mesh(
         (1,), ("clients",), axis_types=(jax.sharding.AxisType.Explicit,)))
+  with pytest.raises(ValueError, match="population_on='sharded' splits the examples"):
+    fs.Simulation(algo, pop, cohort_size=4, population_on="sharded")
   with pytest.raises(TypeError, match="jax.sharding.Mesh"):
     fs.Simulation(algo, pop, cohort_size=4, mesh="clients")
   with pytest.raises(ValueError, match="use a multiple of 4"):
