@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim import sharding as _sharding
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data.population import Population
 from fedjax_sim.round import ServerState, Simulation
@@ -118,8 +119,10 @@ def sweep(
     hyperparameters: ``{name: values}``, each a 1-D float array of length S, passed to
       ``build`` by name. Default: none (a sweep over seeds only).
     **simulation_kwargs: the rest of :class:`Simulation`'s arguments (``cohort_size``,
-      ``sampler``, ``chunk_size``, ``system``, ...), shared by every lane. ``mesh`` and
-      ``population_on="host"`` are not supported here.
+      ``sampler``, ``chunk_size``, ``system``, ...), shared by every lane. ``mesh=`` splits
+      the *simulations* along the mesh's ``clients`` axis (S must be a multiple of its size;
+      each device runs whole simulations on a replicated population).
+      ``population_on="host"`` / ``"sharded"`` are not supported here.
 
   Returns:
     ``(states, metrics)``: a :class:`ServerState` whose leaves have a leading axis S, and
@@ -128,7 +131,7 @@ def sweep(
   Raises:
     ValueError: swept arrays of different lengths, an integer-valued or shape-setting
       hyper-parameter, or a ``build`` whose states differ in shape across lanes (each says it
-      must be a separate run).
+      must be a separate run); S not a multiple of the mesh's ``clients`` axis.
 
   Examples:
     >>> import jax, jax.numpy as jnp, numpy as np, optax, fedjax_sim as fs
@@ -167,9 +170,11 @@ def compile_sweep(
   """
   if not callable(build):
     raise TypeError("build must be callable as build(**hyper_parameters) -> fs.Algorithm.")
-  for name in ("mesh", "population_on"):
-    if simulation_kwargs.get(name) not in (None, "device"):
-      raise ValueError(f"fs.sweep does not support {name}={simulation_kwargs[name]!r}.")
+  if simulation_kwargs.get("population_on", "device") != "device":
+    raise ValueError(
+        f"fs.sweep keeps the population on the device; population_on="
+        f"{simulation_kwargs['population_on']!r} is not supported here.")
+  mesh = simulation_kwargs.pop("mesh", None)
   seeds_arr = np.asarray(seeds)
   if seeds_arr.ndim != 1 or seeds_arr.size == 0 or not np.issubdtype(seeds_arr.dtype, np.integer):
     raise ValueError(f"seeds must be a non-empty 1-D sequence of ints; got {seeds!r}.")
@@ -180,6 +185,12 @@ def compile_sweep(
     raise ValueError(f"num_rounds must be a positive int; got {num_rounds!r}.")
   num_sims = seeds_arr.shape[0]
   hps = _check_hyperparameters(hyperparameters, num_sims)
+  if mesh is not None:
+    devices = _sharding.mesh_size(mesh)
+    if num_sims % devices:
+      raise ValueError(
+          f"{num_sims} simulations cannot be split over the {devices} devices of the mesh's "
+          f"'clients' axis; use a multiple of {devices} simulations (or mesh=None).")
 
   lanes = [{k: float(v[i]) for k, v in hps.items()} for i in range(num_sims)]
   algorithms = [build(**lane) for lane in lanes]  # each lane's values meet the factories' checks
@@ -198,31 +209,40 @@ def compile_sweep(
           f"simulation {i}'s algorithm has a state of another shape than simulation 0's",
       )
 
-  def lane(seed, values):
+  def lane(seed, values, population):
     lane_sim = copy.copy(sim)
     lane_sim.algorithm = build(**values)
     state = lane_sim._initial_state(params, jax.random.key(seed))
 
     def body(state, _):
-      return lane_sim._round_step(state, lane_sim.population)
+      return lane_sim._round_step(state, population)
 
     return jax.lax.scan(body, state, None, length=num_rounds)
 
-  program = jax.jit(jax.vmap(lane))
+  vmapped = jax.vmap(lane, in_axes=(0, 0, None))
   seeds_dev = jnp.asarray(seeds_arr, jnp.uint32)
   values_dev = {k: jnp.asarray(v) for k, v in hps.items()}
+  pop = sim.population
+  if mesh is None:
+    program = jax.jit(vmapped)
+  else:  # simulations split along the 'clients' axis; every device holds the population
+    lanes_sharding = _sharding.along_clients(mesh)
+    seeds_dev, values_dev = _sharding.put((seeds_dev, values_dev), lambda x: lanes_sharding)
+    pop = _sharding.place_population(pop, mesh)
+    program = jax.jit(lambda *a: _sharding.constrain(vmapped(*a), lanes_sharding))
   try:
-    jax.eval_shape(program, seeds_dev, values_dev)
+    jax.eval_shape(program, seeds_dev, values_dev, pop)
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
           jax.errors.TracerBoolConversionError, jax.errors.TracerArrayConversionError) as e:
-    culprit = _find_static(lane, seeds_dev[0], lanes[0], hps)
+    culprit = _find_static(lambda seed, values: lane(seed, values, pop), seeds_arr[0], lanes[0],
+                           hps)
     first = str(e).splitlines()[0]
     raise _shape_error(culprit, f"build() or the algorithm uses it as a Python value ({first})") \
         from None
 
   def run() -> tuple[ServerState, dict[str, np.ndarray]]:
-    states, metrics = program(seeds_dev, values_dev)
-    return states, {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+    states, metrics = program(seeds_dev, values_dev, pop)
+    return states, {k: np.asarray(v) for k, v in _sharding.fetch(metrics).items()}
 
   return run
 

@@ -59,7 +59,7 @@ def main(argv):
     fs.sharding.initialize(f"127.0.0.1:{port}", nproc, pid, initialization_timeout=60)
   jax.config.update("jax_default_matmul_precision", "highest")
   import numpy as np
-  from conftest import linear_apply, make_population
+  from conftest import init_params, linear_apply, make_population
 
   import fedjax_sim as fs
 
@@ -85,6 +85,22 @@ def main(argv):
     pop = fs.Population.from_clients(make_population(num_clients=24))
     sim = fs.Simulation(build("fedavg", fs.models.classifier_loss(linear_apply)), pop,
                         cohort_size=7, mesh=mesh, population_on="sharded")
+    # fs.sweep with the simulations split over the devices: lane 0 (seed 11) is the reference.
+    loss_fn = fs.models.classifier_loss(linear_apply)
+    states, metrics = fs.sweep(lambda: build("fedavg", loss_fn), pop, init_params(),
+                               seeds=[11, 1, 2, 3, 4, 5, 6, 7], num_rounds=NUM_ROUNDS,
+                               cohort_size=7, mesh=mesh)
+    lanes = jax.tree.leaves(fs.sharding.fetch(states.params))
+    results.update({f"sweep_fedavg/{i}": x[0] for i, x in enumerate(lanes)})
+    results["sweep_fedavg/loss"] = metrics["loss"][0]
+    results["sweep_lanes_differ"] = np.asarray(not np.allclose(lanes[1][0], lanes[1][1]))
+    results["sweep_sharding"] = np.asarray(str(states.params["w"].sharding.spec))
+    try:
+      fs.sweep(lambda: build("fedavg", loss_fn), pop, init_params(), seeds=[0, 1, 2],
+               num_rounds=1, cohort_size=7, mesh=mesh)
+      results["sweep_error"] = np.asarray("")
+    except ValueError as e:
+      results["sweep_error"] = np.asarray(str(e))
     x = sim.population.features["x"]
     results["features_sharding"] = np.asarray(str(x.sharding.spec))
     results["features_shard_rows"] = np.asarray(x.addressable_shards[0].data.shape[0])

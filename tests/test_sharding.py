@@ -66,6 +66,10 @@ def test_eight_devices_equal_one_device(reference, tmp_path):
     placed = {k[len(where) + 1:]: got[k] for k in got.files if k.startswith(where + "_")}
     _assert_same(placed, reference, ("scaffold",))
   assert str(got["state_sharding"]) == "P('clients',)"  # per-client state split over devices
+  sweep = {k[len("sweep_"):]: got[k] for k in got.files if k.startswith("sweep_fedavg/")}
+  _assert_same(sweep, reference, ("fedavg",))  # fs.sweep lanes split over 8 devices
+  assert bool(got["sweep_lanes_differ"]) and str(got["sweep_sharding"]) == "P('clients',)"
+  assert "3 simulations cannot be split over the 8 devices" in str(got["sweep_error"])
   assert str(got["features_sharding"]) == "P('clients',)"  # "sharded": 1/8 of the rows each
   assert int(got["features_shard_rows"]) == -(-int(got["total_rows"]) // 8)
   msg = str(got["chunk_error"])
