@@ -1,5 +1,5 @@
 """Throughput vs number of (forced) CPU devices on the ``clients`` mesh axis, and host-resident
-vs device-resident population.
+or device-sharded vs device-resident population.
 
 Each device count runs in a fresh process (``XLA_FLAGS=--xla_force_host_platform_device_count``
 must be set before jax is imported). Workload: the EMNIST-shaped logistic model of
@@ -39,11 +39,11 @@ def worker(mode: str, rounds: int, cohort: int, num_clients: int) -> dict:
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=16,
                               local_epochs=1)
   mesh = None if mode == "no-mesh" else fs.sharding.clients_mesh()
-  population_on = "host" if mode == "host" else "device"
+  population_on = {"host": "host", "sharded": "sharded"}.get(mode, "device")
   sim = fs.Simulation(algo, pop, cohort_size=cohort, mesh=mesh, population_on=population_on)
   state = sim.init(params, jax.random.key(0))
   hlo = ""
-  if population_on == "device":
+  if population_on != "host":
     hlo = sim._block_fn(rounds).lower(state, sim.population, jnp.int32(rounds)).compile().as_text()
   state, r = sim.benchmark(state, rounds)
   return {
@@ -67,6 +67,7 @@ def main():
     print("RESULT " + json.dumps(worker(args.worker, args.rounds, args.cohort, args.num_clients)))
     return
   runs = [(1, "no-mesh"), (1, "host")] + [(d, "mesh") for d in args.devices]
+  runs.append((max(args.devices), "sharded"))
   rows = []
   for d, mode in runs:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={d}")
@@ -84,7 +85,7 @@ def main():
   print("|---|---|---|---|---|---|")
   for r in rows:
     where = {"no-mesh": "no mesh", "host": "no mesh, population on host",
-             "mesh": "clients mesh"}[r["mode"]]
+             "mesh": "clients mesh", "sharded": "clients mesh, examples sharded"}[r["mode"]]
     print(f"| {r['devices']} | {where} | {r['chunk']} | {r['all_reduce_ops']} | "
           f"{r['client_updates_per_s']:.0f} | {r['examples_per_s']:.0f} |")
 
