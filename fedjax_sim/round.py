@@ -369,8 +369,6 @@ class Simulation:
       chunk = self._requested_chunk_size
       if self._num_shards == 1:
         chunk = min(chunk, k)
-      elif chunk % self._num_shards == 0:  # no chunk beyond the cohort rounded up to the mesh
-        chunk = min(chunk, -(-k // self._num_shards) * self._num_shards)
     else:
       bsz, spec = self._batch_spec()
       example_bytes = sum(

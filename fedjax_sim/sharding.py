@@ -96,7 +96,8 @@ def fit_chunk(chunk: int, cohort_size: int, num_devices: int, requested: int | N
 
   A requested chunk must be a multiple of ``num_devices`` (each device takes an equal share of
   every chunk); an automatic one is rounded up to the next multiple (the extra slots are padded,
-  masked clients, as for any cohort that does not fill its last chunk).
+  masked clients, as for any cohort that does not fill its last chunk). Neither exceeds the
+  cohort size rounded up to a multiple of ``num_devices``.
 
   Examples:
     >>> from fedjax_sim.sharding import fit_chunk
@@ -114,8 +115,9 @@ def fit_chunk(chunk: int, cohort_size: int, num_devices: int, requested: int | N
           "to choose one automatically (a cohort that does not fill the last chunk is padded "
           "with masked clients)."
       )
-    return requested
-  return -(-chunk // num_devices) * num_devices
+    chunk = requested
+  cap = -(-cohort_size // num_devices) * num_devices  # one chunk holds the whole cohort
+  return min(-(-chunk // num_devices) * num_devices, cap)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -115,5 +115,6 @@ def test_mesh_bad_input(pop, loss_fn):
   with pytest.raises(ValueError, match="use a multiple of 4"):
     fs.sharding.fit_chunk(6, cohort_size=10, num_devices=4, requested=6)
   assert fs.sharding.fit_chunk(6, cohort_size=10, num_devices=4, requested=None) == 8
-  assert fs.sharding.fit_chunk(6, cohort_size=10, num_devices=4, requested=12) == 12
+  assert fs.sharding.fit_chunk(12, cohort_size=10, num_devices=4, requested=12) == 12
+  assert fs.sharding.fit_chunk(16, cohort_size=7, num_devices=4, requested=16) == 8  # capped
 
