@@ -13,6 +13,7 @@ from fedjax_sim import (
     evaluation,
     models,
     privacy,
+    sharding,
     systems,
     unsupervised,
     zoo,
@@ -22,6 +23,7 @@ from fedjax_sim.client import ClientData, make_client_update
 from fedjax_sim.data import datasets, partition, sampling
 from fedjax_sim.data.population import Population
 from fedjax_sim.round import ServerState, Simulation
+from fedjax_sim.sweep import sweep
 from fedjax_sim.types import MASK_KEY, ClientOutput, RoundContext, WeightedUpdate
 
 __version__ = "0.1.0"
@@ -47,6 +49,8 @@ __all__ = [
     "partition",
     "privacy",
     "sampling",
+    "sharding",
+    "sweep",
     "systems",
     "unsupervised",
     "zoo",

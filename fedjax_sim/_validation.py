@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import numpy as np
+
+
+def traced(value: Any) -> bool:
+  """True for a value traced by JAX (a hyper-parameter swept by ``fs.sweep``), whose checks
+  ran on every concrete lane value before tracing."""
+  return isinstance(value, jax.core.Tracer)
 
 
 def _number(name: str, value: Any, what: str) -> float:
@@ -22,6 +29,8 @@ def _number(name: str, value: Any, what: str) -> float:
 
 def positive(name: str, value: Any) -> float:
   """A finite number > 0."""
+  if traced(value):
+    return value
   v = _number(name, value, "a finite number > 0")
   if not v > 0:
     raise ValueError(f"{name} must be > 0 (a finite number); got {value!r}.")
@@ -30,6 +39,8 @@ def positive(name: str, value: Any) -> float:
 
 def non_negative(name: str, value: Any) -> float:
   """A finite number >= 0."""
+  if traced(value):
+    return value
   v = _number(name, value, "a finite number >= 0")
   if not v >= 0:
     raise ValueError(f"{name} must be >= 0 (a finite number); got {value!r}.")
@@ -38,6 +49,8 @@ def non_negative(name: str, value: Any) -> float:
 
 def probability(name: str, value: Any) -> float:
   """A number in [0, 1]."""
+  if traced(value):
+    return value
   v = _number(name, value, "a probability in [0, 1]")
   if not 0 <= v <= 1:
     raise ValueError(f"{name} must lie in [0, 1]; got {value!r}.")

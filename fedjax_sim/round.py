@@ -22,6 +22,8 @@ import numpy as np
 import optax
 
 from fedjax_sim import checkpoint as _ckpt
+from fedjax_sim import host_population as _host
+from fedjax_sim import sharding as _sharding
 from fedjax_sim.aggregators import ADDS_NOISE, CAPS_WEIGHTS, LOCAL_NOISE, global_norm
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.client import LATE, NUM_STEPS, ClientData
@@ -128,6 +130,20 @@ class Simulation:
       as many steps as its largest client needs. Speed only, like ``chunk_size``.
     system: optional :class:`fedjax_sim.systems.SystemModel` (availability, dropout, stragglers,
       deadlines), applied in-jit each round.
+    mesh: a :class:`jax.sharding.Mesh` with a ``clients`` axis
+      (:func:`fedjax_sim.sharding.clients_mesh`): each chunk's clients are split across its
+      devices, sums reduce across them, the server state is replicated and per-client state is
+      sharded along ``clients``. The chunk size must be a multiple of the axis size (an
+      automatic one is rounded up; padded slots are masked). Default None: one device (the
+      default device), no partitioning. *Changing this must not change results beyond float
+      tolerance* (speed only).
+    population_on: ``"device"`` (default): every example on the device (on every device of
+      the mesh). ``"sharded"`` (with a mesh): the examples are split along the ``clients`` axis,
+      each device holding ``1/n`` of them (a client's batch is gathered across devices in the
+      program). ``"host"``: examples stay in host memory and each round's cohort is gathered on
+      the host ahead of time (double-buffered, overlapped with the previous block;
+      :mod:`fedjax_sim.host_population`), for populations larger than device memory. All give
+      the same results.
 
   Examples:
     >>> import jax, jax.numpy as jnp, numpy as np, optax, fedjax_sim as fs
@@ -155,6 +171,8 @@ class Simulation:
       memory_budget: int | None = None,
       sort_by_size: bool = True,
       system: SystemModel | None = None,
+      mesh: jax.sharding.Mesh | None = None,
+      population_on: str = "device",
   ):
     if not isinstance(algorithm, Algorithm):
       raise TypeError(
@@ -218,6 +236,21 @@ class Simulation:
         raise TypeError(f"system must be an fs.systems.SystemModel; got {type(system).__name__}.")
       system.validate(population.num_clients)
     self.system = system
+    self.mesh = mesh
+    self._num_shards = 1 if mesh is None else _sharding.mesh_size(mesh)
+    if population_on not in ("device", "sharded", "host"):
+      raise ValueError(
+          f"population_on must be 'device', 'sharded' or 'host'; got {population_on!r}.")
+    if population_on == "sharded" and mesh is None:
+      raise ValueError(
+          "population_on='sharded' splits the examples over the devices of a mesh's 'clients' "
+          "axis; pass mesh=fs.sharding.clients_mesh() (or use 'device' / 'host').")
+    self.population_on = population_on
+    if population_on == "host":
+      self.population = _host.to_host(population)
+    if mesh is not None:
+      _sharding.fit_chunk(1, self.max_cohort_size, self._num_shards, self._requested_chunk_size)
+      self.population = _sharding.place_population(self.population, mesh, population_on)
     self.chunk_size: int | None = None  # resolved in init() once the model size is known
     self.num_traces = {"round": 0, "block": 0}
     self._round_jit = None
@@ -232,9 +265,24 @@ class Simulation:
       key: the run's key, ``jax.random.key(seed)`` (a legacy ``PRNGKey`` is accepted too).
     """
     key = _as_typed_key(key)
-    key = jax.random.wrap_key_data(jnp.array(jax.random.key_data(key)))  # a private copy
     params = jax.tree.map(lambda x: jnp.array(x), params)  # a private copy (state is donated)
     self._validate_params(params)
+    state = self._initial_state(params, key)
+    self._resolve_chunk_size(params)
+    self._check_round_traces(state)
+    if self.mesh is not None:
+      state = dataclasses.replace(
+          _sharding.put_replicated(
+              dataclasses.replace(state, client_states=(), agg_client_states=()), self.mesh),
+          client_states=_sharding.put_along_clients(state.client_states, self.mesh),
+          agg_client_states=_sharding.put_along_clients(state.agg_client_states, self.mesh),
+      )
+    return state
+
+  def _initial_state(self, params: Any, key: jax.Array) -> ServerState:
+    """The state before round 0 (pure: no checks that need concrete values; fs.sweep traces it
+    with traced hyper-parameters)."""
+    key = jax.random.wrap_key_data(jnp.array(jax.random.key_data(key)))  # a private copy
     algo = self.algorithm
     try:
       opt_state = algo.server_optimizer.init(params)
@@ -262,7 +310,7 @@ class Simulation:
         params_template=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     )
     self._check_reducer(params)
-    state = ServerState(
+    return ServerState(
         round=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=opt_state,
@@ -272,9 +320,6 @@ class Simulation:
         server_extra=server_extra,
         agg_client_states=agg_client_states,
     )
-    self._resolve_chunk_size(params)
-    self._check_round_traces(state)
-    return state
 
   def _check_reducer(self, params) -> None:
     """Stacked (robust) reducers hold all K updates at once: refuse what cannot fit."""
@@ -357,18 +402,39 @@ class Simulation:
   def _resolve_chunk_size(self, params) -> None:
     k = self.max_cohort_size
     if self._requested_chunk_size is not None:
-      self.chunk_size = min(self._requested_chunk_size, k)
-      return
-    bsz, spec = self._batch_spec()
-    example_bytes = sum(
-        int(np.prod(v.shape[1:])) * np.dtype(v.dtype).itemsize for v in spec.values()
-    )
-    self.chunk_size = auto_chunk_size(
-        k, _param_count(params), example_bytes, bsz, self.memory_budget,
-        jax.devices()[0].platform,
+      chunk = self._requested_chunk_size
+      if self._num_shards == 1:
+        chunk = min(chunk, k)
+    else:
+      bsz, spec = self._batch_spec()
+      example_bytes = sum(
+          int(np.prod(v.shape[1:])) * np.dtype(v.dtype).itemsize for v in spec.values()
+      )
+      # The budget is per device: with a mesh each device holds chunk / num_shards clients.
+      chunk = self._num_shards * auto_chunk_size(
+          -(-k // self._num_shards), _param_count(params), example_bytes, bsz,
+          self.memory_budget, jax.devices()[0].platform,
+      )
+    self.chunk_size = _sharding.fit_chunk(
+        chunk, k, self._num_shards, self._requested_chunk_size
     )
 
   # -- the round -----------------------------------------------------------------------------
+  def _sample_cohort(self, key: jax.Array, round_: jax.Array, num_clients: int):
+    """Round ``round_``'s cohort and availability mask (None without a system model).
+
+    A pure function of (run key, round): the round step and the host-side prefetcher
+    (``population_on="host"``) draw the same cohort from it.
+    """
+    round_key = jax.random.fold_in(key, round_)
+    cohort_key = jax.random.split(round_key, 3)[0]
+    # System heterogeneity draws from its own key (a fold of the round key).
+    system_key = jax.random.fold_in(round_key, 0x5157E)
+    available = None
+    if self.system is not None:
+      available = self.system.available(jax.random.fold_in(system_key, 0), round_, num_clients)
+    return self.sampler.sample(cohort_key, num_clients, available), available
+
   def _round_step(self, state: ServerState, population: Population):
     """One federated round, traced into the caller's program (pure)."""
     algo = self.algorithm
@@ -380,17 +446,12 @@ class Simulation:
     num_chunks = math.ceil(k / chunk)
 
     round_key = jax.random.fold_in(state.key, state.round)
-    cohort_key, client_key, agg_key = jax.random.split(round_key, 3)
+    _, client_key, agg_key = jax.random.split(round_key, 3)
     per_client_key, post_key, finalize_key = jax.random.split(agg_key, 3)
     # Public per-round randomness shared by all clients and the server (rotations, SecAgg seeds).
     shared_key = jax.random.fold_in(round_key, 0x5EED)
-    # System heterogeneity draws from its own key (a fold of the round key).
     system_key = jax.random.fold_in(round_key, 0x5157E)
-    available = None
-    if self.system is not None:
-      available = self.system.available(jax.random.fold_in(system_key, 0), state.round,
-                                        num_clients)
-    cohort = self.sampler.sample(cohort_key, num_clients, available)
+    cohort, available = self._sample_cohort(state.key, state.round, num_clients)
     ids, real = cohort.ids, cohort.mask
     if self.sort_by_size:  # big clients together: each chunk runs only the steps it needs
       sizes = jnp.where(real, population.num_examples[ids], -1)
@@ -488,7 +549,7 @@ class Simulation:
     )
 
     def chunk_body(acc, xs):
-      cids, creal, cstates = xs
+      cids, creal, cstates = _sharding.constrain(xs, self._chunk_sharding())  # split over devices
       outputs, new_cstates, kept = vmapped(cids, creal, cstates)
       per_client_updates = outputs[0]
       if stacked:  # keep every update (robust rules); sum the rest
@@ -587,17 +648,44 @@ class Simulation:
     return new_state, metrics
 
   # -- compiled entry points -----------------------------------------------------------------
+  def _chunk_sharding(self):
+    """Sharding of one chunk's per-client arrays: split along ``clients`` (None: no mesh)."""
+    return None if self.mesh is None else _sharding.along_clients(self.mesh)
+
+  def _placed(self, state: ServerState, metrics):
+    """Output placement: replicated server state and metrics, client states along clients."""
+    if self.mesh is None:
+      return state, metrics
+    rep = _sharding.replicated(self.mesh)
+    n = self._num_shards
+    client_states, agg_client_states = jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(
+            x, _sharding.along_clients(self.mesh) if x.shape[0] % n == 0 else rep),
+        (state.client_states, state.agg_client_states),
+    )
+    state = dataclasses.replace(
+        _sharding.constrain(
+            dataclasses.replace(state, client_states=(), agg_client_states=()), rep),
+        client_states=client_states,
+        agg_client_states=agg_client_states,
+    )
+    return state, _sharding.constrain(metrics, rep)
+
   def _round_fn(self):
+    if self._round_jit is None and self.population_on == "host":
+      self._round_jit = _host.HostFeeder(self, None)
     if self._round_jit is None:
 
       def step(state, population):
         self.num_traces["round"] += 1
-        return self._round_step(state, population)
+        return self._placed(*self._round_step(state, population))
 
       self._round_jit = jax.jit(step, donate_argnums=0)
     return self._round_jit
 
   def _block_fn(self, block: int):
+    if block not in self._block_jits and self.population_on == "host":
+      self._block_jits[block] = _host.HostFeeder(self, block)
     if block not in self._block_jits:
 
       def run_block(state, population, num_active):
@@ -613,7 +701,7 @@ class Simulation:
 
         _, metric_shapes = jax.eval_shape(self._round_step, state, population)
         skipped_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-        return jax.lax.scan(body, state, jnp.arange(block))
+        return self._placed(*jax.lax.scan(body, state, jnp.arange(block)))
 
       self._block_jits[block] = jax.jit(run_block, donate_argnums=0)
     return self._block_jits[block]

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim import _validation as _v
 from fedjax_sim.aggregators._base import (
     ADDS_NOISE,
     CAPS_WEIGHTS,
@@ -108,7 +109,8 @@ def dp_mean(
     >>> agg.noise_multiplier
     0.5
   """
-  z = float(_non_negative("noise_multiplier", noise_multiplier))
+  z = _non_negative("noise_multiplier", noise_multiplier)
+  z = None if _v.traced(z) else float(z)  # traced in fs.sweep lanes (no host accounting there)
   if weight_cap is None:
     return process(
         clip_l2(clip, per_layer=per_layer),

@@ -1,0 +1,129 @@
+"""Workloads run on 1 device in the test process and, by ``python sharded_worker.py``, on many
+forced CPU devices or in several processes (XLA_FLAGS must be set before jax is imported, so
+those runs need a fresh process).
+
+    python sharded_worker.py devices OUT.npz WORKLOAD,...
+    python sharded_worker.py multihost OUT.npz WORKLOAD,... COORDINATOR_PORT PROCESS_ID NPROC
+"""
+
+import sys
+
+WORKLOADS = ("fedavg", "dp_fedavg", "scaffold")
+NUM_ROUNDS = 3
+
+
+def build(name, loss_fn):
+  import optax
+
+  import fedjax_sim as fs
+
+  if name == "scaffold":
+    return fs.algorithms.scaffold(loss_fn, client_learning_rate=0.1, batch_size=4, local_epochs=1)
+  aggregator = fs.aggregators.dp_mean(0.05, 0.7) if name == "dp_fedavg" else None
+  return fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
+                              local_epochs=2, aggregator=aggregator)
+
+
+def run_workload(name, mesh=None, population_on="device"):
+  """Final params and client states (flat dict of NumPy arrays) after NUM_ROUNDS rounds."""
+  import jax
+  import numpy as np
+  from conftest import init_params, linear_apply, make_population
+
+  import fedjax_sim as fs
+
+  pop = fs.Population.from_clients(make_population(num_clients=24))
+  loss_fn = fs.models.classifier_loss(linear_apply)
+  sim = fs.Simulation(build(name, loss_fn), pop, cohort_size=7, mesh=mesh,
+                      population_on=population_on)
+  state = sim.init(init_params(), jax.random.key(11))
+  state, metrics = sim.run(state, num_rounds=NUM_ROUNDS)
+  leaves = jax.tree.leaves(fs.sharding.fetch((state.params, state.client_states)))
+  out = {f"{name}/{i}": x for i, x in enumerate(leaves)}
+  out[f"{name}/loss"] = metrics["loss"]
+  out[f"{name}/chunk"] = np.asarray(sim.chunk_size)
+  return out
+
+
+def main(argv):
+  mode, path, workloads = argv[1], argv[2], argv[3].split(",")
+  import os
+
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import jax
+
+  if mode == "multihost":
+    port, pid, nproc = int(argv[4]), int(argv[5]), int(argv[6])
+    import fedjax_sim as fs
+
+    fs.sharding.initialize(f"127.0.0.1:{port}", nproc, pid, initialization_timeout=60)
+  jax.config.update("jax_default_matmul_precision", "highest")
+  import numpy as np
+  from conftest import init_params, linear_apply, make_population
+
+  import fedjax_sim as fs
+
+  mesh = fs.sharding.clients_mesh()
+  results = {"num_devices": np.asarray(len(jax.devices()))}
+  for name in workloads:
+    results.update(run_workload(name, mesh))
+  if mode == "devices":
+    # Population on the host (cohorts gathered there) or split over the devices, on the mesh.
+    for where in ("host", "sharded"):
+      placed = run_workload("scaffold", mesh, population_on=where)
+      results.update({f"{where}_{k}": v for k, v in placed.items()})
+    # A chunk that cannot be split over the mesh is refused before compiling.
+    try:
+      fs.Simulation(build("fedavg", fs.models.classifier_loss(lambda p, x: x)),
+                    fs.Population.from_arrays({"x": np.zeros((4, 1), np.float32)}, [0, 1, 2, 3]),
+                    cohort_size=3, chunk_size=3, mesh=mesh)
+      results["chunk_error"] = np.asarray("")
+    except ValueError as e:
+      results["chunk_error"] = np.asarray(str(e))
+    results["state_sharding"] = np.asarray(str(
+        jax.tree.leaves(run_state_sharding(mesh))[0]))
+    pop = fs.Population.from_clients(make_population(num_clients=24))
+    sim = fs.Simulation(build("fedavg", fs.models.classifier_loss(linear_apply)), pop,
+                        cohort_size=7, mesh=mesh, population_on="sharded")
+    # fs.sweep with the simulations split over the devices: lane 0 (seed 11) is the reference.
+    loss_fn = fs.models.classifier_loss(linear_apply)
+    states, metrics = fs.sweep(lambda: build("fedavg", loss_fn), pop, init_params(),
+                               seeds=[11, 1, 2, 3, 4, 5, 6, 7], num_rounds=NUM_ROUNDS,
+                               cohort_size=7, mesh=mesh)
+    lanes = jax.tree.leaves(fs.sharding.fetch(states.params))
+    results.update({f"sweep_fedavg/{i}": x[0] for i, x in enumerate(lanes)})
+    results["sweep_fedavg/loss"] = metrics["loss"][0]
+    results["sweep_lanes_differ"] = np.asarray(not np.allclose(lanes[1][0], lanes[1][1]))
+    results["sweep_sharding"] = np.asarray(str(states.params["w"].sharding.spec))
+    try:
+      fs.sweep(lambda: build("fedavg", loss_fn), pop, init_params(), seeds=[0, 1, 2],
+               num_rounds=1, cohort_size=7, mesh=mesh)
+      results["sweep_error"] = np.asarray("")
+    except ValueError as e:
+      results["sweep_error"] = np.asarray(str(e))
+    x = sim.population.features["x"]
+    results["features_sharding"] = np.asarray(str(x.sharding.spec))
+    results["features_shard_rows"] = np.asarray(x.addressable_shards[0].data.shape[0])
+    results["total_rows"] = np.asarray(pop.total_examples)
+  if mode == "devices" or jax.process_index() == 0:
+    np.savez(path, **results)
+  if mode == "multihost":
+    jax.distributed.shutdown()
+
+
+def run_state_sharding(mesh):
+  """The sharding of SCAFFOLD's per-client state after init on ``mesh``."""
+  import jax
+  from conftest import init_params, linear_apply, make_population
+
+  import fedjax_sim as fs
+
+  pop = fs.Population.from_clients(make_population(num_clients=24))
+  sim = fs.Simulation(build("scaffold", fs.models.classifier_loss(linear_apply)), pop,
+                      cohort_size=7, mesh=mesh)
+  state = sim.init(init_params(), jax.random.key(0))
+  return jax.tree.map(lambda x: x.sharding.spec, state.client_states)
+
+
+if __name__ == "__main__":
+  main(sys.argv)
