@@ -332,16 +332,20 @@ def ssd_loss(encoder_apply, projector_apply, basis: DSRBasis, *, config: SSDConf
           "equal or pass delta=0.")
     align = alignment_loss(z1, z2, m)
     unif = 0.5 * (uniformity_loss(z1, m, config.t) + uniformity_loss(z2, m, config.t))
-    scale = basis.scales[block]
-    dsr = 0.5 * (dsr_loss(z1, basis.q, scale, m, mode=config.dsr_mode)
-                 + dsr_loss(z2, basis.q, scale, m, mode=config.dsr_mode))
-    if h1.shape[-1] == z1.shape[-1]:
+    total = align + beta * unif
+    # A term whose weight is exactly 0 is left out of the program (not multiplied by 0), so SSD
+    # with gamma = delta = 0 runs the same computation as FedAlignUniform, bit for bit.
+    dsr = pd = jnp.zeros((), jnp.float32)
+    if config.gamma != 0:
+      scale = basis.scales[block]
+      dsr = 0.5 * (dsr_loss(z1, basis.q, scale, m, mode=config.dsr_mode)
+                   + dsr_loss(z2, basis.q, scale, m, mode=config.dsr_mode))
+      total = total + gamma * dsr
+    if config.delta != 0:
       kw = dict(temperature=config.temperature, direction=config.pd_direction,
                 method=config.pd_method)
       pd = 0.5 * (distillation_loss(h1, z1, m, **kw) + distillation_loss(h2, z2, m, **kw))
-    else:
-      pd = jnp.zeros((), jnp.float32)
-    total = align + beta * unif + gamma * dsr + delta * pd
+      total = total + delta * pd
     return total, {"align": align, "unif": unif, "dsr": dsr, "pd": pd}
 
   return loss_fn
@@ -491,8 +495,7 @@ def ssd(
     params, rnd = (broadcast, None) if not slot_mode else broadcast
     cid = data.features[client_id_key][data.offset]
     if slot_mode:
-      perm = jax.random.permutation(jax.random.fold_in(perm_key, rnd), num_clients)
-      block = perm[cid] % num_slots
+      block = slot_blocks(perm_key, rnd, num_clients, num_slots)[cid]
     else:
       block = cid
     train = make_local_trainer(lambda p, b, k: loss4(p, b, k, block), client_optimizer,
@@ -510,6 +513,13 @@ def ssd(
                  server_update=lambda d, s, rnd, stats, ctx: (d, rnd + 1))
   return Algorithm(client_update, process, server_optimizer, None, "ssd", loss3, client_optimizer,
                    batch_size, **extra)
+
+
+def slot_blocks(key: jax.Array, round_index, num_clients: int, num_slots: int) -> jax.Array:
+  """DSR block of every client in round ``round_index`` under ``dsr_assign="slot"``:
+  ``π_r(k) mod num_slots`` for a random permutation ``π_r`` drawn from ``fold_in(key, r)``."""
+  perm = jax.random.permutation(jax.random.fold_in(key, round_index), num_clients)
+  return perm % num_slots
 
 
 # -- evaluation ----------------------------------------------------------------------------------
