@@ -322,7 +322,11 @@ def _kfed_server(key, local, local_mask, k):
   def body(i, carry):
     chosen, mind = carry
     far = pooled[jnp.argmax(jnp.where(valid, mind, -jnp.inf))]
-    c = jnp.where(i < num_seeds, seeds[jnp.minimum(i, kp - 1)], far)
+    seed = seeds[jnp.minimum(i, kp - 1)]
+    # A seed equal to one already chosen (a device's repeated points) is replaced by the
+    # farthest pooled centre.
+    seen = jnp.min(jnp.where(jnp.arange(k) < i, jnp.sum(jnp.square(chosen - seed), -1), jnp.inf))
+    c = jnp.where((i < num_seeds) & (seen > 0), seed, far)
     return chosen.at[i].set(c), jnp.minimum(mind, jnp.sum(jnp.square(pooled - c), -1))
 
   init = (jnp.zeros((k, dim), local.dtype), jnp.full((n * kp,), jnp.inf, local.dtype))
@@ -340,7 +344,8 @@ def kfed(population, k: int, k_prime: int, *, key=None, feature_key: str = "x",
   second-nearest centre, seed the original-space centres with their means, then Lloyd);
   ``project=False`` runs k-means++ and Lloyd directly. A device with fewer than ``k_prime``
   examples uploads only as many centres as it has points. The server takes one random device's
-  centres as seeds, adds the pooled centre farthest from the chosen set until it has ``k``
+  centres as seeds (repeats dropped), adds the pooled centre farthest from the chosen set until
+  it has ``k``
   (max–min seeding), then runs one Lloyd step over the pooled centres (unweighted). Empty
   clusters keep their centre, locally and on the server.
 
