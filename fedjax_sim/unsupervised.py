@@ -308,7 +308,7 @@ def _kfed_local(key, x, m, k_prime, iters, project, margin):
   return _masked_lloyd(x, m, init, iters)
 
 
-def _kfed_server(key, local, local_mask, k):
+def _kfed_server(key, local, local_mask, k, server_steps=1):
   """Farthest-point seeding from one random device's centres, then one Lloyd step."""
   n, kp, dim = local.shape
   pooled = local.reshape(n * kp, dim)
@@ -331,11 +331,12 @@ def _kfed_server(key, local, local_mask, k):
 
   init = (jnp.zeros((k, dim), local.dtype), jnp.full((n * kp,), jnp.inf, local.dtype))
   chosen, _ = jax.lax.fori_loop(0, k, body, init)
-  return _masked_lloyd(pooled, valid.astype(local.dtype), chosen, 1)
+  return _masked_lloyd(pooled, valid.astype(local.dtype), chosen, server_steps)
 
 
 def kfed(population, k: int, k_prime: int, *, key=None, feature_key: str = "x",
-         local_iters: int = 50, project: bool = True, margin: float = 0.9) -> KFedResult:
+         local_iters: int = 50, project: bool = True, margin: float = 0.9,
+         server_steps: int = 1) -> KFedResult:
   """k-FED one-shot federated clustering: local k′-means per device, one upload, server merge.
 
   Every device (vmapped, in one compiled program) clusters its own data into ``k_prime``
@@ -358,6 +359,7 @@ def kfed(population, k: int, k_prime: int, *, key=None, feature_key: str = "x",
     local_iters: Lloyd iterations on a device.
     project: use the SVD projection + pruning of the paper's local step.
     margin: the pruning margin (multiplicative, in (0, 1]).
+    server_steps: Lloyd steps over the pooled centres on the server (the paper: 1).
 
   Returns:
     A :class:`KFedResult`.
@@ -376,6 +378,7 @@ def kfed(population, k: int, k_prime: int, *, key=None, feature_key: str = "x",
   _v.positive_int("k", k)
   _v.positive_int("k_prime", k_prime)
   _v.positive_int("local_iters", local_iters)
+  _v.positive_int("server_steps", server_steps)
   margin = _v.positive("margin", margin)
   if margin > 1:
     raise ValueError(f"margin must lie in (0, 1]; got {margin!r}.")
@@ -394,11 +397,13 @@ def kfed(population, k: int, k_prime: int, *, key=None, feature_key: str = "x",
     raise ValueError(f"k={k} is larger than the {uploaded} centres the clients upload "
                      f"(min(examples, k_prime={k_prime}) per client); raise k_prime or lower k.")
   key = jax.random.key(0) if key is None else key
-  return _kfed_jit(population, key, k, k_prime, feature_key, local_iters, project, margin)
+  return _kfed_jit(population, key, k, k_prime, feature_key, local_iters, project, margin,
+                   server_steps)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
-def _kfed_jit(population, key, k, k_prime, feature_key, local_iters, project, margin):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))
+def _kfed_jit(population, key, k, k_prime, feature_key, local_iters, project, margin,
+              server_steps):
   feats = population.features[feature_key]
   feats = feats.reshape(feats.shape[0], -1).astype(jnp.float32)
   nmax = population.max_examples
@@ -414,7 +419,7 @@ def _kfed_jit(population, key, k, k_prime, feature_key, local_iters, project, ma
     return c, jnp.arange(k_prime) < n
 
   local, mask = jax.vmap(one)(jnp.arange(population.num_clients))
-  return KFedResult(_kfed_server(server_key, local, mask, k), local, mask)
+  return KFedResult(_kfed_server(server_key, local, mask, k, server_steps), local, mask)
 
 
 def assign_clusters(x, centroids) -> np.ndarray:
