@@ -128,8 +128,7 @@ def dsr_basis(dim: int, num_blocks: int, *, alpha: float = 10.0, seed: int = 0) 
   q = q * np.sign(np.diag(r))[None, :]
   perm = rng.permutation(dim)
   scales = np.ones((num_blocks, dim))
-  for b in range(num_blocks):  # host-side setup of the geometry, not a per-round client loop
-    scales[b, perm[b * size:(b + 1) * size]] = alpha
+  scales[np.repeat(np.arange(num_blocks), size), perm[:num_blocks * size]] = alpha
   return DSRBasis(jnp.asarray(q, jnp.float32), jnp.asarray(scales, jnp.float32))
 
 
@@ -214,21 +213,31 @@ def image_augment(image_shape: Sequence[int], *, pad: int = 1, flip_prob: float 
     raise ValueError(f"pad must be an int >= 0; got {pad!r}.")
   flip_prob = _v.probability("flip_prob", flip_prob)
   noise_std = _v.non_negative("noise_std", noise_std)
-  widths = [(pad, pad), (pad, pad)] + [(0, 0)] * (len(shape) - 2)
+  widths = [(0, 0), (pad, pad), (pad, pad)] + [(0, 0)] * (len(shape) - 2)
+  h, w = shape[:2]
 
-  def one(key, img):
-    k_crop, k_flip, k_noise = jax.random.split(key, 3)
-    padded = jnp.pad(img, widths)
-    off = jax.random.randint(k_crop, (2,), 0, 2 * pad + 1)
-    start = (off[0], off[1]) + (0,) * (len(shape) - 2)
-    img = jax.lax.dynamic_slice(padded, start, shape)
-    img = jnp.where(jax.random.uniform(k_flip) < flip_prob, img[:, ::-1], img)
-    return img + noise_std * jax.random.normal(k_noise, shape, img.dtype)
+  def pick(candidates, index):
+    # Select candidates[index[b]] per example with static slices and selects (no gather).
+    out = candidates[0]
+    for a in range(1, len(candidates)):
+      sel = (index == a).reshape((-1,) + (1,) * (out.ndim - 1))
+      out = jnp.where(sel, candidates[a], out)
+    return out
 
   def augment(key, x):
     flat = x.shape[1:] != shape
     imgs = x.reshape((x.shape[0], *shape)).astype(jnp.float32)
-    out = jax.vmap(one)(jax.random.split(key, x.shape[0]), imgs)
+    b = imgs.shape[0]
+    k_row, k_col, k_flip, k_noise = jax.random.split(key, 4)
+    padded = jnp.pad(imgs, widths)
+    rows = pick([padded[:, a:a + h] for a in range(2 * pad + 1)],
+                jax.random.randint(k_row, (b,), 0, 2 * pad + 1))
+    out = pick([rows[:, :, a:a + w] for a in range(2 * pad + 1)],
+               jax.random.randint(k_col, (b,), 0, 2 * pad + 1))
+    flip = (jax.random.uniform(k_flip, (b,)) < flip_prob).reshape((b,) + (1,) * len(shape))
+    out = jnp.where(flip, out[:, :, ::-1], out)
+    if noise_std > 0:
+      out = out + noise_std * jax.random.normal(k_noise, out.shape, out.dtype)
     return out.reshape(x.shape) if flat else out
 
   return augment
@@ -572,17 +581,16 @@ def uniformity_decomposition(features, client_ids, t: float = 2.0) -> dict[str, 
   same = ids[:, None] == ids[None, :]
   total = n * (n - 1)
   intra, inter = g[same].sum() / total, g[~same].sum() / total
-  local, weight = 0.0, 0
-  for k in np.unique(ids):  # evaluation-side summary over clients (host)
-    idx = np.flatnonzero(ids == k)
-    if len(idx) > 1:
-      sub = g[np.ix_(idx, idx)]
-      local += len(idx) * -np.log(sub.sum() / (len(idx) * (len(idx) - 1)))
-      weight += len(idx)
+  _, dense = np.unique(ids, return_inverse=True)
+  onehot = np.eye(dense.max() + 1)[dense]
+  counts = onehot.sum(0)
+  block_sums = np.einsum("ak,ab,bk->k", onehot, g, onehot)  # each client's own pairs
+  ok = counts > 1
+  local = -np.log(block_sums[ok] / (counts[ok] * (counts[ok] - 1)))
   cross = (~same).sum()
   return {
       "global": float(-np.log(intra + inter)),
-      "local": float(local / max(weight, 1)),
+      "local": float(np.sum(counts[ok] * local) / max(counts[ok].sum(), 1)),
       "inter_client": float(-np.log(g[~same].sum() / cross)) if cross else float("nan"),
       "intra": float(intra),
       "inter": float(inter),

@@ -142,6 +142,8 @@ def test_metrics_equal_oracles():
   np.testing.assert_allclose([dec["intra"], dec["inter"]], np.array([intra, inter]) / 870,
                              rtol=1e-6)
   np.testing.assert_allclose(dec["global"], ssl.uniformity(f), rtol=1e-6)  # same pairs
+  local = [(np.sum(ids == k), ssl.uniformity(f[ids == k])) for k in range(3)]
+  np.testing.assert_allclose(dec["local"], sum(n * u for n, u in local) / 30, rtol=1e-6)
   sv = np.linalg.svd(f, compute_uv=False)
   p = sv / sv.sum()
   np.testing.assert_allclose(ssl.effective_rank(f), np.exp(-np.sum(p * np.log(p))), rtol=1e-6)
@@ -160,7 +162,7 @@ def _setup(num_clients=4, dim=6):
   return pop, params
 
 
-AUG = ssl.image_augment((4, 4), pad=1, flip_prob=0.5, noise_std=0.1)
+AUG = ssl.image_augment((4, 4), pad=1, flip_prob=0.5, noise_std=0.0)
 KW = dict(client_optimizer=optax.sgd(0.05, momentum=0.9), batch_size=8, local_epochs=1,
           augment=AUG)
 
