@@ -5,8 +5,9 @@ clients; every client trains an MLP encoder (64 → 256 → 64) and projector (6
 in-jit augmentations (1-pixel shift, flip, Gaussian noise) of its own unlabelled images; FedAvg
 averages both. SSD adds dimension-scaled regularisation (γ = 1, α = 10) and projector
 distillation (δ = 0.1, T = 0.5). After training, the frozen encoder features of the whole train
-set are scored: global / local / inter-client uniformity (−L_unif, t = 2), effective rank and a
-linear probe on the held-out test set. The plot shows global uniformity over rounds.
+set are scored: global / local / inter-client uniformity (−L_unif, t = 2), effective rank,
+alignment (L_align of two fresh augmentations, lower is better) and a linear probe on the
+held-out test set. The plot shows global uniformity over rounds.
 
 Cross-silo by default (every client every round); ``--cohort-size`` < clients gives the
 cross-device mode (the same algorithm, sampled clients).
@@ -74,14 +75,15 @@ def main():
 
   pop, test = fs.datasets.sklearn_dataset("digits", args.num_clients, alpha=args.alpha, seed=0)
   pop = ssl.with_client_ids(pop)
+  augment = ssl.image_augment((8, 8), pad=1, flip_prob=0.5, noise_std=0.1)
   x, y = np.asarray(pop.features["x"]), np.asarray(pop.features["y"])
   cid = np.asarray(pop.features[ssl.CLIENT_ID_KEY])
   mode = "cross-silo" if not args.cohort_size else f"cross-device ({args.cohort_size}/round)"
   print(f"digits, {pop.num_clients} clients, Dirichlet {args.alpha}, {mode}, "
         f"{args.rounds} rounds x {args.local_epochs} local epochs")
   print("| method | seed | global unif (h) | local unif (h) | inter-client unif (h) "
-        "| global unif (z) | erank (h) | linear probe acc |")
-  print("|---|---|---|---|---|---|---|---|")
+        "| global unif (z) | erank (h) | linear probe acc | align (h) |")
+  print("|---|---|---|---|---|---|---|---|---|")
   curves = {}
   summary = {}
   for seed in args.seeds:
@@ -92,8 +94,12 @@ def main():
       dec = ssl.uniformity_decomposition(h, cid)
       acc = ssl.linear_probe_accuracy(h, y, ssl.embed(ssl.mlp_apply, params["encoder"],
                                                       test["x"]), test["y"])
+      # Alignment of the encoder features of two fresh augmentations of every train image.
+      k1, k2 = jax.random.split(jax.random.key(1000 + seed))
+      views = [ssl.embed(ssl.mlp_apply, params["encoder"], np.asarray(augment(k, x)))
+               for k in (k1, k2)]
       row = (dec["global"], dec["local"], dec["inter_client"], ssl.uniformity(z),
-             ssl.effective_rank(h), acc)
+             ssl.effective_rank(h), acc, float(ssl.alignment_loss(*views)))
       summary.setdefault(name, []).append(row)
       print(f"| {name} | {seed} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
       curve = metrics["eval_global_uniformity"]

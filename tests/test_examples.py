@@ -83,8 +83,9 @@ def test_federated_ssd_example_quick(tmp_path):
                            "--eval-every", "2", "--hidden", "64", "--out", str(out))
   rows = [line.split("|") for line in text.splitlines() if line.startswith(("| base", "| ssd"))]
   assert [r[1].strip() for r in rows] == ["base", "ssd"]
-  # global / local / inter-client uniformity (t = 2) lie in [0, 4]; probe accuracy in [0, 1].
-  vals = np.array([[float(v) for v in r[3:9]] for r in rows])
+  # Uniformity (t = 2) and alignment of unit vectors lie in [0, 4]; probe accuracy in (0.1, 1].
+  vals = np.array([[float(v) for v in r[3:10]] for r in rows])
   assert np.all((vals[:, :4] >= 0) & (vals[:, :4] <= 4.0 + 1e-6))
+  assert np.all((vals[:, 6] >= 0) & (vals[:, 6] <= 4.0 + 1e-6))  # alignment on the sphere
   assert np.all((vals[:, 5] > 0.1) & (vals[:, 5] <= 1))
   assert out.exists() and out.stat().st_size > 10_000
