@@ -6,12 +6,14 @@ autoencoder is trained with FedAvg on the clients' normal data; the detection th
 from the clients' aggregated error statistics (mean + k·std, no raw errors shared); the held-out
 test set (normal digits plus the anomalous digit) is scored by reconstruction error.
 
-  python examples/autoencoder_anomaly.py
+  python examples/autoencoder_anomaly.py [--out roc.png]   # ROC curves of both, as a PNG
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import fedjax_sim as fs
+from fedjax_sim import plots
 from fedjax_sim.unsupervised import anomaly_metrics, federated_threshold, reconstruction_error
 
 
@@ -30,6 +33,7 @@ def main():
   ap.add_argument("--num-clients", type=int, default=30)
   ap.add_argument("--rounds", type=int, default=150)
   ap.add_argument("--k", type=float, default=2.0)
+  ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "autoencoder_roc.png"))
   args = ap.parse_args()
   d = load_digits()
   x, y = (d.data / 16.0).astype(np.float32), d.target
@@ -67,12 +71,29 @@ def main():
   is_anomaly = yte == args.anomaly
   print(f"digits: anomaly = digit {args.anomaly}; {len(xn)} normal training examples over "
         f"{args.num_clients} clients; test {is_anomaly.sum()} anomalies / {len(yte)}")
+  from sklearn.metrics import roc_curve
+
+  plt = plots._plt()
+  fig, ax = plt.subplots(figsize=(5, 5))
   for name, p in (("federated", fed), ("central", central)):
     thr = federated_threshold(apply_fn, p, pop, k=args.k)
-    m = anomaly_metrics(reconstruction_error(apply_fn, p, xte), is_anomaly, thr)
+    scores = reconstruction_error(apply_fn, p, xte)
+    m = anomaly_metrics(scores, is_anomaly, thr)
     print(f"  {name:9s} AUROC {m['auroc']:.3f}  AP {m['average_precision']:.3f}  at threshold "
           f"{thr:.4f} (mean + {args.k} std): F1 {m['f1']:.3f} TPR {m['tpr']:.3f} "
           f"FPR {m['fpr']:.3f}")
+    fpr, tpr, _ = roc_curve(is_anomaly, scores)
+    line, = ax.plot(fpr, tpr, label=f"{name} (AUROC {m['auroc']:.3f})")
+    ax.plot([m["fpr"]], [m["tpr"]], "o", color=line.get_color())
+  ax.plot([0, 1], [0, 1], ":", color="gray")
+  ax.set_xlabel("false positive rate")
+  ax.set_ylabel("true positive rate")
+  ax.set_title(f"digits, anomaly = {args.anomaly} (dots: mean + {args.k} std threshold)")
+  ax.legend(loc="lower right")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  fig.savefig(args.out, dpi=120)
+  print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

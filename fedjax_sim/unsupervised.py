@@ -1,4 +1,5 @@
-"""Federated unsupervised learning on the round engine: federated k-means (Lloyd).
+"""Federated unsupervised learning on the round engine: federated k-means (Lloyd), one-shot
+k-FED, clustering metrics (ARI, NMI) and autoencoder anomaly detection.
 
 Federated Lloyd: every client assigns its examples to the nearest broadcast centroid and sends
 per-cluster sufficient statistics; the server moves each centroid to the mean of its points. As a
@@ -9,6 +10,9 @@ hits keeps its centroid.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -225,3 +229,252 @@ def anomaly_metrics(scores, is_anomaly, threshold: float) -> dict[str, float]:
       "tpr": float(np.mean(pred[y])) if y.any() else float("nan"),
       "fpr": float(np.mean(pred[~y])) if (~y).any() else float("nan"),
   }
+
+
+# -- k-FED: one-shot federated clustering -------------------------------------------------------
+
+
+class KFedResult(NamedTuple):
+  """What :func:`kfed` returns.
+
+  Attributes:
+    centroids: float32 ``[k, dim]``, the global centres.
+    local_centroids: float32 ``[num_clients, k_prime, dim]``, every client's uploaded centres.
+    local_mask: bool ``[num_clients, k_prime]``; False for the slots of a client with fewer than
+      ``k_prime`` examples (it uploads only its own points), which the server ignores.
+  """
+
+  centroids: jax.Array
+  local_centroids: jax.Array
+  local_mask: jax.Array
+
+
+def _masked_kmeans_pp(key, x, m, k):
+  """k-means++ over the rows of ``x`` with ``m > 0`` (fixed ``k`` draws; repeats once exhausted)."""
+  logm = jnp.where(m > 0, 0.0, -jnp.inf)
+  first = jax.random.categorical(jax.random.fold_in(key, 0), logm)
+  centres = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(x[first])
+  d2 = jnp.sum(jnp.square(x - x[first]), -1)
+
+  def body(j, carry):
+    centres, d2 = carry
+    w = d2 * m
+    logits = jnp.where(jnp.sum(w) > 0, jnp.where(w > 0, jnp.log(jnp.maximum(w, 1e-30)), -jnp.inf),
+                       logm)
+    pick = jax.random.categorical(jax.random.fold_in(key, j), logits)
+    return centres.at[j].set(x[pick]), jnp.minimum(d2, jnp.sum(jnp.square(x - x[pick]), -1))
+
+  centres, _ = jax.lax.fori_loop(1, k, body, (centres, d2))
+  return centres
+
+
+def _masked_lloyd(x, m, centres, iters):
+  """``iters`` Lloyd steps on the rows with ``m > 0``; an empty cluster keeps its centre."""
+
+  def body(_, c):
+    onehot = jax.nn.one_hot(jnp.argmin(_sq_dist(x, c), -1), c.shape[0]) * m[:, None]
+    counts = onehot.sum(0)
+    means = (onehot.T @ x) / jnp.maximum(counts, 1.0)[:, None]
+    return jnp.where(counts[:, None] > 0, means, c)
+
+  return jax.lax.fori_loop(0, iters, body, centres)
+
+
+def _kfed_local(key, x, m, k_prime, iters, project, margin):
+  """One device of k-FED (Awasthi–Sheffet style when ``project``): returns ``[k_prime, dim]``."""
+  if not project:
+    return _masked_lloyd(x, m, _masked_kmeans_pp(key, x, m, k_prime), iters)
+  xm = x * m[:, None]
+  # Zero (padded) rows leave the right singular vectors unchanged.
+  _, _, vt = jnp.linalg.svd(xm, full_matrices=False)
+  v = vt[:k_prime].T
+  xp = xm @ v
+  cp = _masked_lloyd(xp, m, _masked_kmeans_pp(key, xp, m, k_prime), iters)
+  d = jnp.sqrt(jnp.maximum(_sq_dist(xp, cp), 0.0))
+  nearest = jnp.argmin(d, -1)
+  if k_prime > 1:
+    two = jnp.sort(d, -1)[:, :2]
+    keep = (two[:, 0] <= margin * two[:, 1]).astype(x.dtype) * m
+  else:
+    keep = m
+  onehot = jax.nn.one_hot(nearest, k_prime)
+  kept, assigned = onehot * keep[:, None], onehot * m[:, None]
+  seed_from = lambda a: (a.T @ x) / jnp.maximum(a.sum(0), 1.0)[:, None]
+  # Means of the kept points; a cluster with no kept point falls back to all its points, then to
+  # a k-means++ pick in the original space (empty-cluster handling).
+  fallback = _masked_kmeans_pp(key, x, m, k_prime)
+  init = jnp.where(kept.sum(0)[:, None] > 0, seed_from(kept),
+                   jnp.where(assigned.sum(0)[:, None] > 0, seed_from(assigned), fallback))
+  return _masked_lloyd(x, m, init, iters)
+
+
+def _kfed_server(key, local, local_mask, k, server_steps=1):
+  """Farthest-point seeding from one random device's centres, then one Lloyd step."""
+  n, kp, dim = local.shape
+  pooled = local.reshape(n * kp, dim)
+  valid = local_mask.reshape(-1)
+  has = local_mask.any(-1)
+  dev = jax.random.categorical(key, jnp.where(has, 0.0, -jnp.inf))
+  seeds, seed_mask = local[dev], local_mask[dev]
+  num_seeds = jnp.sum(seed_mask)
+  seeds = seeds[jnp.argsort(~seed_mask, stable=True)]  # valid seeds first
+
+  def body(i, carry):
+    chosen, mind = carry
+    far = pooled[jnp.argmax(jnp.where(valid, mind, -jnp.inf))]
+    seed = seeds[jnp.minimum(i, kp - 1)]
+    # A seed equal to one already chosen (a device's repeated points) is replaced by the
+    # farthest pooled centre.
+    seen = jnp.min(jnp.where(jnp.arange(k) < i, jnp.sum(jnp.square(chosen - seed), -1), jnp.inf))
+    c = jnp.where((i < num_seeds) & (seen > 0), seed, far)
+    return chosen.at[i].set(c), jnp.minimum(mind, jnp.sum(jnp.square(pooled - c), -1))
+
+  init = (jnp.zeros((k, dim), local.dtype), jnp.full((n * kp,), jnp.inf, local.dtype))
+  chosen, _ = jax.lax.fori_loop(0, k, body, init)
+  return _masked_lloyd(pooled, valid.astype(local.dtype), chosen, server_steps)
+
+
+def kfed(population, k: int, k_prime: int, *, key=None, feature_key: str = "x",
+         local_iters: int = 50, project: bool = True, margin: float = 0.9,
+         server_steps: int = 1) -> KFedResult:
+  """k-FED one-shot federated clustering: local k′-means per device, one upload, server merge.
+
+  Every device (vmapped, in one compiled program) clusters its own data into ``k_prime``
+  centres: by default Awasthi–Sheffet style (project onto its top-``k_prime`` right singular
+  vectors, k-means++ and Lloyd there, keep the points within ``margin`` × the distance to the
+  second-nearest centre, seed the original-space centres with their means, then Lloyd);
+  ``project=False`` runs k-means++ and Lloyd directly. A device with fewer than ``k_prime``
+  examples uploads only as many centres as it has points. The server takes one random device's
+  centres as seeds (repeats dropped), adds the pooled centre farthest from the chosen set until
+  it has ``k``
+  (max–min seeding), then runs one Lloyd step over the pooled centres (unweighted). Empty
+  clusters keep their centre, locally and on the server.
+
+  Args:
+    population: the clients' data (:class:`~fedjax_sim.Population`).
+    k: global number of clusters, in ``[k_prime, uploaded centres]``.
+    k_prime: clusters per device (the paper takes ``k_prime <= sqrt(k)`` for its theory).
+    key: a ``jax.random.key``; default ``key(0)``.
+    feature_key: the feature to cluster (flattened per example).
+    local_iters: Lloyd iterations on a device.
+    project: use the SVD projection + pruning of the paper's local step.
+    margin: the pruning margin (multiplicative, in (0, 1]).
+    server_steps: Lloyd steps over the pooled centres on the server (the paper: 1).
+
+  Returns:
+    A :class:`KFedResult`.
+
+  References:
+    Dennis, Li, Smith, "Heterogeneity for the Win: One-Shot Federated Clustering", ICML 2021.
+
+  Examples:
+    >>> import numpy as np, fedjax_sim as fs
+    >>> x = np.concatenate([np.random.default_rng(0).normal(c, 0.1, (20, 2)) for c in (0, 5, 10)])
+    >>> pop = fs.Population.from_arrays({"x": x.astype(np.float32)}, np.arange(60) % 4)
+    >>> res = fs.unsupervised.kfed(pop, k=3, k_prime=3)
+    >>> np.sort(np.round(np.asarray(res.centroids)[:, 0])).tolist() == [0.0, 5.0, 10.0]
+    True
+  """
+  _v.positive_int("k", k)
+  _v.positive_int("k_prime", k_prime)
+  _v.positive_int("local_iters", local_iters)
+  _v.positive_int("server_steps", server_steps)
+  margin = _v.positive("margin", margin)
+  if margin > 1:
+    raise ValueError(f"margin must lie in (0, 1]; got {margin!r}.")
+  if k_prime > k:
+    raise ValueError(f"k_prime ({k_prime}) must be <= k ({k}): each device finds at most k "
+                     "of the global clusters. Lower k_prime.")
+  if feature_key not in population.features:
+    raise ValueError(f"kfed reads feature {feature_key!r}; the population has "
+                     f"{sorted(population.features)}. Pass feature_key=.")
+  sizes = np.asarray(population.num_examples)
+  uploaded = int(np.minimum(sizes, k_prime).sum())
+  if k > int(sizes.sum()):
+    raise ValueError(f"k={k} is larger than the population's {int(sizes.sum())} examples; "
+                     "lower k.")
+  if k > uploaded:
+    raise ValueError(f"k={k} is larger than the {uploaded} centres the clients upload "
+                     f"(min(examples, k_prime={k_prime}) per client); raise k_prime or lower k.")
+  key = jax.random.key(0) if key is None else key
+  return _kfed_jit(population, key, k, k_prime, feature_key, local_iters, project, margin,
+                   server_steps)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))
+def _kfed_jit(population, key, k, k_prime, feature_key, local_iters, project, margin,
+              server_steps):
+  feats = population.features[feature_key]
+  feats = feats.reshape(feats.shape[0], -1).astype(jnp.float32)
+  nmax = population.max_examples
+  local_key, server_key = jax.random.split(key)
+
+  def one(cid):
+    n = population.num_examples[cid]
+    idx = jnp.arange(nmax)
+    m = (idx < n).astype(jnp.float32)
+    x = feats[population.offsets[cid] + jnp.where(idx < n, idx, 0)] * m[:, None]
+    c = _kfed_local(jax.random.fold_in(local_key, cid), x, m, k_prime, local_iters, project,
+                    margin)
+    return c, jnp.arange(k_prime) < n
+
+  local, mask = jax.vmap(one)(jnp.arange(population.num_clients))
+  return KFedResult(_kfed_server(server_key, local, mask, k, server_steps), local, mask)
+
+
+def assign_clusters(x, centroids) -> np.ndarray:
+  """Index of the nearest centroid for every row of ``x`` (host-side)."""
+  x = np.asarray(x, np.float64).reshape(len(x), -1)
+  c = np.asarray(centroids, np.float64)
+  return np.argmin((x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None], 1)
+
+
+def _contingency(labels_true, labels_pred) -> np.ndarray:
+  a, b = np.asarray(labels_true).ravel(), np.asarray(labels_pred).ravel()
+  if a.shape != b.shape:
+    raise ValueError(f"labels_true and labels_pred need the same length; got {a.shape} and "
+                     f"{b.shape}.")
+  _, ia = np.unique(a, return_inverse=True)
+  _, ib = np.unique(b, return_inverse=True)
+  table = np.zeros((ia.max(initial=-1) + 1, ib.max(initial=-1) + 1), np.int64)
+  np.add.at(table, (ia, ib), 1)
+  return table
+
+
+def adjusted_rand_index(labels_true, labels_pred) -> float:
+  """Adjusted Rand index (Hubert & Arabie 1985) from the pair-confusion counts; 1.0 for
+  identical partitions (up to relabelling), about 0 for random ones.
+
+  Examples:
+    >>> adjusted_rand_index([0, 0, 1, 1], [1, 1, 0, 0])
+    1.0
+  """
+  c = _contingency(labels_true, labels_pred)
+  n = int(c.sum())
+  sq = int((c * c).sum())
+  rows, cols = int((c.sum(1) ** 2).sum()), int((c.sum(0) ** 2).sum())
+  tp, fp, fn = sq - n, cols - sq, rows - sq
+  tn = n * n - fp - fn - sq
+  if fn == 0 and fp == 0:
+    return 1.0
+  return float(2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn)))
+
+
+def normalized_mutual_info(labels_true, labels_pred) -> float:
+  """Normalized mutual information, ``MI / mean(H(true), H(pred))`` (arithmetic normalisation,
+  as scikit-learn's default).
+
+  Examples:
+    >>> round(normalized_mutual_info([0, 0, 1, 1], [0, 0, 1, 2]), 4)
+    0.8
+  """
+  c = _contingency(labels_true, labels_pred).astype(np.float64)
+  if c.shape[0] == c.shape[1] == 1 or c.size == 0:
+    return 1.0
+  n = c.sum()
+  pa, pb, pab = c.sum(1) / n, c.sum(0) / n, c / n
+  nz = pab > 0
+  mi = float(np.sum(pab[nz] * (np.log(pab[nz]) - np.log(np.outer(pa, pb)[nz]))))
+  ent = lambda p: float(-np.sum(p[p > 0] * np.log(p[p > 0])))
+  denom = 0.5 * (ent(pa) + ent(pb))
+  return float(mi / max(denom, np.finfo(np.float64).eps))

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,11 +22,9 @@ def test_dp_privacy_utility_example(tmp_path):
 
 def run_example(name, *args, tmp_path):
   out = tmp_path / f"{name}.png"
-  res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", f"{name}.py"), *args,
-                        "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
-  assert res.returncode == 0, res.stderr[-2000:]
+  text = _run_with_package(name, *args, "--out", str(out))
   assert out.exists() and out.stat().st_size > 10_000
-  return res.stdout
+  return text
 
 
 def test_emnist_example_on_digits(tmp_path):
@@ -46,20 +46,22 @@ def test_heterogeneity_example(tmp_path):
   assert "SCAFFOLD" in out and "FedNova" in out and "q = 1.0" in out
 
 
-def test_federated_kmeans_example():
-  res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "federated_kmeans.py"),
-                        "--rounds", "10"], capture_output=True, text=True, timeout=600, cwd=ROOT)
-  assert res.returncode == 0, res.stderr[-2000:]
-  ratios = [float(line.split("|")[-2]) for line in res.stdout.splitlines()
-            if line.startswith("| iris") or line.startswith("| wine")]
+def test_federated_kmeans_example(tmp_path):
+  out = tmp_path / "clusters.png"
+  text = _run_with_package("federated_kmeans", "--rounds", "10", "--out", str(out))
+  rows = [line.split("|") for line in text.splitlines() if line.startswith(("| iris", "| wine"))]
+  ratios = [float(r[7]) for r in rows if "Lloyd" in r[4]]
   assert len(ratios) == 2 and max(ratios) < 1.1
+  kfed_rows = [r for r in text.splitlines() if "k-FED one-shot" in r]
+  assert len(kfed_rows) == 3 and all(0 <= float(r.split("|")[8]) <= 1 for r in kfed_rows)
+  assert out.stat().st_size > 10_000
 
 
-def test_autoencoder_anomaly_example():
-  res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "autoencoder_anomaly.py"),
-                        "--rounds", "20"], capture_output=True, text=True, timeout=600, cwd=ROOT)
-  assert res.returncode == 0, res.stderr[-2000:]
-  aurocs = [float(line.split("AUROC")[1].split()[0]) for line in res.stdout.splitlines()
+def test_autoencoder_anomaly_example(tmp_path):
+  out = tmp_path / "roc.png"
+  text = _run_with_package("autoencoder_anomaly", "--rounds", "20", "--out", str(out))
+  assert out.stat().st_size > 10_000
+  aurocs = [float(line.split("AUROC")[1].split()[0]) for line in text.splitlines()
             if "AUROC" in line]
   assert len(aurocs) == 2 and min(aurocs) > 0.6
 
@@ -69,3 +71,26 @@ def test_robustness_compression_example(tmp_path):
                     "--cohort", "10", "--bits", "2", "--dp-clients", "60", "--dp-cohort", "20",
                     "--noise", "1.0", tmp_path=tmp_path)
   assert "| median |" in out and "| 2 |" in out and "| 1.0 |" in out
+
+
+def _run_with_package(name, *args):
+  """Runs an example with this checkout's package importable (also when not installed)."""
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", f"{name}.py"), *args],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+  assert res.returncode == 0, res.stderr[-2000:]
+  return res.stdout
+
+
+def test_federated_ssd_example_quick(tmp_path):
+  out = tmp_path / "ssd.png"
+  text = _run_with_package("federated_ssd", "--rounds", "2", "--local-epochs", "1",
+                           "--eval-every", "2", "--hidden", "64", "--out", str(out))
+  rows = [line.split("|") for line in text.splitlines() if line.startswith(("| base", "| ssd"))]
+  assert [r[1].strip() for r in rows] == ["base", "ssd"]
+  # Uniformity (t = 2) and alignment of unit vectors lie in [0, 4]; probe accuracy in (0.1, 1].
+  vals = np.array([[float(v) for v in r[3:10]] for r in rows])
+  assert np.all((vals[:, :4] >= 0) & (vals[:, :4] <= 4.0 + 1e-6))
+  assert np.all((vals[:, 6] >= 0) & (vals[:, 6] <= 4.0 + 1e-6))  # alignment on the sphere
+  assert np.all((vals[:, 5] > 0.1) & (vals[:, 5] <= 1))
+  assert out.exists() and out.stat().st_size > 10_000
