@@ -16,8 +16,10 @@ CPU backend runs on a slow generic emitter: ~15-20x slower than the same steps u
 :func:`conv_general_dilated` therefore computes the backward pass itself with both gradients
 written as canonical NHWC/HWIO convolutions (explicit transposes), which XLA:CPU runs on its
 fast path inside loops too; the forward pass and the math are unchanged (same gradients to
-float rounding). On GPU/TPU it is ``lax.conv_general_dilated``. Measured in
-``benchmarks/conv_loop.py``.
+float rounding). On GPU/TPU it is ``lax.conv_general_dilated``. Likewise :func:`max_pool`: the
+gradient of ``reduce_window`` max (select-and-scatter) is slow on XLA:CPU, so the CPU path writes
+the 2x2 pool's gradient out (same values, ties included). Measured in ``benchmarks/conv_loop.py``
+and ``benchmarks/ceiling.py --cnn-layers``.
 """
 
 from __future__ import annotations
@@ -105,6 +107,57 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   return _conv_valid(x, rhs)
 
 
+@jax.custom_vjp
+def _max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2, stride-2 max pool of an NHWC array with even H and W."""
+  n, h, w, c = x.shape
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _max_pool_2x2_fwd(x):
+  n, h, w, c = x.shape
+  y = x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  return y, (x, y)
+
+
+def _max_pool_2x2_bwd(res, dy):
+  # The gradient goes to the FIRST maximum of each window in row-major order, as XLA's
+  # select-and-scatter (the gradient of lax.reduce_window max) does, ties included.
+  x, y = res
+  n, h, w, c = x.shape
+  windows = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+  hit = windows.reshape(n, h // 2, w // 2, 4, c) == y[:, :, :, None, :]
+  first = hit & (jnp.cumsum(hit.astype(jnp.int32), axis=3) == 1)
+  dx = jnp.where(first, dy[:, :, :, None, :], jnp.zeros((), dy.dtype))
+  dx = dx.reshape(n, h // 2, w // 2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+  return (dx.reshape(x.shape),)
+
+
+_max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
+
+
+def max_pool(x: jax.Array, window_shape=(2, 2), strides=None, padding="VALID", *,
+             impl: str = "auto") -> jax.Array:
+  """``flax.linen.max_pool`` with a per-backend implementation (see :func:`conv_general_dilated`).
+
+  On the CPU path a 2x2, stride-2, VALID pool of an NHWC array is a reshape + max whose gradient
+  is written out (same values as ``reduce_window``'s select-and-scatter, ~2.5x faster inside the
+  client loop on XLA:CPU); anything else is ``nn.max_pool``.
+  """
+  if impl not in ("auto", "lax", "canonical"):
+    raise ValueError(f"impl must be 'auto', 'lax' or 'canonical'; got {impl!r}.")
+  if impl == "auto":
+    impl = "canonical" if jax.default_backend() == "cpu" else "lax"
+  strides = window_shape if strides is None else strides
+  if (impl == "lax" or x.ndim != 4 or tuple(window_shape) != (2, 2) or tuple(strides) != (2, 2)
+      or padding != "VALID"):
+    return nn.max_pool(x, window_shape, strides=strides, padding=padding)
+  h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+  if (h, w) != x.shape[1:3]:
+    x = x[:, :h, :w]
+  return _max_pool_2x2(x)
+
+
 class Conv(nn.Conv):
   """``flax.linen.Conv`` using :func:`conv_general_dilated` (fast gradients in loops on CPU).
 
@@ -146,7 +199,11 @@ class MLP(nn.Module):
 
 class EmnistCNN(nn.Module):
   """The EMNIST CNN of Reddi et al. 2021 (FedJAX / TFF): conv32-conv64-maxpool-dropout(0.25)-
-  dense128-dropout(0.5)-dense(num_classes), valid 3x3 convolutions; ~1.2M parameters."""
+  dense128-dropout(0.5)-dense(num_classes), valid 3x3 convolutions; ~1.2M parameters.
+
+  ``conv_impl`` (``"auto"``, ``"lax"``, ``"canonical"``) picks the convolution and pooling
+  implementation (module docstring); it changes speed, not parameters or results.
+  """
 
   num_classes: int = 62
   conv_impl: str = "auto"
@@ -155,7 +212,7 @@ class EmnistCNN(nn.Module):
   def __call__(self, x, train: bool = False):
     x = nn.relu(Conv(32, (3, 3), padding="VALID", impl=self.conv_impl)(x))
     x = nn.relu(Conv(64, (3, 3), padding="VALID", impl=self.conv_impl)(x))
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = max_pool(x, (2, 2), strides=(2, 2), impl=self.conv_impl)
     x = nn.Dropout(0.25, deterministic=not train)(x)
     x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
     x = nn.Dropout(0.5, deterministic=not train)(x)
@@ -163,7 +220,10 @@ class EmnistCNN(nn.Module):
 
 
 class CifarCNN(nn.Module):
-  """Small CIFAR CNN (conv-pool-conv-pool-dense), the model of pfl-research's CIFAR-10 setup."""
+  """Small CIFAR CNN (conv-pool-conv-pool-dense), the model of pfl-research's CIFAR-10 setup.
+
+  ``conv_impl`` as in :class:`EmnistCNN`.
+  """
 
   num_classes: int = 10
   conv_impl: str = "auto"
@@ -171,9 +231,9 @@ class CifarCNN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = nn.relu(Conv(32, (3, 3), impl=self.conv_impl)(x))
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = max_pool(x, (2, 2), strides=(2, 2), impl=self.conv_impl)
     x = nn.relu(Conv(64, (3, 3), impl=self.conv_impl)(x))
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = max_pool(x, (2, 2), strides=(2, 2), impl=self.conv_impl)
     x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
     return nn.Dense(self.num_classes)(x)
 

@@ -67,3 +67,17 @@ def test_auto_is_canonical_on_cpu_and_params_unchanged():
   assert jax.tree.structure(p) == jax.tree.structure(p_lax)
   _close(p, p_lax, 0)
   assert m.apply({"params": p}, x).shape == (1, 62)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 9, 2)])
+def test_max_pool_gradients_match_reduce_window_with_ties(shape):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  x = x.at[:, :4, :4, :].set(0.5).at[0, 0, 1, 0].set(2.0)  # ties among equal maxima
+
+  def f(impl):
+    return jax.value_and_grad(
+        lambda x: jnp.sum(jnp.sin(3 * fs.zoo.max_pool(jax.nn.relu(x), (2, 2), impl=impl)))
+    )(x)
+
+  _close(f("canonical"), f("lax"), 1e-6)
