@@ -81,3 +81,23 @@ def test_max_pool_gradients_match_reduce_window_with_ties(shape):
     )(x)
 
   _close(f("canonical"), f("lax"), 1e-6)
+
+
+def test_single_client_chunks_run_unbatched_with_same_results(monkeypatch):
+  """chunk_size=1 runs the client without vmap (round.UNBATCHED_SINGLE_CLIENT): same params."""
+  rng = np.random.default_rng(0)
+  x = rng.random((60, 8, 8, 2), np.float32)
+  y = rng.integers(0, 5, 60).astype(np.int32)
+  pop = fs.Population.from_arrays({"x": x, "y": y}, np.repeat(np.arange(5), 12))
+  model = fs.zoo.CifarCNN(5)
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  algo = fs.algorithms.fedavg(fs.models.classifier_loss(fs.models.linen_apply(model)),
+                              client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(1.0),
+                              batch_size=5, local_epochs=1)
+  out = {}
+  for flag in (False, True):
+    monkeypatch.setattr(fs.round, "UNBATCHED_SINGLE_CLIENT", flag)
+    sim = fs.Simulation(algo, pop, cohort_size=3, chunk_size=1)
+    state, metrics = sim.round(sim.init(params, jax.random.key(0)))
+    out[flag] = (state.params, metrics["clients"], metrics["client_steps"])
+  _close(out[True], out[False], 1e-5)
