@@ -83,11 +83,11 @@ def targets(rows: list[dict]) -> str:
         add(f"≥ 2× FedJAX client-updates/s, {model} cohort {cohort}", "—", None)
         continue
       ratio = r["client_updates_per_s"] / FEDJAX_CLIENT_UPDATES[(model, cohort)][1]
-      add(f"≥ 2× FedJAX client-updates/s, {model} cohort {cohort}", f"{ratio:.1f}×", ratio >= 2)
+      add(f"≥ 2× FedJAX client-updates/s, {model} cohort {cohort}", f"{ratio:.2f}×", ratio >= 2)
   r = by.get(("logistic", 10, False))
   if r is not None:
     ratio = r["rounds_per_s"] / FEDJAX_ROUNDS[("logistic", 10)]
-    add("≥ 10× FedJAX rounds/s, logistic cohort 10", f"{ratio:.1f}×", ratio >= 10)
+    add("≥ 10× FedJAX rounds/s, logistic cohort 10", f"{ratio:.2f}×", ratio >= 10)
   for model in ("dense", "cnn"):
     best = max((r["fraction_of_peak"] for r in rows if r["model"] == model and not r["dp"]),
                default=None)
