@@ -1,6 +1,12 @@
-"""Cross-device throughput on the fixed EMNIST-shaped workloads (../shared/bench/WORKLOADS.md).
+"""Cross-device throughput on the fixed workloads of ../shared/bench/WORKLOADS.md.
 
-For each (model, cohort) it runs, in this one process on this one machine:
+Workloads: ``logistic``, ``dense``, ``cnn`` (EMNIST-shaped synthetic data, 3400 clients with
+lognormal sizes, batch 20, cohorts 10/100/1000); ``cifar`` (pfl-research's CIFAR-10 setup: 1000
+users x 50 images 32x32x3, cohort 50, batch 10, ``fs.zoo.CifarCNN``); ``population`` (10^6
+clients x 10 examples of 60 features, logistic regression, DP-FedAvg clip 1 z 1, cohort 10^4).
+All: FedAvg, 1 local epoch, client SGD 0.1, server SGD 1.0.
+
+For each (workload, cohort) it runs, in this one process on this one machine:
   * fedjax_sim: the fused round (cohort vmapped in size-sorted chunks, rounds inside lax.scan);
   * sequential: the SAME one-client update jitted once and called client by client from Python,
     summing deltas on device (the FedJAX / Flower execution model), as the in-process baseline;
@@ -9,21 +15,26 @@ examples), compile time, peak RSS, achieved GFLOP/s and its fraction of a dense-
 measured in the same run.
 
 Usage:
-  python -m benchmarks.run                                   # logistic + dense, cohorts 100 1000
-  python -m benchmarks.run --models dense --cohorts 100 --chunk-sizes 4 8 16 32
-Results are appended as JSON lines to benchmarks/results/<machine>/results.jsonl and a markdown
-table is printed.
+  python -m benchmarks.run                               # logistic + dense, cohorts 10 100 1000
+  python -m benchmarks.run --workloads cnn cifar population
+  python -m benchmarks.run --workloads dense --cohorts 100 --chunk-sizes 4 8 16 32
+Unknown workloads or cohorts a workload does not define are refused (exit 2, with the valid
+ones); a run whose parameters become non-finite exits non-zero and records nothing. Results are
+appended as JSON lines to benchmarks/results/<machine>/results.jsonl (with the 1-min load
+average) and a markdown table is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import platform
 import resource
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -62,6 +73,135 @@ class Dense(nn.Module):
 
 
 MODELS = {"logistic": Logistic, "dense": Dense}
+
+
+def cifar_shaped(num_clients=1000, per_client=50, seed=0):
+  """pfl-research's CIFAR-10 setup, synthetic: 1000 users x 50 images 32x32x3, 10 classes."""
+  rng = np.random.default_rng(seed=seed)
+  total = num_clients * per_client
+  x = rng.random((total, 32, 32, 3), np.float32)
+  y = rng.integers(0, 10, total, np.int32)
+  return x, y, np.repeat(np.arange(num_clients), per_client)
+
+
+def synthetic_population(num_clients=10**6, per_client=10, dim=60, classes=10, seed=0):
+  """LEAF Synthetic-style population: ``num_clients`` x 10 examples of 60 features, 10 classes."""
+  rng = np.random.default_rng(seed=seed)
+  total = num_clients * per_client
+  x = rng.standard_normal((total, dim), np.float32)
+  w = rng.standard_normal((dim, classes), np.float32)
+  y = np.argmax(x @ w + rng.standard_normal((total, classes), np.float32), -1).astype(np.int32)
+  return x, y, np.repeat(np.arange(num_clients), per_client)
+
+
+class PopLogistic(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(10)(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """A fixed workload of ../shared/bench/WORKLOADS.md.
+
+  Attributes:
+    data: ``(num_clients) -> (x, y, client_ids)``.
+    module: ``() -> flax module`` called as ``module(x)`` (dropout, if any, is on in training).
+    train_kwargs: extra ``module.apply`` keyword arguments when training.
+    batch_size: the local minibatch size.
+    cohorts: the cohort sizes this workload defines.
+    default_cohorts: what runs when ``--cohorts`` is not given.
+    dp_only: the workload is defined with DP-FedAvg (clip 1, z 1) only.
+    dense_flops: model FLOPs per example = 6 x params (dense layers); else 3 x the forward
+      FLOPs from XLA's cost analysis (convolutions counted properly).
+    num_clients: the population size.
+  """
+
+  data: Callable[..., tuple]
+  module: Callable[[], nn.Module]
+  batch_size: int
+  cohorts: tuple[int, ...]
+  default_cohorts: tuple[int, ...]
+  train_kwargs: dict = dataclasses.field(default_factory=dict)
+  dp_only: bool = False
+  dense_flops: bool = True
+  num_clients: int = 3400
+
+
+WORKLOADS = {
+    "logistic": Workload(emnist_shaped, Logistic, 20, (10, 100, 1000), (10, 100, 1000)),
+    "dense": Workload(emnist_shaped, Dense, 20, (10, 100, 1000), (10, 100, 1000)),
+    "cnn": Workload(emnist_shaped, lambda: fs.zoo.EmnistCNN(62), 20, (10, 100, 1000), (10, 100),
+                    train_kwargs={"train": True}, dense_flops=False),
+    "cifar": Workload(cifar_shaped, lambda: fs.zoo.CifarCNN(10), 10, (50,), (50,),
+                      dense_flops=False, num_clients=1000),
+    "population": Workload(synthetic_population, PopLogistic, 10, (100, 1000, 10**4), (10**4,),
+                           dp_only=True, num_clients=10**6),
+}
+
+
+def flops_per_example(workload: Workload, module, params, x1) -> float:
+  """Training FLOPs per example (see :class:`Workload`)."""
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  if workload.dense_flops:
+    return 6.0 * num_params
+  cost = jax.jit(lambda p, x: module.apply({"params": p}, x)).lower(params, x1).compile()
+  analysis = cost.cost_analysis()
+  if isinstance(analysis, list):
+    analysis = analysis[0]
+  return 3.0 * float(analysis["flops"]) / x1.shape[0]
+
+
+class BenchmarkError(SystemExit):
+  """A run that must not produce a figure (exits non-zero with the message)."""
+
+
+def check_finite(params, what: str) -> None:
+  """Fails loudly if ``params`` holds a non-finite value: a NaN run has no throughput figure."""
+  bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+         if not bool(np.all(np.isfinite(np.asarray(leaf))))]
+  if bad:
+    raise BenchmarkError(f"benchmark error: {what} produced non-finite parameters in "
+                         f"{', '.join(bad)}; no figure is recorded.")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """Parses and validates the command line; unknown workloads/cohorts are refused."""
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+  ap.add_argument("--workloads", "--models", dest="workloads", nargs="+",
+                  default=["logistic", "dense"], metavar="WORKLOAD",
+                  help=f"one or more of {', '.join(WORKLOADS)}")
+  ap.add_argument("--cohorts", nargs="+", type=int, default=None,
+                  help="cohort sizes (default: each workload's own); each must be one the "
+                       "workload defines: " + "; ".join(
+                           f"{k}: {', '.join(map(str, w.cohorts))}" for k, w in WORKLOADS.items()))
+  ap.add_argument("--chunk-sizes", nargs="+", type=int, default=[0], help="0 = automatic")
+  ap.add_argument("--dp", action="store_true", help="also run DP-FedAvg (clip 1, z 1)")
+  ap.add_argument("--no-sequential", action="store_true")
+  ap.add_argument("--seq-rounds", type=int, default=0, help="0: 2 rounds, 1 at cohort >= 1000")
+  ap.add_argument("--target-seconds", type=float, default=8.0)
+  ap.add_argument("--client-lr", type=float, default=0.1)
+  ap.add_argument("--server-lr", type=float, default=1.0)
+  ap.add_argument("--num-clients", type=int, default=None,
+                  help="override the population size (smoke tests; not a fixed workload)")
+  ap.add_argument("--machine", default=None)
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args(argv)
+  unknown = [w for w in args.workloads if w not in WORKLOADS]
+  if unknown:
+    ap.error(f"unknown workload(s) {', '.join(map(repr, unknown))}; valid workloads: "
+             f"{', '.join(WORKLOADS)}")
+  if args.cohorts is not None:
+    for w in args.workloads:
+      bad = [c for c in args.cohorts if c not in WORKLOADS[w].cohorts]
+      if bad:
+        ap.error(f"cohort(s) {', '.join(map(str, bad))} not defined for workload {w!r}; valid "
+                 f"cohorts for {w}: {', '.join(map(str, WORKLOADS[w].cohorts))}")
+  if any(c < 0 for c in args.chunk_sizes):
+    ap.error(f"--chunk-sizes must be >= 0 (0 = automatic); got {args.chunk_sizes}")
+  if args.num_clients is not None and args.num_clients < 1:
+    ap.error(f"--num-clients must be >= 1; got {args.num_clients}")
+  return args
 
 
 def gemm_gflops(n=2048, repeats=5) -> float:
@@ -118,65 +258,79 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--models", nargs="+", default=["logistic", "dense"], choices=list(MODELS))
-  ap.add_argument("--cohorts", nargs="+", type=int, default=[100, 1000])
-  ap.add_argument("--chunk-sizes", nargs="+", type=int, default=[0], help="0 = automatic")
-  ap.add_argument("--dp", action="store_true", help="also run DP-FedAvg (clip 1, z 1)")
-  ap.add_argument("--no-sequential", action="store_true")
-  ap.add_argument("--seq-rounds", type=int, default=0, help="0: 2 rounds, 1 at cohort >= 1000")
-  ap.add_argument("--target-seconds", type=float, default=8.0)
-  ap.add_argument("--machine", default=None)
-  ap.add_argument("--out", default=None)
-  args = ap.parse_args()
-
+def main(argv=None):
+  args = parse_args(argv)
   machine = args.machine or f"{jax.devices()[0].platform}-{os.cpu_count()}core"
   out_dir = os.path.join(os.path.dirname(__file__), "results", machine)
   os.makedirs(out_dir, exist_ok=True)
   out = args.out or os.path.join(out_dir, "results.jsonl")
 
-  x, y, ids = emnist_shaped()
-  pop = fs.Population.from_arrays({"x": x, "y": y}, ids)
-  del x, y
   peak = gemm_gflops()
   print(f"# {machine}: jax {jax.__version__}, {jax.devices()[0].device_kind}, "
-        f"GEMM peak {peak:.0f} GFLOP/s (2048^2 f32, measured now); {pop}", flush=True)
+        f"GEMM peak {peak:.0f} GFLOP/s (2048^2 f32, measured now); "
+        f"1-min load average {os.getloadavg()[0]:.2f}", flush=True)
   rows = []
-  for model_name in args.models:
-    module = MODELS[model_name]()
-    params = module.init(jax.random.key(0), jnp.ones((1, 28, 28, 1)))["params"]
+  pops = {}
+  for name in args.workloads:
+    w = WORKLOADS[name]
+    num_clients = args.num_clients or w.num_clients
+    key = (w.data, num_clients)
+    if key not in pops:
+      pops.clear()  # one population in memory at a time
+      x, y, ids = w.data(num_clients)
+      pops[key] = fs.Population.from_arrays({"x": x, "y": y}, ids)
+      del x, y, ids
+      print(f"# {pops[key]}", flush=True)
+    pop = pops[key]
+    module = w.module()
+    x1 = jnp.ones((1, *pop.features["x"].shape[1:]), pop.features["x"].dtype)
+    params = module.init(jax.random.key(0), x1)["params"]
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    loss_fn = fs.models.classifier_loss(fs.models.linen_apply(module))
-    for cohort in args.cohorts:
-      for dp in [False, True] if args.dp else [False]:
+    fpe = flops_per_example(w, module, params, x1)
+    loss_fn = fs.models.classifier_loss(fs.models.linen_apply(module, **w.train_kwargs))
+    cohorts = args.cohorts or w.default_cohorts
+    for cohort in cohorts:
+      if cohort > pop.num_clients:
+        raise BenchmarkError(f"benchmark error: cohort {cohort} exceeds the {pop.num_clients} "
+                             f"clients of workload {name!r}")
+      dps = [True] if w.dp_only else ([False, True] if args.dp else [False])
+      for dp in dps:
         agg = fs.aggregators.dp_mean(1.0, 1.0) if dp else None
-        algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1),
-                                    server_optimizer=optax.sgd(1.0), batch_size=20,
-                                    local_epochs=1, aggregator=agg)
+        algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(args.client_lr),
+                                    server_optimizer=optax.sgd(args.server_lr),
+                                    batch_size=w.batch_size, local_epochs=1, aggregator=agg)
         seq = None
         for chunk in args.chunk_sizes:
           sim = fs.Simulation(algo, pop, cohort_size=cohort, chunk_size=chunk or None)
           state = sim.init(params, jax.random.key(0))
-          # Size the timed block to ~target seconds using one round's time.
+          # Size the timed block to ~target seconds using one round's time; a slow round that
+          # already took half the target is itself the (steady-state, post-compile) figure.
           state, quick = sim.benchmark(state, 1)
+          check_finite(state.params, f"{name} cohort {cohort}")
           rounds = max(1, min(200, int(args.target_seconds / max(quick["seconds"], 1e-4))))
-          state, r = sim.benchmark(state, rounds)
-          flops = 6 * num_params * r["examples"]
+          if quick["seconds"] * 2 >= args.target_seconds:
+            rounds, r = 1, quick
+          else:
+            state, r = sim.benchmark(state, rounds)
+            check_finite(state.params, f"{name} cohort {cohort}")
+          flops = fpe * r["examples"]
           row = {
-              "engine": "fedjax_sim", "model": model_name, "cohort": cohort, "dp": dp,
+              "engine": "fedjax_sim", "model": name, "cohort": cohort, "dp": dp,
               "chunk_size": sim.chunk_size, "rounds": rounds,
               "rounds_per_s": r["rounds_per_s"],
               "client_updates_per_s": cohort * r["rounds_per_s"],
               "examples_per_s": r["examples"] / r["seconds"],
-              "padding_waste": r["step_slots"] * 20 / r["examples"],
+              "padding_waste": r["step_slots"] * w.batch_size / r["examples"],
               "compile_plus_first_block_s": quick["first_block_seconds"],
+              "compile_s_estimate": max(quick["first_block_seconds"] - quick["seconds"], 0.0),
               "gflops": flops / r["seconds"] / 1e9, "gemm_peak_gflops": peak,
+              "flops_per_example": fpe, "num_clients": pop.num_clients,
               "peak_rss_mb": peak_rss_mb(), "params": num_params,
+              "load_avg_1min": os.getloadavg()[0],
               "jax": jax.__version__, "machine": machine, "time": time.time(),
           }
           row["fraction_of_peak"] = row["gflops"] / peak
-          if not args.no_sequential and seq is None and not dp:
+          if not args.no_sequential and seq is None and (not dp or w.dp_only):
             seq_rounds = args.seq_rounds or (1 if cohort >= 1000 else 2)
             s = sequential_baseline(algo, pop, params, cohort, seq_rounds)
             seq = {"rounds_per_s": s["rounds_per_s"],
@@ -190,9 +344,10 @@ def main():
             f.write(json.dumps(row) + "\n")
           print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
                             for k, v in row.items()}), flush=True)
+          del state, sim
   print()
-  print("| model | cohort | DP | chunk | rounds/s | client-updates/s | examples/s | padding waste "
-        "| GFLOP/s (% of GEMM peak) | sequential client-updates/s | speed-up |")
+  print("| workload | cohort | DP | chunk | rounds/s | client-updates/s | examples/s "
+        "| padding waste | GFLOP/s (% of GEMM peak) | sequential client-updates/s | speed-up |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     seq = r.get("sequential_client_updates_per_s")

@@ -77,6 +77,8 @@ def default_memory_budget() -> int:
   return int(limit) // 4
 
 
+#: Chunks of one client run the client unbatched (no vmap); False restores the size-1 vmap.
+UNBATCHED_SINGLE_CLIENT = True
 #: On CPU, a chunk is sized so that one vmapped local step does about this many FLOPs.
 CPU_STEP_FLOPS = 1e6
 
@@ -539,7 +541,14 @@ class Simulation:
       return ((contribution, client_metrics, stage_metrics, stats, extra),
               (out.client_state, new_agg_client_state), real)
 
-    vmapped = jax.vmap(one_client)
+    if chunk == 1 and UNBATCHED_SINGLE_CLIENT:
+      # A vmap over ONE client still batches every op (size-1 batch dimension: batched GEMMs,
+      # grouped convolutions), which XLA:CPU runs slower (benchmarks/chunk1.py); run it plain.
+      def vmapped(*args):
+        out = one_client(*jax.tree.map(lambda x: x[0], args))
+        return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
+    else:
+      vmapped = jax.vmap(one_client)
 
     # The cohort's persistent states are gathered once (O(K x state)), streamed through the
     # chunk loop as inputs/outputs, and scattered back once per round: carrying the whole

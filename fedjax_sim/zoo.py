@@ -7,14 +7,170 @@ Normalisation: the ResNet uses GroupNorm. BatchNorm keeps running statistics tha
 client under non-IID data, and averaging them (or training with per-client batch statistics)
 is known to hurt federated training (Hsieh et al., "The Non-IID Data Quagmire", ICML 2020); it
 also needs mutable state that FedAvg does not average. Use GroupNorm / LayerNorm.
+
+Convolutions: every conv here is :class:`Conv`, a ``flax.linen.Conv`` whose convolution is
+:func:`conv_general_dilated`. On XLA:CPU (jax 0.10) a convolution's gradient inside a loop body
+(the client's ``while_loop`` over local steps) is compiled with non-canonical layouts (the kernel
+gradient as ``dim_labels=f01b_i01o->01bf``, the input gradient with an ``01oi`` kernel) that the
+CPU backend runs on a slow generic emitter: ~15-20x slower than the same steps unrolled. On CPU
+:func:`conv_general_dilated` therefore computes the backward pass itself with both gradients
+written as canonical NHWC/HWIO convolutions (explicit transposes), which XLA:CPU runs on its
+fast path inside loops too; the forward pass and the math are unchanged (same gradients to
+float rounding). On GPU/TPU it is ``lax.conv_general_dilated``. Likewise :func:`max_pool`: the
+gradient of ``reduce_window`` max (select-and-scatter) is slow on XLA:CPU, so the CPU path writes
+the 2x2 pool's gradient out (same values, ties included). Measured in ``benchmarks/conv_loop.py``
+and ``benchmarks/ceiling.py --cnn-layers``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@jax.custom_vjp
+def _conv_valid(x: jax.Array, k: jax.Array) -> jax.Array:
+  """VALID, stride-1 2-D convolution, NHWC x HWIO -> NHWC, with canonical-layout gradients."""
+  return lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=_NHWC)
+
+
+def _conv_valid_fwd(x, k):
+  return lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=_NHWC), (x, k)
+
+
+def _conv_valid_bwd(res, dy):
+  x, k = res
+  kh, kw = k.shape[0], k.shape[1]
+  # dx = full correlation of dy with the spatially flipped kernel, as an NHWC/HWIO conv.
+  k_flip = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)
+  dx = lax.conv_general_dilated(dy, k_flip, (1, 1), [(kh - 1, kh - 1), (kw - 1, kw - 1)],
+                                dimension_numbers=_NHWC)
+  # dk[a, b, i, o] = sum_{n,h,w} x[n, h+a, w+b, i] dy[n, h, w, o]: a conv with the input
+  # channels as the batch and the examples as the features, again NHWC/HWIO.
+  dk = lax.conv_general_dilated(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1),
+                                "VALID", dimension_numbers=_NHWC)
+  return dx, dk.transpose(1, 2, 0, 3).astype(k.dtype)
+
+
+_conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None, *, impl="auto"):
+  """``lax.conv_general_dilated`` with a per-backend implementation (same signature).
+
+  Args:
+    lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count, batch_group_count, precision, preferred_element_type: as
+      ``lax.conv_general_dilated``.
+    impl: ``"auto"`` (``"canonical"`` when ``jax.default_backend()`` is ``"cpu"``, else
+      ``"lax"``), ``"lax"`` (plain ``lax.conv_general_dilated``) or ``"canonical"`` (the CPU
+      path: 2-D, stride 1, undilated, ungrouped NHWC/HWIO convolutions get hand-written
+      canonical-layout gradients; any other convolution falls back to ``"lax"``).
+  """
+  if impl not in ("auto", "lax", "canonical"):
+    raise ValueError(f"impl must be 'auto', 'lax' or 'canonical'; got {impl!r}.")
+  if impl == "auto":
+    impl = "canonical" if jax.default_backend() == "cpu" else "lax"
+  plain = functools.partial(
+      lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+      precision=precision, preferred_element_type=preferred_element_type,
+  )
+  if impl == "lax" or lhs.ndim != 4:
+    return plain()
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  canonical = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  simple = (
+      dn == canonical and tuple(window_strides) == (1, 1) and feature_group_count == 1
+      and batch_group_count == 1 and precision is None and preferred_element_type is None
+      and all(d in (None, 1) for d in (lhs_dilation or (1,)) + (rhs_dilation or (1,)))
+      and lhs.dtype == rhs.dtype
+  )
+  if not simple:
+    return plain()
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[0:2], (1, 1), padding)
+  pads = [(0, 0), *(tuple(p) for p in padding), (0, 0)]
+  if any(lo < 0 or hi < 0 for lo, hi in pads):
+    return plain()
+  x = jnp.pad(lhs, pads) if any(lo or hi for lo, hi in pads) else lhs
+  return _conv_valid(x, rhs)
+
+
+@jax.custom_vjp
+def _max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2, stride-2 max pool of an NHWC array with even H and W."""
+  n, h, w, c = x.shape
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _max_pool_2x2_fwd(x):
+  n, h, w, c = x.shape
+  y = x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  return y, (x, y)
+
+
+def _max_pool_2x2_bwd(res, dy):
+  # The gradient goes to the FIRST maximum of each window in row-major order, as XLA's
+  # select-and-scatter (the gradient of lax.reduce_window max) does, ties included.
+  x, y = res
+  n, h, w, c = x.shape
+  windows = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+  hit = windows.reshape(n, h // 2, w // 2, 4, c) == y[:, :, :, None, :]
+  first = hit & (jnp.cumsum(hit.astype(jnp.int32), axis=3) == 1)
+  dx = jnp.where(first, dy[:, :, :, None, :], jnp.zeros((), dy.dtype))
+  dx = dx.reshape(n, h // 2, w // 2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+  return (dx.reshape(x.shape),)
+
+
+_max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
+
+
+def max_pool(x: jax.Array, window_shape=(2, 2), strides=None, padding="VALID", *,
+             impl: str = "auto") -> jax.Array:
+  """``flax.linen.max_pool`` with a per-backend implementation (see :func:`conv_general_dilated`).
+
+  On the CPU path a 2x2, stride-2, VALID pool of an NHWC array is a reshape + max whose gradient
+  is written out (same values as ``reduce_window``'s select-and-scatter, ~2.5x faster inside the
+  client loop on XLA:CPU); anything else is ``nn.max_pool``.
+  """
+  if impl not in ("auto", "lax", "canonical"):
+    raise ValueError(f"impl must be 'auto', 'lax' or 'canonical'; got {impl!r}.")
+  if impl == "auto":
+    impl = "canonical" if jax.default_backend() == "cpu" else "lax"
+  strides = window_shape if strides is None else strides
+  if (impl == "lax" or x.ndim != 4 or tuple(window_shape) != (2, 2) or tuple(strides) != (2, 2)
+      or padding != "VALID"):
+    return nn.max_pool(x, window_shape, strides=strides, padding=padding)
+  h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+  if (h, w) != x.shape[1:3]:
+    x = x[:, :h, :w]
+  return _max_pool_2x2(x)
+
+
+class Conv(nn.Conv):
+  """``flax.linen.Conv`` using :func:`conv_general_dilated` (fast gradients in loops on CPU).
+
+  Same parameters as ``nn.Conv``; ``impl`` picks the implementation (``"auto"``: per backend).
+  """
+
+  impl: str = "auto"
+
+  def __post_init__(self):
+    if self.conv_general_dilated is None and self.conv_general_dilated_cls is None:
+      object.__setattr__(self, "conv_general_dilated",
+                         functools.partial(conv_general_dilated, impl=self.impl))
+    super().__post_init__()
 
 
 class LogisticRegression(nn.Module):
@@ -43,15 +199,20 @@ class MLP(nn.Module):
 
 class EmnistCNN(nn.Module):
   """The EMNIST CNN of Reddi et al. 2021 (FedJAX / TFF): conv32-conv64-maxpool-dropout(0.25)-
-  dense128-dropout(0.5)-dense(num_classes), valid 3x3 convolutions; ~1.2M parameters."""
+  dense128-dropout(0.5)-dense(num_classes), valid 3x3 convolutions; ~1.2M parameters.
+
+  ``conv_impl`` (``"auto"``, ``"lax"``, ``"canonical"``) picks the convolution and pooling
+  implementation (module docstring); it changes speed, not parameters or results.
+  """
 
   num_classes: int = 62
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.relu(nn.Conv(32, (3, 3), padding="VALID")(x))
-    x = nn.relu(nn.Conv(64, (3, 3), padding="VALID")(x))
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = nn.relu(Conv(32, (3, 3), padding="VALID", impl=self.conv_impl)(x))
+    x = nn.relu(Conv(64, (3, 3), padding="VALID", impl=self.conv_impl)(x))
+    x = max_pool(x, (2, 2), strides=(2, 2), impl=self.conv_impl)
     x = nn.Dropout(0.25, deterministic=not train)(x)
     x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
     x = nn.Dropout(0.5, deterministic=not train)(x)
@@ -59,16 +220,20 @@ class EmnistCNN(nn.Module):
 
 
 class CifarCNN(nn.Module):
-  """Small CIFAR CNN (conv-pool-conv-pool-dense), the model of pfl-research's CIFAR-10 setup."""
+  """Small CIFAR CNN (conv-pool-conv-pool-dense), the model of pfl-research's CIFAR-10 setup.
+
+  ``conv_impl`` as in :class:`EmnistCNN`.
+  """
 
   num_classes: int = 10
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.relu(nn.Conv(32, (3, 3))(x))
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = nn.relu(nn.Conv(64, (3, 3))(x))
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = nn.relu(Conv(32, (3, 3), impl=self.conv_impl)(x))
+    x = max_pool(x, (2, 2), strides=(2, 2), impl=self.conv_impl)
+    x = nn.relu(Conv(64, (3, 3), impl=self.conv_impl)(x))
+    x = max_pool(x, (2, 2), strides=(2, 2), impl=self.conv_impl)
     x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
     return nn.Dense(self.num_classes)(x)
 
@@ -80,12 +245,12 @@ class _BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    y = nn.Conv(self.channels, (3, 3), strides=self.stride, use_bias=False)(x)
+    y = Conv(self.channels, (3, 3), strides=self.stride, use_bias=False)(x)
     y = nn.relu(nn.GroupNorm(num_groups=self.groups)(y))
-    y = nn.Conv(self.channels, (3, 3), use_bias=False)(y)
+    y = Conv(self.channels, (3, 3), use_bias=False)(y)
     y = nn.GroupNorm(num_groups=self.groups)(y)
     if x.shape[-1] != self.channels or self.stride != 1:
-      x = nn.Conv(self.channels, (1, 1), strides=self.stride, use_bias=False)(x)
+      x = Conv(self.channels, (1, 1), strides=self.stride, use_bias=False)(x)
       x = nn.GroupNorm(num_groups=self.groups)(x)
     return nn.relu(x + y)
 
@@ -99,7 +264,7 @@ class ResNet18(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.Conv(self.width, (3, 3), use_bias=False)(x)
+    x = Conv(self.width, (3, 3), use_bias=False)(x)
     x = nn.relu(nn.GroupNorm(num_groups=self.groups)(x))
     for stage, mult in enumerate((1, 2, 4, 8)):
       for block in range(2):

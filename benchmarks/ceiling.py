@@ -1,0 +1,166 @@
+"""The FLOP/s ceiling of each workload's own local step on this machine, next to the GEMM peak.
+
+The engine's achieved FLOP/s is bounded by how fast XLA runs ONE local SGD step of the model at
+the workload's batch size (the batch size is fixed by the workload: 20 for EMNIST, 10 for CIFAR
+and the population). This measures that step alone, with everything else removed: one
+cache-resident batch, ``--steps`` steps in a ``lax.scan`` (no data gathering, no shuffling, no
+per-client work, no aggregation), and reports its GFLOP/s against a 2048^2 f32 GEMM measured in
+the same process. Where the engine's figure is close to this ceiling, the engine is not what
+limits it: the small per-step matrix products are.
+
+  PYTHONPATH=. python -m benchmarks.ceiling [--workloads logistic dense cnn cifar population]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fedjax_sim as fs
+from benchmarks.run import WORKLOADS, flops_per_example, gemm_gflops
+
+SHAPES = {"logistic": (28, 28, 1), "dense": (28, 28, 1), "cnn": (28, 28, 1),
+          "cifar": (32, 32, 3), "population": (60,)}
+CLASSES = {"logistic": 62, "dense": 62, "cnn": 62, "cifar": 10, "population": 10}
+
+
+def step_ceiling(name: str, steps: int, repeats: int, batch: int | None = None) -> dict:
+  """Times ``steps`` SGD steps of workload ``name``'s model on one resident batch."""
+  w = WORKLOADS[name]
+  bsz = batch or w.batch_size
+  module = w.module()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.random((bsz, *SHAPES[name]), np.float32))
+  y = jnp.asarray(rng.integers(0, CLASSES[name], bsz), jnp.int32)
+  params = module.init(jax.random.key(0), x[:1])["params"]
+  fpe = flops_per_example(w, module, params, x[:1])
+  loss_fn = fs.models.classifier_loss(fs.models.linen_apply(module))
+  batch = {"x": x, "y": y, fs.types.MASK_KEY: jnp.ones((bsz,), jnp.float32)}
+  grad = jax.grad(lambda p: loss_fn(p, batch, jax.random.key(0))[0])
+  opt = optax.sgd(0.1)
+
+  @jax.jit
+  def run(p):
+    def body(carry, _):
+      p, s = carry
+      u, s = opt.update(grad(p), s, p)
+      return (optax.apply_updates(p, u), s), None
+    return jax.lax.scan(body, (p, opt.init(p)), None, length=steps)[0][0]
+
+  jax.block_until_ready(run(params))
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(run(params))
+    best = min(best, time.perf_counter() - t)
+  return {"workload": name, "batch": bsz, "steps": steps,
+          "examples_per_s": steps * bsz / best, "gflops": fpe * steps * bsz / best / 1e9}
+
+
+def cnn_layers(steps: int, repeats: int, batch: int = 20) -> list[dict]:
+  """Per-layer time of the EMNIST CNN's training step (forward + backward), each layer alone.
+
+  A measured breakdown (a profile by ablation): each layer's forward and the gradients the
+  training step needs of it (kernel and bias; the input too except for the first layer) run
+  ``steps`` times in a ``lax.scan`` on one batch, with the CPU convolution path of the engine.
+  """
+  rng = np.random.default_rng(0)
+  conv = functools.partial(fs.zoo.conv_general_dilated, window_strides=(1, 1), padding="VALID",
+                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def arr(*shape):
+    return jnp.asarray(rng.standard_normal(shape, np.float32) * 0.1)
+
+  def pool(h, impl="auto"):
+    return fs.zoo.max_pool(h, (2, 2), impl=impl)
+
+  b = batch
+  layers = {  # name: (f(params, x) -> out, params, x, argnums, forward FLOPs per example)
+      "conv1 3x3x1x32": (lambda k, x: jax.nn.relu(conv(x, k)), arr(3, 3, 1, 32),
+                         arr(b, 28, 28, 1), (0,), 2 * 26 * 26 * 9 * 32),
+      "conv2 3x3x32x64": (lambda k, x: jax.nn.relu(conv(x, k)), arr(3, 3, 32, 64),
+                          arr(b, 26, 26, 32), (0, 1), 2 * 24 * 24 * 288 * 64),
+      "maxpool 2x2 (engine CPU path)": (lambda k, x: pool(x) * k, jnp.ones(()),
+                                        arr(b, 24, 24, 64), (0, 1), 24 * 24 * 64),
+      "maxpool 2x2 (lax.reduce_window)": (lambda k, x: pool(x, "lax") * k, jnp.ones(()),
+                                          arr(b, 24, 24, 64), (0, 1), 24 * 24 * 64),
+      "dense 9216x128": (lambda w, x: jax.nn.relu(x @ w), arr(9216, 128), arr(b, 9216), (0, 1),
+                         2 * 9216 * 128),
+      "dense 128x62": (lambda w, x: x @ w, arr(128, 62), arr(b, 128), (0, 1), 2 * 128 * 62),
+  }
+  rows = []
+  for name, (f, p, x, argnums, fwd) in layers.items():
+    def loss(p, x, f=f):
+      return jnp.sum(jnp.sin(f(p, x)))
+    g = jax.grad(loss, argnums=argnums)
+
+    @jax.jit
+    def run(p, x, g=g):
+      def body(c, _):
+        p, x = c
+        grads = g(p, x)
+        p = p - 1e-3 * grads[0]
+        if len(grads) > 1:
+          x = x - 1e-3 * grads[1]
+        return (p, x), None
+      return jax.lax.scan(body, (p, x), None, length=steps)[0]
+
+    jax.block_until_ready(run(p, x))
+    best = float("inf")
+    for _ in range(repeats):
+      t = time.perf_counter()
+      jax.block_until_ready(run(p, x))
+      best = min(best, time.perf_counter() - t)
+    flops = 3 * fwd * b if len(argnums) > 1 else 2 * fwd * b
+    rows.append({"layer": name, "ms_per_step": 1e3 * best / steps,
+                 "gflops": flops * steps / best / 1e9, "bench": "cnn_layers", "batch": b})
+  return rows
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+  ap.add_argument("--steps", type=int, default=50)
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--batches", nargs="+", type=int, default=[0],
+                  help="batch sizes to try (0 = the workload's own)")
+  ap.add_argument("--cnn-layers", action="store_true",
+                  help="also time each EMNIST-CNN layer's training step alone")
+  ap.add_argument("--out", default=None, help="append JSON lines here")
+  args = ap.parse_args()
+  peak = gemm_gflops()
+  load = os.getloadavg()[0]
+  print(f"# GEMM peak {peak:.0f} GFLOP/s; 1-min load average {load:.2f}; jax {jax.__version__}")
+  print("| workload | batch | step-only examples/s | step-only GFLOP/s | % of GEMM peak |")
+  print("|---|---|---|---|---|")
+  for name in args.workloads:
+    for b in args.batches:
+      r = step_ceiling(name, args.steps, args.repeats, b or None)
+      r.update(gemm_peak_gflops=peak, load_avg_1min=load, bench="step_ceiling", time=time.time())
+      print(f"| {name} | {r['batch']} | {r['examples_per_s']:.0f} | {r['gflops']:.0f} "
+            f"| {100 * r['gflops'] / peak:.0f}% |", flush=True)
+      if args.out:
+        with open(args.out, "a") as fh:
+          fh.write(json.dumps(r) + "\n")
+  if args.cnn_layers:
+    print("\n| EMNIST-CNN layer (batch 20) | ms per step (fwd + bwd) | GFLOP/s | % of GEMM peak |")
+    print("|---|---|---|---|")
+    for r in cnn_layers(args.steps, args.repeats):
+      r.update(gemm_peak_gflops=peak, load_avg_1min=load, time=time.time())
+      print(f"| {r['layer']} | {r['ms_per_step']:.2f} | {r['gflops']:.0f} "
+            f"| {100 * r['gflops'] / peak:.0f}% |", flush=True)
+      if args.out:
+        with open(args.out, "a") as fh:
+          fh.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,103 @@
+"""The CPU convolution path (canonical-layout gradients) computes what the plain path computes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fedjax_sim as fs
+
+
+def _close(a, b, tol):
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME", ((2, 0), (1, 3))])
+def test_conv_gradients_match_lax(padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 9, 8, 2)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 2, 2, 5)), jnp.float32)
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def f(impl):
+    def loss(x, k):
+      y = fs.zoo.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=dn, impl=impl)
+      return jnp.sum(jnp.sin(y))
+    return jax.value_and_grad(loss, argnums=(0, 1))(x, k)
+
+  _close(f("canonical"), f("lax"), 1e-5)
+
+
+def test_unsupported_convs_fall_back():
+  x = jnp.ones((2, 8, 8, 3))
+  k = jnp.ones((3, 3, 3, 4))
+  y = fs.zoo.conv_general_dilated(x, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  impl="canonical")
+  assert y.shape == (2, 4, 4, 4)
+  with pytest.raises(ValueError, match="impl"):
+    fs.zoo.conv_general_dilated(x, k, (1, 1), "SAME", impl="fast")
+
+
+@pytest.mark.parametrize("model,shape", [(fs.zoo.EmnistCNN, (28, 28, 1)),
+                                         (fs.zoo.CifarCNN, (32, 32, 3))])
+def test_local_training_same_params_on_both_paths(model, shape):
+  """The engine's local trainer (while_loop over minibatches) ends at the same parameters."""
+  rng = np.random.default_rng(1)
+  n = 30
+  feats = {"x": jnp.asarray(rng.random((n, *shape)), jnp.float32),
+           "y": jnp.asarray(rng.integers(0, 10, n), jnp.int32)}
+  params = model(conv_impl="lax").init(jax.random.key(0), feats["x"][:1])["params"]
+  out = {}
+  for impl in ("lax", "canonical"):
+    loss_fn = fs.models.classifier_loss(fs.models.linen_apply(model(conv_impl=impl)))
+    train = fs.client.make_local_trainer(loss_fn, optax.sgd(0.1), batch_size=10, local_epochs=1)
+    data = fs.ClientData(feats, jnp.int32(0), jnp.int32(n), n)
+    out[impl] = jax.jit(lambda p, d, train=train: train(p, d, jax.random.key(2)))(params, data)
+  assert int(out["lax"].num_steps) == 3
+  _close(out["canonical"].params, out["lax"].params, 1e-5)
+
+
+def test_auto_is_canonical_on_cpu_and_params_unchanged():
+  m = fs.zoo.EmnistCNN()
+  x = jnp.ones((1, 28, 28, 1))
+  p = m.init(jax.random.key(0), x)["params"]
+  p_lax = fs.zoo.EmnistCNN(conv_impl="lax").init(jax.random.key(0), x)["params"]
+  assert jax.tree.structure(p) == jax.tree.structure(p_lax)
+  _close(p, p_lax, 0)
+  assert m.apply({"params": p}, x).shape == (1, 62)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 9, 2)])
+def test_max_pool_gradients_match_reduce_window_with_ties(shape):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  x = x.at[:, :4, :4, :].set(0.5).at[0, 0, 1, 0].set(2.0)  # ties among equal maxima
+
+  def f(impl):
+    return jax.value_and_grad(
+        lambda x: jnp.sum(jnp.sin(3 * fs.zoo.max_pool(jax.nn.relu(x), (2, 2), impl=impl)))
+    )(x)
+
+  _close(f("canonical"), f("lax"), 1e-6)
+
+
+def test_single_client_chunks_run_unbatched_with_same_results(monkeypatch):
+  """chunk_size=1 runs the client without vmap (round.UNBATCHED_SINGLE_CLIENT): same params."""
+  rng = np.random.default_rng(0)
+  x = rng.random((60, 8, 8, 2), np.float32)
+  y = rng.integers(0, 5, 60).astype(np.int32)
+  pop = fs.Population.from_arrays({"x": x, "y": y}, np.repeat(np.arange(5), 12))
+  model = fs.zoo.CifarCNN(5)
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  algo = fs.algorithms.fedavg(fs.models.classifier_loss(fs.models.linen_apply(model)),
+                              client_optimizer=optax.sgd(0.1), server_optimizer=optax.sgd(1.0),
+                              batch_size=5, local_epochs=1)
+  out = {}
+  for flag in (False, True):
+    monkeypatch.setattr(fs.round, "UNBATCHED_SINGLE_CLIENT", flag)
+    sim = fs.Simulation(algo, pop, cohort_size=3, chunk_size=1)
+    state, metrics = sim.round(sim.init(params, jax.random.key(0)))
+    out[flag] = (state.params, metrics["clients"], metrics["client_steps"])
+  _close(out[True], out[False], 1e-5)
