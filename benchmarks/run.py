@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import resource
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -184,9 +185,24 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--server-lr", type=float, default=1.0)
   ap.add_argument("--num-clients", type=int, default=None,
                   help="override the population size (smoke tests; not a fixed workload)")
+  ap.add_argument("--peer-python", default=None,
+                  help="the python of a virtualenv with FedJAX 0.0.17 (see benchmarks/peers/"
+                       "README.md): also run FedJAX on the same workload in this run and report "
+                       "the measured ratio (logistic, dense, cnn)")
+  ap.add_argument("--peer-script", default=PEER_SCRIPT, help=argparse.SUPPRESS)
+  ap.add_argument("--peer-max-seconds", type=float, default=60.0,
+                  help="timed seconds per FedJAX run")
   ap.add_argument("--machine", default=None)
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
+  if args.peer_python is not None:
+    if not (os.path.isfile(args.peer_python) and os.access(args.peer_python, os.X_OK)):
+      ap.error(f"--peer-python {args.peer_python!r} is not an executable file; pass the python "
+               "of the FedJAX virtualenv (benchmarks/peers/README.md)")
+    no_peer = [w for w in args.workloads if w not in PEER_MODELS]
+    if no_peer:
+      ap.error(f"the FedJAX peer runs only {', '.join(PEER_MODELS)}; drop {', '.join(no_peer)} "
+               "or run them without --peer-python")
   unknown = [w for w in args.workloads if w not in WORKLOADS]
   if unknown:
     ap.error(f"unknown workload(s) {', '.join(map(repr, unknown))}; valid workloads: "
@@ -202,6 +218,31 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.num_clients is not None and args.num_clients < 1:
     ap.error(f"--num-clients must be >= 1; got {args.num_clients}")
   return args
+
+
+PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers",
+                           "fedjax_fedavg.py")
+PEER_MODELS = ("logistic", "dense", "cnn")
+
+
+def run_peer(args, model: str, cohort: int, num_clients: int) -> dict:
+  """Runs the FedJAX peer (its own virtualenv) on the same workload; its JSON result line."""
+  cmd = [args.peer_python, args.peer_script, "--model", model, "--cohort", str(cohort),
+         "--num_clients", str(num_clients), "--batch_size", "20",
+         "--client_lr", str(args.client_lr), "--server_lr", str(args.server_lr),
+         "--rounds", "50", "--max_seconds", str(args.peer_max_seconds)]
+  if cohort >= 1000:
+    cmd += ["--warmup_cohort", "10"]  # FedJAX compiles per batch shape, not per cohort
+  res = subprocess.run(cmd, capture_output=True, text=True)
+  lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+  if res.returncode != 0 or not lines:
+    raise BenchmarkError(f"benchmark error: the FedJAX peer failed ({' '.join(cmd)}):\n"
+                         f"{res.stderr[-2000:]}")
+  peer = json.loads(lines[-1])
+  if not peer.get("params_finite", False):
+    raise BenchmarkError(f"benchmark error: the FedJAX peer produced non-finite parameters on "
+                         f"{model} cohort {cohort}; no ratio is recorded.")
+  return peer
 
 
 def gemm_gflops(n=2048, repeats=5) -> float:
@@ -289,6 +330,7 @@ def main(argv=None):
     fpe = flops_per_example(w, module, params, x1)
     loss_fn = fs.models.classifier_loss(fs.models.linen_apply(module, **w.train_kwargs))
     cohorts = args.cohorts or w.default_cohorts
+    peers = {}  # cohort -> the FedJAX peer's result, measured in this run
     for cohort in cohorts:
       if cohort > pop.num_clients:
         raise BenchmarkError(f"benchmark error: cohort {cohort} exceeds the {pop.num_clients} "
@@ -336,6 +378,17 @@ def main(argv=None):
             seq = {"rounds_per_s": s["rounds_per_s"],
                    "client_updates_per_s": cohort * s["rounds_per_s"],
                    "examples_per_s": s["examples"] / s["seconds"]}
+          if args.peer_python is not None and not dp and cohort not in peers:
+            peers[cohort] = run_peer(args, name, cohort, pop.num_clients)
+            with open(out, "a") as f:
+              f.write(json.dumps({**peers[cohort], "engine": "fedjax", "time": time.time(),
+                                  "machine": machine}) + "\n")
+          if cohort in peers:
+            row["fedjax_client_updates_per_s"] = peers[cohort]["client_updates_per_s"]
+            row["speedup_vs_fedjax"] = (row["client_updates_per_s"]
+                                        / peers[cohort]["client_updates_per_s"])
+            row["speedup_vs_fedjax_rounds"] = (row["rounds_per_s"]
+                                               / peers[cohort]["rounds_per_s"])
           if seq is not None:
             row["sequential_client_updates_per_s"] = seq["client_updates_per_s"]
             row["speedup_vs_sequential"] = row["client_updates_per_s"] / seq["client_updates_per_s"]
@@ -356,7 +409,10 @@ def main(argv=None):
           f"| {r['examples_per_s']:.0f} | {r['padding_waste']:.2f} "
           f"| {r['gflops']:.0f} ({100 * r['fraction_of_peak']:.0f}%) "
           f"| {'' if seq is None else format(seq, '.0f')} "
-          f"| {'' if seq is None else format(r['speedup_vs_sequential'], '.1f') + 'x'} |")
+          f"| {'' if seq is None else format(r['speedup_vs_sequential'], '.1f') + 'x'} |"
+          + ("" if "speedup_vs_fedjax" not in r else
+             f" FedJAX (measured now): {r['fedjax_client_updates_per_s']:.0f}, "
+             f"{r['speedup_vs_fedjax']:.2f}x |"))
   print(f"\nplatform: {platform.platform()}, python {platform.python_version()}, "
         f"{platform.processor() or platform.machine()}")
 
