@@ -71,28 +71,30 @@ def robust_study(args, ax):
   bad = fs.attacks.choose(pop.num_clients, fraction=args.attackers, seed=0)
   f = int(round(args.attackers * args.cohort))
   rules = {
-      "mean": fs.aggregators.mean(),
-      "median": fs.aggregators.median(),
-      "trimmed mean (0.2)": fs.aggregators.trimmed_mean(0.2),
-      f"Multi-Krum (f={f})": fs.aggregators.multi_krum(f),
-      "geometric median": fs.aggregators.geometric_median(weighted=False),
-      "centered clip (0.1)": fs.aggregators.centered_clip(0.1, 5),
+      "mean": ("mean", fs.aggregators.mean()),
+      "median": ("median", fs.aggregators.median()),
+      "trimmed": ("trimmed mean (0.2)", fs.aggregators.trimmed_mean(0.2)),
+      "krum": (f"Multi-Krum (f={f})", fs.aggregators.multi_krum(f)),
+      "rfa": ("geometric median", fs.aggregators.geometric_median(weighted=False)),
+      "cc": ("centered clip (0.1)", fs.aggregators.centered_clip(0.1, 5)),
   }
   attacks = {
-      "none": None,
-      "sign flip x1": fs.attacks.sign_flip(bad, 1.0),
-      "sign flip x5": fs.attacks.sign_flip(bad, 5.0),
-      "ALIE": fs.attacks.alie(bad),
+      "none": ("none", None),
+      "flip1": ("sign flip x1", fs.attacks.sign_flip(bad, 1.0)),
+      "flip5": ("sign flip x5", fs.attacks.sign_flip(bad, 5.0)),
+      "alie": ("ALIE", fs.attacks.alie(bad)),
   }
+  rules = {k: v for k, v in rules.items() if k in args.rules}
+  attacks = {k: v for k, v in attacks.items() if k in args.attacks}
   print(f"\n### Robust aggregation: {pop.num_clients} devices (Dirichlet {args.alpha}), cohort "
         f"{args.cohort}, {args.rounds} rounds, {bad.sum()} malicious devices "
         f"({args.attackers:.0%})")
-  print("| rule | " + " | ".join(attacks) + " |")
+  print("| rule | " + " | ".join(label for label, _ in attacks.values()) + " |")
   print("|---" * (len(attacks) + 1) + "|")
   table = {}
-  for name, rule in rules.items():
+  for name, rule in rules.values():
     row = []
-    for attack in attacks.values():
+    for _, attack in attacks.values():
       agg = rule if attack is None else fs.attacks.apply(rule, attack)
       acc, _ = train(pop, params, loss_fn, accuracy, agg, args.rounds, args.cohort)
       row.append(acc)
@@ -102,7 +104,7 @@ def robust_study(args, ax):
   width = 0.8 / len(rules)
   for i, (name, row) in enumerate(table.items()):
     ax.bar(xs + i * width, row, width, label=name)
-  ax.set_xticks(xs + 0.4 - width / 2, list(attacks))
+  ax.set_xticks(xs + 0.4 - width / 2, [label for label, _ in attacks.values()])
   ax.set_ylabel("test accuracy")
   ax.set_title(f"{args.attackers:.0%} malicious devices")
   ax.legend(fontsize=7)
@@ -185,6 +187,10 @@ def main():
   ap.add_argument("--alpha", type=float, default=1.0)
   ap.add_argument("--rounds", type=int, default=100)
   ap.add_argument("--attackers", type=float, default=0.2)
+  ap.add_argument("--rules", nargs="+", default=["mean", "median", "trimmed", "krum", "rfa", "cc"],
+                  choices=["mean", "median", "trimmed", "krum", "rfa", "cc"])
+  ap.add_argument("--attacks", nargs="+", default=["none", "flip1", "flip5", "alie"],
+                  choices=["none", "flip1", "flip5", "alie"])
   ap.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4, 8, 16])
   ap.add_argument("--dp-clients", type=int, default=300)
   ap.add_argument("--dp-cohort", type=int, default=150)

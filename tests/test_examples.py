@@ -66,8 +66,10 @@ def test_autoencoder_anomaly_example(tmp_path):
 def test_robustness_compression_example(tmp_path):
   out = run_example("robustness_compression", "--rounds", "6", "--num-clients", "40",
                     "--cohort", "10", "--bits", "2", "--dp-clients", "60", "--dp-cohort", "20",
-                    "--noise", "1.0", "--dp-seeds", "1", tmp_path=tmp_path)
-  assert "| median |" in out and "| 2 |" in out and "| 1.0 |" in out
+                    "--noise", "1.0", "--dp-seeds", "1", "--rules", "mean", "median", "krum",
+                    "--attacks", "none", "flip5", "alie", tmp_path=tmp_path)
+  assert "| median |" in out and "| Multi-Krum (f=2) |" in out and "| 2 |" in out
+  assert "| 1.0 |" in out and "sign flip x5" in out
 
 
 def _run_with_package(name, *args):
