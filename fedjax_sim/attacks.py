@@ -34,6 +34,7 @@ from jax.scipy.special import ndtri
 
 from fedjax_sim import _validation as _v
 from fedjax_sim.aggregators._base import Aggregator, Process, chain
+from fedjax_sim.aggregators._stages import add_gaussian
 from fedjax_sim.data.population import Population
 
 
@@ -108,12 +109,7 @@ def gaussian(malicious, stddev: float) -> _PerClient:
   sd = _v.positive("stddev", stddev)
 
   def rewrite(delta, key):
-    leaves, treedef = jax.tree.flatten(delta)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [
-        (sd * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
-        for x, k in zip(leaves, keys, strict=True)
-    ])
+    return add_gaussian(jax.tree.map(jnp.zeros_like, delta), sd, key)
 
   return _PerClient(_mask(malicious), rewrite, "gaussian")
 

@@ -103,6 +103,12 @@ def test_bad_secure_inputs(pop, loss_fn):
   with pytest.raises(ValueError, match="reveals only their sum"):
     agg = fs.aggregators.secure_mean()
     fs.aggregators.process(agg.per_client, fs.aggregators.median_reducer(), agg.post)
+  with pytest.raises(ValueError, match="would overflow int32"):
+    fs.aggregators.secure_mean(bits=32, clip_range=2.0, scale=2.0**30)
+  with pytest.raises(ValueError, match=r"bits must be an int in \[2, 22\] \(float32"):
+    fs.aggregators.distributed_dp_mean(1.0, 1.0, bits=24)
+  with pytest.raises(ValueError, match=r"bits must be an int in \[2, 22\]"):
+    fs.privacy.skellam_epsilon(1.0, 1.0, 32, 100, 10, 1, 1e-5)
   with pytest.raises(ValueError, match="too small for 6 clients"):
     fs.Simulation(_algo(loss_fn, fs.aggregators.distributed_dp_mean(1.0, 1.0, bits=2)), pop,
                   cohort_size=6).init(init_params(), jax.random.key(0))

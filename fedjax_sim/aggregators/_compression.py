@@ -111,11 +111,14 @@ def fwht(x: jax.Array) -> jax.Array:
   return y.reshape(x.shape) / jnp.sqrt(jnp.float32(n))
 
 
-def _flatten_one(tree):
+def flatten_tree(tree):
+  """All leaves of ``tree`` concatenated into one float32 vector (leaf order of ``jax.tree``)."""
   return jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in jax.tree.leaves(tree)])
 
 
-def _unflatten_like(vec, template):
+def unflatten_like(vec, template):
+  """The inverse of :func:`flatten_tree` for ``template``'s shapes and dtypes (arrays or
+  ``ShapeDtypeStruct``); entries past the template's size (padding) are dropped."""
   leaves, treedef = jax.tree.flatten(template)
   sizes = [int(np.prod(x.shape)) for x in leaves]
   parts = jnp.split(vec[: sum(sizes)], np.cumsum(sizes)[:-1])
@@ -176,13 +179,13 @@ def hadamard_rotation(seed_tag: int = 0) -> Rotation:
 
   def rotate(update, state, key, context):
     del key
-    vec = rotate_vector(_flatten_one(update.delta), context, tag)
+    vec = rotate_vector(flatten_tree(update.delta), context, tag)
     return update._replace(delta=vec), state, {}
 
   def unrotate(update, state, key, context):
     del key
     vec = unrotate_vector(update.delta, context, tag)
-    return update._replace(delta=_unflatten_like(vec, context.params_template)), state, {}
+    return update._replace(delta=unflatten_like(vec, context.params_template)), state, {}
 
   return Rotation(Aggregator(lambda params: EmptyState(), rotate),
                   Aggregator(lambda params: EmptyState(), unrotate))
@@ -244,15 +247,15 @@ def top_k(k: int | None = None, *, fraction: float | None = None,
     delta = update.delta
     acc = jax.tree.map(lambda d, e: d.astype(jnp.float32) + e, delta, update.client_state) \
         if error_feedback else delta
-    vec = _flatten_one(acc)
+    vec = flatten_tree(acc)
     p = vec.shape[0]
     kk = _resolve_k(k, fraction, p)
     _, idx = jax.lax.top_k(jnp.abs(vec), kk)
     sparse = jnp.zeros_like(vec).at[idx].set(vec[idx])
-    out = _unflatten_like(sparse, delta)
+    out = unflatten_like(sparse, delta)
     new_state = update.client_state
     if error_feedback:
-      new_state = _unflatten_like(vec - sparse, update.client_state)
+      new_state = unflatten_like(vec - sparse, update.client_state)
     bits = kk * (_FLOAT_BITS + math.ceil(math.log2(max(p, 2))))
     return (update._replace(delta=out, client_state=new_state), state,
             {"bits_uploaded": jnp.float32(bits)})

@@ -17,7 +17,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fedjax_sim import _validation as _v
 from fedjax_sim.aggregators._base import (
@@ -28,24 +27,15 @@ from fedjax_sim.aggregators._base import (
   sum_reducer,
   weighted_sum_reducer,
 )
+from fedjax_sim.aggregators._compression import flatten_tree, unflatten_like
 from fedjax_sim.aggregators._stages import clip_l2, normalize
 from fedjax_sim.types import WeightedUpdate
 
 
 def _flatten(delta):
-  """``[K, ...]`` leaves -> ``[K, P]`` and the inverse for one ``[P]`` row."""
-  leaves, treedef = jax.tree.flatten(delta)
-  k = leaves[0].shape[0]
-  sizes = [int(np.prod(x.shape[1:])) for x in leaves]
-  flat = jnp.concatenate([x.reshape(k, -1).astype(jnp.float32) for x in leaves], axis=1)
-
-  def unflatten(row):
-    parts = jnp.split(row, np.cumsum(sizes)[:-1])
-    return jax.tree.unflatten(
-        treedef, [p.reshape(x.shape[1:]).astype(x.dtype) for p, x in zip(parts, leaves)]
-    )
-
-  return flat, unflatten
+  """``[K, ...]`` leaves -> ``[K, P]`` (float32) and the inverse for one ``[P]`` row."""
+  one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), delta)
+  return jax.vmap(flatten_tree)(delta), lambda row: unflatten_like(row, one)
 
 
 def _result(delta, n):

@@ -43,10 +43,11 @@ from fedjax_sim.aggregators._base import (
   process,
 )
 from fedjax_sim.aggregators._compression import (
-  _flatten_one,
+  _num_params,
   _padded_dim,
-  _unflatten_like,
+  flatten_tree,
   rotate_vector,
+  unflatten_like,
   unrotate_vector,
 )
 from fedjax_sim.aggregators._stages import _scale_to, global_norm, normalize
@@ -175,11 +176,15 @@ def _check_mode(mode, dropout):
   return rate
 
 
-def _check_field_bits(bits):
-  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 32:
-    raise ValueError(f"bits must be an int in [2, 32] (the group Z_2^bits in uint32); got "
-                     f"{bits!r}.")
+def _check_field_bits(bits, high=32, why="the group Z_2^bits in uint32"):
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= bits <= high:
+    raise ValueError(f"bits must be an int in [2, {high}] ({why}); got {bits!r}.")
   return int(bits)
+
+
+# Largest magnitude one client's fixed-point value may take: it is rounded in float32 and cast to
+# int32, and float32(2^31 - 1) already rounds up to 2^31, which overflows the cast.
+_INT32_SAFE = float(2**30)
 
 
 def min_secure_bits(cohort_size: int) -> int:
@@ -188,8 +193,10 @@ def min_secure_bits(cohort_size: int) -> int:
 
 
 def _auto_scale(bits, clip_range, cohort):
-  # K clients each contribute at most ceil(c * scale) <= c * scale + 1 in magnitude.
-  return ((1 << (bits - 1)) - 1 - cohort) / (cohort * clip_range)
+  # K clients each contribute at most ceil(c * scale) <= c * scale + 1 in magnitude; each value
+  # must also stay within int32 after float32 rounding.
+  budget = min((1 << (bits - 1)) - 1, _INT32_SAFE * cohort)
+  return (budget - cohort) / (cohort * clip_range)
 
 
 def _decode(field_sum, shadow_sum, bits):
@@ -241,6 +248,12 @@ def secure_mean(
   b = _check_field_bits(bits)
   c = _v.positive("clip_range", clip_range)
   fixed_scale = None if scale is None else _v.positive("scale", scale)
+  if fixed_scale is not None and fixed_scale * c > _INT32_SAFE:
+    raise ValueError(
+        f"scale={scale} x clip_range={clip_range} = {fixed_scale * c:.3g} exceeds 2^30: one "
+        "client's fixed-point value would overflow int32. Use scale <= "
+        f"{_INT32_SAFE / c:.6g} (or scale=None for the largest safe scale)."
+    )
   cap = None if max_weight is None else _v.positive("max_weight", max_weight)
   rate = _check_mode(mode, dropout)
   masked = mode == "masked"
@@ -334,6 +347,7 @@ def skellam_params(clip: float, noise_multiplier: float, bits: int, num_params: 
   """Calibrates the Skellam pipeline as TFF's ``DistributedDpSumFactory`` does (beta = 0,
   unconditional rounding): ``scale = sqrt(2^(2b) - n k^2) / (2 k sqrt(c^2 n^2 / d' + n
   sigma_l^2))`` with ``k = sqrt(2) erfcinv(modclip_prob)``, capped at 1e6."""
+  bits = _check_field_bits(bits, 22, "float32 holds integers exactly only below 2^24")
   n = float(expected_clients)
   k = math.sqrt(2) * float(special.erfcinv(modclip_prob)) if k_stddevs is None else k_stddevs
   d = _padded_dim(num_params)
@@ -386,21 +400,23 @@ def distributed_dp_mean(
   """
   c = _v.positive("clip", clip)
   z = _v.non_negative("noise_multiplier", noise_multiplier)
-  b = _check_field_bits(bits)
+  # As TFF's DistributedDpSumFactory: the rotated, scaled values are rounded in float32, whose
+  # integers are exact only below 2^24, and the Skellam draws are int32.
+  b = _check_field_bits(bits, 22, "float32 holds integers exactly only below 2^24")
   if k_stddevs is not None:
     _v.positive("k_stddevs", k_stddevs)
   _v.probability("modclip_prob", modclip_prob)
 
   def params_for(context):
-    num = int(sum(np.prod(x.shape) for x in jax.tree.leaves(context.params_template)))
-    return skellam_params(c, z, b, num, context.expected_cohort_size, k_stddevs, modclip_prob)
+    return skellam_params(c, z, b, _num_params(context.params_template),
+                          context.expected_cohort_size, k_stddevs, modclip_prob)
 
   def check(context, num_params):
     skellam_params(c, z, b, num_params, context.expected_cohort_size, k_stddevs, modclip_prob)
 
   def encode(update, state, key, context):
     p = params_for(context)
-    vec = _flatten_one(update.delta)
+    vec = flatten_tree(update.delta)
     norm = global_norm(vec)
     vec = _scale_to(vec, norm, c)
     rotated = rotate_vector(vec, context, _ROTATION_TAG)
@@ -421,7 +437,7 @@ def distributed_dp_mean(
     field_sum, shadow_sum = update.delta
     ints, wrapped = _decode(field_sum, shadow_sum, b)
     vec = unrotate_vector(ints.astype(jnp.float32) / p.scale, context, _ROTATION_TAG)
-    delta = _unflatten_like(vec / jnp.float32(context.expected_cohort_size),
+    delta = unflatten_like(vec / jnp.float32(context.expected_cohort_size),
                             context.params_template)
     return (WeightedUpdate(delta, update.weight), state,
             {"secagg_wrapped": wrapped, "secagg_scale": jnp.float32(p.scale)})
