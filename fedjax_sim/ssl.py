@@ -44,6 +44,7 @@ from fedjax_sim.algorithms import Algorithm, fedavg
 from fedjax_sim.algorithms._fedavg import _check_optimizer
 from fedjax_sim.client import ClientData, make_local_trainer, result_metrics
 from fedjax_sim.data.population import Population
+from fedjax_sim.models import masked_mean
 from fedjax_sim.types import MASK_KEY, ClientOutput
 
 #: Feature holding every example's client index (see :func:`with_client_ids`); SSD reads it to
@@ -54,8 +55,17 @@ CLIENT_ID_KEY = "client_id"
 
 
 def normalize(z: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """Rows scaled to unit L2 norm (``torch.nn.functional.normalize`` semantics)."""
-  return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), eps)
+  """Rows scaled to unit L2 norm (``torch.nn.functional.normalize`` semantics, gradient
+  included: a zero row maps to zero with a zero gradient, not NaN).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> g = jax.grad(lambda z: normalize(z).sum())(jnp.zeros((1, 3)))
+    >>> bool(jnp.all(jnp.isfinite(g)))
+    True
+  """
+  sq = jnp.sum(jnp.square(z), axis=-1, keepdims=True)
+  return z * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def _mask(z, mask):
@@ -72,7 +82,7 @@ def alignment_loss(z1: jax.Array, z2: jax.Array, mask: jax.Array | None = None) 
   """
   m = _mask(z1, mask)
   d = jnp.sum(jnp.square(normalize(z1) - normalize(z2)), -1)
-  return jnp.sum(d * m) / jnp.maximum(m.sum(), 1.0)
+  return masked_mean(d, m)
 
 
 def uniformity_loss(z: jax.Array, mask: jax.Array | None = None, t: float = 2.0) -> jax.Array:
@@ -154,7 +164,7 @@ def dsr_loss(z: jax.Array, q: jax.Array, scale: jax.Array, mask: jax.Array | Non
     return jnp.where(sq > 0, jnp.sqrt(safe), 0.0) / count
   if mode == "paper":
     d = jnp.sum(jnp.square(normalize(z) - dsr_target(z, q, scale, renormalize=False)), -1)
-    return jnp.sum(d * m) / count
+    return masked_mean(d, m)
   raise ValueError(f"dsr mode must be 'code' or 'paper'; got {mode!r}.")
 
 
@@ -185,7 +195,7 @@ def distillation_loss(h: jax.Array, z: jax.Array, mask: jax.Array | None = None,
       raise ValueError(f"direction must be 'code' or 'paper'; got {direction!r}.")
   else:
     raise ValueError(f"method must be 'kl' or 'mse'; got {method!r}.")
-  return jnp.sum(per * m) / jnp.maximum(m.sum(), 1.0)
+  return masked_mean(per, m)
 
 
 # -- augmentation (in-jit) -----------------------------------------------------------------------
@@ -500,6 +510,11 @@ def ssd(
 
   loss3.check_population = check_population
 
+  # Built once here only to validate batch_size / local_epochs / local_steps before compiling;
+  # each client builds its own with its DSR block below.
+  make_local_trainer(loss3, client_optimizer, batch_size=batch_size, local_epochs=local_epochs,
+                     local_steps=local_steps)
+
   def client_update(broadcast, data: ClientData, client_state, key):
     params, rnd = (broadcast, None) if not slot_mode else broadcast
     cid = data.features[client_id_key][data.offset]
@@ -548,6 +563,14 @@ def _gauss_kernel(f, t):
   return np.exp(-t * np.maximum(2.0 - 2.0 * f @ f.T, 0.0))
 
 
+def _check_pairs(features) -> None:
+  if np.ndim(features) != 2 or np.shape(features)[0] < 2:
+    raise ValueError(
+        "uniformity needs a 2-D feature matrix with at least 2 rows (it averages over pairs); "
+        f"got shape {np.shape(features)}."
+    )
+
+
 def uniformity(features, t: float = 2.0) -> float:
   """``−L_unif = −log mean_{i<j} exp(−t ‖f̂_i − f̂_j‖²)`` on L2-normalised rows (higher is more
   uniform).
@@ -556,6 +579,7 @@ def uniformity(features, t: float = 2.0) -> float:
     >>> round(uniformity(np.eye(3)), 3)
     4.0
   """
+  _check_pairs(features)
   g = _gauss_kernel(features, t)
   iu = np.triu_indices(len(g), 1)
   return float(-np.log(np.mean(g[iu])))
@@ -574,7 +598,11 @@ def uniformity_decomposition(features, client_ids, t: float = 2.0) -> dict[str, 
     client's own −L_unif; clients with < 2 examples skipped), ``inter_client`` (−log of the mean
     kernel over cross-client pairs), and the two summands ``intra`` and ``inter``.
   """
+  _check_pairs(features)
   ids = np.asarray(client_ids)
+  if ids.shape != (np.shape(features)[0],):
+    raise ValueError(f"client_ids must hold one id per feature row ({np.shape(features)[0]}); "
+                     f"got shape {ids.shape}.")
   g = _gauss_kernel(features, t)
   n = len(g)
   np.fill_diagonal(g, 0.0)

@@ -75,6 +75,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       ``"lax"``), ``"lax"`` (plain ``lax.conv_general_dilated``) or ``"canonical"`` (the CPU
       path: 2-D, stride 1, undilated, ungrouped NHWC/HWIO convolutions get hand-written
       canonical-layout gradients; any other convolution falls back to ``"lax"``).
+
+  The canonical path is a ``jax.custom_vjp``: reverse mode (``grad``) only. Forward-mode
+  transforms (``jax.jvp``, ``jacfwd``, ``hessian``) raise a TypeError on it; use
+  ``impl="lax"`` (``EmnistCNN(conv_impl="lax")``) for them. Under ``vmap`` (several clients per
+  chunk) its kernel gradient becomes a grouped convolution, which XLA:CPU runs slowly again; the
+  automatic CPU chunk for convolutional models is one client.
   """
   if impl not in ("auto", "lax", "canonical"):
     raise ValueError(f"impl must be 'auto', 'lax' or 'canonical'; got {impl!r}.")
@@ -93,7 +99,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   simple = (
       dn == canonical and tuple(window_strides) == (1, 1) and feature_group_count == 1
       and batch_group_count == 1 and precision is None and preferred_element_type is None
-      and all(d in (None, 1) for d in (lhs_dilation or (1,)) + (rhs_dilation or (1,)))
+      and all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
       and lhs.dtype == rhs.dtype
   )
   if not simple:
@@ -167,7 +173,9 @@ class Conv(nn.Conv):
   impl: str = "auto"
 
   def __post_init__(self):
-    if self.conv_general_dilated is None and self.conv_general_dilated_cls is None:
+    current = self.conv_general_dilated
+    ours = getattr(current, "func", None) is conv_general_dilated  # e.g. copied by clone()
+    if (current is None or ours) and self.conv_general_dilated_cls is None:
       object.__setattr__(self, "conv_general_dilated",
                          functools.partial(conv_general_dilated, impl=self.impl))
     super().__post_init__()

@@ -67,6 +67,20 @@ def test_auto_is_canonical_on_cpu_and_params_unchanged():
   assert jax.tree.structure(p) == jax.tree.structure(p_lax)
   _close(p, p_lax, 0)
   assert m.apply({"params": p}, x).shape == (1, 62)
+  # "auto" really takes the CPU path here (the params above would match either way).
+  jaxpr = lambda mod: str(jax.make_jaxpr(lambda q: mod.apply({"params": q}, x))(p))
+  assert "custom_vjp_call" in jaxpr(m)
+  assert "custom_vjp_call" not in jaxpr(fs.zoo.EmnistCNN(conv_impl="lax"))
+
+
+def test_conv_clone_and_mixed_dilation_types():
+  c = fs.zoo.Conv(4, (3, 3), impl="canonical").clone(impl="lax")
+  assert c.conv_general_dilated.keywords == {"impl": "lax"}
+  x, w = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 4))
+  out = fs.zoo.conv_general_dilated(x, w, (1, 1), "VALID", [1, 1], (1, 1),
+                                    ("NHWC", "HWIO", "NHWC"), impl="canonical")
+  np.testing.assert_allclose(out, jax.lax.conv_general_dilated(
+      x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 9, 2)])
