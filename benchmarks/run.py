@@ -302,9 +302,11 @@ def peak_rss_mb() -> float:
 def main(argv=None):
   args = parse_args(argv)
   machine = args.machine or f"{jax.devices()[0].platform}-{os.cpu_count()}core"
-  out_dir = os.path.join(os.path.dirname(__file__), "results", machine)
-  os.makedirs(out_dir, exist_ok=True)
-  out = args.out or os.path.join(out_dir, "results.jsonl")
+  out = args.out
+  if out is None:  # only the default location is created (tests pass --out)
+    out_dir = os.path.join(os.path.dirname(__file__), "results", machine)
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, "results.jsonl")
 
   peak = gemm_gflops()
   print(f"# {machine}: jax {jax.__version__}, {jax.devices()[0].device_kind}, "

@@ -30,6 +30,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -641,6 +642,24 @@ def effective_rank(features, *, center: bool = False) -> float:
   return float(np.exp(-np.sum(p * np.log(p))))
 
 
+@functools.partial(jax.jit, static_argnames=("steps", "learning_rate", "weight_decay"))
+def _fit_probe(params, x, y, *, steps, learning_rate, weight_decay):
+  """Full-batch AdamW on the softmax probe; the data are arguments, so repeated probes of the
+  same shapes reuse one compiled program."""
+  opt = optax.adamw(learning_rate, weight_decay=weight_decay)
+
+  def loss(p):
+    return optax.softmax_cross_entropy_with_integer_labels(x @ p[0] + p[1], y).mean()
+
+  def step(carry, _):
+    p, s = carry
+    upd, s = opt.update(jax.grad(loss)(p), s, p)
+    return (optax.apply_updates(p, upd), s), None
+
+  (p, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+  return p
+
+
 def linear_probe_accuracy(train_features, train_labels, test_features, test_labels, *,
                           steps: int = 500, learning_rate: float = 3e-3,
                           weight_decay: float = 0.0) -> float:
@@ -653,28 +672,23 @@ def linear_probe_accuracy(train_features, train_labels, test_features, test_labe
     1.0
   """
   _v.positive_int("steps", steps)
+  _v.positive("learning_rate", learning_rate)
+  _v.non_negative("weight_decay", weight_decay)
   xtr, xte = np.asarray(train_features, np.float32), np.asarray(test_features, np.float32)
   ytr, yte = np.asarray(train_labels), np.asarray(test_labels)
+  if xtr.ndim != 2 or xte.ndim != 2 or xtr.shape[1] != xte.shape[1]:
+    raise ValueError(f"train and test features must be 2-D with the same width; got "
+                     f"{xtr.shape} and {xte.shape}.")
+  for name, x, y in (("train", xtr, ytr), ("test", xte, yte)):
+    if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer) or (
+        y.size and y.min() < 0):
+      raise ValueError(f"{name}_labels must be non-negative integer class ids, one per "
+                       f"{name} feature row ({x.shape[0]}); got {y.dtype} {y.shape}.")
   mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
   xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
   classes = int(max(ytr.max(), yte.max())) + 1
-  opt = optax.adamw(learning_rate, weight_decay=weight_decay)
   params = (jnp.zeros((xtr.shape[1], classes)), jnp.zeros(classes))
-
-  def loss(p):
-    logits = jnp.asarray(xtr) @ p[0] + p[1]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(ytr)).mean()
-
-  @jax.jit
-  def fit(params):
-    def step(carry, _):
-      p, s = carry
-      upd, s = opt.update(jax.grad(loss)(p), s, p)
-      return (optax.apply_updates(p, upd), s), None
-
-    (p, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
-    return p
-
-  w, b = fit(params)
+  w, b = _fit_probe(params, jnp.asarray(xtr), jnp.asarray(ytr), steps=steps,
+                    learning_rate=float(learning_rate), weight_decay=float(weight_decay))
   pred = np.asarray(jnp.argmax(jnp.asarray(xte) @ w + b, -1))
   return float(np.mean(pred == yte))

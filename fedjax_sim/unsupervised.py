@@ -430,7 +430,10 @@ def assign_clusters(x, centroids) -> np.ndarray:
 
 
 def _contingency(labels_true, labels_pred) -> np.ndarray:
-  a, b = np.asarray(labels_true).ravel(), np.asarray(labels_pred).ravel()
+  a, b = np.asarray(labels_true), np.asarray(labels_pred)
+  if a.ndim != 1 or b.ndim != 1:
+    raise ValueError(f"labels_true and labels_pred must be 1-D (one label per example); got "
+                     f"shapes {a.shape} and {b.shape}.")
   if a.shape != b.shape:
     raise ValueError(f"labels_true and labels_pred need the same length; got {a.shape} and "
                      f"{b.shape}.")

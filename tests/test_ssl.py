@@ -241,3 +241,26 @@ def test_bad_input_is_clear_before_compiling():
     ssl.ssd(ssl.mlp_apply, ssl.mlp_apply, dim=6, num_clients=4, gamma=-1.0, **KW)
   with pytest.raises(ValueError, match="image_shape"):
     ssl.image_augment((8,))
+
+
+def test_metric_bad_inputs_and_probe_reuses_its_program():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(40, 4)).astype(np.float32)
+  y = (x[:, 0] > 0).astype(np.int32)
+  with pytest.raises(ValueError, match="non-negative integer class ids"):
+    ssl.linear_probe_accuracy(x, y - 1, x, y)
+  with pytest.raises(ValueError, match="same width"):
+    ssl.linear_probe_accuracy(x, y, x[:, :3], y)
+  with pytest.raises(ValueError, match="at least 2 rows"):
+    ssl.uniformity(x[:1])
+  with pytest.raises(ValueError, match="one id per feature row"):
+    ssl.uniformity_decomposition(x, np.zeros(3, int))
+  before = ssl._fit_probe._cache_size()
+  ssl.linear_probe_accuracy(x, y, x, y)
+  ssl.linear_probe_accuracy(x + 1.0, y, x, y)  # new data, same shapes: no new program
+  assert ssl._fit_probe._cache_size() - before <= 1
+
+
+def test_normalize_gradient_is_finite_at_zero():
+  g = jax.grad(lambda z: ssl.alignment_loss(z, z + 1.0))(jnp.zeros((2, 3)))
+  assert np.all(np.isfinite(np.asarray(g)))

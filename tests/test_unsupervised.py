@@ -184,3 +184,8 @@ def test_kfed_bad_input():
     kfed(pop, k=4, k_prime=2, feature_key="y")
   with pytest.raises(ValueError, match="margin"):
     kfed(pop, k=4, k_prime=2, margin=1.5)
+
+
+def test_cluster_scores_refuse_2d_labels():
+  with pytest.raises(ValueError, match="must be 1-D"):
+    fs.unsupervised.adjusted_rand_index([[0, 1], [1, 0]], [0, 1, 1, 0])
