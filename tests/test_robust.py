@@ -211,14 +211,33 @@ def test_omniscient_attacks_equal_oracle():
     assert metrics[f"{attack.name}_attackers"] == f
 
 
-def test_alie_in_round_counts_attackers(pop, loss_fn):
+def test_alie_in_round_rewrites_the_attackers_rows(pop, loss_fn):
+  # In the round, the mean of the attacked stack equals: honest updates plus 3 copies of
+  # mu - z sigma of the honest ones (the oracle of test_omniscient_attacks_equal_oracle).
   key = jax.random.key(2)
   bad = fs.attacks.choose(pop.num_clients, fraction=0.25, seed=1)
-  for base in (fs.aggregators.mean(), fs.aggregators.median()):
-    sim = fs.Simulation(_fedavg(loss_fn, fs.attacks.apply(base, fs.attacks.alie(bad))), pop,
-                        cohort_size=pop.num_clients, chunk_size=5)
-    _, m = _delta(sim, key)
-    assert m["alie_attackers"] == 3
+  n = pop.num_clients
+  # Per-client honest updates from the engine's own client update and keys.
+  _, client_key, _, _ = round_keys(key, 0)
+  honest = []
+  for cid in range(n):
+    w = train_client(loss_fn, optax.sgd(0.2), init_params(), pop.client(cid),
+                     int(pop.num_examples[cid]), pop.max_examples,
+                     jax.random.fold_in(client_key, cid), batch_size=4, epochs=1)
+    honest.append(np.concatenate([np.ravel(np.asarray(a) - np.asarray(b)) for a, b in zip(
+        jax.tree.leaves(init_params()), jax.tree.leaves(w))]))
+  honest = np.stack(honest).astype(np.float64)
+  good = honest[~bad]
+  s = np.floor(n / 2 + 1) - bad.sum()
+  row = good.mean(0) - stats.norm.ppf((n - s) / n) * good.std(0)
+  want = (good.sum(0) + bad.sum() * row) / n
+  sim = fs.Simulation(_fedavg(loss_fn, fs.attacks.apply(fs.aggregators.mean(),
+                                                        fs.attacks.alie(bad))),
+                      pop, cohort_size=n, chunk_size=5)
+  delta, m = _delta(sim, key)
+  assert m["alie_attackers"] == 3
+  got = np.concatenate([np.ravel(delta[k]) for k in sorted(delta)])  # the server's mean
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_flip_labels_only_touches_attackers(clients):
