@@ -13,7 +13,8 @@ after, checked by tests/test_migration.py) is
 
   /work/venvs/fedjax/bin/python examples/migration/fedjax_emnist_fedavg.py \\
       --data tests/fixtures/federated/fedjax_migration.sqlite --rounds 3 --cohort 6 \\
-      --batch-size 8 --epochs 2 --hidden-units 32 --out tests/fixtures/federated/fedjax_emnist_fedavg_expected.npz
+      --batch-size 8 --epochs 2 --hidden-units 32 \\
+      --out tests/fixtures/federated/fedjax_emnist_fedavg_expected.npz
 """
 
 import argparse

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -106,6 +107,7 @@ def read_federated(
   Returns:
     ``(features, client_index, names)`` as :func:`read_h5`.
   """
+  path = os.path.expanduser(os.fspath(path))
   if _sqlite.detect_format(path) == "h5":
     return read_h5(path, features, client_names=client_names, max_clients=max_clients)
   return _sqlite.read_sqlite(path, features, client_names=client_names,

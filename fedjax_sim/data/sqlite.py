@@ -273,7 +273,7 @@ def detect_format(path: str) -> str:
     FileNotFoundError: if there is no such file.
     FederatedFileError: if it is neither SQLite nor HDF5, or a SQLite file with another schema.
   """
-  path = os.fspath(path)
+  path = os.path.expanduser(os.fspath(path))
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no federated dataset file at {path!r}.")
   with open(path, "rb") as fh:
@@ -326,7 +326,7 @@ class _Reader:
   format = ""
 
   def __init__(self, path: str):
-    self.path = os.fspath(path)
+    self.path = os.path.expanduser(os.fspath(path))
     fmt = detect_format(self.path)
     if fmt != self.format:
       raise FederatedFileError(f"{self.path} is a {fmt} file, not {self.format}.")
