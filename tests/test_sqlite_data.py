@@ -7,10 +7,12 @@ each JSON next to a file records, client by client and feature by feature, what 
 (``SQLiteFederatedData``) or TF's parser (``tf.io.parse_example``) returned for it.
 """
 
+import base64
 import json
 import os
 import shutil
 import sqlite3
+import zlib
 
 import h5py
 import numpy as np
@@ -21,7 +23,7 @@ from fedjax_sim.data import datasets
 from fedjax_sim.data import sqlite as fsql
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "federated")
-FEDJAX = ("emnist", "shakespeare", "stackoverflow")
+FEDJAX = ("emnist", "shakespeare", "stackoverflow", "cifar100")
 
 
 def fixture(name):
@@ -41,7 +43,8 @@ def decode(features):
       a[:] = [bytes.fromhex(v) for v in spec["values"]]
       out[name] = a.reshape(spec["shape"])
     else:
-      out[name] = np.frombuffer(bytes.fromhex(spec["hex"]), spec["dtype"]).reshape(spec["shape"])
+      raw = zlib.decompress(base64.b64decode(spec["zlib_base64"]))
+      out[name] = np.frombuffer(raw, spec["dtype"]).reshape(spec["shape"])
   return out
 
 
@@ -122,6 +125,19 @@ def test_emnist_population_from_fedjax_and_tff_sqlite():
                      tff_clients("emnist", split), emnist_oracle)
 
 
+def test_cifar100_population_from_fedjax_and_tff_sqlite():
+  def oracle(label):
+    return lambda ex: {"x": ex["image"].reshape(-1, 32, 32, 3).astype(np.float32) / 255.0,
+                       "y": ex[label].astype(np.int32)}
+
+  check_population(fs.datasets.from_fedjax_sqlite(fixture("fedjax_cifar100.sqlite")),
+                   fedjax_clients("cifar100"), oracle("label"))
+  for split in ("train", "test"):
+    check_population(datasets.cifar100(fixture("tff_cifar100.sqlite"), split=split,
+                                       label="coarse_label"),
+                     tff_clients("cifar100", split), oracle("coarse_label"))
+
+
 def test_helpers_read_h5_fedjax_and_tff_alike(tmp_path):
   """The same clients as TFF h5 and as FedJAX SQLite give the same population."""
   clients = [(c, ex) for c, ex in fedjax_clients("emnist")]
@@ -192,8 +208,6 @@ def test_subset_reads_only_the_clients_asked_for(tmp_path):
 
 def test_msgpack_serialize_matches_fedjax_bytes():
   """Our writer helper produces the blobs FedJAX's builder wrote (byte for byte)."""
-  import zlib
-
   with sqlite3.connect(fixture("fedjax_stackoverflow.sqlite")) as db:
     rows = db.execute("SELECT client_id, data FROM federated_data").fetchall()
   for _cid, blob in rows:
@@ -239,8 +253,6 @@ def test_corrupt_blob_names_file_and_client(tmp_path):
   with pytest.raises(ValueError, match=r"fedjax_emnist\.sqlite: client .*f2599_99.* corrupt"):
     fs.datasets.from_fedjax_sqlite(path)  # the corrupt client is the last: nothing returned
   # A blob that decompresses but is not FedJAX msgpack, and one with the wrong example count.
-  import zlib
-
   path = corrupt_copy(tmp_path, fixture("fedjax_emnist.sqlite"),
                       "UPDATE federated_data SET data = ? WHERE client_id = ?",
                       (zlib.compress(b"\xc1\xc1"), last))
