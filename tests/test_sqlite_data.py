@@ -215,6 +215,29 @@ def test_msgpack_serialize_matches_fedjax_bytes():
     assert fsql.msgpack_serialize(fsql.msgpack_deserialize(raw)) == raw
 
 
+def test_other_numeric_fedjax_files_keep_their_feature_names(tmp_path):
+  import zlib as _zlib
+
+  path = tmp_path / "tabular.sqlite"
+  rng = np.random.default_rng(0)
+  clients = [(b"u1", {"features": rng.random((3, 5)).astype(np.float32),
+                      "target": np.arange(3, dtype=np.int32)}),
+             (b"u2", {"features": rng.random((2, 5)).astype(np.float32),
+                      "target": np.arange(2, dtype=np.int32)})]
+  with sqlite3.connect(path) as db:
+    db.execute(fsql.FEDJAX_SCHEMA)
+    for cid, ex in clients:
+      db.execute("INSERT INTO federated_data VALUES (?, ?, ?)",
+                 (cid, _zlib.compress(fsql.msgpack_serialize(ex)), len(ex["target"])))
+  check_population(fs.datasets.from_fedjax_sqlite(str(path)), clients, lambda ex: ex)
+  with sqlite3.connect(path) as db:
+    db.execute("UPDATE federated_data SET data = ? WHERE client_id = ?", (_zlib.compress(
+        fsql.msgpack_serialize({**clients[0][1], "note": np.array([b"a", b"b", b"c"], object)})),
+        b"u1"))
+  with pytest.raises(ValueError, match=r"tabular\.sqlite: features \['note'\] hold bytes"):
+    fs.datasets.from_fedjax_sqlite(str(path), client_ids=[b"u1"])
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 
@@ -239,6 +262,10 @@ def test_not_sqlite_or_other_schema(tmp_path):
     fs.datasets.from_fedjax_sqlite(str(other))
   with pytest.raises(ValueError, match=r"other\.sqlite is a SQLite file but not"):
     datasets.emnist(str(other))
+  h5 = tmp_path / "e.h5"
+  h5py.File(h5, "w").close()
+  with pytest.raises(ValueError, match=r"e\.h5 is a TFF h5 file, not SQLite"):
+    fs.datasets.from_fedjax_sqlite(str(h5))
   with pytest.raises(FileNotFoundError, match="missing.sqlite"):
     fs.datasets.from_fedjax_sqlite(str(tmp_path / "missing.sqlite"))
   assert not (tmp_path / "missing.sqlite").exists()  # opening never creates a file
