@@ -471,6 +471,24 @@ class TFFSQLite(_Reader):
   def _key(self, client_id):
     return client_id.decode() if isinstance(client_id, bytes) else client_id
 
+  def records(self, client_id) -> list[bytes]:
+    """The client's serialised ``tf.train.Example`` rows of this split, in ``rowid`` order (what
+    FedJAX's ``TFFSQLiteClientsIterator`` hands its ``parse_examples``).
+
+    Returns:
+      One ``bytes`` per example.
+    """
+    client_id = self._key(client_id)
+    if client_id not in self._sizes:
+      raise self._missing(client_id)
+    rows = self._query("SELECT serialized_example_proto FROM examples WHERE split_name = ? AND "
+                       "client_id = ? ORDER BY rowid", [self.split, client_id], client_id)
+    if not rows and self._sizes[client_id]:
+      raise FederatedFileError(
+          f"{self.path}: client {client_id!r} is listed in client_metadata for split "
+          f"{self.split!r} but has no rows in examples; the file is inconsistent.")
+    return [bytes(r[0]) for r in rows]
+
   def client(self, client_id) -> dict[str, np.ndarray]:
     """One client's examples of this split, ``{feature: array}``.
 
@@ -478,16 +496,13 @@ class TFFSQLite(_Reader):
       The stacked features (see :func:`parse_tf_examples`).
     """
     client_id = self._key(client_id)
-    if client_id not in self._sizes:
-      raise self._missing(client_id)
-    rows = self._query("SELECT serialized_example_proto FROM examples WHERE split_name = ? AND "
-                       "client_id = ? ORDER BY rowid", [self.split, client_id], client_id)
-    if not rows:
+    records = self.records(client_id)
+    if not records:
       raise FederatedFileError(
-          f"{self.path}: client {client_id!r} is listed in client_metadata for split "
-          f"{self.split!r} but has no rows in examples; the file is inconsistent.")
+          f"{self.path}: client {client_id!r} has no examples in split {self.split!r}, so its "
+          "features are unknown; pass client ids with examples.")
     try:
-      examples = parse_tf_examples([r[0] for r in rows])
+      examples = parse_tf_examples(records)
     except ValueError as e:
       raise FederatedFileError(f"{self.path}: client {client_id!r}: {e}") from None
     return self._check(client_id, examples)
