@@ -152,6 +152,17 @@ def test_cifar100_population_from_fedjax_and_tff_sqlite():
                      tff_clients("cifar100", split), oracle("coarse_label"))
 
 
+def test_tff_client_without_examples_is_kept(tmp_path):
+  path = corrupt_copy(tmp_path, fixture("tff_emnist.sqlite"),
+                      "INSERT INTO client_metadata VALUES (?, 'train', 0)", ("f0000_00",))
+  pop = fs.datasets.from_fedjax_sqlite(path)
+  clients = tff_clients("emnist", "train")
+  assert list(pop.labels) == ["f0000_00"] + [c for c, _ in clients]
+  assert pop.num_examples.tolist() == [0] + [len(ex["label"]) for _, ex in clients]
+  check_population(datasets.emnist(path, client_names=[c for c, _ in clients]), clients,
+                   emnist_oracle)
+
+
 def test_helpers_read_h5_fedjax_and_tff_alike(tmp_path):
   """The same clients as TFF h5 and as FedJAX SQLite give the same population."""
   clients = [(c, ex) for c, ex in fedjax_clients("emnist")]

@@ -344,7 +344,8 @@ def from_fedjax_sqlite(
     ids = reader.client_ids() if client_ids is None else list(client_ids)
     if not ids:
       raise _sqlite.FederatedFileError(f"{path} has no clients to read.")
-    names = set(reader.client(ids[0]))
+    sizes = reader.num_examples(ids)
+    names = set(reader.client(ids[int(np.argmax(sizes > 0))]))
   if {"pixels", "label"} <= names:
     return emnist(path, **opts, **kwargs)
   if {"image", "label"} <= names:

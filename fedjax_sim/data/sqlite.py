@@ -360,6 +360,9 @@ class _Reader:
       int64 ``[len(client_ids)]`` (default all clients).
     """
     ids = self.client_ids() if client_ids is None else [self._key(c) for c in client_ids]
+    for c in ids:
+      if c not in self._sizes:
+        raise self._missing(c)
     return np.asarray([self._sizes[c] for c in ids], np.int64)
 
   def _key(self, client_id):
@@ -397,6 +400,10 @@ class _Reader:
     Raises:
       FederatedFileError: naming the file and client, before anything is returned.
     """
+    ids = self._select(client_ids, max_clients)
+    return ids, [self.client(c) for c in ids]
+
+  def _select(self, client_ids, max_clients) -> list:
     ids = self.client_ids() if client_ids is None else [self._key(c) for c in client_ids]
     if max_clients is not None:
       if int(max_clients) < 1:
@@ -407,7 +414,7 @@ class _Reader:
         raise self._missing(c)
     if not ids:
       raise FederatedFileError(f"{self.path} has no clients to read.")
-    return ids, [self.client(c) for c in ids]
+    return ids
 
 
 class FedjaxSQLite(_Reader):
@@ -506,6 +513,26 @@ class TFFSQLite(_Reader):
     except ValueError as e:
       raise FederatedFileError(f"{self.path}: client {client_id!r}: {e}") from None
     return self._check(client_id, examples)
+
+
+  def clients(self, client_ids: Iterable | None = None,
+              max_clients: int | None = None) -> tuple[list, list[dict[str, np.ndarray]]]:
+    """As :meth:`_Reader.clients`; a client listed with 0 examples gets empty arrays shaped like
+    the other clients' (a TFF row holds no feature specification of its own)."""
+    ids = self._select(client_ids, max_clients)
+    read = {}
+    for c in ids:
+      if self._sizes[c]:
+        read[c] = self.client(c)
+      elif self.records(c):
+        raise FederatedFileError(
+            f"{self.path}: client {c!r} has rows in examples but client_metadata says 0 "
+            "examples; the file is inconsistent.")
+    if not read:
+      raise FederatedFileError(f"{self.path}: the clients asked for hold no examples in split "
+                               f"{self.split!r}.")
+    empty = {k: v[:0] for k, v in next(iter(read.values())).items()}
+    return ids, [read.get(c, empty) for c in ids]
 
 
 def open_federated(path: str, split: str = "train") -> FedjaxSQLite | TFFSQLite:
