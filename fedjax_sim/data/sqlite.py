@@ -433,7 +433,9 @@ class FedjaxSQLite(_Reader):
       self._sizes[bytes(cid) if isinstance(cid, (bytes, memoryview)) else cid] = int(n)
 
   def _key(self, client_id):
-    return client_id.encode() if isinstance(client_id, str) else client_id
+    if isinstance(client_id, str) and client_id not in self._sizes:
+      return client_id.encode()  # FedJAX's builder stores bytes ids
+    return client_id
 
   def client(self, client_id) -> dict[str, np.ndarray]:
     """One client's examples, ``{feature: array}``.
