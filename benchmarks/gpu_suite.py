@@ -6,6 +6,7 @@ fails or runs out of time is recorded with its error and the suite goes on. Step
 
   env         device name, python/jax/jaxlib/torch versions, nvidia-smi
   cifar       pfl's CIFAR-10 setup (pfl's simple_cnn, cohort 50, batch 10), 1500 rounds timed
+              (in blocks of 100; stopped after 75 s, recording the rounds done, if slower)
   pfl         pfl-research on the same workload on the same device (one process)
   cnn         EMNIST-CNN, cohort 1000
   population  10^6 clients x 10 examples, cohort 10^4, DP-FedAvg (clip 1, z 1)
@@ -98,7 +99,7 @@ def plan(dry_run: bool, pfl_python: str) -> dict[str, dict]:
     boxes = {"env": 60, "cifar": 240, "pfl": 120, "cnn": 240, "population": 120, "dense": 120}
   else:
     sizes = {
-        "cifar": ["--workloads", "cifar", "--rounds", "1500"],
+        "cifar": ["--workloads", "cifar", "--rounds", "1500", "--max-seconds", "75"],
         "pfl": ["--device", "cuda", "--rounds", "1500", "--warmup-rounds", "3",
                 "--max-seconds", "45"],
         "cnn": ["--workloads", "cnn", "--cohorts", "1000"],

@@ -201,6 +201,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--rounds", type=int, default=0,
                   help="time exactly this many rounds in one block (0: sized to "
                        "--target-seconds, at most 200)")
+  ap.add_argument("--max-seconds", type=float, default=0.0,
+                  help="with --rounds: stop timing after the block that passes this many "
+                       "seconds (0: no limit); the rows record the rounds actually timed")
   ap.add_argument("--client-lr", type=float, default=0.1)
   ap.add_argument("--server-lr", type=float, default=1.0)
   ap.add_argument("--num-clients", type=int, default=None,
@@ -240,6 +243,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.error(f"--cohorts must be >= 1; got {args.cohorts}")
   if args.rounds < 0:
     ap.error(f"--rounds must be >= 0 (0 = sized to --target-seconds); got {args.rounds}")
+  if args.max_seconds < 0 or (args.max_seconds and not args.rounds):
+    ap.error(f"--max-seconds must be >= 0 and needs --rounds; got {args.max_seconds}")
   if args.num_clients is not None and args.num_clients < 1:
     ap.error(f"--num-clients must be >= 1; got {args.num_clients}")
   return args
@@ -377,18 +382,25 @@ def main(argv=None):
           state, quick = sim.benchmark(state, 1)
           check_finite(state.params, f"{name} cohort {cohort}")
           rounds = max(1, min(200, int(args.target_seconds / max(quick["seconds"], 1e-4))))
-          if args.rounds:  # sim.run in blocks of <= 100 rounds (one compile), timed once
-            rounds = args.rounds
-            block = min(rounds, 100)
+          if args.rounds:  # blocks of <= 100 rounds (one compile), all timed together
+            block = min(args.rounds, 100)
             state, _ = sim.run(state, block, block_size=block)  # compiles the block; untimed
+            jax.block_until_ready(state.params)
+            rounds, examples, slots = 0, 0.0, 0.0
             t = time.perf_counter()
-            state, m = sim.run(state, rounds, block_size=block)
+            while rounds < args.rounds:
+              n = min(block, args.rounds - rounds)
+              state, m = sim.run(state, n, block_size=block)
+              rounds += n
+              examples += float(np.sum(m["examples"]))
+              slots += float(np.sum(m["step_slots"]))
+              if args.max_seconds and time.perf_counter() - t >= args.max_seconds:
+                break  # recorded as the rounds actually timed
             jax.block_until_ready(state.params)
             seconds = time.perf_counter() - t
             check_finite(state.params, f"{name} cohort {cohort}")
-            r = {"seconds": seconds, "rounds_per_s": rounds / seconds,
-                 "examples": float(np.sum(m["examples"])),
-                 "step_slots": float(np.sum(m["step_slots"]))}
+            r = {"seconds": seconds, "rounds_per_s": rounds / seconds, "examples": examples,
+                 "step_slots": slots}
           elif quick["seconds"] * 2 >= args.target_seconds:
             rounds, r = 1, quick
           else:

@@ -56,6 +56,7 @@ def test_gpu_plan_has_the_issue_sizes_and_every_command_parses():
   assert argv["cifar"][argv["cifar"].index("--rounds") + 1] == "1500"
   parsed = {k: run.parse_args(a) for k, a in argv.items()}  # the harness accepts each step
   assert parsed["cifar"].workloads == ["cifar"] and parsed["cifar"].rounds == 1500
+  assert 0 < parsed["cifar"].max_seconds <= 90
   assert parsed["cnn"].workloads == ["cnn"] and parsed["cnn"].cohorts == [1000]
   assert parsed["population"].cohorts == [10**4] and run.WORKLOADS["population"].dp_only
   assert parsed["dense"].cohorts == [10**4] and parsed["dense"].num_clients == 10**4
@@ -116,3 +117,20 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
   env = [r for r in rows if r["step"] == "env" and "kind" not in r]
   assert env and env[0]["jax_backend"] == "cpu"
   assert "| cifar | fedjax_sim |" in (tmp_path / "r.jsonl.md").read_text()
+
+
+def test_fixed_rounds_are_timed_in_blocks_and_stop_at_max_seconds(tmp_path, capsys):
+  out = tmp_path / "r.jsonl"
+  run.main(["--workloads", "population", "--num-clients", "40", "--cohorts", "4",
+            "--no-sequential", "--rounds", "250", "--max-seconds", "1e-9", "--out", str(out)])
+  (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+  assert row["rounds"] == 100  # one 100-round block timed, then the limit stopped it
+  assert row["client_updates_per_s"] == pytest.approx(4 * row["rounds_per_s"])
+  assert row["padding_waste"] >= 1.0
+  for argv, needle in [(["--max-seconds", "5"], "needs --rounds"),
+                       (["--rounds", "-1"], "--rounds must be >= 0"),
+                       (["--workloads", "dense", "--num-clients", "9", "--cohorts", "0"],
+                        "--cohorts must be >= 1")]:
+    with pytest.raises(SystemExit):
+      run.parse_args(argv)
+    assert needle in capsys.readouterr().err
