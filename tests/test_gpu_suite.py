@@ -116,7 +116,8 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
     assert r["speedup_vs_sequential"] > 0
   env = [r for r in rows if r["step"] == "env" and "kind" not in r]
   assert env and env[0]["jax_backend"] == "cpu"
-  assert "| cifar | fedjax_sim |" in (tmp_path / "r.jsonl.md").read_text()
+  md = (tmp_path / "r.jsonl.md").read_text()
+  assert "| cifar | fedjax_sim |" in md and "DRY RUN" in md
 
 
 def test_fixed_rounds_are_timed_in_blocks_and_stop_at_max_seconds(tmp_path, capsys):
