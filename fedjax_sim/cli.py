@@ -26,7 +26,7 @@ _FLAGS = {"num_clients": "--num-clients", "cohort_size": "--cohort-size", "alpha
 
 def _as_flags(message: str) -> str:
   """The API's argument names in ``message`` spelled as this command's flags."""
-  return re.sub(r"\b(" + "|".join(_FLAGS) + r")\b(?![-=])",
+  return re.sub(r"(?<!\()\b(" + "|".join(_FLAGS) + r")\b(?!-)",
                 lambda m: _FLAGS[m.group(1)], message)
 
 
