@@ -368,7 +368,10 @@ def main(argv: list[str] | None = None) -> int:
   desc.add_argument("--seed", type=int, default=0)
   desc.add_argument("--plot", default=None, help="PNG path for the histograms")
   desc.set_defaults(func=_describe)
-  args = parser.parse_args(argv)
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as e:  # --help, --version, or a one-line usage error (code 2)
+    return 0 if e.code is None else e.code
   from fedjax_sim.config import ConfigError
 
   name = " ".join(x for x in (args.command, getattr(args, "data_command", None)) if x)

@@ -144,11 +144,18 @@ def _choice(path: str, value, options) -> None:
     raise ConfigError(f"{path}={value!r} is not one of {list(options)}.{hint}")
 
 
+def _text_hint(value) -> str:
+  if isinstance(value, str):
+    return (" (YAML reads a number without a dot, like 1e-5, as text: write 1.0e-5; "
+            "a number in quotes is text too)")
+  return ""
+
+
 def _positive(path: str, value, allow_none=False) -> None:
   if value is None and allow_none:
     return
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-    raise ConfigError(f"{path} must be a positive number; got {value!r}.")
+    raise ConfigError(f"{path} must be a positive number; got {value!r}.{_text_hint(value)}")
 
 
 def _positive_int(path: str, value, allow_none=False) -> None:
@@ -165,7 +172,7 @@ def _in_range(path: str, value, lo, hi, *, lo_open=True, hi_open=False, allow_no
         and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi))
   if not ok:
     lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-    raise ConfigError(f"{path} must lie in {lb}{lo}, {hi}{rb}; got {value!r}.")
+    raise ConfigError(f"{path} must lie in {lb}{lo}, {hi}{rb}; got {value!r}.{_text_hint(value)}")
 
 
 def validate(cfg: Config) -> Config:
@@ -204,7 +211,7 @@ def validate(cfg: Config) -> Config:
       or not isinstance(cfg.privacy.noise_multiplier, (int, float))
       or not cfg.privacy.noise_multiplier >= 0):
     raise ConfigError(f"privacy.noise_multiplier must be a number >= 0 (0: no noise); got "
-                      f"{cfg.privacy.noise_multiplier!r}.")
+                      f"{cfg.privacy.noise_multiplier!r}.{_text_hint(cfg.privacy.noise_multiplier)}")
   _in_range("privacy.target_quantile", cfg.privacy.target_quantile, 0, 1, hi_open=True)
   _in_range("sampler.q", cfg.sampler.q, 0, 1, allow_none=True)
   if not isinstance(cfg.run.out_dir, str) or not cfg.run.out_dir:
@@ -217,9 +224,7 @@ def validate(cfg: Config) -> Config:
                       "(Poisson; set cohort_size: null).")
   if cfg.privacy.noise_multiplier and cfg.privacy.clip is None and not cfg.privacy.adaptive:
     raise ConfigError("privacy.noise_multiplier > 0 needs privacy.clip (or adaptive: true).")
-  if cfg.privacy.delta is not None and (isinstance(cfg.privacy.delta, bool) or not isinstance(
-      cfg.privacy.delta, (int, float)) or not 0 < cfg.privacy.delta < 1):
-    raise ConfigError(f"privacy.delta must lie in (0, 1); got {cfg.privacy.delta!r}.")
+  _in_range("privacy.delta", cfg.privacy.delta, 0, 1, hi_open=True, allow_none=True)
   if cfg.model.name == "char_lstm" and cfg.data.name != "shakespeare_h5":
     raise ConfigError("model.name='char_lstm' needs text data (data.name='shakespeare_h5').")
   if cfg.model.name in ("emnist_cnn", "cifar_cnn") and cfg.data.name != "emnist_h5":
