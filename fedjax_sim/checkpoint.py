@@ -35,6 +35,20 @@ class SimulationInterrupted(KeyboardInterrupt):
     self.metrics = metrics
 
 
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written during ``Simulation.run``; the run's state is kept.
+
+  Attributes:
+    state: the state after the last completed round (the donated input is gone; use this).
+    metrics: the metrics of the completed rounds.
+  """
+
+  def __init__(self, state, metrics, message: str):
+    super().__init__(message)
+    self.state = state
+    self.metrics = metrics
+
+
 def _spec(tree) -> dict[str, str]:
   return {jax.tree_util.keystr(path): f"{tuple(np.shape(x))}:{np.dtype(x.dtype).name}"
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}

@@ -798,7 +798,7 @@ class Simulation:
 
     Raises:
       ValueError: a bad argument, or a directory this run may not use (before any round).
-      fedjax_sim.run_dir.CheckpointSaveError: a checkpoint could not be written; its ``state``
+      fedjax_sim.checkpoint.CheckpointSaveError: a checkpoint could not be written; its ``state``
         holds the state after the completed rounds (the donated input is gone).
     """
     self._check_state(state)

@@ -50,26 +50,17 @@ from typing import Any
 import jax
 import numpy as np
 
+from fedjax_sim.checkpoint import CheckpointSaveError
+
+__all__ = ["CheckpointSaveError", "algorithm_digest", "check_savable", "population_digest",
+           "prepare_checkpoint_dir", "prepare_log_dir", "run_id"]
+
 # Fingerprint fields added after the first release: a checkpoint without them still restores
 # (with a warning), since it cannot be checked against them.
 NEW_FIELDS = ("run_id", "algorithm_digest", "population_digest")
 # Not compared on restore: the restored run adopts the checkpoint's identity, and the digest's
 # jax version only tells whether the algorithm digests are comparable.
 NOT_COMPARED = ("run_id", "digest_jax")
-
-
-class CheckpointSaveError(RuntimeError):
-  """A checkpoint could not be written during ``Simulation.run``; the run's state is kept.
-
-  Attributes:
-    state: the state after the last completed round (the donated input is gone; use this).
-    metrics: the metrics of the completed rounds.
-  """
-
-  def __init__(self, state, metrics, message: str):
-    super().__init__(message)
-    self.state = state
-    self.metrics = metrics
 
 
 # -- identity --------------------------------------------------------------------------------
@@ -280,6 +271,10 @@ def prepare_log_dir(log_dir: str, fp: dict[str, Any], start: int, *,
       old = {}
   owner = None if old is None else old.get("run_id", old.get("fingerprint", {}).get("run_id"))
   exists = old is not None or os.path.exists(metrics_path)
+  if exists and owner is None and old and "fingerprint" in old:
+    warnings.warn(f"the log in {log_dir!r} predates run ids; it is taken to be this run's.",
+                  stacklevel=3)
+    owner = fp["run_id"]
   if exists and owner != fp["run_id"]:
     if not overwrite:
       raise ValueError(

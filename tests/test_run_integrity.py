@@ -296,6 +296,30 @@ def test_signal_handlers_restored_when_run_raises(tmp_path, sim, what):
     signal.signal(signal.SIGINT, old)
 
 
+def test_sigint_mid_block_then_resume_is_bit_identical(tmp_path, sim):
+  import threading
+
+  full, _ = sim.run(start(sim), 40, block_size=2)
+  sender = threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT))
+
+  def callback(rounds, block):
+    if rounds == 2:
+      sender.start()  # fires while the next block computes
+    else:
+      sender.join()  # delivered by now: the run stops at this block's end at the latest
+
+  d = str(tmp_path / "ck")
+  with pytest.raises(fs.checkpoint.SimulationInterrupted, match="SIGINT") as info:
+    sim.run(start(sim), 40, block_size=2, checkpoint_dir=d, checkpoint_every=100,
+            callback=callback)
+  stopped = int(info.value.state.round)
+  assert stopped in (4, 6) and steps(d) == [stopped]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  resumed = sim.restore(d, init_params())
+  resumed, _ = sim.run(resumed, 40 - stopped, block_size=2, checkpoint_dir=d)
+  assert_same_state(resumed, full)
+
+
 # -- 16. accountant choice in run(); an achievable cap ---------------------------------------
 
 
