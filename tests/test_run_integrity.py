@@ -238,6 +238,19 @@ def test_log_of_another_run_is_refused_and_a_restart_drops_later_rows(tmp_path, 
       jax.random.key_data(jax.random.key(1))).tolist()
 
 
+def test_legacy_log_dir_is_taken_over_with_a_warning(tmp_path, sim):
+  d = tmp_path / "run"
+  d.mkdir()
+  (d / "config.json").write_text(json.dumps({"config_hash": "0" * 16, "fingerprint": {}}))
+  (d / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2}\n')
+  with pytest.warns(UserWarning) as record:
+    sim.run(start(sim), 2, block_size=2, log_dir=str(d))
+  messages = " | ".join(str(w.message) for w in record)
+  assert "predates run ids" in messages and "dropped 2 later rows" in messages
+  np.testing.assert_array_equal(read_log(str(d))["round"], [1, 2])
+  assert len(json.load(open(d / "config.json"))["sessions"]) == 1
+
+
 def test_eval_metrics_reach_jsonl_csv_and_tensorboard(tmp_path, sim):
   d = str(tmp_path / "run")
   _, m = sim.run(start(sim), 4, block_size=2, eval_every=2, eval_fn=eval_fn, log_dir=d,
