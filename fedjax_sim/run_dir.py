@@ -45,6 +45,7 @@ import os
 import re
 import shutil
 import warnings
+import weakref
 from typing import Any
 
 import jax
@@ -122,6 +123,18 @@ def algorithm_digest(sim, state) -> str:
     16 hex digits, or ``"unavailable"`` if the round cannot be traced abstractly.
   """
   spec = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), t)
+  cache = _DIGESTS.setdefault(sim, {})
+  key = (id(sim.algorithm), id(sim.sampler), str(jax.tree.structure(state)),
+         str(jax.tree.leaves(spec(state))), str(jax.tree.leaves(spec(sim.population))))
+  if key not in cache:  # one trace per simulation and state layout (~0.5 s on a CPU)
+    cache[key] = _trace_digest(sim, state, spec)
+  return cache[key]
+
+
+_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _trace_digest(sim, state, spec) -> str:
   saved = sim.chunk_size, sim.mesh
   try:
     sim.chunk_size, sim.mesh = sim.max_cohort_size, None
