@@ -10,6 +10,7 @@ import argparse
 import re
 import sys
 import time
+import warnings
 
 
 class UsageError(ValueError):
@@ -376,7 +377,10 @@ def main(argv: list[str] | None = None) -> int:
 
   name = " ".join(x for x in (args.command, getattr(args, "data_command", None)) if x)
   try:
-    return args.func(args)
+    with warnings.catch_warnings():
+      warnings.showwarning = lambda message, *_, **__: print(
+          f"fedjax-sim {name}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+      return args.func(args)
   except (ConfigError, UsageError) as e:
     message = str(e)
   except (ValueError, TypeError, FileNotFoundError, PermissionError) as e:

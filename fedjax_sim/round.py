@@ -906,10 +906,16 @@ class Simulation:
 
   # -- checkpoints ---------------------------------------------------------------------------
   def save(self, state: ServerState, directory: str) -> int:
-    """Checkpoints ``state`` (step = its round) under ``directory``; returns the step."""
+    """Checkpoints ``state`` (step = its round) under ``directory``; returns the step.
+
+    Raises:
+      ValueError: the state cannot be saved, the directory is unusable or holds another run's
+        checkpoints, this step, or later steps (:func:`fedjax_sim.run_dir.check_save`).
+    """
     self._check_state(state)
-    _run_dir.check_savable(state)
-    return _ckpt.save(directory, state, _ckpt.fingerprint(self, state))
+    fp = _ckpt.fingerprint(self, state)
+    _run_dir.check_save(directory, state, fp)
+    return _ckpt.save(directory, state, fp)
 
   def restore(self, directory: str, params: Any, *, step: int | None = None) -> ServerState:
     """Restores the latest (or ``step``) checkpoint of this configuration.

@@ -253,6 +253,33 @@ def prepare_checkpoint_dir(directory: str, state, fp: dict[str, Any], *,
                   stacklevel=3)
 
 
+def check_save(directory: str, state, fp: dict[str, Any]) -> None:
+  """Checks a manual ``Simulation.save`` before writing: a savable state, a usable directory,
+  no other run's checkpoints, no existing step ``state.round``, and no later step (orbax keeps
+  the highest steps, so an earlier step saved among later ones would be pruned at once).
+
+  Raises:
+    ValueError: naming the problem and the fix.
+  """
+  check_savable(state)
+  _check_writable(directory, "directory")
+  step = int(state.round)
+  steps = _steps(directory)
+  foreign = [s for s in steps if (_meta(directory, s) or {}).get("run_id") not in (
+      None, fp["run_id"])]
+  if foreign:
+    raise ValueError(f"{directory!r} holds checkpoints of another run (steps {foreign}); save "
+                     "into a new directory.")
+  if step in steps:
+    raise ValueError(f"{directory!r} already holds step {step}; restore it, or save into a new "
+                     "directory.")
+  later = [s for s in steps if s > step]
+  if later:
+    raise ValueError(f"{directory!r} holds later steps {later} than this state's round {step}; "
+                     "orbax keeps the latest steps, so this save would be pruned at once. Save "
+                     "into a new directory (or run on from this state: run() replaces them).")
+
+
 def _delete(directory: str, steps: list[int]) -> None:
   for s in steps:
     shutil.rmtree(os.path.join(directory, str(s)))

@@ -184,6 +184,15 @@ def test_overwrite_starts_over_cleanly(tmp_path, capsys):
   rows = [json.loads(line)["round"] for line in open(out / "metrics.jsonl")]
   assert rows == [1, 2]
   assert sorted(os.listdir(out / "checkpoints")) == ["2"]
+  # A crash after round 3 (logged, not checkpointed): --resume continues from the checkpoint,
+  # drops the unsaved row with a one-line warning, and the log has every round once.
+  with open(out / "metrics.jsonl", "a") as f:
+    f.write('{"round": 3, "loss": 9.0}\n')
+  assert cli.main(["run", path, "--resume", "--quiet"]) == 0
+  err = capsys.readouterr().err
+  assert "fedjax-sim run: warning: this run starts at round 2: dropped 1 later rows" in err
+  assert "Traceback" not in err and err.count("\n") == 1
+  assert [json.loads(line)["round"] for line in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 def test_config_with_a_string_number_names_the_fix(tmp_path, capsys):

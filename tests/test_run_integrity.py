@@ -160,6 +160,18 @@ def test_save_error_keeps_the_state(tmp_path, sim, monkeypatch):
   assert_same_state(rest, full)
 
 
+def test_manual_save_refuses_collisions_pruning_and_other_runs(tmp_path, sim):
+  d = str(tmp_path / "ck")
+  state, _ = sim.run(start(sim), 4, block_size=2, checkpoint_dir=d)
+  with pytest.raises(ValueError, match="already holds step 4"):
+    sim.save(state, d)
+  with pytest.raises(ValueError, match=r"later steps \[2, 4\] than this state's round 0"):
+    sim.save(start(sim), d)
+  with pytest.raises(ValueError, match=r"checkpoints of another run \(steps \[2, 4\]\)"):
+    sim.save(start(sim, 1), d)
+  assert steps(d) == [2, 4]
+
+
 # -- 4. the fingerprint covers what changes results ------------------------------------------
 
 
