@@ -227,14 +227,6 @@ def validate(cfg: Config) -> Config:
   _in_range("privacy.delta", cfg.privacy.delta, 0, 1, hi_open=True, allow_none=True)
   if cfg.model.name == "char_lstm" and cfg.data.name != "shakespeare_h5":
     raise ConfigError("model.name='char_lstm' needs text data (data.name='shakespeare_h5').")
-  if cfg.model.name in ("emnist_cnn", "cifar_cnn") and cfg.data.name != "emnist_h5":
-    raise ConfigError(
-        f"model.name={cfg.model.name!r} is a convolutional model for images; "
-        f"data.name={cfg.data.name!r} has flat feature vectors. Use model.name='mlp' or "
-        "'logistic' (or image data: data.name='emnist_h5' with model.name='emnist_cnn').")
-  if cfg.model.name == "cifar_cnn":
-    raise ConfigError("model.name='cifar_cnn' needs 32x32x3 images, which no data.name "
-                      "provides; use model.name='emnist_cnn' with data.name='emnist_h5'.")
   return cfg
 
 
@@ -320,7 +312,17 @@ def build(cfg: Config):
   else:
     module = fs.zoo.CharLSTM(fs.datasets.SHAKESPEARE_VOCAB_SIZE, hidden=m.hidden[0])
   x0 = np.asarray(pop.features["x"][:1])
-  params = module.init(jax.random.key(cfg.run.seed), x0)["params"]
+  if m.name in ("emnist_cnn", "cifar_cnn") and x0.ndim < 3:
+    raise ConfigError(
+        f"model.name={m.name!r} is a convolutional model for images; data.name={d.name!r} has "
+        f"flat feature vectors (shape {x0.shape[1:]}). Use model.name='mlp' or 'logistic', or "
+        "image data (data.name='emnist_h5' with model.name='emnist_cnn').")
+  try:
+    params = module.init(jax.random.key(cfg.run.seed), x0)["params"]
+  except Exception as e:  # noqa: BLE001 - a shape mismatch deep in flax
+    raise ConfigError(f"model.name={m.name!r} does not fit the features of data.name="
+                      f"{d.name!r} (shape {x0.shape[1:]}): {type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:300]}") from None
   make_loss = fs.models.sequence_loss if m.name == "char_lstm" else fs.models.classifier_loss
   loss_fn = make_loss(fs.models.linen_apply(module, train=True))
   eval_loss = make_loss(fs.models.linen_apply(module))
