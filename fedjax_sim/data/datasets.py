@@ -1,5 +1,8 @@
 """Loaders that feed the CSR :class:`~fedjax_sim.Population`.
 
+* FedJAX's and TFF's SQLite federated datasets (:mod:`fedjax_sim.data.sqlite`): the known dataset
+  helpers below take a TFF h5, FedJAX SQLite or TFF SQLite path alike (the format is detected
+  from the file); :func:`from_fedjax_sqlite` reads any FedJAX / TFF SQLite file.
 * Federated h5 files in the TFF / FedJAX schema, ``examples/<client_id>/<feature>``: EMNIST-62
   (``pixels``, ``label``), Shakespeare (``snippets``), StackOverflow (``tokens``, ``tags``, ...),
   CIFAR-100 (``image``, ``label``, ``coarse_label``). The files are the ones TFF publishes
@@ -15,12 +18,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from fedjax_sim.data import partition as _partition
+from fedjax_sim.data import sqlite as _sqlite
 from fedjax_sim.data.population import Population
 
 # -- h5 (TFF / FedJAX schema) -------------------------------------------------------------------
@@ -85,31 +90,80 @@ def read_h5(
   return arrays, index, names
 
 
+def read_federated(
+    path: str, features: Sequence[str], *, client_names: Sequence | None = None,
+    max_clients: int | None = None, split: str = "train",
+) -> tuple[dict[str, np.ndarray], np.ndarray, list]:
+  """Reads a TFF h5, FedJAX SQLite or TFF SQLite file (detected from its contents).
+
+  Args:
+    path: the file.
+    features: features to read for every client.
+    client_names: read only these clients (in this order).
+    max_clients: read at most this many clients.
+    split: the split of a TFF SQLite file (``"train"`` / ``"test"``); h5 and FedJAX files hold
+      one split per file.
+
+  Returns:
+    ``(features, client_index, names)`` as :func:`read_h5`.
+  """
+  path = os.path.expanduser(os.fspath(path))
+  if _sqlite.detect_format(path) == "h5":
+    return read_h5(path, features, client_names=client_names, max_clients=max_clients)
+  return _sqlite.read_sqlite(path, features, client_names=client_names,
+                             max_clients=max_clients, split=split)
+
+
 def _population(arrays, index, names) -> Population:
   pop = Population.from_arrays(arrays, index, num_clients=len(names))
-  pop.labels = np.asarray(names)
+  pop.labels = _labels(names)
   return pop
 
 
-def emnist(path: str, **kwargs) -> Population:
-  """Federated EMNIST (TFF h5: ``pixels`` [n, 28, 28] float32, ``label``), one client per writer.
+def _labels(names) -> np.ndarray:
+  """Client ids as a host array; bytes ids (FedJAX) stay whole in an object array."""
+  if names and isinstance(names[0], bytes):
+    out = np.empty(len(names), dtype=object)
+    out[:] = names
+    return out
+  return np.asarray(names)
 
-  Returns a population with ``x`` ``[n, 28, 28, 1]`` float32 and ``y`` int32.
+
+def emnist(path: str, *, invert: bool = False, **kwargs) -> Population:
+  """Federated EMNIST-62: ``pixels`` [n, 28, 28] float32 and ``label``, one client per writer.
+
+  Reads TFF h5, FedJAX SQLite (``federated_emnist_{train,test}.sqlite``) or TFF SQLite (``pixels``
+  as 784 floats) alike.
+
+  Args:
+    path: the file.
+    invert: ``x = 1 - pixels`` as FedJAX's ``fedjax.datasets.emnist.load_data`` does (TFF and
+      fedjax_sim keep ``pixels`` as stored).
+    **kwargs: ``client_names``, ``max_clients``, ``split`` (see :func:`read_federated`).
+
+  Returns:
+    A population with ``x`` ``[n, 28, 28, 1]`` float32 and ``y`` int32.
   """
-  arrays, index, names = read_h5(path, ["pixels", "label"], **kwargs)
-  x = arrays["pixels"].astype(np.float32)[..., None]
+  arrays, index, names = read_federated(path, ["pixels", "label"], **kwargs)
+  x = arrays["pixels"].astype(np.float32).reshape(-1, 28, 28)[..., None]
+  if invert:
+    x = 1.0 - x
   return _population({"x": x, "y": arrays["label"].astype(np.int32)}, index, names)
 
 
 def cifar100(path: str, *, label: str = "label", **kwargs) -> Population:
-  """Federated CIFAR-100 (TFF h5: ``image`` uint8 [n, 32, 32, 3], ``label``, ``coarse_label``).
+  """Federated CIFAR-100 (``image`` uint8 [n, 32, 32, 3], ``label``, ``coarse_label``).
 
+  Reads TFF h5, FedJAX SQLite or TFF SQLite (``image`` as 3072 int64) alike.
   ``x`` is float32 in [0, 1]; ``y`` is the fine ``label`` (or ``label="coarse_label"``).
+
+  Returns:
+    The population.
   """
   if label not in ("label", "coarse_label"):
     raise ValueError(f"label must be 'label' or 'coarse_label'; got {label!r}.")
-  arrays, index, names = read_h5(path, ["image", label], **kwargs)
-  x = arrays["image"].astype(np.float32) / 255.0
+  arrays, index, names = read_federated(path, ["image", label], **kwargs)
+  x = arrays["image"].reshape(-1, 32, 32, 3).astype(np.float32) / 255.0
   return _population({"x": x, "y": arrays[label].astype(np.int32)}, index, names)
 
 
@@ -154,7 +208,7 @@ def text_population(client_texts: Sequence[Sequence[str]], seq_len: int = 80,
   pop = Population.from_arrays({"x": np.concatenate(xs), "y": np.concatenate(ys)},
                                np.concatenate(index), num_clients=len(client_texts))
   if names is not None:
-    pop.labels = np.asarray(names)
+    pop.labels = _labels(list(names))
   return pop
 
 
@@ -179,12 +233,14 @@ def tiny_shakespeare(seq_len: int = 80) -> Population:
 
 
 def shakespeare(path: str, *, seq_len: int = 80, **kwargs) -> Population:
-  """Federated Shakespeare (TFF h5: ``snippets`` byte strings), one client per speaking role.
+  """Federated Shakespeare (``snippets`` byte strings), one client per speaking role.
+
+  Reads TFF h5, FedJAX SQLite or TFF SQLite alike.
 
   Next-character prediction: ``x``, ``y`` int32 ``[n, seq_len]`` with the character vocabulary
   above (``SHAKESPEARE_VOCAB_SIZE`` ids, PAD = 0).
   """
-  arrays, index, names = read_h5(path, ["snippets"], **kwargs)
+  arrays, index, names = read_federated(path, ["snippets"], **kwargs)
   texts: list[list[str]] = [[] for _ in names]
   for s, c in zip(arrays["snippets"], index, strict=True):
     texts[c].append(s.decode("utf-8") if isinstance(s, bytes) else str(s))
@@ -199,7 +255,9 @@ def stackoverflow(
     path: str, *, vocab: Sequence[str] | None = None, vocab_size: int = 10_000,
     tags: Sequence[str] | None = None, num_tags: int = 500, max_tokens: int = 30, **kwargs,
 ) -> tuple[Population, list[str], list[str]]:
-  """Federated StackOverflow tag prediction (TFF h5: ``tokens``, ``tags`` byte strings).
+  """Federated StackOverflow tag prediction (``tokens``, ``tags`` byte strings).
+
+  Reads TFF h5, FedJAX SQLite or TFF SQLite alike.
 
   ``x``: int32 ``[n, max_tokens]`` word ids (0 pad, 1 out of vocabulary, words from 2); ``y``:
   float32 multi-hot ``[n, num_tags]`` over the tag vocabulary (tags joined by ``|`` as in TFF).
@@ -211,7 +269,7 @@ def stackoverflow(
   """
   from collections import Counter
 
-  arrays, index, names = read_h5(path, ["tokens", "tags"], **kwargs)
+  arrays, index, names = read_federated(path, ["tokens", "tags"], **kwargs)
   if vocab is None:
     counts = Counter(w for s in arrays["tokens"] for w in _split_words(s))
     vocab = [w for w, _ in counts.most_common(vocab_size)]
@@ -232,6 +290,78 @@ def stackoverflow(
       if t in tag_id:
         y[i, tag_id[t]] = 1.0
   return _population({"x": x, "y": y}, index, names), list(vocab), list(tags)
+
+
+def from_fedjax_sqlite(
+    path: str, client_ids: Sequence | None = None, max_clients: int | None = None, *,
+    split: str = "train", **kwargs,
+) -> Population:
+  """A :class:`Population` from a FedJAX SQLite or TFF SQLite federated dataset.
+
+  FedJAX's feature names are mapped to fedjax_sim's conventions by the dataset they identify:
+  EMNIST (``pixels``, ``label``) -> :func:`emnist`; CIFAR-100 (``image``, ``label``) ->
+  :func:`cifar100`; Shakespeare (``snippets``) -> :func:`shakespeare`; Stack Overflow
+  (``tokens``, ``tags``) -> :func:`stackoverflow` (whose vocabularies it also returns); any other
+  file's numeric features keep their names. Only the requested clients are read (one query
+  each), so a subset of a file larger than memory can be loaded; for per-client access without
+  building a population use :func:`fedjax_sim.data.sqlite.open_federated`.
+
+  Args:
+    path: a FedJAX (``fedjax.SQLiteFederatedData``) or TFF SQLite file.
+    client_ids: read only these clients, in this order (FedJAX ids are ``bytes``; ``str`` is
+      encoded as UTF-8). Default: all, in the order FedJAX lists them.
+    max_clients: read at most this many clients.
+    split: the split of a TFF SQLite file (``"train"`` / ``"test"``).
+    **kwargs: forwarded to the dataset helper (e.g. ``seq_len``, ``invert``, ``label``).
+
+  Returns:
+    The population; ``labels`` holds the client ids.
+
+  Raises:
+    FileNotFoundError / ValueError: naming the file (and the client) for a missing file, a file
+      that is not SQLite, another schema, a corrupt blob or an unknown client id; nothing
+      partially loaded is returned.
+
+  Examples:
+    >>> import os, sqlite3, tempfile, zlib
+    >>> from fedjax_sim.data import sqlite as fsql
+    >>> path = os.path.join(tempfile.mkdtemp(), "emnist.sqlite")
+    >>> ex = {"pixels": np.zeros((2, 28, 28), np.float32), "label": np.array([3, 5], np.int32)}
+    >>> with sqlite3.connect(path) as db:
+    ...   _ = db.execute(fsql.FEDJAX_SCHEMA)
+    ...   _ = db.execute("INSERT INTO federated_data VALUES (?, ?, ?)",
+    ...                  (b"f0000_00", zlib.compress(fsql.msgpack_serialize(ex)), 2))
+    >>> pop = from_fedjax_sqlite(path)
+    >>> pop.features["x"].shape, pop.client(0)["y"].tolist()
+    ((2, 28, 28, 1), [3, 5])
+  """
+  if _sqlite.detect_format(path) == "h5":
+    raise _sqlite.FederatedFileError(
+        f"{path} is a TFF h5 file, not SQLite; read it with fs.datasets.emnist / shakespeare / "
+        "stackoverflow / cifar100 or read_h5.")
+  opts = dict(client_names=client_ids, max_clients=max_clients, split=split)
+  with _sqlite.open_federated(path, split) as reader:
+    ids = reader.client_ids() if client_ids is None else list(client_ids)
+    if not ids:
+      raise _sqlite.FederatedFileError(f"{path} has no clients to read.")
+    sizes = reader.num_examples(ids)
+    names = set(reader.client(ids[int(np.argmax(sizes > 0))]))
+  if {"pixels", "label"} <= names:
+    return emnist(path, **opts, **kwargs)
+  if {"image", "label"} <= names:
+    return cifar100(path, **opts, **kwargs)
+  if "snippets" in names:
+    return shakespeare(path, **opts, **kwargs)
+  if {"tokens", "tags"} <= names:
+    return stackoverflow(path, **opts, **kwargs)[0]
+  arrays, index, cids = _sqlite.read_sqlite(path, **opts)
+  text = [k for k, v in arrays.items() if v.dtype == object]
+  if text:
+    raise _sqlite.FederatedFileError(
+        f"{path}: features {text} hold bytes and the file is not a known dataset (EMNIST, "
+        "CIFAR-100, Shakespeare, Stack Overflow); read the clients with "
+        "fedjax_sim.data.sqlite.open_federated and encode the text yourself.")
+  return _population(arrays, index, cids)
 
 
 # -- bundled and generated data -----------------------------------------------------------------

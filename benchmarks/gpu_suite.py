@@ -1,0 +1,305 @@
+"""The GPU suite: issue 14's accelerator figures in one call (``benchmarks/gpu_suite.sh``'s driver).
+
+Each step is a time-boxed subprocess (``python -m benchmarks.run ...`` for fedjax_sim and its
+in-process sequential baseline, ``benchmarks/peers/pfl_fedavg.py`` for pfl-research); a step that
+fails or runs out of time is recorded with its error and the suite goes on. Steps, in order:
+
+  env         device name, python/jax/jaxlib/torch versions, nvidia-smi
+  cifar       pfl's CIFAR-10 setup (pfl's simple_cnn, cohort 50, batch 10), 1500 rounds timed
+              (in blocks of 100; stopped after 75 s, recording the rounds done, if slower)
+  pfl         pfl-research on the same workload on the same device (one process)
+  cnn         EMNIST-CNN, cohort 1000
+  population  10^6 clients x 10 examples, cohort 10^4, DP-FedAvg (clip 1, z 1)
+  dense       EMNIST dense MLP, cohort 10^4 (population 10^4 clients)
+
+Every fedjax_sim step also runs the in-process sequential baseline (the same jitted one-client
+update called client by client: FedJAX's execution model) and records the speed-up over it.
+The pfl step is recorded as skipped ('pfl not installed') when ``--pfl-python`` cannot import
+pfl and torch. pfl's multi-process mode is not run (it does not fit the suite's time).
+
+Results: one JSON line per figure (each with its ``step``) in ``--out``, a per-step log beside
+it (``<out>.log``), and a markdown table printed at the end and written to ``<out>.md``.
+``--dry-run`` runs the same steps on CPU with tiny sizes (the smoke test of tests/).
+
+WHEELS: the GPU image (Python 3.12, jax, torch, flax, optax, chex, scipy, attrs, absl-py, mpmath,
+wrapt preinstalled; no network) lacks pfl and dp-accounting. From the repository root, once:
+  echo /.whl/ >> .git/info/exclude
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl pfl==0.6.0 dp-accounting==0.5.1 prv-accountant==0.2.0 multiprocess==0.70.19 \
+    dill==0.4.1 dm-tree==0.1.10
+(about 0.9 MB); the device call carries ``.whl`` and gpu_suite.sh installs it into /tmp/site.
+
+Usage (from the repository root):
+  bash benchmarks/gpu_suite.sh                   # on the GPU machine; writes $OUT/gpu_results.jsonl
+  python -m benchmarks.gpu_suite --dry-run --out /tmp/gpu_dry.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PFL_SCRIPT = os.path.join(ROOT, "benchmarks", "peers", "pfl_fedavg.py")
+STEPS = ("env", "cifar", "pfl", "cnn", "population", "dense")
+
+ENV_CODE = r"""
+import json, os, platform, subprocess
+row = {"python": platform.python_version(), "platform": platform.platform(),
+       "cpu_count": os.cpu_count()}
+try:
+  import jax, jaxlib
+  row.update(jax=jax.__version__, jaxlib=jaxlib.__version__, jax_backend=jax.default_backend(),
+             jax_devices=[d.device_kind for d in jax.devices()])
+except Exception as e:  # recorded, not fatal: the steps say what fails
+  row["jax_error"] = repr(e)
+try:
+  import torch
+  row.update(torch=torch.__version__, torch_cuda=torch.cuda.is_available(),
+             torch_device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+except Exception as e:
+  row["torch_error"] = repr(e)
+for mod in ("flax", "optax", "pfl", "dp_accounting"):
+  try:
+    row[mod] = __import__(mod).__version__ if hasattr(__import__(mod), "__version__") else "yes"
+  except Exception as e:
+    row[mod] = "not installed: " + repr(e)
+try:
+  row["nvidia_smi"] = subprocess.run(
+      ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
+       "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+except Exception as e:
+  row["nvidia_smi"] = "unavailable: " + repr(e)
+print(json.dumps(row))
+"""
+
+
+def plan(dry_run: bool, pfl_python: str) -> dict[str, dict]:
+  """The steps: command, time box (s) and kind. Full sizes for the GPU, tiny ones for --dry-run."""
+  run = [sys.executable, "-m", "benchmarks.run"]
+  if dry_run:
+    sizes = {
+        "cifar": ["--workloads", "cifar", "--num-clients", "4", "--cohorts", "2", "--rounds", "2",
+                  "--seq-rounds", "1"],
+        "pfl": ["--device", "cpu", "--torch-threads", "1", "--num-clients", "4", "--cohort", "2",
+                "--rounds", "1", "--warmup-rounds", "1"],
+        "cnn": ["--workloads", "cnn", "--num-clients", "6", "--cohorts", "3",
+                "--target-seconds", "0.1", "--seq-rounds", "1"],
+        "population": ["--workloads", "population", "--num-clients", "200", "--cohorts", "50",
+                       "--target-seconds", "0.1", "--seq-rounds", "1"],
+        "dense": ["--workloads", "dense", "--num-clients", "20", "--cohorts", "20",
+                  "--target-seconds", "0.1", "--seq-rounds", "1"],
+    }
+    boxes = {"env": 60, "cifar": 240, "pfl": 120, "cnn": 240, "population": 120, "dense": 120}
+  else:
+    sizes = {
+        "cifar": ["--workloads", "cifar", "--rounds", "1500", "--max-seconds", "75"],
+        "pfl": ["--device", "cuda", "--rounds", "1500", "--warmup-rounds", "3",
+                "--max-seconds", "45"],
+        "cnn": ["--workloads", "cnn", "--cohorts", "1000"],
+        "population": ["--workloads", "population", "--cohorts", "10000"],
+        "dense": ["--workloads", "dense", "--num-clients", "10000", "--cohorts", "10000"],
+    }
+    boxes = {"env": 45, "cifar": 140, "pfl": 80, "cnn": 100, "population": 110, "dense": 100}
+  steps = {"env": {"cmd": [sys.executable, "-c", ENV_CODE], "kind": "env"}}
+  for name in ("cifar", "cnn", "population", "dense"):
+    steps[name] = {"cmd": run + sizes[name], "kind": "run"}
+  steps["pfl"] = {"cmd": [pfl_python, PFL_SCRIPT] + sizes["pfl"], "kind": "pfl"}
+  for name, s in steps.items():
+    s["box"] = boxes[name]
+  return {name: steps[name] for name in STEPS}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_suite",
+                               description=__doc__.split("\n")[0])
+  ap.add_argument("--dry-run", action="store_true",
+                  help="the same steps on CPU with tiny sizes (a smoke test, no figures)")
+  ap.add_argument("--out", default=None,
+                  help="JSON-lines results file (default: $OUT/gpu_results.jsonl where OUT is "
+                       "set, else benchmarks/results/gpu_suite/gpu_results.jsonl; --dry-run: a "
+                       "temporary folder)")
+  ap.add_argument("--pfl-python", default=sys.executable,
+                  help="the python that has pfl and torch (default: this one)")
+  ap.add_argument("--steps", nargs="+", default=list(STEPS), metavar="STEP",
+                  help=f"a subset of {', '.join(STEPS)} (always run in that order)")
+  ap.add_argument("--budget-seconds", type=float, default=None,
+                  help="the whole suite's wall-clock budget (default 475 s; --dry-run: 1500 s, "
+                       "a loaded 2-core CPU is slow): a step's time box is cut to what is left; "
+                       "steps with under 10 s left are skipped")
+  args = ap.parse_args(argv)
+  bad = [s for s in args.steps if s not in STEPS]
+  if bad:
+    ap.error(f"unknown step(s) {', '.join(map(repr, bad))}; valid steps: {', '.join(STEPS)}")
+  if args.budget_seconds is None:
+    args.budget_seconds = 1500.0 if args.dry_run else 475.0
+  if args.budget_seconds <= 0:
+    ap.error(f"--budget-seconds must be > 0; got {args.budget_seconds}")
+  if args.out is None:
+    if args.dry_run:
+      args.out = os.path.join(tempfile.mkdtemp(prefix="gpu_suite_dry_"), "gpu_results.jsonl")
+    elif os.environ.get("OUT"):
+      args.out = os.path.join(os.environ["OUT"], "gpu_results.jsonl")
+    else:
+      args.out = os.path.join(ROOT, "benchmarks", "results", "gpu_suite", "gpu_results.jsonl")
+  return args
+
+
+def pfl_available(python: str) -> str | None:
+  """None if ``python`` imports pfl and torch, else why not."""
+  try:
+    res = subprocess.run([python, "-c", "import pfl, torch"], capture_output=True, text=True,
+                         timeout=120)
+  except (OSError, subprocess.TimeoutExpired) as e:
+    return f"pfl not installed: {python} cannot run ({e!r})"
+  if res.returncode != 0:
+    last = (res.stderr.strip().splitlines() or ["?"])[-1]
+    return f"pfl not installed in {python} ({last}); carry its wheels (benchmarks/gpu_suite.sh)"
+  return None
+
+
+def run_step(name: str, step: dict, box: float, env: dict, log) -> tuple[list[dict], dict]:
+  """Runs one step; returns its figures and its status row (never raises for a failed step)."""
+  t0 = time.perf_counter()
+  tmp = None
+  cmd = list(step["cmd"])
+  if step["kind"] == "run":
+    fd, tmp = tempfile.mkstemp(suffix=".jsonl", prefix=f"gpu_suite_{name}_")
+    os.close(fd)
+    cmd += ["--out", tmp, "--machine", "gpu-suite"]
+  log.write(f"\n===== step {name}: {' '.join(cmd)} (time box {box:.0f} s)\n")
+  log.flush()
+  status = {"step": name, "kind": "status", "cmd": " ".join(cmd), "time_box_s": box}
+  rows: list[dict] = []
+  try:
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=box, cwd=ROOT, env=env)
+    out, err, rc = res.stdout, res.stderr, res.returncode
+  except subprocess.TimeoutExpired as e:
+    out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+    rc = None
+  status["wall_s"] = time.perf_counter() - t0
+  log.write(out + ("\n--- stderr\n" + err if err else "") + "\n")
+  log.flush()
+  if step["kind"] == "run":
+    with open(tmp) as f:  # figures written before a later failure still count
+      rows = [json.loads(line) for line in f if line.strip()]
+    os.remove(tmp)
+  else:
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")][-1:]
+  if rc is None:
+    status.update(status="timeout", error=f"step exceeded its {box:.0f} s time box; "
+                  f"last output: {(err or out)[-600:]}")
+  elif rc != 0:
+    status.update(status="failed", error=f"exit {rc}: {(err or out)[-1500:]}")
+  elif not rows:
+    status.update(status="failed", error=f"no result line; output: {(err or out)[-1500:]}")
+  elif step["kind"] == "pfl" and not rows[-1].get("params_finite", False):
+    status.update(status="failed", error="pfl produced non-finite parameters; no figure")
+    rows = []
+  else:
+    status["status"] = "ok"
+  for r in rows:
+    r["step"] = name
+  return rows, status
+
+
+def table(rows: list[dict], statuses: list[dict], dry_run: bool = False) -> str:
+  """The markdown summary: one line per figure, then notes (ratios, device, each step's status)."""
+  lines = ["| step | engine | workload | cohort | DP | rounds | seconds | rounds/s "
+           "| client-updates/s | compile+first block s | sequential client-updates/s "
+           "| speed-up vs sequential |", "|---" * 12 + "|"]
+  for r in rows:
+    if r.get("engine") not in ("fedjax_sim", "pfl"):
+      continue
+    seconds = r.get("seconds", r["rounds"] / r["rounds_per_s"])
+    seq = r.get("sequential_client_updates_per_s")
+    lines.append(
+        f"| {r['step']} | {r['engine']}{' (' + r['device'] + ')' if 'device' in r else ''} "
+        f"| {r['model']} | {r['cohort']} | {'yes' if r.get('dp') else 'no'} | {r['rounds']} "
+        f"| {seconds:.2f} | {r['rounds_per_s']:.3g} | {r['client_updates_per_s']:.0f} "
+        f"| {r.get('compile_plus_first_block_s', r.get('warmup_plus_timed_wall_s', 0)):.1f} "
+        f"| {'' if seq is None else format(seq, '.0f')} "
+        f"| {'' if seq is None else format(r['speedup_vs_sequential'], '.1f') + 'x'} |")
+  ours = [r for r in rows if r.get("step") == "cifar" and r.get("engine") == "fedjax_sim"]
+  pfl = [r for r in rows if r.get("step") == "pfl"]
+  notes = ["DRY RUN: tiny sizes on CPU, a smoke test; these are not figures"] if dry_run else []
+  if ours:
+    notes.append(f"fedjax_sim: pfl's 1500 rounds take {1500 / ours[0]['rounds_per_s']:.1f} s at "
+                 f"the rate measured over {ours[0]['rounds']} timed rounds (compile excluded)")
+  if ours and pfl:
+    notes.append(f"fedjax_sim / pfl on CIFAR, same device, this run: "
+                 f"{ours[0]['client_updates_per_s'] / pfl[0]['client_updates_per_s']:.1f}x "
+                 "client-updates/s")
+  env = [r for r in rows if r.get("step") == "env"]
+  if env:
+    e = env[0]
+    notes.append(f"device: {e.get('jax_devices', e.get('jax_error'))}; nvidia-smi: "
+                 f"{e.get('nvidia_smi', '')}; python {e.get('python')}, jax {e.get('jax')}, "
+                 f"torch {e.get('torch', e.get('torch_error'))}, pfl {e.get('pfl')}")
+  for s in statuses:
+    if s["status"] != "ok":
+      notes.append(f"step {s['step']}: {s['status'].upper()} — {s.get('error', '')}"
+                   .replace("\n", " ")[:700])
+    else:
+      notes.append(f"step {s['step']}: ok in {s['wall_s']:.0f} s (time box {s['time_box_s']:.0f})")
+  return "\n".join(lines + [""] + [f"- {n}" for n in notes])
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  env = dict(os.environ)
+  env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+  env["PYTHONUNBUFFERED"] = "1"
+  if args.dry_run:
+    env["JAX_PLATFORMS"] = "cpu"
+  steps = plan(args.dry_run, args.pfl_python)
+  start = time.perf_counter()
+  rows: list[dict] = []
+  statuses: list[dict] = []
+  print(f"# gpu_suite{' (dry run, CPU, tiny sizes)' if args.dry_run else ''}: steps "
+        f"{', '.join(args.steps)}; results -> {args.out}", flush=True)
+  with open(args.out + ".log", "a") as log, open(args.out, "a") as out:
+    for name in STEPS:
+      if name not in args.steps:
+        continue
+      left = args.budget_seconds - (time.perf_counter() - start)
+      step = steps[name]
+      why = None
+      if left < 10:
+        why = f"suite budget of {args.budget_seconds:.0f} s spent"
+      elif step["kind"] == "pfl":
+        why = pfl_available(args.pfl_python)
+      if why is not None:
+        status = {"step": name, "kind": "status", "status": "skipped", "error": why,
+                  "wall_s": 0.0, "time_box_s": 0.0}
+        new = []
+      else:
+        new, status = run_step(name, step, min(step["box"], left), env, log)
+      status["dry_run"] = args.dry_run
+      for r in new + [status]:
+        r.setdefault("time", time.time())
+        out.write(json.dumps(r) + "\n")
+        out.flush()
+      rows += new
+      statuses.append(status)
+      print(f"# step {name}: {status['status']} ({status['wall_s']:.1f} s)"
+            + (f": {status['error'][:300]}" if status["status"] != "ok" else ""), flush=True)
+  md = table(rows, statuses, args.dry_run)
+  with open(args.out + ".md", "w") as f:
+    f.write(md + "\n")
+  print()
+  print(md)
+  print(f"\ntotal wall {time.perf_counter() - start:.0f} s; results {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,137 @@
+"""The GPU suite (benchmarks/gpu_suite.py), its pfl peer and the pfl-model CIFAR workload."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import gpu_suite, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pfl_peer():
+  spec = importlib.util.spec_from_file_location(
+      "pfl_fedavg", os.path.join(ROOT, "benchmarks", "peers", "pfl_fedavg.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)  # numpy only at import; torch/pfl are imported in main()
+  return mod
+
+
+def _num_params(module, shape):
+  variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.ones(shape)))
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+
+
+def test_cifar_is_pfl_simple_cnn_and_cifar_small_is_zoo_cifarcnn():
+  # pfl-research benchmarks/model/pytorch/cnn.py simple_cnn on 32x32x3, 10 classes: 896 + 18,496
+  # (convs) + 12,544 * 128 + 128 + 128 * 10 + 10 (dense) = 1,626,442.
+  assert _num_params(run.WORKLOADS["cifar"].module(), (1, 32, 32, 3)) == 1_626_442
+  assert _num_params(run.WORKLOADS["cifar-small"].module(), (1, 32, 32, 3)) == 545_098
+  assert run.WORKLOADS["cifar"].train_kwargs == {"train": True}  # its dropout is on in training
+
+
+def test_pfl_peer_uses_the_same_data_and_refuses_bad_input(capsys):
+  peer = _pfl_peer()
+  for a, b in zip(peer.cifar_shaped(7, 50, 3), run.cifar_shaped(7, 50, 3)):
+    np.testing.assert_array_equal(a, b)
+  for argv, needle in [(["--rounds", "0"], "--rounds must be >= 1"),
+                       (["--cohort", "60", "--num-clients", "50"], "exceeds --num-clients"),
+                       (["--warmup-rounds", "0"], "--warmup-rounds must be >= 1"),
+                       (["--device", "tpu"], "invalid choice")]:
+    with pytest.raises(SystemExit):
+      peer.parse_args(argv)
+    assert needle in capsys.readouterr().err
+
+
+def test_gpu_plan_has_the_issue_sizes_and_every_command_parses():
+  steps = gpu_suite.plan(dry_run=False, pfl_python="python3")
+  assert list(steps) == list(gpu_suite.STEPS)
+  argv = {k: s["cmd"][3:] for k, s in steps.items() if s["kind"] == "run"}
+  assert argv["cifar"][argv["cifar"].index("--rounds") + 1] == "1500"
+  parsed = {k: run.parse_args(a) for k, a in argv.items()}  # the harness accepts each step
+  assert parsed["cifar"].workloads == ["cifar"] and parsed["cifar"].rounds == 1500
+  assert 0 < parsed["cifar"].max_seconds <= 90
+  assert parsed["cnn"].workloads == ["cnn"] and parsed["cnn"].cohorts == [1000]
+  assert parsed["population"].cohorts == [10**4] and run.WORKLOADS["population"].dp_only
+  assert parsed["dense"].cohorts == [10**4] and parsed["dense"].num_clients == 10**4
+  assert not any(p.no_sequential for p in parsed.values())  # the sequential baseline runs
+  pfl = _pfl_peer().parse_args(steps["pfl"]["cmd"][2:])
+  assert pfl.device == "cuda" and pfl.cohort == 50 and pfl.batch_size == 10
+  assert (pfl.client_lr, pfl.server_lr) == (0.1, 1.0)
+  assert gpu_suite.parse_args([]).budget_seconds <= 480  # the suite fits 8 minutes
+
+
+def test_failed_and_timed_out_steps_are_recorded(tmp_path):
+  with open(tmp_path / "log", "w") as log:
+    rows, st = gpu_suite.run_step(
+        "x", {"cmd": [sys.executable, "-c", "import sys; sys.exit('boom')"], "kind": "env"},
+        30, dict(os.environ), log)
+    assert rows == [] and st["status"] == "failed" and "boom" in st["error"]
+    rows, st = gpu_suite.run_step(
+        "y", {"cmd": [sys.executable, "-c", "import time; time.sleep(30)"], "kind": "env"},
+        1, dict(os.environ), log)
+    assert rows == [] and st["status"] == "timeout" and "1 s time box" in st["error"]
+    rows, st = gpu_suite.run_step(
+        "p", {"cmd": [sys.executable, "-c", "print('{\"params_finite\": false}')"],
+              "kind": "pfl"}, 30, dict(os.environ), log)
+    assert rows == [] and st["status"] == "failed" and "non-finite" in st["error"]
+
+
+def test_missing_pfl_is_a_skipped_row_and_bad_steps_are_refused(tmp_path, capsys):
+  out = tmp_path / "r.jsonl"
+  assert gpu_suite.main(["--steps", "pfl", "--out", str(out),
+                         "--pfl-python", str(tmp_path / "no-python")]) == 0
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert len(rows) == 1 and rows[0]["status"] == "skipped"
+  assert "pfl not installed" in rows[0]["error"]
+  assert "pfl not installed" in (tmp_path / "r.jsonl.md").read_text()
+  with pytest.raises(SystemExit):
+    gpu_suite.parse_args(["--steps", "resnet"])
+  assert "valid steps: env, cifar, pfl" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_dry_run_runs_every_step_on_cpu(tmp_path):
+  out = tmp_path / "r.jsonl"
+  assert gpu_suite.main(["--dry-run", "--out", str(out), "--pfl-python",
+                         str(tmp_path / "no-python")]) == 0
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  status = {r["step"]: r for r in rows if r.get("kind") == "status"}
+  assert set(status) == set(gpu_suite.STEPS)
+  assert status["pfl"]["status"] == "skipped" and "pfl not installed" in status["pfl"]["error"]
+  for step in ("env", "cifar", "cnn", "population", "dense"):
+    assert status[step]["status"] == "ok", status[step]
+  figures = {r["step"]: r for r in rows if r.get("engine") == "fedjax_sim"}
+  assert set(figures) == {"cifar", "cnn", "population", "dense"}
+  assert figures["cifar"]["rounds"] == 2 and figures["cifar"]["params"] == 1_626_442
+  assert figures["population"]["dp"] is True
+  for r in figures.values():
+    assert np.isfinite(r["client_updates_per_s"]) and r["client_updates_per_s"] > 0
+    assert r["speedup_vs_sequential"] > 0
+  env = [r for r in rows if r["step"] == "env" and "kind" not in r]
+  assert env and env[0]["jax_backend"] == "cpu"
+  md = (tmp_path / "r.jsonl.md").read_text()
+  assert "| cifar | fedjax_sim |" in md and "DRY RUN" in md
+
+
+def test_fixed_rounds_are_timed_in_blocks_and_stop_at_max_seconds(tmp_path, capsys):
+  out = tmp_path / "r.jsonl"
+  run.main(["--workloads", "population", "--num-clients", "40", "--cohorts", "4",
+            "--no-sequential", "--rounds", "250", "--max-seconds", "1e-9", "--out", str(out)])
+  (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+  assert row["rounds"] == 100  # one 100-round block timed, then the limit stopped it
+  assert row["client_updates_per_s"] == pytest.approx(4 * row["rounds_per_s"])
+  assert row["padding_waste"] >= 1.0
+  for argv, needle in [(["--max-seconds", "5"], "needs --rounds"),
+                       (["--rounds", "-1"], "--rounds must be >= 0"),
+                       (["--workloads", "dense", "--num-clients", "9", "--cohorts", "0"],
+                        "--cohorts must be >= 1")]:
+    with pytest.raises(SystemExit):
+      run.parse_args(argv)
+    assert needle in capsys.readouterr().err
