@@ -173,6 +173,7 @@ def test_resume_with_other_hyper_parameters_is_refused(finished, capsys):
   assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow  # two CLI runs (~40 s on 2 loaded cores)
 def test_overwrite_starts_over_cleanly(tmp_path, capsys):
   path = config(tmp_path)
   out = tmp_path / "run"
