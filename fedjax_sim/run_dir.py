@@ -99,6 +99,13 @@ def population_digest(population) -> str:
   Returns:
     16 hex digits; equal for equal data however the population is placed.
   """
+  try:
+    return _population_digest(population)
+  except Exception:  # noqa: BLE001 - e.g. arrays spanning processes: a digest never stops a run
+    return "unavailable"
+
+
+def _population_digest(population) -> str:
   h = hashlib.sha256()
   for name in sorted(population.features):
     x = population.features[name]
