@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -34,15 +35,37 @@ class SimulationInterrupted(KeyboardInterrupt):
     self.metrics = metrics
 
 
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written during ``Simulation.run``; the run's state is kept.
+
+  Attributes:
+    state: the state after the last completed round (the donated input is gone; use this).
+    metrics: the metrics of the completed rounds.
+  """
+
+  def __init__(self, state, metrics, message: str):
+    super().__init__(message)
+    self.state = state
+    self.metrics = metrics
+
+
 def _spec(tree) -> dict[str, str]:
   return {jax.tree_util.keystr(path): f"{tuple(np.shape(x))}:{np.dtype(x.dtype).name}"
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def fingerprint(sim, state) -> dict[str, Any]:
-  """What must match for a checkpoint to be resumed by ``sim`` (names, shapes, settings)."""
+  """What must match for a checkpoint to be resumed by ``sim``: names, shapes, settings, a
+  digest of the round's computation (hyper-parameters), a digest of the population's contents,
+  and the run's identity (``run_id``: all of these and the run key; see :mod:`fedjax_sim.run_dir`).
+
+  Returns:
+    a JSON-able dict.
+  """
+  from fedjax_sim import run_dir
+
   pop = sim.population
-  return {
+  fp = {
       "algorithm": sim.algorithm.name,
       "num_clients": pop.num_clients,
       "total_examples": pop.total_examples,
@@ -54,7 +77,12 @@ def fingerprint(sim, state) -> dict[str, Any]:
       "noise_multiplier": sim.algorithm.aggregator.noise_multiplier,
       "params": _spec(state.params),
       "state": _spec(_to_savable(state)),
+      "algorithm_digest": run_dir.algorithm_digest(sim, state),
+      "population_digest": run_dir.population_digest(pop),
+      "digest_jax": jax.__version__,
   }
+  fp["run_id"] = run_dir.run_id(fp, state.key)
+  return fp
 
 
 def config_hash(fp: dict[str, Any]) -> str:
@@ -125,15 +153,30 @@ def restore(directory: str, template_state, fp: dict[str, Any], *, step: int | N
         f"checkpoint step {step} in {directory!r} cannot be read ({type(e).__name__}: {e}); "
         f"other steps: {[s for s in steps if s != step]} (pass step=...)."
     ) from e
-  diffs = [k for k in sorted(set(fp) | set(meta)) if json.dumps(fp.get(k), default=str,
-                                                                 sort_keys=True)
-           != json.dumps(meta.get(k), default=str, sort_keys=True)]
+  from fedjax_sim import run_dir
+
+  missing = [k for k in run_dir.NEW_FIELDS if k not in meta and k not in run_dir.NOT_COMPARED]
+  if missing:
+    warnings.warn(f"checkpoint step {step} in {directory!r} was written by an older version "
+                  f"without {missing}; restoring it without those checks.", stacklevel=3)
+  skip = set(run_dir.NOT_COMPARED) | set(missing)
+  if ("algorithm_digest" in meta and meta["algorithm_digest"] != fp.get("algorithm_digest")
+      and meta.get("digest_jax") != fp.get("digest_jax")):
+    skip.add("algorithm_digest")  # traced programs differ across jax versions: cannot compare
+    warnings.warn(f"checkpoint step {step} was written with jax {meta.get('digest_jax')} (now "
+                  f"{fp.get('digest_jax')}): the algorithm's hyper-parameters cannot be "
+                  "compared; check them yourself.", stacklevel=3)
+  diffs = [k for k in sorted(set(fp) | set(meta)) if k not in skip and json.dumps(
+      fp.get(k), default=str, sort_keys=True) != json.dumps(meta.get(k), default=str,
+                                                            sort_keys=True)]
   if diffs:
     detail = "; ".join(f"{k}: checkpoint {meta.get(k)!r} vs this run {fp.get(k)!r}"
                        for k in diffs[:4])
     raise ValueError(
         f"checkpoint step {step} in {directory!r} comes from another configuration ({detail}). "
-        "Resume with the same algorithm, population, sampler and model, or use a new directory."
+        "Resume with the same algorithm and hyper-parameters (algorithm_digest: client and "
+        "server optimizers, clip, batch size, local work), population data "
+        "(population_digest), sampler and model, or use a new directory."
     )
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
                           _to_savable(template_state))
@@ -152,10 +195,16 @@ def restore(directory: str, template_state, fp: dict[str, Any], *, step: int | N
 
 class MetricsLog:
   """Appends one JSON object per round to ``<log_dir>/metrics.jsonl`` (with the config hash),
-  and with ``tensorboard=True`` the same scalars as TensorBoard event files (tensorboardX)."""
+  and with ``tensorboard=True`` the same scalars as TensorBoard event files (tensorboardX).
+
+  ``config.json`` records the run's identity, fingerprint, versions, run key, the caller's
+  ``settings`` and one entry per session (``run`` call); a resumed run extends it, never
+  replaces it (``existing``: its current contents, from :func:`run_dir.prepare_log_dir`).
+  """
 
   def __init__(self, log_dir: str, fp: dict[str, Any], seed_info: dict[str, Any] | None = None,
-               *, tensorboard: bool = False):
+               *, tensorboard: bool = False, existing: dict[str, Any] | None = None,
+               settings: dict[str, Any] | None = None, session: dict[str, Any] | None = None):
     os.makedirs(log_dir, exist_ok=True)
     self.tb = None
     if tensorboard:
@@ -167,9 +216,18 @@ class MetricsLog:
       self.tb = SummaryWriter(log_dir)
     self.path = os.path.join(log_dir, "metrics.jsonl")
     self.hash = config_hash(fp)
-    with open(os.path.join(log_dir, "config.json"), "w") as f:
-      json.dump({"config_hash": self.hash, "fingerprint": fp, "versions": _versions(),
-                 **(seed_info or {})}, f, indent=1, default=str)
+    config = dict(existing) if existing else {
+        "config_hash": self.hash, "run_id": fp.get("run_id"), "fingerprint": fp,
+        "versions": _versions(), **(seed_info or {}), "sessions": []}
+    if settings is not None:
+      config.setdefault("settings", settings)
+    config.setdefault("sessions", []).append(
+        {**(session or {}), **{k: v for k, v in (seed_info or {}).items() if k == "start_round"},
+         "versions": _versions()})
+    path = os.path.join(log_dir, "config.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump(config, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a truncated config.json
 
   def write(self, first_round: int, block: dict[str, np.ndarray]) -> None:
     n = len(next(iter(block.values())))

@@ -1,13 +1,57 @@
-"""The ``fedjax-sim`` command line."""
+"""The ``fedjax-sim`` command line.
+
+Every error is one line on stderr that names the flag or config key and the fix, with exit
+code 2 (never a Python traceback); an interrupted ``run`` exits 130 after checkpointing.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+import warnings
+
+
+class UsageError(ValueError):
+  """A bad flag value; the message names the flag and the fix."""
+
+
+# The API names its arguments; on the command line they are flags.
+_FLAGS = {"num_clients": "--num-clients", "cohort_size": "--cohort-size", "alpha": "--alpha",
+          "shards_per_client": "--shards-per-client", "min_examples": "--min-examples",
+          "noise_multiplier": "--noise-multiplier", "target_epsilon": "--target-epsilon",
+          "max_cohort_size": "--max-cohort-size", "num_rounds": "--rounds", "delta": "--delta",
+          "batch_size": "--batch-size", "local_epochs": "--local-epochs", "clip": "--clip"}
+
+
+def _as_flags(message: str) -> str:
+  """The API's argument names in ``message`` spelled as this command's flags."""
+  return re.sub(r"(?<!\()\b(" + "|".join(_FLAGS) + r")\b(?!-)",
+                lambda m: _FLAGS[m.group(1)], message)
+
+
+def _check_flags(args: argparse.Namespace, rules: dict[str, str]) -> None:
+  """``rules``: dest -> 'pos' (> 0), 'nonneg' (>= 0), 'prob' ((0, 1]), 'open01' ((0, 1))."""
+  for dest, rule in rules.items():
+    v = getattr(args, dest, None)
+    if v is None:
+      continue
+    flag = "--" + dest.replace("_", "-")
+    ok = {"pos": v > 0, "nonneg": v >= 0, "prob": 0 < v <= 1, "open01": 0 < v < 1}[rule]
+    want = {"pos": "> 0", "nonneg": ">= 0", "prob": "in (0, 1]", "open01": "in (0, 1)"}[rule]
+    if not ok or v != v:
+      raise UsageError(f"{flag} must be {want}; got {v}.")
 
 
 def _demo(args: argparse.Namespace) -> int:
+  _check_flags(args, {"num_clients": "pos", "alpha": "pos", "cohort_size": "pos",
+                      "rounds": "pos", "eval_every": "pos", "local_epochs": "pos",
+                      "batch_size": "pos", "client_lr": "pos", "server_lr": "pos", "clip": "pos",
+                      "noise_multiplier": "nonneg"})
+  if args.cohort_size > args.num_clients:
+    raise UsageError(f"--cohort-size {args.cohort_size} exceeds --num-clients "
+                     f"{args.num_clients}; lower --cohort-size.")
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -108,10 +152,16 @@ def _privacy(args: argparse.Namespace) -> int:
 
   absl_logging.set_verbosity(absl_logging.ERROR)  # dp-accounting's notes on excluded RDP orders
 
+  _check_flags(args, {"num_clients": "pos", "cohort_size": "pos", "q": "prob",
+                      "max_cohort_size": "pos", "noise_multiplier": "nonneg",
+                      "target_epsilon": "pos", "rounds": "pos", "delta": "open01"})
   n = args.num_clients
   if (args.cohort_size is None) == (args.q is None):
-    raise SystemExit("fedjax-sim privacy: pass exactly one of --cohort-size K (fixed-size) or "
-                     "--q Q (Poisson).")
+    raise UsageError("pass exactly one of --cohort-size K (fixed-size) or --q Q (Poisson).")
+  if args.cohort_size is not None and args.cohort_size > n:
+    raise UsageError(f"--cohort-size {args.cohort_size} exceeds --num-clients {n}; lower it.")
+  if (args.noise_multiplier is None) == (args.target_epsilon is None):
+    raise UsageError("pass exactly one of --noise-multiplier Z or --target-epsilon EPS.")
   if args.cohort_size is not None:
     sampler = sampling.uniform(args.cohort_size)
     what = f"fixed-size cohorts of {args.cohort_size} (replace-one, sensitivity 2S)"
@@ -121,9 +171,6 @@ def _privacy(args: argparse.Namespace) -> int:
     what = f"Poisson sampling q={args.q} (add/remove-one)" + (
         f", truncated at {cap}" if cap < n else "")
   print(f"population {n}, {what}, {args.rounds} rounds, delta={args.delta}")
-  if (args.noise_multiplier is None) == (args.target_epsilon is None):
-    raise SystemExit("fedjax-sim privacy: pass exactly one of --noise-multiplier Z or "
-                     "--target-epsilon EPS.")
   for accountant in privacy.ACCOUNTANTS:
     try:
       if args.noise_multiplier is not None:
@@ -137,13 +184,15 @@ def _privacy(args: argparse.Namespace) -> int:
         print(f"  {accountant.upper():3s}: noise multiplier z = {z:.4f} "
               f"(epsilon = {eps:.4f} <= {args.target_epsilon})")
     except ValueError as e:
-      print(f"  {accountant.upper():3s}: not available: {e}")
+      print(f"  {accountant.upper():3s}: not available: {_as_flags(str(e))}")
   return 0
 
 
 def _run(args: argparse.Namespace) -> int:
+  import dataclasses
   import json
   import os
+  import shutil
 
   import jax
   import numpy as np
@@ -151,20 +200,37 @@ def _run(args: argparse.Namespace) -> int:
   from fedjax_sim import config as cfglib
   from fedjax_sim import plots
   from fedjax_sim.checkpoint import SimulationInterrupted
+  from fedjax_sim.run_dir import CheckpointSaveError
 
-  try:
-    cfg = cfglib.load(args.config, args.set or [])
-    sim, params, eval_fn, _ = cfglib.build(cfg)
-  except cfglib.ConfigError as e:
-    print(f"fedjax-sim run: {e}", file=sys.stderr)
-    return 2
+  if args.resume and args.overwrite:
+    raise UsageError("pass one of --resume (continue the run in run.out_dir) and --overwrite "
+                     "(delete it and start over), not both.")
+  cfg = cfglib.load(args.config, args.set or [])
   out = cfg.run.out_dir
-  os.makedirs(out, exist_ok=True)
   ckpt = os.path.join(out, "checkpoints")
-  if args.resume and os.path.isdir(ckpt):
+  ours = ["config.json", "metrics.jsonl", "metrics.csv", "summary.json", "learning_curves.png",
+          "checkpoints"]
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise cfglib.ConfigError(f"run.out_dir={out!r} is a file; set run.out_dir to a directory.")
+  found = [n for n in (os.listdir(out) if os.path.isdir(out) else [])
+           if n in ours or n.startswith("events.out.tfevents")]
+  if found and not (args.resume or args.overwrite):
+    raise cfglib.ConfigError(
+        f"run.out_dir={out!r} already holds a run ({', '.join(sorted(found))}); pass --resume "
+        "to continue it, --overwrite to delete it and start over, or --set run.out_dir=NEW.")
+  sim, params, eval_fn, _ = cfglib.build(cfg)
+  if args.overwrite and found:
+    for n in found:
+      path = os.path.join(out, n)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    print(f"--overwrite: deleted {', '.join(sorted(found))} in {out}", flush=True)
+  os.makedirs(out, exist_ok=True)
+  if args.resume and os.path.isdir(ckpt) and os.listdir(ckpt):
     state = sim.restore(ckpt, params)
     print(f"resumed from round {int(state.round)} ({ckpt})", flush=True)
   else:
+    if args.resume:
+      print(f"--resume: no checkpoint in {ckpt}; starting at round 0", flush=True)
     state = sim.init(params, jax.random.key(cfg.run.seed))
   remaining = cfg.run.rounds - int(state.round)
   if remaining <= 0:
@@ -175,11 +241,20 @@ def _run(args: argparse.Namespace) -> int:
     state, metrics = sim.run(
         state, remaining, eval_every=cfg.run.eval_every, eval_fn=eval_fn, delta=delta,
         checkpoint_dir=ckpt, checkpoint_every=cfg.run.checkpoint_every, log_dir=out,
-        progress=cfg.run.progress and not args.quiet,
+        progress=cfg.run.progress and not args.quiet, settings=dataclasses.asdict(cfg),
     )
   except SimulationInterrupted as e:
     print(f"fedjax-sim run: {e}", file=sys.stderr)
     return 130
+  except CheckpointSaveError as e:  # the rounds ran; keep them where the user can find them
+    rescue = os.path.join(out, f"rescued_round_{int(e.state.round)}")
+    try:
+      sim.save(e.state, rescue)
+      where = f"the state after round {int(e.state.round)} was saved in {rescue}"
+    except Exception as e2:  # noqa: BLE001
+      where = f"saving it to {rescue} failed too ({e2})"
+    print(f"fedjax-sim run: {' '.join(str(e).split())}; {where}.", file=sys.stderr)
+    return 1
   summary = {k: float(v[-1]) for k, v in metrics.items() if np.isfinite(v[-1])}
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump({"rounds": int(state.round), **summary}, f, indent=1)
@@ -191,7 +266,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
+  import os
+
   from fedjax_sim import plots
+
+  if not os.path.isfile(os.path.join(args.run_dir, "metrics.jsonl")):
+    raise UsageError(f"RUN_DIR {args.run_dir!r} has no metrics.jsonl; pass the run.out_dir of a "
+                     "finished or running `fedjax-sim run`.")
 
   for path in plots.plot_run(args.run_dir):
     print(f"wrote {path}")
@@ -203,15 +284,17 @@ def _describe(args: argparse.Namespace) -> int:
 
   import fedjax_sim as fs
 
+  _check_flags(args, {"num_clients": "pos", "alpha": "pos", "shards_per_client": "pos",
+                      "min_examples": "nonneg"})
   alpha = None if args.partition == "iid" else args.alpha
   if args.partition == "shards":
     pop, _ = fs.datasets.sklearn_dataset(args.dataset, args.num_clients, alpha=None,
-                                         seed=args.seed)
+                                         seed=args.seed, min_examples=0)
     y = np.asarray(pop.features["y"])
     ids = fs.partition.shards(y, args.num_clients, args.shards_per_client, seed=args.seed)
   else:
     pop, _ = fs.datasets.sklearn_dataset(args.dataset, args.num_clients, alpha=alpha,
-                                         seed=args.seed)
+                                         seed=args.seed, min_examples=args.min_examples)
     y = np.asarray(pop.features["y"])
     ids = np.repeat(np.arange(pop.num_clients), np.asarray(pop.num_examples))
   stats = fs.partition.describe(ids, y, num_clients=args.num_clients, plot_path=args.plot)
@@ -223,8 +306,11 @@ def _describe(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="fedjax-sim", description=__doc__)
-  sub = parser.add_subparsers(dest="command", required=True)
+  from fedjax_sim import __version__
+
+  parser = _Parser(prog="fedjax-sim", description=__doc__)
+  parser.add_argument("--version", action="version", version=f"fedjax-sim {__version__}")
+  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   demo = sub.add_parser(
       "demo", help="DP-FedAvg on scikit-learn's handwritten digits, split non-IID over devices"
   )
@@ -262,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config value (repeatable)")
   run.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in run.out_dir")
+  run.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in run.out_dir and start over")
   run.add_argument("--quiet", action="store_true", help="no progress bar")
   run.set_defaults(func=_run)
   plot = sub.add_parser("plot", help="PNG learning curves of a run directory")
@@ -276,11 +364,38 @@ def main(argv: list[str] | None = None) -> int:
   desc.add_argument("--partition", default="dirichlet", choices=["dirichlet", "iid", "shards"])
   desc.add_argument("--alpha", type=float, default=0.5)
   desc.add_argument("--shards-per-client", type=int, default=2)
+  desc.add_argument("--min-examples", type=int, default=1,
+                    help="fewest examples per client (0 allows empty clients)")
   desc.add_argument("--seed", type=int, default=0)
   desc.add_argument("--plot", default=None, help="PNG path for the histograms")
   desc.set_defaults(func=_describe)
-  args = parser.parse_args(argv)
-  return args.func(args)
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as e:  # --help, --version, or a one-line usage error (code 2)
+    return 0 if e.code is None else e.code
+  from fedjax_sim.config import ConfigError
+
+  name = " ".join(x for x in (args.command, getattr(args, "data_command", None)) if x)
+  try:
+    with warnings.catch_warnings():
+      warnings.showwarning = lambda message, *_, **__: print(
+          f"fedjax-sim {name}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+      return args.func(args)
+  except (ConfigError, UsageError) as e:
+    message = str(e)
+  except (ValueError, TypeError, FileNotFoundError, PermissionError) as e:
+    # An error of the API under the command: its argument names become this command's flags
+    # (``run`` checks its config first, so this is a last resort there).
+    message = str(e) if args.command == "run" else _as_flags(str(e))
+  print(f"fedjax-sim {name}: {' '.join(message.split())}", file=sys.stderr)
+  return 2
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with one-line errors (exit code 2, as argparse) instead of the usage block."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 if __name__ == "__main__":

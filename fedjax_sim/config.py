@@ -144,11 +144,35 @@ def _choice(path: str, value, options) -> None:
     raise ConfigError(f"{path}={value!r} is not one of {list(options)}.{hint}")
 
 
+def _text_hint(value) -> str:
+  if isinstance(value, str):
+    return (" (YAML reads a number without a dot, like 1e-5, as text: write 1.0e-5; "
+            "a number in quotes is text too)")
+  return ""
+
+
 def _positive(path: str, value, allow_none=False) -> None:
   if value is None and allow_none:
     return
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-    raise ConfigError(f"{path} must be a positive number; got {value!r}.")
+    raise ConfigError(f"{path} must be a positive number; got {value!r}.{_text_hint(value)}")
+
+
+def _positive_int(path: str, value, allow_none=False) -> None:
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ConfigError(f"{path} must be a positive integer; got {value!r}.")
+
+
+def _in_range(path: str, value, lo, hi, *, lo_open=True, hi_open=False, allow_none=False):
+  if value is None and allow_none:
+    return
+  ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+        and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi))
+  if not ok:
+    lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+    raise ConfigError(f"{path} must lie in {lb}{lo}, {hi}{rb}; got {value!r}.{_text_hint(value)}")
 
 
 def validate(cfg: Config) -> Config:
@@ -162,13 +186,36 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"data.name={cfg.data.name!r} reads a file: set data.path.")
   if cfg.data.path and not os.path.exists(cfg.data.path):
     raise ConfigError(f"data.path={cfg.data.path!r} does not exist.")
-  _positive("data.num_clients", cfg.data.num_clients)
+  for path, value, none_ok in [
+      ("data.num_clients", cfg.data.num_clients, False),
+      ("data.shards_per_client", cfg.data.shards_per_client, False),
+      ("data.max_clients", cfg.data.max_clients, True),
+      ("data.seq_len", cfg.data.seq_len, False),
+      ("algorithm.batch_size", cfg.algorithm.batch_size, False),
+      ("algorithm.local_epochs", cfg.algorithm.local_epochs, True),
+      ("algorithm.local_steps", cfg.algorithm.local_steps, True),
+      ("sampler.cohort_size", cfg.sampler.cohort_size, True),
+      ("sampler.max_cohort_size", cfg.sampler.max_cohort_size, True),
+      ("run.rounds", cfg.run.rounds, False),
+      ("run.eval_every", cfg.run.eval_every, False),
+      ("run.checkpoint_every", cfg.run.checkpoint_every, True)]:
+    _positive_int(path, value, none_ok)
+  if isinstance(cfg.run.seed, bool) or not isinstance(cfg.run.seed, int) or cfg.run.seed < 0:
+    raise ConfigError(f"run.seed must be an integer >= 0; got {cfg.run.seed!r}.")
   _positive("data.alpha", cfg.data.alpha)
   _positive("algorithm.client_lr", cfg.algorithm.client_lr)
-  _positive("algorithm.batch_size", cfg.algorithm.batch_size)
   _positive("server.lr", cfg.server.lr)
-  _positive("run.rounds", cfg.run.rounds)
-  _positive("run.eval_every", cfg.run.eval_every)
+  _in_range("server.momentum", cfg.server.momentum, 0, 1, lo_open=False, hi_open=True)
+  _positive("privacy.clip", cfg.privacy.clip, allow_none=True)
+  if (isinstance(cfg.privacy.noise_multiplier, bool)
+      or not isinstance(cfg.privacy.noise_multiplier, (int, float))
+      or not cfg.privacy.noise_multiplier >= 0):
+    raise ConfigError(f"privacy.noise_multiplier must be a number >= 0 (0: no noise); got "
+                      f"{cfg.privacy.noise_multiplier!r}.{_text_hint(cfg.privacy.noise_multiplier)}")
+  _in_range("privacy.target_quantile", cfg.privacy.target_quantile, 0, 1, hi_open=True)
+  _in_range("sampler.q", cfg.sampler.q, 0, 1, allow_none=True)
+  if not isinstance(cfg.run.out_dir, str) or not cfg.run.out_dir:
+    raise ConfigError(f"run.out_dir must be a directory path; got {cfg.run.out_dir!r}.")
   if (cfg.algorithm.local_epochs is None) == (cfg.algorithm.local_steps is None):
     raise ConfigError("set exactly one of algorithm.local_epochs and algorithm.local_steps "
                       "(set the other to null).")
@@ -177,8 +224,7 @@ def validate(cfg: Config) -> Config:
                       "(Poisson; set cohort_size: null).")
   if cfg.privacy.noise_multiplier and cfg.privacy.clip is None and not cfg.privacy.adaptive:
     raise ConfigError("privacy.noise_multiplier > 0 needs privacy.clip (or adaptive: true).")
-  if cfg.privacy.delta is not None and not 0 < cfg.privacy.delta < 1:
-    raise ConfigError(f"privacy.delta must lie in (0, 1); got {cfg.privacy.delta!r}.")
+  _in_range("privacy.delta", cfg.privacy.delta, 0, 1, hi_open=True, allow_none=True)
   if cfg.model.name == "char_lstm" and cfg.data.name != "shakespeare_h5":
     raise ConfigError("model.name='char_lstm' needs text data (data.name='shakespeare_h5').")
   return cfg
@@ -266,7 +312,17 @@ def build(cfg: Config):
   else:
     module = fs.zoo.CharLSTM(fs.datasets.SHAKESPEARE_VOCAB_SIZE, hidden=m.hidden[0])
   x0 = np.asarray(pop.features["x"][:1])
-  params = module.init(jax.random.key(cfg.run.seed), x0)["params"]
+  if m.name in ("emnist_cnn", "cifar_cnn") and x0.ndim < 3:
+    raise ConfigError(
+        f"model.name={m.name!r} is a convolutional model for images; data.name={d.name!r} has "
+        f"flat feature vectors (shape {x0.shape[1:]}). Use model.name='mlp' or 'logistic', or "
+        "image data (data.name='emnist_h5' with model.name='emnist_cnn').")
+  try:
+    params = module.init(jax.random.key(cfg.run.seed), x0)["params"]
+  except Exception as e:  # noqa: BLE001 - a shape mismatch deep in flax
+    raise ConfigError(f"model.name={m.name!r} does not fit the features of data.name="
+                      f"{d.name!r} (shape {x0.shape[1:]}): {type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:300]}") from None
   make_loss = fs.models.sequence_loss if m.name == "char_lstm" else fs.models.classifier_loss
   loss_fn = make_loss(fs.models.linen_apply(module, train=True))
   eval_loss = make_loss(fs.models.linen_apply(module))
@@ -314,8 +370,12 @@ def build(cfg: Config):
     else:
       algo = fs.algorithms.qffl(loss_fn, q=a.q, client_learning_rate=a.client_lr, **work)
   sm = cfg.sampler
+  if sm.cohort_size is not None and sm.cohort_size > pop.num_clients:
+    raise ConfigError(
+        f"sampler.cohort_size={sm.cohort_size} exceeds the {pop.num_clients} clients of the "
+        f"data; set sampler.cohort_size <= {pop.num_clients} (or raise data.num_clients).")
   if sm.cohort_size is not None:
-    sim = fs.Simulation(algo, pop, cohort_size=min(sm.cohort_size, pop.num_clients))
+    sim = fs.Simulation(algo, pop, cohort_size=sm.cohort_size)
   else:
     cap = sm.max_cohort_size or pop.num_clients
     sim = fs.Simulation(algo, pop, sampler=fs.sampling.poisson(sm.q, cap))

@@ -191,7 +191,7 @@ def epsilon(
         f"with probability {p_trunc:.3g} per round, too often to bound within delta={delta} "
         f"under RDP. Raise max_cohort_size to at least "
         f"{_cap_needed(sampler, num_clients, num_rounds, delta, eps)} or use accountant='pld' "
-        "(exact truncated event)."
+        "(exact truncated event; Simulation.run(..., accountant='pld'))."
     )
   return eps
 
@@ -200,7 +200,8 @@ def _cap_needed(sampler, n, t, delta, eps) -> int:
   from scipy import stats
 
   target = delta / 2 / ((1.0 + math.exp(min(eps, 700.0))) * t)
-  return int(stats.binom.isf(target, n, sampler.q)) + 1
+  # A cap of N never truncates (a cohort has at most N clients): always achievable.
+  return min(int(stats.binom.isf(target, n, sampler.q)) + 1, n)
 
 
 def calibrate_noise_multiplier(

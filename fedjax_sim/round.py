@@ -21,8 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_sim import _validation as _v
 from fedjax_sim import checkpoint as _ckpt
 from fedjax_sim import host_population as _host
+from fedjax_sim import run_dir as _run_dir
 from fedjax_sim import sharding as _sharding
 from fedjax_sim.aggregators import ADDS_NOISE, CAPS_WEIGHTS, LOCAL_NOISE, global_norm
 from fedjax_sim.algorithms import Algorithm
@@ -746,6 +748,9 @@ class Simulation:
       log_dir: str | None = None,
       progress: bool = False,
       tensorboard: bool = False,
+      accountant: str = "rdp",
+      overwrite: bool = False,
+      settings: dict[str, Any] | None = None,
   ) -> tuple[ServerState, dict[str, np.ndarray]]:
     """Runs ``num_rounds`` rounds, ``block_size`` at a time inside one ``lax.scan``.
 
@@ -764,95 +769,133 @@ class Simulation:
       delta: for a central-DP aggregator (``dp_mean``, ``adaptive_dp_mean``), report the
         user-level ε spent so far at this δ as ``metrics["epsilon"]`` (and in each block's
         callback), computed on the host for the sampler actually used (``fs.privacy``).
-      checkpoint_dir: save the state there (orbax) after blocks that end on a multiple of
+      checkpoint_dir: the run owns this directory (:mod:`fedjax_sim.run_dir`): another run's
+        checkpoints there are refused (unless ``overwrite``); this run's steps after its start
+        round (a rollback) are deleted with a warning; an unwritable directory or a state orbax
+        cannot save is refused before the first round. Saves the state there (orbax) after
+        blocks that end on a multiple of
         ``checkpoint_every`` rounds (default: every block), at the end, and when SIGINT or
         SIGTERM arrives (the current block finishes first; then
         :class:`~fedjax_sim.checkpoint.SimulationInterrupted` is raised). Resume with
         :meth:`restore`: the continuation is bit-identical to an uninterrupted run.
       checkpoint_every: rounds between checkpoints (a multiple of ``block_size`` is exact).
-      log_dir: append every round's metrics to ``<log_dir>/metrics.jsonl`` (with the config
-        hash; ``config.json`` records the configuration and versions).
+      log_dir: append every round's metrics, and the ``eval_*`` results of evaluated rounds, to
+        ``<log_dir>/metrics.jsonl`` (with the config hash; ``config.json`` records the
+        fingerprint, versions, run key, ``settings`` and each session). Owned like
+        ``checkpoint_dir``: another run's log is refused unless ``overwrite``; this run's rows
+        after its start round are dropped.
       tensorboard: with ``log_dir``, also write TensorBoard event files there (tensorboardX).
-      progress: show progress per block: a tqdm bar (loss, accuracy, ε, client-updates/s) on
-        a terminal, one plain line per block otherwise (CI logs).
+      progress: show progress per block: a tqdm bar (loss, accuracy, ε, client-updates/s of
+        the clients that took part) on a terminal, one plain line per block otherwise (CI logs).
+      accountant: ``"rdp"`` or ``"pld"``, the accountant behind ``metrics["epsilon"]``.
+      overwrite: delete another run's checkpoints / log in ``checkpoint_dir`` / ``log_dir``
+        (explicitly, with a warning) instead of refusing them.
+      settings: a JSON-able dict recorded in ``config.json`` (the CLI records its config).
 
     Returns:
       ``(state, metrics)`` with ``metrics[name]`` a NumPy array ``[num_rounds]``; eval results
       appear as ``metrics["eval_" + name]`` (NaN where not evaluated).
+
+    Raises:
+      ValueError: a bad argument, or a directory this run may not use (before any round).
+      fedjax_sim.checkpoint.CheckpointSaveError: a checkpoint could not be written; its ``state``
+        holds the state after the completed rounds (the donated input is gone).
     """
     self._check_state(state)
-    if not isinstance(num_rounds, (int, np.integer)) or num_rounds < 1:
-      raise ValueError(f"num_rounds must be a positive int; got {num_rounds!r}.")
-    if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
-      raise ValueError(f"eval_every must be a positive int or None; got {eval_every!r}.")
+    # One integer rule (fs._validation.positive_int): Python or NumPy ints >= 1, never bools.
+    num_rounds = _v.positive_int("num_rounds", num_rounds)
+    eval_every = _v.positive_int("eval_every", eval_every, allow_none=True)
+    block_size = _v.positive_int("block_size", block_size, allow_none=True)
+    checkpoint_every = _v.positive_int("checkpoint_every", checkpoint_every, allow_none=True)
     if eval_every is not None and eval_fn is None:
       raise ValueError("eval_every is set but eval_fn is None; pass eval_fn(params) -> dict.")
     if block_size is None:
       block_size = eval_every if eval_every is not None else min(int(num_rounds), 100)
-    if not isinstance(block_size, int) or block_size < 1:
-      raise ValueError(f"block_size must be a positive int; got {block_size!r}.")
     if eval_every is not None and eval_every % block_size and block_size % eval_every:
       raise ValueError(
           f"eval_every={eval_every} and block_size={block_size}: one must divide the other so "
           "evaluations fall between blocks."
       )
-    if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
-                                         or checkpoint_every < 1):
-      raise ValueError(f"checkpoint_every must be a positive int; got {checkpoint_every!r}.")
     if checkpoint_every is not None and checkpoint_dir is None:
       raise ValueError("checkpoint_every is set but checkpoint_dir is None.")
     fn = self._block_fn(block_size)
     start = int(state.round)
-    epsilons = self._epsilons(start, num_rounds, delta)
-    fp = _ckpt.fingerprint(self, state) if (checkpoint_dir or log_dir) else None
+    if accountant not in ("rdp", "pld"):
+      raise ValueError(f"accountant must be 'rdp' or 'pld'; got {accountant!r}.")
+    epsilons = self._epsilons(start, num_rounds, delta, accountant)
     if tensorboard and not log_dir:
       raise ValueError("tensorboard=True needs log_dir (where the event files go).")
-    seed_info = {"run_key_data": np.asarray(jax.random.key_data(state.key)).tolist(),
-                 "start_round": start}
-    log = (_ckpt.MetricsLog(log_dir, fp, seed_info, tensorboard=tensorboard)
-           if log_dir else None)
+    fp = _ckpt.fingerprint(self, state) if (checkpoint_dir or log_dir) else None
+    # Everything that could fail at save time is checked now, before the first round.
+    if checkpoint_dir is not None:
+      _run_dir.prepare_checkpoint_dir(checkpoint_dir, state, fp, overwrite=overwrite)
+    log = None
+    if log_dir:
+      existing = _run_dir.prepare_log_dir(log_dir, fp, start, overwrite=overwrite)
+      seed_info = {"run_key_data": np.asarray(jax.random.key_data(state.key)).tolist(),
+                   "start_round": start}
+      session = {"num_rounds": num_rounds, "block_size": block_size, "eval_every": eval_every,
+                 "checkpoint_every": checkpoint_every, "delta": delta,
+                 "accountant": accountant}
+      log = _ckpt.MetricsLog(log_dir, fp, seed_info, tensorboard=tensorboard,
+                             existing=existing, settings=settings, session=session)
     stop = _SignalFlag() if checkpoint_dir is not None else None
     bar = _Progress(num_rounds, self.max_cohort_size) if progress else None
     done = 0
     chunks: list[dict[str, np.ndarray]] = []
     evals: dict[int, dict[str, float]] = {}
-    while done < num_rounds:
-      active = min(block_size, num_rounds - done)
-      state, block_metrics = fn(state, self.population, jnp.int32(active))
-      block_metrics = {k: np.asarray(v)[:active] for k, v in jax.device_get(block_metrics).items()}
-      if epsilons is not None:
-        block_metrics["epsilon"] = epsilons(done, done + active)
-      chunks.append(block_metrics)
-      if log is not None:
-        log.write(start + done, block_metrics)
-      done += active
-      if eval_fn is not None:
-        at = start + done
-        due = done == num_rounds or (eval_every is not None and at % eval_every == 0)
-        if due:
-          evals[done - 1] = {k: float(v) for k, v in eval_fn(state.params).items()}
-      if callback is not None:
-        callback(start + done, block_metrics)
+    try:
+      while done < num_rounds:
+        active = min(block_size, num_rounds - done)
+        state, block_metrics = fn(state, self.population, jnp.int32(active))
+        block_metrics = {k: np.asarray(v)[:active]
+                         for k, v in jax.device_get(block_metrics).items()}
+        if epsilons is not None:
+          block_metrics["epsilon"] = epsilons(done, done + active)
+        chunks.append(block_metrics)
+        done += active
+        if eval_fn is not None:
+          at = start + done
+          due = done == num_rounds or (eval_every is not None and at % eval_every == 0)
+          if due:
+            evals[done - 1] = {k: float(v) for k, v in eval_fn(state.params).items()}
+        if log is not None:  # after eval_fn: the evaluated round's row holds its eval_* values
+          logged = dict(block_metrics)
+          for k, v in evals.get(done - 1, {}).items():
+            logged["eval_" + k] = np.full(active, np.nan)
+            logged["eval_" + k][-1] = v
+          log.write(start + done - active, logged)
+        if callback is not None:
+          callback(start + done, block_metrics)
+        if bar is not None:
+          bar.update(start + done, active, block_metrics, evals.get(done - 1))
+        if checkpoint_dir is not None:
+          interrupted = stop.raised
+          crossed = checkpoint_every is None or (
+              (start + done) // checkpoint_every > (start + done - active) // checkpoint_every)
+          if done == num_rounds or interrupted or crossed:
+            try:
+              _ckpt.save(checkpoint_dir, state, fp)
+            except Exception as e:  # noqa: BLE001 - the donated state must not be lost
+              partial = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+              raise _run_dir.CheckpointSaveError(
+                  state, partial,
+                  f"saving checkpoint step {start + done} in {checkpoint_dir!r} failed "
+                  f"({type(e).__name__}: {e}). The state after round {start + done} is this "
+                  "exception's .state (sim.save(e.state, other_dir) keeps it)."
+              ) from e
+          if interrupted:
+            partial = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+            raise _ckpt.SimulationInterrupted(
+                state, partial,
+                f"{stop.raised} received: stopped after round {start + done}, checkpoint saved "
+                f"in {checkpoint_dir!r} (resume with sim.restore)."
+            )
+    finally:  # never leave SIGINT swallowed (a notebook kernel), whatever raised
+      if stop is not None:
+        stop.restore()
       if bar is not None:
-        bar.update(start + done, active, block_metrics, evals.get(done - 1))
-      if checkpoint_dir is not None:
-        interrupted = stop.raised
-        crossed = checkpoint_every is None or (
-            (start + done) // checkpoint_every > (start + done - active) // checkpoint_every)
-        if done == num_rounds or interrupted or crossed:
-          _ckpt.save(checkpoint_dir, state, fp)
-        if interrupted:
-          stop.restore()
-          partial = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-          raise _ckpt.SimulationInterrupted(
-              state, partial,
-              f"{stop.raised} received: stopped after round {start + done}, checkpoint saved "
-              f"in {checkpoint_dir!r} (resume with sim.restore)."
-          )
-    if stop is not None:
-      stop.restore()
-    if bar is not None:
-      bar.close()
+        bar.close()
     metrics = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     for names in {n for e in evals.values() for n in e}:
       col = np.full(num_rounds, np.nan)
@@ -863,9 +906,16 @@ class Simulation:
 
   # -- checkpoints ---------------------------------------------------------------------------
   def save(self, state: ServerState, directory: str) -> int:
-    """Checkpoints ``state`` (step = its round) under ``directory``; returns the step."""
+    """Checkpoints ``state`` (step = its round) under ``directory``; returns the step.
+
+    Raises:
+      ValueError: the state cannot be saved, the directory is unusable or holds another run's
+        checkpoints, this step, or later steps (:func:`fedjax_sim.run_dir.check_save`).
+    """
     self._check_state(state)
-    return _ckpt.save(directory, state, _ckpt.fingerprint(self, state))
+    fp = _ckpt.fingerprint(self, state)
+    _run_dir.check_save(directory, state, fp)
+    return _ckpt.save(directory, state, fp)
 
   def restore(self, directory: str, params: Any, *, step: int | None = None) -> ServerState:
     """Restores the latest (or ``step``) checkpoint of this configuration.
@@ -883,7 +933,8 @@ class Simulation:
     template = self.init(params, jax.random.key(0))
     return _ckpt.restore(directory, template, _ckpt.fingerprint(self, template), step=step)
 
-  def _epsilons(self, start: int, num_rounds: int, delta: float | None):
+  def _epsilons(self, start: int, num_rounds: int, delta: float | None,
+                accountant: str = "rdp"):
     """``f(lo, hi) -> ε after rounds start+lo+1 .. start+hi`` for the run, or None."""
     if delta is None:
       return None
@@ -910,12 +961,13 @@ class Simulation:
     truncated = isinstance(sampler, PoissonSampler) and sampler.max_cohort_size < n
     if z == 0:
       return lambda lo, hi: np.full(hi - lo, np.inf)
-    if truncated:  # the bound needs the full epsilon() (block ends only)
+    if truncated or accountant != "rdp":  # the full epsilon() (block ends only)
       def at_ends(lo, hi):
         col = np.full(hi - lo, np.nan)
-        col[-1] = privacy.epsilon(sampler, n, z, start + hi, delta)
+        col[-1] = privacy.epsilon(sampler, n, z, start + hi, delta, accountant=accountant)
         return col
-      privacy.epsilon(sampler, n, z, start + num_rounds, delta)  # fail early if unbounded
+      # Fail early if unbounded (the message names the cap, or accountant="pld").
+      privacy.epsilon(sampler, n, z, start + num_rounds, delta, accountant=accountant)
       return at_ends
     table = privacy.epsilon_per_round(sampler, n, z, start + num_rounds, delta)
     return lambda lo, hi: table[start + lo : start + hi]
@@ -970,7 +1022,9 @@ class _Progress:
       info[f"eval_{k}"] = f"{v:.4f}"
     if "epsilon" in block and np.isfinite(block["epsilon"][-1]):
       info["eps"] = f"{block['epsilon'][-1]:.3g}"
-    info["cu/s"] = f"{active * self.cohort / max(now - self.last, 1e-9):.0f}"
+    # Clients that took part (under Poisson sampling fewer than the cohort's capacity).
+    real = float(np.sum(block["clients"])) if "clients" in block else active * self.cohort
+    info["cu/s"] = f"{real / max(now - self.last, 1e-9):.0f}"
     self.last = now
     if self.bar is not None:
       self.bar.set_postfix(info, refresh=False)

@@ -1,0 +1,348 @@
+"""Run identity and run-directory integrity: a run owns its checkpoint and log directories.
+
+A run is identified by its configuration fingerprint (algorithm, hyper-parameters, population
+contents, sampler, model shapes) together with its run key: two runs with the same identity
+compute the same rounds bit for bit, so they may share a directory; any other run may not.
+
+Before the first round, :meth:`fedjax_sim.Simulation.run` checks its ``checkpoint_dir`` and
+``log_dir`` with :func:`prepare_checkpoint_dir` and :func:`prepare_log_dir`:
+
+* a directory holding another run's checkpoints or log is refused (the differences are named)
+  unless ``overwrite=True``, which deletes them explicitly and says so;
+* the same run's checkpoints and log rows *after* the starting round (a rollback with
+  ``restore(step=k)``, or a restart from round 0) are deleted with a warning naming them, so no
+  step collides and ``restore()`` never returns a stale later round;
+* anything that would fail at save time (an unwritable directory, a zero-size leaf that orbax
+  cannot store) is refused before any round runs.
+
+Checkpoints written before run ids existed (no ``run_id`` in their fingerprint) are accepted with
+a warning.
+
+Examples:
+  >>> import tempfile, jax, jax.numpy as jnp, numpy as np, optax, fedjax_sim as fs
+  >>> rng = np.random.default_rng(0)
+  >>> x = rng.normal(size=(60, 3)).astype(np.float32); y = (x[:, 0] > 0).astype(np.int32)
+  >>> pop = fs.Population.from_arrays({"x": x, "y": y}, rng.integers(0, 6, 60))
+  >>> loss_fn = fs.models.classifier_loss(lambda p, x: x @ p["w"])
+  >>> algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.5), batch_size=8,
+  ...                             local_epochs=1)
+  >>> sim = fs.Simulation(algo, pop, cohort_size=3)
+  >>> d = tempfile.mkdtemp()
+  >>> _ = sim.run(sim.init({"w": jnp.zeros((3, 2))}, jax.random.key(0)), 2, checkpoint_dir=d)
+  >>> other = sim.init({"w": jnp.zeros((3, 2))}, jax.random.key(1))   # another seed
+  >>> try:
+  ...   sim.run(other, 2, checkpoint_dir=d)
+  ... except ValueError as e:
+  ...   print(str(e)[:52])
+  checkpoint_dir holds checkpoints of another run (ste
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+import weakref
+from typing import Any
+
+import jax
+import numpy as np
+
+from fedjax_sim.checkpoint import CheckpointSaveError
+
+__all__ = ["CheckpointSaveError", "algorithm_digest", "check_savable", "population_digest",
+           "prepare_checkpoint_dir", "prepare_log_dir", "run_id"]
+
+# Fingerprint fields added after the first release: a checkpoint without them still restores
+# (with a warning), since it cannot be checked against them.
+NEW_FIELDS = ("run_id", "algorithm_digest", "population_digest")
+# Not compared on restore: the restored run adopts the checkpoint's identity, and the digest's
+# jax version only tells whether the algorithm digests are comparable.
+NOT_COMPARED = ("run_id", "digest_jax")
+
+
+# -- identity --------------------------------------------------------------------------------
+
+
+def _uint32_words(x):
+  """The array's bits as uint32 words (NumPy stays on the host, JAX arrays on device)."""
+  xp = np if isinstance(x, np.ndarray) else jax.numpy
+  x = xp.asarray(x)
+  if x.dtype == bool:
+    return x.astype(xp.uint32).reshape(-1)
+  size = np.dtype(x.dtype).itemsize
+  if size == 8:  # host-only (JAX runs without x64): fold the halves
+    return x.reshape(-1).view(np.uint32)
+  unsigned = {1: xp.uint8, 2: xp.uint16, 4: xp.uint32}[size]
+  if xp is np:
+    return x.reshape(-1).view(unsigned).astype(np.uint32)
+  return jax.lax.bitcast_convert_type(x.reshape(-1), unsigned).astype(xp.uint32)
+
+
+def _checksum(x) -> list[int]:
+  """Two position-weighted sums of the array's bits, mod 2**32 (order-independent integer
+  sums, so the same on every device and chunking; cheap: one pass over the data)."""
+  w = _uint32_words(x)
+  xp = np if isinstance(w, np.ndarray) else jax.numpy
+  i = xp.arange(w.shape[0], dtype=xp.uint32)
+  a = xp.sum(w * (i * xp.uint32(2654435761) + xp.uint32(1)), dtype=xp.uint32)
+  b = xp.sum((w ^ (w >> 13)) * (i + xp.uint32(0x9E3779B9)), dtype=xp.uint32)
+  return [int(a), int(b)]
+
+
+def population_digest(population) -> str:
+  """A hash of the population's contents (every feature value, the client sizes and offsets).
+
+  Returns:
+    16 hex digits; equal for equal data however the population is placed.
+  """
+  try:
+    return _population_digest(population)
+  except Exception:  # noqa: BLE001 - e.g. arrays spanning processes: a digest never stops a run
+    return "unavailable"
+
+
+def _population_digest(population) -> str:
+  h = hashlib.sha256()
+  for name in sorted(population.features):
+    x = population.features[name]
+    h.update(f"{name}:{tuple(np.shape(x))}:{np.dtype(x.dtype).name}".encode())
+    h.update(json.dumps(_checksum(x)).encode())
+  h.update(np.asarray(population.num_examples).astype(np.int64).tobytes())
+  h.update(np.asarray(population.offsets).astype(np.int64).tobytes())
+  return h.hexdigest()[:16]
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{6,}")
+
+
+def algorithm_digest(sim, state) -> str:
+  """A hash of the round's computation: the traced program of one round (every literal:
+  learning rates, clip norms, batch sizes, local steps, server optimizer) and its constants.
+
+  The round is traced with one chunk and no mesh, so the digest does not depend on the chunk
+  size or the device count (which do not change results).
+
+  Returns:
+    16 hex digits, or ``"unavailable"`` if the round cannot be traced abstractly.
+  """
+  spec = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), t)
+  cache = _DIGESTS.setdefault(sim, {})
+  key = (id(sim.algorithm), id(sim.sampler), str(jax.tree.structure(state)),
+         str(jax.tree.leaves(spec(state))), str(jax.tree.leaves(spec(sim.population))))
+  if key not in cache:  # one trace per simulation and state layout (~0.5 s on a CPU)
+    cache[key] = _trace_digest(sim, state, spec)
+  return cache[key]
+
+
+_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _trace_digest(sim, state, spec) -> str:
+  saved = sim.chunk_size, sim.mesh
+  try:
+    sim.chunk_size, sim.mesh = sim.max_cohort_size, None
+    closed = jax.make_jaxpr(sim._round_step)(spec(state), spec(sim.population))
+  except Exception:  # noqa: BLE001 - a digest must never stop a run
+    return "unavailable"
+  finally:
+    sim.chunk_size, sim.mesh = saved
+  h = hashlib.sha256(_ADDRESS.sub("", str(closed.jaxpr)).encode())
+  for c in closed.consts:
+    c = np.asarray(c) if not jax.dtypes.issubdtype(getattr(c, "dtype", None),
+                                                   jax.dtypes.prng_key) else np.asarray(
+        jax.random.key_data(c))
+    h.update(f"{c.shape}:{c.dtype}".encode())
+    h.update(np.ascontiguousarray(c).tobytes())
+  return h.hexdigest()[:16]
+
+
+def run_id(fp: dict[str, Any], key) -> str:
+  """The run's identity: its fingerprint (without ``run_id``) and its run key."""
+  body = {k: v for k, v in fp.items() if k not in NOT_COMPARED}
+  data = np.asarray(jax.random.key_data(key)).tolist()
+  blob = json.dumps([body, data], sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# -- checkpoint directory --------------------------------------------------------------------
+
+
+def _steps(directory: str) -> list[int]:
+  """Finished checkpoint steps (orbax names a finished step's folder by its number)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def _meta(directory: str, step: int) -> dict[str, Any] | None:
+  """A step's saved fingerprint (orbax's JSON item), or None if unreadable."""
+  path = os.path.join(directory, str(step), "meta", "metadata")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _check_writable(directory: str, what: str) -> None:
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise ValueError(f"{what}={directory!r} is a file, not a directory; pass a directory path.")
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"{what}={directory!r} cannot be created ({e.strerror}); pass a "
+                     "writable directory.") from None
+  if not os.access(directory, os.W_OK | os.X_OK):
+    raise ValueError(f"{what}={directory!r} is not writable; pass a writable directory.")
+
+
+def check_savable(state) -> None:
+  """Refuses a state orbax cannot save (zero-size leaves), naming the leaf."""
+  from fedjax_sim.checkpoint import _to_savable
+
+  for path, x in jax.tree_util.tree_leaves_with_path(_to_savable(state)):
+    if np.size(x) == 0:
+      raise ValueError(
+          f"the state leaf {jax.tree_util.keystr(path)} has zero size (shape {np.shape(x)}); "
+          "orbax cannot checkpoint zero-size arrays. Remove the empty leaf from params (or "
+          "the optimizer state), or run without checkpoint_dir."
+      )
+
+
+def prepare_checkpoint_dir(directory: str, state, fp: dict[str, Any], *,
+                           overwrite: bool = False) -> None:
+  """Makes ``directory`` safe for this run to save steps after ``state.round`` into.
+
+  Raises:
+    ValueError: the directory holds another run's checkpoints (without ``overwrite``), is
+      not writable, or the state has a leaf orbax cannot save.
+  """
+  check_savable(state)
+  _check_writable(directory, "checkpoint_dir")
+  start = int(state.round)
+  steps = _steps(directory)
+  if not steps:
+    return
+  metas = {s: _meta(directory, s) for s in steps}
+  foreign = [s for s, m in metas.items()
+             if m is not None and m.get("run_id") not in (None, fp["run_id"])]
+  if foreign and not overwrite:
+    m = metas[foreign[-1]]
+    diffs = [k for k in sorted(set(fp) | set(m)) if k not in NOT_COMPARED
+             and json.dumps(fp.get(k), sort_keys=True, default=str)
+             != json.dumps(m.get(k), sort_keys=True, default=str)]
+    what = (f"differences: {', '.join(diffs[:5])}" if diffs else
+            "same configuration, another run key (seed)")
+    raise ValueError(
+        f"checkpoint_dir holds checkpoints of another run (steps {foreign}, run "
+        f"{m.get('run_id')}; this run is {fp['run_id']}; {what}) in {directory!r}. Resume it "
+        "with sim.restore(...), use a new directory, or pass overwrite=True to delete them."
+    )
+  if foreign:
+    _delete(directory, steps)
+    warnings.warn(f"overwrite=True: deleted checkpoint steps {steps} of another run in "
+                  f"{directory!r}.", stacklevel=3)
+    return
+  legacy = [s for s, m in metas.items() if m is not None and "run_id" not in m]
+  if legacy:
+    warnings.warn(f"checkpoint steps {legacy} in {directory!r} predate run ids; they are taken "
+                  "to belong to this run.", stacklevel=3)
+  later = [s for s in steps if s > start]
+  if later:
+    _delete(directory, later)
+    warnings.warn(f"this run starts at round {start}: deleted its later checkpoint steps "
+                  f"{later} in {directory!r} (a rollback or restart replaces them).",
+                  stacklevel=3)
+
+
+def check_save(directory: str, state, fp: dict[str, Any]) -> None:
+  """Checks a manual ``Simulation.save`` before writing: a savable state, a usable directory,
+  no other run's checkpoints, no existing step ``state.round``, and no later step (orbax keeps
+  the highest steps, so an earlier step saved among later ones would be pruned at once).
+
+  Raises:
+    ValueError: naming the problem and the fix.
+  """
+  check_savable(state)
+  _check_writable(directory, "directory")
+  step = int(state.round)
+  steps = _steps(directory)
+  foreign = [s for s in steps if (_meta(directory, s) or {}).get("run_id") not in (
+      None, fp["run_id"])]
+  if foreign:
+    raise ValueError(f"{directory!r} holds checkpoints of another run (steps {foreign}); save "
+                     "into a new directory.")
+  if step in steps:
+    raise ValueError(f"{directory!r} already holds step {step}; restore it, or save into a new "
+                     "directory.")
+  later = [s for s in steps if s > step]
+  if later:
+    raise ValueError(f"{directory!r} holds later steps {later} than this state's round {step}; "
+                     "orbax keeps the latest steps, so this save would be pruned at once. Save "
+                     "into a new directory (or run on from this state: run() replaces them).")
+
+
+def _delete(directory: str, steps: list[int]) -> None:
+  for s in steps:
+    shutil.rmtree(os.path.join(directory, str(s)))
+
+
+# -- log directory ---------------------------------------------------------------------------
+
+
+def prepare_log_dir(log_dir: str, fp: dict[str, Any], start: int, *,
+                    overwrite: bool = False) -> dict[str, Any] | None:
+  """Makes ``log_dir`` safe for this run to log rounds after ``start`` into.
+
+  Returns:
+    the existing ``config.json`` of this run (to be extended, never replaced), or None.
+
+  Raises:
+    ValueError: the directory holds another run's log (without ``overwrite``) or is not
+      writable.
+  """
+  _check_writable(log_dir, "log_dir")
+  config_path = os.path.join(log_dir, "config.json")
+  metrics_path = os.path.join(log_dir, "metrics.jsonl")
+  old = None
+  if os.path.exists(config_path):
+    try:
+      with open(config_path) as f:
+        old = json.load(f)
+    except ValueError:
+      old = {}
+  owner = None if old is None else old.get("run_id", old.get("fingerprint", {}).get("run_id"))
+  exists = old is not None or os.path.exists(metrics_path)
+  if exists and owner is None and old and "fingerprint" in old:
+    warnings.warn(f"the log in {log_dir!r} predates run ids; it is taken to be this run's.",
+                  stacklevel=3)
+    owner = fp["run_id"]
+  if exists and owner != fp["run_id"]:
+    if not overwrite:
+      raise ValueError(
+          f"log_dir={log_dir!r} holds the log of another run (run {owner}; this run is "
+          f"{fp['run_id']}). Use a new directory, or pass overwrite=True to replace it."
+      )
+    removed = [n for n in os.listdir(log_dir)
+               if n in ("config.json", "metrics.jsonl", "metrics.csv")
+               or n.startswith("events.out.tfevents")]
+    for n in removed:
+      os.remove(os.path.join(log_dir, n))
+    warnings.warn(f"overwrite=True: deleted {sorted(removed)} of another run in {log_dir!r}.",
+                  stacklevel=3)
+    return None
+  if os.path.exists(metrics_path):
+    with open(metrics_path) as f:
+      lines = f.readlines()
+    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("round", 0) <= start]
+    if len(keep) != len(lines):
+      with open(metrics_path, "w") as f:
+        f.writelines(keep)
+      warnings.warn(f"this run starts at round {start}: dropped {len(lines) - len(keep)} later "
+                    f"rows of its metrics.jsonl in {log_dir!r}.", stacklevel=3)
+  return old
