@@ -1,9 +1,12 @@
 """Cross-device throughput on the fixed workloads of ../shared/bench/WORKLOADS.md.
 
 Workloads: ``logistic``, ``dense``, ``cnn`` (EMNIST-shaped synthetic data, 3400 clients with
-lognormal sizes, batch 20, cohorts 10/100/1000); ``cifar`` (pfl-research's CIFAR-10 setup: 1000
-users x 50 images 32x32x3, cohort 50, batch 10, ``fs.zoo.CifarCNN``); ``population`` (10^6
-clients x 10 examples of 60 features, logistic regression, DP-FedAvg clip 1 z 1, cohort 10^4).
+lognormal sizes, batch 20, cohorts 10/100/1000; ``dense`` also 10^4 with ``--num-clients``
+>= 10^4); ``cifar`` (pfl-research's CIFAR-10 setup: 1000 users x 50 images 32x32x3, cohort 50,
+batch 10, pfl's own benchmark model ``simple_cnn``: conv32-conv64 valid, max-pool, dropout 0.25,
+dense128, dropout 0.5, dense10, 1,626,442 parameters); ``cifar-small`` (the same data with the
+smaller ``fs.zoo.CifarCNN``, 545,098 parameters); ``population`` (10^6 clients x 10 examples of
+60 features, logistic regression, DP-FedAvg clip 1 z 1, cohort 10^4).
 All: FedAvg, 1 local epoch, client SGD 0.1, server SGD 1.0.
 
 For each (workload, cohort) it runs, in this one process on this one machine:
@@ -18,6 +21,7 @@ Usage:
   python -m benchmarks.run                               # logistic + dense, cohorts 10 100 1000
   python -m benchmarks.run --workloads cnn cifar population
   python -m benchmarks.run --workloads dense --cohorts 100 --chunk-sizes 4 8 16 32
+  python -m benchmarks.run --workloads cifar --rounds 1500     # a fixed timed block of rounds
 Unknown workloads or cohorts a workload does not define are refused (exit 2, with the valid
 ones); a run whose parameters become non-finite exits non-zero and records nothing. Results are
 appended as JSON lines to benchmarks/results/<machine>/results.jsonl (with the 1-min load
@@ -95,6 +99,17 @@ def synthetic_population(num_clients=10**6, per_client=10, dim=60, classes=10, s
   return x, y, np.repeat(np.arange(num_clients), per_client)
 
 
+def pfl_simple_cnn(num_classes: int = 10) -> nn.Module:
+  """pfl-research's CIFAR-10 benchmark model ``simple_cnn`` (benchmarks/model/pytorch/cnn.py).
+
+  conv32-conv64 (3x3, valid padding), 2x2 max-pool, dropout 0.25, dense128, dropout 0.5,
+  dense(num_classes): on 32x32x3 inputs 1,626,442 parameters. That is exactly the layer stack of
+  ``fs.zoo.EmnistCNN``, so it is that module (its CPU conv path included); only the initialisers
+  differ (pfl: Glorot-uniform kernels), which does not change the work a round does.
+  """
+  return fs.zoo.EmnistCNN(num_classes)
+
+
 class PopLogistic(nn.Module):
   @nn.compact
   def __call__(self, x):
@@ -131,13 +146,15 @@ class Workload:
 
 WORKLOADS = {
     "logistic": Workload(emnist_shaped, Logistic, 20, (10, 100, 1000), (10, 100, 1000)),
-    "dense": Workload(emnist_shaped, Dense, 20, (10, 100, 1000), (10, 100, 1000)),
+    "dense": Workload(emnist_shaped, Dense, 20, (10, 100, 1000, 10**4), (10, 100, 1000)),
     "cnn": Workload(emnist_shaped, lambda: fs.zoo.EmnistCNN(62), 20, (10, 100, 1000), (10, 100),
                     train_kwargs={"train": True}, dense_flops=False),
-    "cifar": Workload(cifar_shaped, lambda: fs.zoo.CifarCNN(10), 10, (50,), (50,),
-                      dense_flops=False, num_clients=1000),
+    "cifar": Workload(cifar_shaped, pfl_simple_cnn, 10, (50,), (50,),
+                      train_kwargs={"train": True}, dense_flops=False, num_clients=1000),
     "population": Workload(synthetic_population, PopLogistic, 10, (100, 1000, 10**4), (10**4,),
                            dp_only=True, num_clients=10**6),
+    "cifar-small": Workload(cifar_shaped, lambda: fs.zoo.CifarCNN(10), 10, (50,), (50,),
+                            dense_flops=False, num_clients=1000),
 }
 
 
@@ -181,10 +198,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--no-sequential", action="store_true")
   ap.add_argument("--seq-rounds", type=int, default=0, help="0: 2 rounds, 1 at cohort >= 1000")
   ap.add_argument("--target-seconds", type=float, default=8.0)
+  ap.add_argument("--rounds", type=int, default=0,
+                  help="time exactly this many rounds in one block (0: sized to "
+                       "--target-seconds, at most 200)")
+  ap.add_argument("--max-seconds", type=float, default=0.0,
+                  help="with --rounds: stop timing after the block that passes this many "
+                       "seconds (0: no limit); the rows record the rounds actually timed")
   ap.add_argument("--client-lr", type=float, default=0.1)
   ap.add_argument("--server-lr", type=float, default=1.0)
   ap.add_argument("--num-clients", type=int, default=None,
-                  help="override the population size (smoke tests; not a fixed workload)")
+                  help="override the population size (smoke tests; not a fixed workload); "
+                       "then any cohort up to it is accepted")
   ap.add_argument("--peer-python", default=None,
                   help="the python of a virtualenv with FedJAX 0.0.17 (see benchmarks/peers/"
                        "README.md): also run FedJAX on the same workload in this run and report "
@@ -225,7 +249,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   if unknown:
     ap.error(f"unknown workload(s) {', '.join(map(repr, unknown))}; valid workloads: "
              f"{', '.join(WORKLOADS)}")
-  if args.cohorts is not None:
+  if args.cohorts is not None and args.num_clients is None:  # --num-clients: any cohort
     for w in args.workloads:
       bad = [c for c in args.cohorts if c not in WORKLOADS[w].cohorts]
       if bad:
@@ -233,6 +257,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                  f"cohorts for {w}: {', '.join(map(str, WORKLOADS[w].cohorts))}")
   if any(c < 0 for c in args.chunk_sizes):
     ap.error(f"--chunk-sizes must be >= 0 (0 = automatic); got {args.chunk_sizes}")
+  if args.cohorts is not None and any(c < 1 for c in args.cohorts):
+    ap.error(f"--cohorts must be >= 1; got {args.cohorts}")
+  if args.rounds < 0:
+    ap.error(f"--rounds must be >= 0 (0 = sized to --target-seconds); got {args.rounds}")
+  if args.max_seconds < 0 or (args.max_seconds and not args.rounds):
+    ap.error(f"--max-seconds must be >= 0 and needs --rounds; got {args.max_seconds}")
   if args.num_clients is not None and args.num_clients < 1:
     ap.error(f"--num-clients must be >= 1; got {args.num_clients}")
   return args
@@ -361,7 +391,7 @@ def main(argv=None):
     for cohort in cohorts:
       if cohort > pop.num_clients:
         raise BenchmarkError(f"benchmark error: cohort {cohort} exceeds the {pop.num_clients} "
-                             f"clients of workload {name!r}")
+                             f"clients of workload {name!r}; pass --num-clients >= {cohort}")
       dps = [True] if w.dp_only else ([False, True] if args.dp else [False])
       for dp in dps:
         agg = fs.aggregators.dp_mean(1.0, 1.0) if dp else None
@@ -377,7 +407,26 @@ def main(argv=None):
           state, quick = sim.benchmark(state, 1)
           check_finite(state.params, f"{name} cohort {cohort}")
           rounds = max(1, min(200, int(args.target_seconds / max(quick["seconds"], 1e-4))))
-          if quick["seconds"] * 2 >= args.target_seconds:
+          if args.rounds:  # blocks of <= 100 rounds (one compile), all timed together
+            block = min(args.rounds, 100)
+            state, _ = sim.run(state, block, block_size=block)  # compiles the block; untimed
+            jax.block_until_ready(state.params)
+            rounds, examples, slots = 0, 0.0, 0.0
+            t = time.perf_counter()
+            while rounds < args.rounds:
+              n = min(block, args.rounds - rounds)
+              state, m = sim.run(state, n, block_size=block)
+              rounds += n
+              examples += float(np.sum(m["examples"]))
+              slots += float(np.sum(m["step_slots"]))
+              if args.max_seconds and time.perf_counter() - t >= args.max_seconds:
+                break  # recorded as the rounds actually timed
+            jax.block_until_ready(state.params)
+            seconds = time.perf_counter() - t
+            check_finite(state.params, f"{name} cohort {cohort}")
+            r = {"seconds": seconds, "rounds_per_s": rounds / seconds, "examples": examples,
+                 "step_slots": slots}
+          elif quick["seconds"] * 2 >= args.target_seconds:
             rounds, r = 1, quick
           else:
             state, r = sim.benchmark(state, rounds)
@@ -397,6 +446,7 @@ def main(argv=None):
               "peak_rss_mb": peak_rss_mb(), "params": num_params,
               "load_avg_1min": os.getloadavg()[0],
               "jax": jax.__version__, "machine": machine, "time": time.time(),
+              "device_kind": jax.devices()[0].device_kind,
           }
           row["fraction_of_peak"] = row["gflops"] / peak
           if not args.no_sequential and seq is None and (not dp or w.dp_only):

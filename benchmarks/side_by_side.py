@@ -138,11 +138,17 @@ def last_json(stdout: str) -> dict | None:
   return json.loads(lines[-1]) if lines else None
 
 
-def run_peer(args, peer: Peer, model, cohort, num_clients, extra) -> dict:
+def run_peer(args, peer: Peer, model, cohort, num_clients, extra, ours_params=None) -> dict:
   """One peer run; its JSON line, or :class:`PeerError`."""
   argv = peer_argv(args, peer, model, cohort, num_clients, extra)
   env = dict(os.environ)
   env.pop("PYTHONPATH", None)  # the peer's venv only, never this repository's packages
+  from fedjax_sim import host_cpu  # the user's XLA_FLAGS, not those fedjax_sim added
+
+  if host_cpu.USER_XLA_FLAGS is None:
+    env.pop("XLA_FLAGS", None)
+  else:
+    env["XLA_FLAGS"] = host_cpu.USER_XLA_FLAGS
   try:
     res = subprocess.run(argv, capture_output=True, text=True, env=env,
                          timeout=args.peer_max_seconds * 4 + 600)
@@ -159,6 +165,10 @@ def run_peer(args, peer: Peer, model, cohort, num_clients, extra) -> dict:
                     f"{cohort}; no ratio is recorded")
   if not row.get("client_updates_per_s"):
     raise PeerError(f"the {peer.name} peer printed no client_updates_per_s: {row}")
+  theirs = row.get("params", row.get("num_params"))
+  if ours_params and theirs and int(theirs) != int(ours_params):
+    raise PeerError(f"the {peer.name} peer's {model} model has {theirs} parameters, "
+                    f"fedjax_sim's {ours_params}: not the same model, so no ratio")
   return row
 
 
@@ -271,11 +281,13 @@ def main(args) -> int:
     w = run.WORKLOADS[model]
     for cohort in args.cohorts or w.default_cohorts:
       num_clients = args.num_clients or w.num_clients
+      ours_params = None
       for rep in range(args.repeats):
         base = {"model": model, "cohort": cohort, "repeat": rep}
         load0 = os.getloadavg()[0]
         try:
           r = run_ours(args, model, cohort)
+          ours_params = r["params"]
           record({**base, "engine": "fedjax_sim", "setting": f"chunk={r['chunk_size']}",
                   "client_updates_per_s": r["client_updates_per_s"],
                   "rounds_per_s": r["rounds_per_s"], "rounds": r["rounds"],
@@ -293,7 +305,7 @@ def main(args) -> int:
           for label, extra in p.settings:
             load0 = os.getloadavg()[0]
             try:
-              pr = run_peer(args, p, model, cohort, num_clients, extra)
+              pr = run_peer(args, p, model, cohort, num_clients, extra, ours_params)
               record({**base, "engine": p.name, "setting": label,
                       "client_updates_per_s": float(pr["client_updates_per_s"]),
                       "rounds_per_s": float(pr["rounds_per_s"]),

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from fedjax_sim import checkpoint as _ckpt
+from fedjax_sim import host_cpu as _host_cpu
 from fedjax_sim import host_population as _host
 from fedjax_sim import sharding as _sharding
 from fedjax_sim.aggregators import ADDS_NOISE, CAPS_WEIGHTS, LOCAL_NOISE, global_norm
@@ -238,6 +239,8 @@ class Simulation:
         raise TypeError(f"system must be an fs.systems.SystemModel; got {type(system).__name__}.")
       system.validate(population.num_clients)
     self.system = system
+    if mesh is None and chunk_size is None and population_on == "device":
+      mesh = _host_cpu.default_mesh()  # one client per host CPU device (fedjax_sim/host_cpu.py)
     self.mesh = mesh
     self._num_shards = 1 if mesh is None else _sharding.mesh_size(mesh)
     if population_on not in ("device", "sharded", "host"):
