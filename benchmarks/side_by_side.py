@@ -324,3 +324,14 @@ def main(args) -> int:
             f"`python -m benchmarks.run --peers {' '.join(args.peers)} --workloads "
             f"{' '.join(args.workloads)}` -->\n{table}\n")
   return 3 if any("error" in r for r in rows) else 0
+
+
+def resummarize(path: str) -> str:
+  """The markdown table of every run row in a ``peers.jsonl`` (summary rows are ignored)."""
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return markdown(summarize([r for r in rows if not r.get("summary")]))
+
+
+if __name__ == "__main__":  # python -m benchmarks.side_by_side benchmarks/results/.../peers.jsonl
+  print(resummarize(sys.argv[1]))

@@ -1,26 +1,30 @@
 """Host CPU set-up: one client per host device, and faster XLA:CPU flags, before jax starts.
 
-On CPU, XLA runs one client's convolutions about as fast on two cores as on one, and vmapping
-clients halves a CNN's throughput; what uses every core is one client per *host device*
-(``jax_num_cpu_devices``) with each chunk split across them (:mod:`fedjax_sim.sharding`). Both
-that device count and the XLA flags are read once, when jax initialises its CPU backend (the
-first ``jax.devices()``, array or compile), so they must be set before it:
+Step-only (issue 14), one client per *host device* (``jax_num_cpu_devices``, a ``shard_map``
+over 2 devices) was the fastest way to run a CNN on 2 cores, and two XLA:CPU flags sped a
+single-device step up. Both the device count and the flags are read once, when jax initialises
+its CPU backend (the first ``jax.devices()``, array or compile), so they must be set before it.
+In the engine (chunks split by the partitioner, :mod:`fedjax_sim.sharding`), the split was
+measured slower than one device on the loaded CI machine (docs/benchmarks.md), so the flags are
+on by default and the host devices are opt-in:
 
-* ``import fedjax_sim`` does it automatically when jax's backend has not started yet: it sets
-  ``jax_num_cpu_devices`` to the number of cores and appends :data:`FAST_XLA_FLAGS` to
-  ``XLA_FLAGS``. Then a :class:`~fedjax_sim.Simulation` without a ``mesh`` (and with an
-  automatic ``chunk_size``) on CPU splits every chunk over those devices
-  (:func:`default_mesh`): one client per device at a time. Results equal the single-device ones
-  up to the float summation order (clients' randomness depends on their ids only).
+* ``import fedjax_sim`` does it automatically when jax's backend has not started yet: it appends
+  :data:`FAST_XLA_FLAGS` to ``XLA_FLAGS`` and, when ``FEDJAX_SIM_HOST_DEVICES`` asks for it
+  (``auto`` or a number; the default is ``1``, see :data:`DEFAULT_DEVICES`), sets
+  ``jax_num_cpu_devices``. With more than one such device a :class:`~fedjax_sim.Simulation`
+  without a ``mesh`` (and with an automatic ``chunk_size``) on CPU splits every chunk over them
+  (:func:`default_mesh`). Results equal the single-device ones up to the float summation order
+  (clients' randomness depends on their ids only).
 * Nothing is overridden: a flag already named in ``XLA_FLAGS`` keeps the user's value; a device
   count the user chose (``--xla_force_host_platform_device_count`` or ``jax_num_cpu_devices``)
   is kept, and then no mesh is added for them. Flags are only added on the jaxlib versions they
   were tested on (:data:`FLAGS_TESTED_ON`): XLA aborts the process on a flag it does not know.
 * If jax already started (``jax.devices()`` before ``import fedjax_sim``), nothing changes and
   the engine runs as before on the devices there are.
-* Switches (environment, read at import): ``FEDJAX_SIM_HOST_DEVICES`` = ``auto`` (default: the
-  core count), a number, or ``1``/``off`` (one device, no mesh); ``FEDJAX_SIM_XLA_FLAGS`` =
-  ``1`` (default) or ``0``. Or call :func:`configure` yourself, right after ``import jax``.
+* Switches (environment, read at import): ``FEDJAX_SIM_HOST_DEVICES`` = ``1``/``off``
+  (default: one device, no mesh), ``auto`` (the core count) or a number;
+  ``FEDJAX_SIM_XLA_FLAGS`` = ``1`` (default) or ``0``. Or call :func:`configure` yourself,
+  right after ``import jax``.
 
 Figures: ``python -m benchmarks.host_devices`` (engine end to end, interleaved) and
 ``benchmarks/ceiling.py`` (step-only); see docs/benchmarks.md.
