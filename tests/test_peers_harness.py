@@ -79,6 +79,7 @@ def test_interleaved_best_setting_ratios_and_failed_peers(tmp_path):
   assert any("diverged" in err for err in fl["errors"])
   md = (tmp_path / "peers.md").read_text()
   assert "| logistic | 10 | fedjax |" in md and "failed: the pfl peer" in md
+  assert side_by_side.resummarize(str(out)) in md  # the table again, from the rows alone
 
 
 def test_best_setting_is_the_fastest_mean():
@@ -114,3 +115,17 @@ def test_peers_train_on_the_same_data(model):
   for ours, theirs in zip(gen(30), common.workload_data(model, 30)):
     np.testing.assert_array_equal(ours, theirs)
   assert common.WORKLOADS[model][1] == run.WORKLOADS[model].batch_size
+
+
+def test_flower_peer_refuses_what_it_cannot_run(capsys):
+  sys.path.insert(0, os.path.join(os.path.dirname(run.__file__), "peers"))
+  from benchmarks.peers import flwr_fedavg
+
+  a = flwr_fedavg.parse_args(["--model", "cifar", "--cohort", "50"])
+  assert (a.num_clients, a.batch_size) == (1000, 10)
+  with pytest.raises(SystemExit):
+    flwr_fedavg.parse_args(["--server_lr", "0.5"])
+  assert "server SGD with lr 1.0 only" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    flwr_fedavg.parse_args(["--cohort", "20", "--num_clients", "10"])
+  assert "--cohort 20 must be in [1, --num_clients=10]" in capsys.readouterr().err
