@@ -223,6 +223,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="with --peers: the folder holding <peer>/bin/python")
   ap.add_argument("--peer-rounds", type=int, default=50, help="with --peers: timed rounds (max)")
   ap.add_argument("--peer-scripts", nargs="+", default=[], help=argparse.SUPPRESS)
+  ap.add_argument("--peer-settings", nargs="+", default=[], metavar="LABEL",
+                  help="with --peers: try only these settings (e.g. num_cpus=1 "
+                       "torch_threads=2) of the peers they belong to; others try all theirs")
   ap.add_argument("--peer-max-seconds", type=float, default=60.0,
                   help="timed seconds per FedJAX run")
   ap.add_argument("--machine", default=None)
@@ -233,6 +236,13 @@ def parse_args(argv=None) -> argparse.Namespace:
       ap.error("--peers runs FedJAX from <--peer-venvs>/fedjax; drop --peer-python")
     if args.repeats < 1:
       ap.error(f"--repeats must be >= 1; got {args.repeats}")
+    from benchmarks.side_by_side import PEERS
+
+    known = {label for p in args.peers for label, _ in PEERS[p].settings}
+    unknown = sorted(set(args.peer_settings) - known)
+    if unknown:
+      ap.error(f"--peer-settings {', '.join(unknown)}: not a setting of {', '.join(args.peers)}; "
+               f"valid: {', '.join(sorted(known))}")
     bad = [s for s in args.peer_scripts if "=" not in s]
     if bad:
       ap.error(f"--peer-scripts takes NAME=PATH; got {bad}")

@@ -74,6 +74,12 @@ class PeerError(Exception):
   """A peer run that yields no figure (the message says why and what to run)."""
 
 
+def settings_of(args, peer: Peer) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """The peer's settings to try: those named in ``--peer-settings``, else all of them."""
+  chosen = tuple(s for s in peer.settings if s[0] in (args.peer_settings or ()))
+  return chosen or peer.settings
+
+
 def venv_python(args, peer: str) -> str:
   return os.path.join(args.peer_venvs, peer, "bin", "python")
 
@@ -302,7 +308,7 @@ def main(args) -> int:
             continue
           if model not in models_of[p.name]:
             continue
-          for label, extra in p.settings:
+          for label, extra in settings_of(args, p):
             load0 = os.getloadavg()[0]
             try:
               pr = run_peer(args, p, model, cohort, num_clients, extra, ours_params)

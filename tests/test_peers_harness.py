@@ -106,6 +106,14 @@ def test_peers_bad_input(capsys, tmp_path):
   with pytest.raises(SystemExit):
     run.parse_args(["--peers", "pfl", "--peer-python", sys.executable])
   assert "drop --peer-python" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    run.parse_args(["--peers", "pfl", "--peer-settings", "num_cpus=1"])
+  assert "valid: torch_threads=1, torch_threads=2" in capsys.readouterr().err
+  args = run.parse_args(["--peers", "pfl", "flwr", "--peer-settings", "num_cpus=1"])
+  assert [s for s, _ in side_by_side.settings_of(args, side_by_side.PEERS["flwr"])] == [
+      "num_cpus=1"]
+  assert [s for s, _ in side_by_side.settings_of(args, side_by_side.PEERS["pfl"])] == [
+      "torch_threads=1", "torch_threads=2"]
 
 
 @pytest.mark.parametrize("model", ["logistic", "cifar"])
