@@ -214,11 +214,39 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "README.md): also run FedJAX on the same workload in this run and report "
                        "the measured ratio (logistic, dense, cnn)")
   ap.add_argument("--peer-script", default=PEER_SCRIPT, help=argparse.SUPPRESS)
+  ap.add_argument("--peers", nargs="+", default=None, choices=["fedjax", "pfl", "flwr"],
+                  help="run fedjax_sim and these peers interleaved, --repeats times, each in "
+                       "its own process and virtualenv (benchmarks/side_by_side.py; build the "
+                       "venvs with `bash benchmarks/peers/setup.sh`)")
+  ap.add_argument("--repeats", type=int, default=2, help="with --peers: A-B-C repetitions")
+  ap.add_argument("--peer-venvs", default=os.environ.get("PEER_VENVS", "/work/venvs"),
+                  help="with --peers: the folder holding <peer>/bin/python")
+  ap.add_argument("--peer-rounds", type=int, default=50, help="with --peers: timed rounds (max)")
+  ap.add_argument("--peer-scripts", nargs="+", default=[], help=argparse.SUPPRESS)
+  ap.add_argument("--peer-settings", nargs="+", default=[], metavar="LABEL",
+                  help="with --peers: try only these settings (e.g. num_cpus=1 "
+                       "torch_threads=2) of the peers they belong to; others try all theirs")
   ap.add_argument("--peer-max-seconds", type=float, default=60.0,
                   help="timed seconds per FedJAX run")
   ap.add_argument("--machine", default=None)
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
+  if args.peers is not None:
+    if args.peer_python is not None:
+      ap.error("--peers runs FedJAX from <--peer-venvs>/fedjax; drop --peer-python")
+    if args.repeats < 1:
+      ap.error(f"--repeats must be >= 1; got {args.repeats}")
+    from benchmarks.side_by_side import PEERS
+
+    known = {label for p in args.peers for label, _ in PEERS[p].settings}
+    unknown = sorted(set(args.peer_settings) - known)
+    if unknown:
+      ap.error(f"--peer-settings {', '.join(unknown)}: not a setting of {', '.join(args.peers)}; "
+               f"valid: {', '.join(sorted(known))}")
+    bad = [s for s in args.peer_scripts if "=" not in s]
+    if bad:
+      ap.error(f"--peer-scripts takes NAME=PATH; got {bad}")
+  args.peer_scripts = dict(s.split("=", 1) for s in args.peer_scripts)
   if args.peer_python is not None:
     if not (os.path.isfile(args.peer_python) and os.access(args.peer_python, os.X_OK)):
       ap.error(f"--peer-python {args.peer_python!r} is not an executable file; pass the python "
@@ -334,6 +362,13 @@ def peak_rss_mb() -> float:
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.peers is not None:
+    from benchmarks import side_by_side
+
+    status = side_by_side.main(args)
+    if status:
+      raise BenchmarkError(status)
+    return
   machine = args.machine or f"{jax.devices()[0].platform}-{os.cpu_count()}core"
   out = args.out
   if out is None:  # only the default location is created (tests pass --out)

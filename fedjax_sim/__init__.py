@@ -5,6 +5,9 @@ sampling, local training, clipping, aggregation, DP noise and the server optimiz
 into one compiled round, and many rounds run inside one ``lax.scan``.
 """
 
+# First, before anything can start jax's backend: host devices and XLA:CPU flags (host_cpu.py).
+from fedjax_sim import host_cpu  # noqa: I001
+
 from fedjax_sim import (
     aggregators,
     algorithms,
@@ -46,6 +49,7 @@ __all__ = [
     "checkpoint",
     "datasets",
     "evaluation",
+    "host_cpu",
     "make_client_update",
     "models",
     "partition",

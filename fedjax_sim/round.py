@@ -23,6 +23,7 @@ import optax
 
 from fedjax_sim import _validation as _v
 from fedjax_sim import checkpoint as _ckpt
+from fedjax_sim import host_cpu as _host_cpu
 from fedjax_sim import host_population as _host
 from fedjax_sim import run_dir as _run_dir
 from fedjax_sim import sharding as _sharding
@@ -240,6 +241,8 @@ class Simulation:
         raise TypeError(f"system must be an fs.systems.SystemModel; got {type(system).__name__}.")
       system.validate(population.num_clients)
     self.system = system
+    if mesh is None and chunk_size is None and population_on == "device":
+      mesh = _host_cpu.default_mesh()  # one client per host CPU device (fedjax_sim/host_cpu.py)
     self.mesh = mesh
     self._num_shards = 1 if mesh is None else _sharding.mesh_size(mesh)
     if population_on not in ("device", "sharded", "host"):

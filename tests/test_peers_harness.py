@@ -1,0 +1,139 @@
+"""`python -m benchmarks.run --peers ...`: interleaving, best settings, ratios and failed peers.
+
+The peers are stand-ins (no peer engine is installed in CI): a script that prints the JSON line a
+peer prints, run under this interpreter from a fake venv folder.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import run, side_by_side
+from benchmarks.peers import common
+
+FAKE_PEER = '''
+import argparse, json, sys
+p = argparse.ArgumentParser()
+for a in ["--model", "--cohort", "--num_clients", "--num-clients", "--batch_size", "--batch-size",
+          "--client_lr", "--client-lr", "--server_lr", "--server-lr", "--rounds", "--max_seconds",
+          "--max-seconds", "--warmup_cohort", "--backend", "--torch-threads", "--num_cpus"]:
+  p.add_argument(a)
+a = p.parse_args()
+setting = a.backend or a.torch_threads or a.num_cpus
+speed = {"jit": 50.0, "1": 20.0, "2": 40.0}[setting]
+if "DIVERGE" in sys.argv[0] and setting == "2":
+  print(json.dumps({"client_updates_per_s": 1e9, "rounds_per_s": 1.0, "params_finite": False}))
+  sys.exit(0)
+print("peer noise on stdout")
+print(json.dumps({"tool": "fake", "model": a.model, "cohort": int(a.cohort),
+                  "client_updates_per_s": speed, "rounds_per_s": speed / int(a.cohort),
+                  "params_finite": True}))
+'''
+
+
+def fake_venvs(tmp_path, names):
+  for n in names:
+    (tmp_path / "venvs" / n / "bin").mkdir(parents=True)
+    os.symlink(sys.executable, tmp_path / "venvs" / n / "bin" / "python")
+  return str(tmp_path / "venvs")
+
+
+def test_interleaved_best_setting_ratios_and_failed_peers(tmp_path):
+  peer = tmp_path / "peer.py"
+  peer.write_text(FAKE_PEER)
+  diverging = tmp_path / "DIVERGE_peer.py"
+  diverging.write_text(FAKE_PEER)
+  venvs = fake_venvs(tmp_path, ["fedjax", "flwr"])  # no pfl venv
+  out = tmp_path / "peers.jsonl"
+  with pytest.raises(SystemExit) as e:  # a failed peer makes the run exit non-zero (3)
+    run.main(["--peers", "fedjax", "pfl", "flwr", "--workloads", "logistic", "--cohorts", "10",
+              "--num-clients", "40", "--target-seconds", "0.2", "--repeats", "2",
+              "--peer-venvs", venvs, "--peer-scripts", f"fedjax={peer}", f"flwr={diverging}",
+              "--out", str(out)])
+  assert e.value.code == 3
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  runs = [r for r in rows if not r.get("summary")]
+  # A-B-C-A-B-C: each repeat runs fedjax_sim, then every setting of every usable peer.
+  order = [(r["repeat"], r["engine"], r["setting"]) for r in runs if r["engine"] != "pfl"]
+  assert [(rep, eng) for rep, eng, _ in order] == [
+      (rep, eng) for rep in (0, 1) for eng in ("fedjax_sim", "fedjax", "flwr", "flwr")]
+  assert all("load_avg_1min" in r for r in runs if "error" not in r)
+  # The missing venv fails pfl's row with the setup command; no ratio from it.
+  pfl = [r for r in runs if r["engine"] == "pfl"]
+  assert len(pfl) == 1 and "setup.sh pfl" in pfl[0]["error"]
+  summaries = {r["peer"]: r for r in rows if r.get("summary")}
+  assert "ratio_of_means" not in summaries["pfl"]
+  ours = [r["client_updates_per_s"] for r in runs if r["engine"] == "fedjax_sim"]
+  assert len(ours) == 2 and all(np.isfinite(ours))
+  fj = summaries["fedjax"]
+  assert fj["best_setting"] == "backend=jit"
+  assert fj["ratio_of_means"] == pytest.approx(np.mean(ours) / 50.0)
+  assert fj["ratios_per_repeat"] == pytest.approx([o / 50.0 for o in ours])
+  # Flower's 2-CPU setting diverged: an error row, and its huge figure is never "best".
+  fl = summaries["flwr"]
+  assert fl["best_setting"] == "num_cpus=1"
+  assert fl["ratio_of_means"] == pytest.approx(np.mean(ours) / 20.0)
+  assert any("diverged" in err for err in fl["errors"])
+  md = (tmp_path / "peers.md").read_text()
+  assert "| logistic | 10 | fedjax |" in md and "failed: the pfl peer" in md
+  assert side_by_side.resummarize(str(out)) in md  # the table again, from the rows alone
+
+
+def test_best_setting_is_the_fastest_mean():
+  rows = [{"model": "dense", "cohort": 10, "repeat": i, "engine": "fedjax_sim",
+           "setting": "", "client_updates_per_s": 100.0 + i, "load_avg_1min": 1.0}
+          for i in range(2)]
+  rows += [{"model": "dense", "cohort": 10, "repeat": i, "engine": "pfl", "setting": s,
+            "client_updates_per_s": v, "load_avg_1min": 2.0}
+           for i, (a, b) in enumerate([(30.0, 45.0), (50.0, 40.0)])
+           for s, v in (("torch_threads=1", a), ("torch_threads=2", b))]
+  (s,) = side_by_side.summarize(rows)
+  assert s["best_setting"] == "torch_threads=2"  # mean 42.5 beats 40
+  assert s["ratio_of_means"] == pytest.approx(100.5 / 42.5)
+  assert s["ratios_per_repeat"] == pytest.approx([100 / 45, 101 / 40])
+
+
+def test_peers_bad_input(capsys, tmp_path):
+  with pytest.raises(SystemExit):
+    run.parse_args(["--peers", "tff"])
+  assert "invalid choice" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    run.parse_args(["--peers", "pfl", "--repeats", "0"])
+  assert "--repeats must be >= 1" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    run.parse_args(["--peers", "pfl", "--peer-python", sys.executable])
+  assert "drop --peer-python" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    run.parse_args(["--peers", "pfl", "--peer-settings", "num_cpus=1"])
+  assert "valid: torch_threads=1, torch_threads=2" in capsys.readouterr().err
+  args = run.parse_args(["--peers", "pfl", "flwr", "--peer-settings", "num_cpus=1"])
+  assert [s for s, _ in side_by_side.settings_of(args, side_by_side.PEERS["flwr"])] == [
+      "num_cpus=1"]
+  assert [s for s, _ in side_by_side.settings_of(args, side_by_side.PEERS["pfl"])] == [
+      "torch_threads=1", "torch_threads=2"]
+
+
+@pytest.mark.parametrize("model", ["logistic", "cifar"])
+def test_peers_train_on_the_same_data(model):
+  """Peers import benchmarks/peers/common.py (numpy only); it must match benchmarks.run."""
+  gen = run.WORKLOADS[model].data
+  for ours, theirs in zip(gen(30), common.workload_data(model, 30)):
+    np.testing.assert_array_equal(ours, theirs)
+  assert common.WORKLOADS[model][1] == run.WORKLOADS[model].batch_size
+
+
+def test_flower_peer_refuses_what_it_cannot_run(capsys):
+  sys.path.insert(0, os.path.join(os.path.dirname(run.__file__), "peers"))
+  from benchmarks.peers import flwr_fedavg
+
+  a = flwr_fedavg.parse_args(["--model", "cifar", "--cohort", "50"])
+  assert (a.num_clients, a.batch_size) == (1000, 10)
+  with pytest.raises(SystemExit):
+    flwr_fedavg.parse_args(["--server_lr", "0.5"])
+  assert "server SGD with lr 1.0 only" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    flwr_fedavg.parse_args(["--cohort", "20", "--num_clients", "10"])
+  assert "--cohort 20 must be in [1, --num_clients=10]" in capsys.readouterr().err
