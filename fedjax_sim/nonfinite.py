@@ -1,0 +1,104 @@
+"""Non-finite training: how a run detects it, what the state keeps, and what the host does.
+
+Detection is in the compiled round (no extra host round-trip): a round is **non-finite** when
+the server step would make the parameters or the server optimizer state NaN/Inf, or when every
+selected client's update was NaN/Inf (``nan_clients > 0`` and ``clients == 0``: training has
+diverged). Such a round's server step is never applied, so the state never holds NaN/Inf, and
+``metrics["nonfinite"]`` is 1 for it. The host reads that column once per block, with the other
+metrics, and applies the run's ``on_nonfinite`` policy:
+
+* ``"raise"`` (default): the block stops at the first non-finite round (later rounds of the
+  block are skipped in the program) and :class:`NonFiniteError` names that round; its ``state``
+  is the last finite state, exactly as it was before that round (``state.round`` rounds done),
+  and ``metrics`` holds every round run until then (the failing one last).
+* ``"warn"``: the round is skipped (the server keeps its state; the round counter advances) and
+  a ``RuntimeWarning`` names the rounds after each block.
+* ``"ignore"``: skipped as for ``"warn"``, silently; ``metrics["nonfinite"]`` still marks them.
+
+Metrics that average over clients or examples are NaN, not 0, in a round where nothing was
+measured (no client contributed).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+#: The metric column: 1.0 for a non-finite round (see the module docstring), else 0.0.
+NONFINITE = "nonfinite"
+POLICIES = ("raise", "warn", "ignore")
+
+
+class NonFiniteError(FloatingPointError):
+  """A round of :meth:`fedjax_sim.Simulation.run` went non-finite under ``on_nonfinite="raise"``.
+
+  Attributes:
+    round: the 1-based number of the failing round (as in ``metrics.jsonl``).
+    state: the last finite :class:`~fedjax_sim.ServerState` (``round - 1`` rounds done); resume
+      from it, e.g. with a lower learning rate.
+    metrics: ``{name: array}`` of the rounds run by this call, the failing round last.
+  """
+
+  def __init__(self, message: str, *, round: int, state: Any, metrics: dict[str, np.ndarray]):
+    super().__init__(message)
+    self.round = round
+    self.state = state
+    self.metrics = metrics
+
+
+def check_policy(on_nonfinite: Any) -> str:
+  """Returns ``on_nonfinite`` if it names a policy; raises a ValueError naming it otherwise."""
+  if not isinstance(on_nonfinite, str) or on_nonfinite not in POLICIES:
+    raise ValueError(
+        f"on_nonfinite must be one of {POLICIES}; got {on_nonfinite!r}. 'raise' stops at the "
+        "first non-finite round and keeps the last finite state; 'warn' / 'ignore' skip such "
+        "rounds."
+    )
+  return on_nonfinite
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True (a traced bool) when every inexact leaf of ``tree`` is finite."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  ok = jnp.bool_(True)
+  for x in leaves:
+    ok = ok & jnp.all(jnp.isfinite(x))
+  return ok
+
+
+def first_nonfinite(block_metrics: dict[str, np.ndarray]) -> int | None:
+  """Index of the block's first non-finite round, or None."""
+  col = block_metrics.get(NONFINITE)
+  if col is None:
+    return None
+  bad = np.flatnonzero(np.asarray(col) > 0)
+  return int(bad[0]) if bad.size else None
+
+
+def describe(round_number: int, row: dict[str, float]) -> str:
+  """One sentence on why round ``round_number`` was non-finite, from its metrics row."""
+  nan_clients, clients = row.get("nan_clients", 0.0), row.get("clients", 0.0)
+  if nan_clients > 0 and clients == 0:
+    why = (f"all {int(nan_clients)} selected clients produced a NaN/Inf update (the client "
+           "learning rate or the loss diverged)")
+  else:
+    why = ("the server step made the parameters or the server optimizer state NaN/Inf (the "
+           "server learning rate or the aggregate is too large)")
+  return f"round {round_number} is non-finite: {why}"
+
+
+def warn(first_round: int, block_metrics: dict[str, np.ndarray]) -> None:
+  """Under ``on_nonfinite="warn"``: one warning naming the block's skipped rounds."""
+  bad = np.flatnonzero(np.asarray(block_metrics.get(NONFINITE, ())) > 0)
+  if bad.size:
+    rounds = [first_round + int(i) + 1 for i in bad]
+    shown = ", ".join(map(str, rounds[:10])) + (" ..." if len(rounds) > 10 else "")
+    warnings.warn(
+        f"{len(rounds)} non-finite round(s) skipped (the server kept its state): {shown}. "
+        f"First: {describe(rounds[0], {k: float(v[bad[0]]) for k, v in block_metrics.items()})}.",
+        RuntimeWarning, stacklevel=3,
+    )
