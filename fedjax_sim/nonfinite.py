@@ -17,6 +17,21 @@ metrics, and applies the run's ``on_nonfinite`` policy:
 
 Metrics that average over clients or examples are NaN, not 0, in a round where nothing was
 measured (no client contributed).
+
+Examples:
+  >>> import jax, numpy as np, optax, fedjax_sim as fs
+  >>> rng = np.random.default_rng(0)
+  >>> x = rng.normal(size=(40, 3)).astype(np.float32); y = (x[:, 0] > 0).astype(np.int32)
+  >>> pop = fs.Population.from_arrays({"x": x, "y": y}, rng.integers(0, 4, 40))
+  >>> loss_fn = fs.models.classifier_loss(lambda p, x: x @ p)
+  >>> algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(1e30), batch_size=4,
+  ...                             local_epochs=1)   # diverges at once
+  >>> sim = fs.Simulation(algo, pop, cohort_size=2)
+  >>> try:
+  ...   sim.run(sim.init(np.zeros((3, 2), np.float32), jax.random.key(0)), num_rounds=5)
+  ... except fs.nonfinite.NonFiniteError as e:
+  ...   print(e.round, int(e.state.round), float(e.metrics["nan_clients"][-1]))
+  1 0 2.0
 """
 
 from __future__ import annotations
@@ -51,7 +66,11 @@ class NonFiniteError(FloatingPointError):
 
 
 def check_policy(on_nonfinite: Any) -> str:
-  """Returns ``on_nonfinite`` if it names a policy; raises a ValueError naming it otherwise."""
+  """Checks a policy name.
+
+  Returns:
+    ``on_nonfinite`` if it is one of :data:`POLICIES`; raises a ValueError naming it otherwise.
+  """
   if not isinstance(on_nonfinite, str) or on_nonfinite not in POLICIES:
     raise ValueError(
         f"on_nonfinite must be one of {POLICIES}; got {on_nonfinite!r}. 'raise' stops at the "
