@@ -80,12 +80,17 @@ def check_policy(on_nonfinite: Any) -> str:
   return on_nonfinite
 
 
-def all_finite(tree: Any) -> jax.Array:
-  """True (a traced bool) when every inexact leaf of ``tree`` is finite."""
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+def stays_finite(new: Any, old: Any) -> jax.Array:
+  """True (a traced bool) when no entry of ``new`` is NaN/Inf where ``old`` was finite.
+
+  Entries that were already non-finite are not counted (optimizer states may hold an Inf
+  sentinel, e.g. ``optax.contrib.reduce_on_plateau``'s best value); parameters start finite
+  (``Simulation.init`` refuses others), so for them this is "all finite".
+  """
   ok = jnp.bool_(True)
-  for x in leaves:
-    ok = ok & jnp.all(jnp.isfinite(x))
+  for n, o in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True):
+    if jnp.issubdtype(jnp.result_type(n), jnp.inexact):
+      ok = ok & jnp.all(jnp.isfinite(n) | ~jnp.isfinite(o))
   return ok
 
 

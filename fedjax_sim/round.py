@@ -631,7 +631,7 @@ class Simulation:
       )
     # Non-finite rounds (fedjax_sim.nonfinite): the server step is not applied.
     no_finite_client = (stats["nan_clients"] > 0) & (stats["clients"] == 0)
-    state_ok = _nf.all_finite((new_params, opt_state))
+    state_ok = _nf.stays_finite((new_params, opt_state), (state.params, state.opt_state))
     nonfinite = ~state_ok | no_finite_client
     discard = ~state_ok | (halt & no_finite_client)
     keep_old = lambda new, old: jax.tree.map(lambda a, b: jnp.where(discard, b, a), new, old)

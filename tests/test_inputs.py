@@ -296,3 +296,17 @@ def test_weighted_secure_mean_error_within_the_stated_bound(bits):
     worst_over_scale = max(worst_over_scale, err * scale)
   if bits == 16:
     assert worst_over_scale > 1.0  # the old "below 1/scale" claim does not hold when weighted
+
+
+def test_an_inf_sentinel_in_the_optimizer_state_is_not_nonfinite_training(small_pop):
+  # A server optimizer whose state starts at +Inf (a "best so far" value) and stays there.
+  def init(params):
+    return {"best": jnp.float32(jnp.inf)}
+
+  def update(updates, state, params=None):
+    return updates, state
+
+  sim = fs.Simulation(_algo(server_optimizer=optax.GradientTransformation(init, update)),
+                      small_pop, cohort_size=3)
+  state, m = sim.run(sim.init(init_params(), jax.random.key(0)), 2)
+  assert m["nonfinite"].tolist() == [0.0, 0.0] and int(state.round) == 2
