@@ -44,7 +44,8 @@ def worker(mode: str, rounds: int, cohort: int, num_clients: int) -> dict:
   state = sim.init(params, jax.random.key(0))
   hlo = ""
   if population_on != "host":
-    hlo = sim._block_fn(rounds).lower(state, sim.population, jnp.int32(rounds)).compile().as_text()
+    args = (state, sim.population, jnp.int32(rounds), jnp.bool_(False))
+    hlo = sim._block_fn(rounds).lower(*args).compile().as_text()
   state, r = sim.benchmark(state, rounds)
   return {
       "mode": mode, "devices": len(jax.devices()), "cohort": cohort, "chunk": sim.chunk_size,

@@ -92,3 +92,23 @@ def same_length(name: str, arrays: dict[str, Any]) -> int:
     raise ValueError(f"{name}: every feature needs the same number of examples (leading "
                      f"dimension); got {lengths}.")
   return next(iter(lengths.values()))
+
+
+def not_donated(name: str, tree: Any) -> None:
+  """Refuses a pytree whose arrays were donated to (consumed by) an earlier compiled call."""
+  if any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(tree)):
+    raise ValueError(
+        f"{name} was donated to an earlier sim.run / sim.round, which consumed its arrays; pass "
+        f"the {name} that call returned ({name}, metrics = sim.run({name}, ...))."
+    )
+
+
+def checkpointable(name: str, tree: Any) -> None:
+  """Refuses, before any round runs, a state orbax cannot save: zero-size arrays."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if np.size(leaf) == 0:
+      raise ValueError(
+          f"{name}{jax.tree_util.keystr(path)} has zero size {np.shape(leaf)}; checkpoints "
+          "(orbax) cannot store zero-size arrays. Drop that parameter from the model, or run "
+          "without checkpoint_dir."
+      )

@@ -101,13 +101,13 @@ class HostFeeder:
     self._fn = jax.jit(self._program, donate_argnums=0)
 
   # -- device side ----------------------------------------------------------------------------
-  def _round(self, state, meta, features):
+  def _round(self, state, meta, features, halt=False):
     cohort, _ = self.sim._sample_cohort(state.key, state.round, meta.num_clients)
     offsets = cohort_offsets(meta, cohort.ids, cohort.mask)
     pop = Population(features, offsets, meta.num_examples, meta.max_examples)
-    return self.sim._round_step(state, pop)
+    return self.sim._round_step(state, pop, halt)
 
-  def _program(self, state, meta, features, num_active):
+  def _program(self, state, meta, features, num_active, halt):
     sim = self.sim
     if self.block is None:
       sim.num_traces["round"] += 1
@@ -117,14 +117,17 @@ class HostFeeder:
     _, metric_shapes = jax.eval_shape(self._round, state, meta, first)
     skipped = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
 
-    def body(state, xs):
-      i, feats = xs
-      return jax.lax.cond(
-          i < num_active, lambda s: self._round(s, meta, feats), lambda s: (s, skipped), state
+    def body(carry, xs):  # as Simulation._block_fn: a non-finite round halts under ``halt``
+      (state, halted), (i, feats) = carry, xs
+      state, metrics = jax.lax.cond(
+          (i < num_active) & ~halted, lambda s: self._round(s, meta, feats, halt),
+          lambda s: (s, skipped), state
       )
+      return (state, halted | (halt & (metrics["nonfinite"] > 0))), metrics
 
-    out = jax.lax.scan(body, state, (jnp.arange(self.block), features))
-    return sim._placed(*out)
+    (state, _), metrics = jax.lax.scan(
+        body, (state, jnp.bool_(False)), (jnp.arange(self.block), features))
+    return sim._placed(state, metrics)
 
   # -- host side ------------------------------------------------------------------------------
   def _gather(self, key_data: np.ndarray, impl, start: int):
@@ -143,7 +146,7 @@ class HostFeeder:
       return jax.device_put(out)
     return _sharding.put_replicated(out, mesh)
 
-  def __call__(self, state, population, num_active=None):
+  def __call__(self, state, population, num_active=None, halt=False):
     del population
     start = int(state.round)
     key_data = np.asarray(jax.random.key_data(state.key))
@@ -154,7 +157,7 @@ class HostFeeder:
     else:
       features = self._gather(key_data, impl, start)
     active = (1 if self.block is None else self.block) if num_active is None else int(num_active)
-    out = self._fn(state, self.meta, features, jnp.int32(active))  # asynchronous dispatch
+    out = self._fn(state, self.meta, features, jnp.int32(active), jnp.bool_(halt))  # async
     nxt = start + active
     self._pending = (nxt, key_data, self._pool.submit(self._gather, key_data, impl, nxt))
     return out

@@ -90,10 +90,25 @@ def classifier_loss(
           f"{sorted(population.features)}. Pass input_key= / label_key=."
       )
     x = population.features[input_key]
-    logits = jax.eval_shape(call, params, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype),
-                            jax.random.key(0))
-    num_classes = logits.shape[-1]
     y = population.features[label_key]
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+      raise TypeError(
+          f"labels {label_key!r} have dtype {y.dtype}; classifier_loss needs integer class ids "
+          "(e.g. y.astype(np.int32)); for real-valued targets use regression_loss."
+      )
+    try:
+      logits = jax.eval_shape(call, params, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype),
+                              jax.random.key(0))
+    except Exception:  # noqa: BLE001 - the engine's loss check reports a model that fails
+      return
+    if tuple(y.shape[1:]) != tuple(logits.shape[1:-1]):
+      raise ValueError(
+          f"labels {label_key!r} have shape {tuple(y.shape)} but the model's logits "
+          f"{(y.shape[0], *logits.shape[1:])} need labels of shape "
+          f"{(y.shape[0], *logits.shape[1:-1])} (one class id per example; e.g. y.reshape(-1) "
+          "for labels of shape (n, 1))."
+      )
+    num_classes = logits.shape[-1]
     lo, hi = int(jnp.min(y)), int(jnp.max(y))
     if lo < 0 or hi >= num_classes:
       raise ValueError(

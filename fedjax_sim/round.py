@@ -26,6 +26,7 @@ from fedjax_sim import checkpoint as _ckpt
 from fedjax_sim import host_cpu as _host_cpu
 from fedjax_sim import host_population as _host
 from fedjax_sim import run_dir as _run_dir
+from fedjax_sim import nonfinite as _nf
 from fedjax_sim import sharding as _sharding
 from fedjax_sim.aggregators import ADDS_NOISE, CAPS_WEIGHTS, LOCAL_NOISE, global_norm
 from fedjax_sim.algorithms import Algorithm
@@ -356,6 +357,12 @@ class Simulation:
             f"params{jax.tree_util.keystr(path)} has dtype {leaf.dtype}; trainable parameters "
             "must be floating point."
         )
+      bad = int(leaf.size - jnp.count_nonzero(jnp.isfinite(leaf)))
+      if bad:
+        raise ValueError(
+            f"params{jax.tree_util.keystr(path)} has {bad} non-finite values (NaN or Inf); "
+            "initialize the model with finite values (e.g. module.init(key, x))."
+        )
 
   def _batch_spec(self):
     loss_batch = self.algorithm.batch_size_hint
@@ -371,6 +378,9 @@ class Simulation:
     """Abstract-evaluates the loss and one round to turn shape errors into clear messages."""
     algo = self.algorithm
     bsz, spec = self._batch_spec()
+    check = getattr(algo.loss_fn, "check_population", None)
+    if check is not None:  # the library's own checks name the feature: before the loss trace
+      check(state.params, self.population)
     if algo.loss_fn is not None:
       try:
         out = jax.eval_shape(algo.loss_fn, state.params, spec, jax.random.key(0))
@@ -382,9 +392,6 @@ class Simulation:
       if not (isinstance(out, tuple) and len(out) == 2):
         raise TypeError("loss_fn must return a pair (loss, aux); return (loss, {}) for no aux.")
       loss, _ = out
-      check = getattr(algo.loss_fn, "check_population", None)
-      if check is not None:
-        check(state.params, self.population)
       if getattr(loss, "shape", None) != ():
         raise ValueError(
             f"loss_fn must return a scalar loss (the mean over the real examples of the batch); "
@@ -442,8 +449,12 @@ class Simulation:
       available = self.system.available(jax.random.fold_in(system_key, 0), round_, num_clients)
     return self.sampler.sample(cohort_key, num_clients, available), available
 
-  def _round_step(self, state: ServerState, population: Population):
-    """One federated round, traced into the caller's program (pure)."""
+  def _round_step(self, state: ServerState, population: Population, halt=False):
+    """One federated round, traced into the caller's program (pure).
+
+    A non-finite round (:mod:`fedjax_sim.nonfinite`) keeps the server state; with ``halt`` (a
+    traced bool, ``on_nonfinite="raise"``) it returns the input state unchanged, round included.
+    """
     algo = self.algorithm
     process = algo.aggregator
     context = self.context
@@ -492,6 +503,9 @@ class Simulation:
         work_fraction, step_cap = outcome.work_fraction, outcome.step_cap
       else:
         work_fraction, step_cap = jnp.float32(1.0), jnp.int32(2**30)
+      # A client without examples does not participate (the one definition, for every reducer
+      # and the `clients` count; fs.Population documents it).
+      is_real = is_real & (population.num_examples[cid] > 0)
       data = ClientData(
           population.features,
           population.offsets[cid],
@@ -583,15 +597,6 @@ class Simulation:
     acc, (new_states, kept, stack) = jax.lax.scan(
         chunk_body, acc0, (ids, real, cohort_states)
     )
-    client_states, agg_client_states = state.client_states, state.agg_client_states
-    if client_states != () or agg_client_states != ():
-      # Padded slots (which may repeat a real id) and clients whose update was non-finite (or
-      # was dropped) write out of bounds and are dropped: their state is unchanged.
-      write = jnp.where(kept, ids, num_clients).reshape(-1)
-      client_states, agg_client_states = jax.tree.map(
-          lambda s, new: s.at[write].set(new.reshape(-1, *new.shape[2:]), mode="drop"),
-          (client_states, agg_client_states), new_states,
-      )
     reduced, client_sums, stage_sums, stats, extra_sums = acc
     kept_flat = kept.reshape(-1)
     reduce_metrics = {}
@@ -628,6 +633,29 @@ class Simulation:
       server_extra = jax.tree.map(
           lambda a, b: jnp.where(took_part, a, b), server_extra, state.server_extra
       )
+    # Non-finite rounds (fedjax_sim.nonfinite): the server step is not applied.
+    no_finite_client = (stats["nan_clients"] > 0) & (stats["clients"] == 0)
+    state_ok = _nf.stays_finite((new_params, opt_state), (state.params, state.opt_state))
+    nonfinite = ~state_ok | no_finite_client
+    discard = ~state_ok | (halt & no_finite_client)
+    keep_old = lambda new, old: jax.tree.map(lambda a, b: jnp.where(discard, b, a), new, old)
+    new_params = keep_old(new_params, state.params)
+    opt_state = keep_old(opt_state, state.opt_state)
+    server_extra = keep_old(server_extra, state.server_extra)
+    per_client_state, post_state = keep_old((per_client_state, post_state), state.agg_state)
+    client_states, agg_client_states = state.client_states, state.agg_client_states
+    if client_states != () or agg_client_states != ():
+      # Padded slots (which may repeat a real id), clients whose update was non-finite (or was
+      # dropped) and every client of a discarded round write out of bounds and are dropped:
+      # their state is unchanged.
+      write = jnp.where(kept & ~discard, ids, num_clients).reshape(-1)
+      client_states, agg_client_states = jax.tree.map(
+          lambda s, new: s.at[write].set(new.reshape(-1, *new.shape[2:]), mode="drop"),
+          (client_states, agg_client_states), new_states,
+      )
+    # Averages over nothing are NaN (nothing was measured), not 0.
+    has_examples = stats["examples"] > 0
+    has_clients = stats["clients"] > 0
     examples = jnp.maximum(stats["examples"], 1.0)
     clients = jnp.maximum(stats["clients"], 1.0)
     metrics = {
@@ -643,14 +671,17 @@ class Simulation:
         "update_norm": global_norm(server_delta),
         "client_steps": stats["client_steps"],
         "step_slots": stats["step_slots"],
+        _nf.NONFINITE: nonfinite.astype(jnp.float32),
     }
-    metrics.update({k: v / examples for k, v in client_sums.items()})
-    metrics.update({k: v / clients for k, v in stage_sums.items()})
+    metrics.update({k: jnp.where(has_examples, v / examples, jnp.nan)
+                    for k, v in client_sums.items()})
+    metrics.update({k: jnp.where(has_clients, v / clients, jnp.nan)
+                    for k, v in stage_sums.items()})
     metrics.update(reduce_metrics)
     metrics.update(post_metrics)
     metrics.update(finalize_metrics)
     new_state = ServerState(
-        round=state.round + 1,
+        round=state.round + jnp.where(halt & nonfinite, 0, 1).astype(state.round.dtype),
         params=new_params,
         opt_state=opt_state,
         agg_state=(per_client_state, post_state),
@@ -702,20 +733,23 @@ class Simulation:
       self._block_jits[block] = _host.HostFeeder(self, block)
     if block not in self._block_jits:
 
-      def run_block(state, population, num_active):
+      def run_block(state, population, num_active, halt):
         self.num_traces["block"] += 1
 
-        def body(state, i):
-          return jax.lax.cond(
-              i < num_active,
-              lambda s: self._round_step(s, population),
+        def body(carry, i):
+          state, halted = carry
+          state, metrics = jax.lax.cond(
+              (i < num_active) & ~halted,
+              lambda s: self._round_step(s, population, halt),
               lambda s: (s, skipped_metrics),
               state,
           )
+          return (state, halted | (halt & (metrics[_nf.NONFINITE] > 0))), metrics
 
         _, metric_shapes = jax.eval_shape(self._round_step, state, population)
         skipped_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-        return self._placed(*jax.lax.scan(body, state, jnp.arange(block)))
+        (state, _), metrics = jax.lax.scan(body, (state, jnp.bool_(False)), jnp.arange(block))
+        return self._placed(state, metrics)
 
       self._block_jits[block] = jax.jit(run_block, donate_argnums=0)
     return self._block_jits[block]
@@ -725,10 +759,31 @@ class Simulation:
       raise TypeError(
           f"state must be the ServerState from sim.init(...); got {type(state).__name__}."
       )
+    _v.not_donated("state", state)
+    if self.chunk_size is None and self.mesh is None:
+      self._adopt(state)
     if self.chunk_size is None:
       raise ValueError(
           "call sim.init(params, key) first; it fixes the chunk size and checks shapes."
       )
+
+  def _adopt(self, state: ServerState) -> None:
+    """A state from another Simulation of the same configuration (e.g. rebuilt in a new
+    session): run init's checks on it, refusing a state whose structure does not match."""
+    self._validate_params(state.params)
+    template = self._initial_state(state.params, state.key)
+    def signature(t):
+      t = dataclasses.replace(t, key=None)
+      return jax.tree.structure(t), [(np.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(t)]
+
+    if signature(template) != signature(state):
+      raise ValueError(
+          "state does not match this Simulation (its optimizer, aggregator or client state has "
+          "another structure or shape); build it with this sim.init(params, key) or "
+          "sim.restore(...)."
+      )
+    self._resolve_chunk_size(state.params)
+    self._check_round_traces(state)
 
   def round(self, state: ServerState) -> tuple[ServerState, dict[str, float]]:
     """Runs one round (one compiled step; ``state`` is donated). Returns host-side metrics."""
@@ -754,6 +809,7 @@ class Simulation:
       accountant: str = "rdp",
       overwrite: bool = False,
       settings: dict[str, Any] | None = None,
+      on_nonfinite: str = "raise",
   ) -> tuple[ServerState, dict[str, np.ndarray]]:
     """Runs ``num_rounds`` rounds, ``block_size`` at a time inside one ``lax.scan``.
 
@@ -795,16 +851,28 @@ class Simulation:
         (explicitly, with a warning) instead of refusing them.
       settings: a JSON-able dict recorded in ``config.json`` (the CLI records its config).
 
+      on_nonfinite: what a non-finite round does (:mod:`fedjax_sim.nonfinite`; a round whose
+        server step would make the state NaN/Inf, or whose every client diverged; its server
+        step is never applied). ``"raise"`` (default): stop there and raise
+        :class:`~fedjax_sim.nonfinite.NonFiniteError` naming the round, with the last finite
+        state and the metrics so far. ``"warn"``: skip such rounds with a warning;
+        ``"ignore"``: skip them silently (``metrics["nonfinite"]`` marks them).
+
+
     Returns:
       ``(state, metrics)`` with ``metrics[name]`` a NumPy array ``[num_rounds]``; eval results
-      appear as ``metrics["eval_" + name]`` (NaN where not evaluated).
+      appear as ``metrics["eval_" + name]`` (NaN where not evaluated). Averages over clients or
+      examples (``loss``, ``accuracy``, ...) are NaN in a round where no client contributed.
 
     Raises:
       ValueError: a bad argument, or a directory this run may not use (before any round).
       fedjax_sim.checkpoint.CheckpointSaveError: a checkpoint could not be written; its ``state``
         holds the state after the completed rounds (the donated input is gone).
+      fedjax_sim.nonfinite.NonFiniteError: under ``on_nonfinite="raise"``, at the first
+        non-finite round.
     """
     self._check_state(state)
+    policy = _nf.check_policy(on_nonfinite)
     # One integer rule (fs._validation.positive_int): Python or NumPy ints >= 1, never bools.
     num_rounds = _v.positive_int("num_rounds", num_rounds)
     eval_every = _v.positive_int("eval_every", eval_every, allow_none=True)
@@ -826,6 +894,8 @@ class Simulation:
     if accountant not in ("rdp", "pld"):
       raise ValueError(f"accountant must be 'rdp' or 'pld'; got {accountant!r}.")
     epsilons = self._epsilons(start, num_rounds, delta, accountant)
+    if checkpoint_dir is not None:
+      _v.checkpointable("state", state)
     if tensorboard and not log_dir:
       raise ValueError("tensorboard=True needs log_dir (where the event files go).")
     fp = _ckpt.fingerprint(self, state) if (checkpoint_dir or log_dir) else None
@@ -850,9 +920,15 @@ class Simulation:
     try:
       while done < num_rounds:
         active = min(block_size, num_rounds - done)
-        state, block_metrics = fn(state, self.population, jnp.int32(active))
+        state, block_metrics = fn(state, self.population, jnp.int32(active),
+                                  jnp.bool_(policy == "raise"))
         block_metrics = {k: np.asarray(v)[:active]
                          for k, v in jax.device_get(block_metrics).items()}
+        bad = _nf.first_nonfinite(block_metrics)
+        if bad is not None and policy == "raise":
+          self._raise_nonfinite(start + done, bad, state, block_metrics, chunks, log)
+        if bad is not None and policy == "warn":
+          _nf.warn(start + done, block_metrics)
         if epsilons is not None:
           block_metrics["epsilon"] = epsilons(done, done + active)
         chunks.append(block_metrics)
@@ -907,6 +983,22 @@ class Simulation:
       metrics["eval_" + names] = col
     return state, metrics
 
+  def _raise_nonfinite(self, first, bad, state, block_metrics, chunks, log):
+    """``on_nonfinite="raise"``: log the finite rounds, then raise with the last finite state."""
+    if log is not None and bad:
+      log.write(first, {k: v[:bad] for k, v in block_metrics.items()})
+    # The signal handlers and the progress bar are restored/closed by run()'s `finally`.
+    chunks = [*chunks, {k: v[: bad + 1] for k, v in block_metrics.items()}]
+    metrics = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    number = first + bad + 1
+    row = {k: float(v[bad]) for k, v in block_metrics.items()}
+    raise _nf.NonFiniteError(
+        f"{_nf.describe(number, row)}. The run stopped there; the error's .state is the last "
+        f"finite state ({int(state.round)} rounds done) and .metrics the rounds so far. Lower "
+        "the learning rate (or clip updates), or pass on_nonfinite='warn' to skip such rounds.",
+        round=number, state=state, metrics=metrics,
+    )
+
   # -- checkpoints ---------------------------------------------------------------------------
   def save(self, state: ServerState, directory: str) -> int:
     """Checkpoints ``state`` (step = its round) under ``directory``; returns the step.
@@ -944,6 +1036,8 @@ class Simulation:
     from fedjax_sim import privacy
     from fedjax_sim.data.sampling import PoissonSampler
 
+    privacy._check(delta=delta)
+
     z = self.algorithm.aggregator.noise_multiplier
     if z is None:
       raise ValueError(
@@ -980,11 +1074,11 @@ class Simulation:
     self._check_state(state)
     fn = self._block_fn(num_rounds)
     t0 = time.perf_counter()
-    state, m = fn(state, self.population, jnp.int32(num_rounds))
+    state, m = fn(state, self.population, jnp.int32(num_rounds), jnp.bool_(False))
     jax.block_until_ready(state.params)
     compile_and_first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    state, m = fn(state, self.population, jnp.int32(num_rounds))
+    state, m = fn(state, self.population, jnp.int32(num_rounds), jnp.bool_(False))
     jax.block_until_ready(state.params)
     seconds = time.perf_counter() - t0
     m = jax.device_get(m)
@@ -1117,6 +1211,13 @@ def _as_typed_key(key) -> jax.Array:
   if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     if key.shape != ():
       raise ValueError(f"key must be a single key (shape ()); got shape {key.shape}.")
+    default = jax.random.key_impl(jax.random.key(0))
+    if jax.random.key_impl(key) != default:
+      raise ValueError(
+          f"key must use the default PRNG implementation ({default}), which the run's "
+          f"derivations, logs and checkpoints record; got {jax.random.key_impl(key)}. Use "
+          "jax.random.key(seed) without impl=."
+      )
     return key
   try:
     arr = jnp.asarray(key)

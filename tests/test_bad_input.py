@@ -166,3 +166,164 @@ MORE_CASES = [
 def test_more_bad_input_is_clear(name, fn, match):
   with pytest.raises((ValueError, TypeError), match=match):
     fn()
+
+
+# -- what a user of optax / flax / Flower plausibly gets wrong (issue 15) ---------------------
+
+_OPT = dict(batch_size=2, local_epochs=1)
+API_CASES = [
+    # optax: the factory instead of a transformation.
+    ("client_optimizer=optax.sgd (uncalled)",
+     lambda: fs.algorithms.fedavg(_LOSS, client_optimizer=optax.sgd, **_OPT), TypeError,
+     r"client_optimizer must be an optax.GradientTransformation .*got function"),
+    ("server_optimizer=optax.adam (uncalled)",
+     lambda: fs.algorithms.fedavg(_LOSS, client_optimizer=optax.sgd(0.1), **_OPT,
+                                  server_optimizer=optax.adam), TypeError,
+     r"server_optimizer must be an optax.GradientTransformation"),
+    ("local_epochs=0", lambda: fedavg(local_epochs=0), ValueError,
+     r"local_epochs must be a positive int; got 0"),
+    ("batch_size=2.5", lambda: fedavg(batch_size=2.5), ValueError,
+     r"batch_size .*must be a positive int; got 2.5"),
+    # Flower: fractions given as percentages, counts of zero.
+    ("poisson q as a percentage", lambda: fs.sampling.poisson(10, 5), ValueError,
+     r"q must lie in \[0, 1\]; got 10"),
+    ("uniform cohort 0", lambda: fs.sampling.uniform(0), ValueError,
+     r"cohort_size must be a positive int; got 0"),
+    ("poisson cap 0", lambda: fs.sampling.poisson(0.1, 0), ValueError,
+     r"max_cohort_size must be a positive int; got 0"),
+    ("availability above 1", lambda: fs.sampling.poisson(0.1, 10, availability=[1.5, 0.2]),
+     ValueError, r"availability must lie in \[0, 1\]; got values up to 1.5"),
+    ("all-zero sampling weights", lambda: fs.sampling.uniform(2, weights=[0, 0, 0]), ValueError,
+     "weights are all zero"),
+    # Data: shapes and dtypes.
+    ("client_ids 2-D", lambda: fs.Population.from_arrays({"x": X[:4]}, np.zeros((2, 2), int)),
+     ValueError, r"client_ids must be 1-D .*shape \(2, 2\)"),
+    ("object feature", lambda: fs.Population.from_arrays({"x": np.array([None] * 3)},
+                                                         np.zeros(3, int)),
+     TypeError, r"features\['x'\] has dtype object"),
+    ("scalar feature", lambda: fs.Population.from_arrays({"x": np.float32(1)}, np.zeros(1, int)),
+     ValueError, r"features\['x'\] is a scalar"),
+    ("from_clients given a dict", lambda: fs.Population.from_clients({"x": np.zeros(3)}),
+     ValueError, "clients must be a non-empty list of per-client dicts"),
+    ("from_clients feature names differ",
+     lambda: fs.Population.from_clients([{"x": np.zeros(3)}, {"z": np.zeros(3)}]), ValueError,
+     r"clients\[1\] has features \['z'\] but clients\[0\] has \['x'\]"),
+    ("int64 label beyond int32",
+     lambda: fs.Population.from_arrays({"y": np.array([0, 2**32 + 1])}, np.zeros(2, int)),
+     ValueError, r"features\['y'\] \(int64\) has values in \[0, 4294967297\], outside int32"),
+    ("float64 beyond float32",
+     lambda: fs.Population.from_arrays({"x": np.array([1e39])}, np.zeros(1, int)), ValueError,
+     r"features\['x'\] has float64 values up to 1e\+39, beyond float32"),
+    # Aggregators.
+    ("trimmed_mean beta 0.5", lambda: fs.aggregators.trimmed_mean(0.5), ValueError,
+     "beta is the fraction trimmed from EACH side"),
+    ("dp_mean negative clip", lambda: fs.aggregators.dp_mean(clip=-1.0, noise_multiplier=1.0),
+     ValueError, r"clip must be > 0 \(a finite number\); got -1.0"),
+    ("secure_mean bits 1", lambda: fs.aggregators.secure_mean(bits=1), ValueError,
+     r"bits must be an int in \[2, 32\]"),
+    ("krum negative f", lambda: fs.aggregators.krum(-1), ValueError,
+     r"num_byzantine must be a non-negative int; got -1"),
+    ("krum on a small cohort",
+     lambda: _sim(aggregator=fs.aggregators.krum(2)).init(init_params(), jax.random.key(0)),
+     ValueError, r"Krum with num_byzantine=2 needs a cohort of n > 2f \+ 2 = 6 clients; the "
+                 r"cohort has 3"),
+    ("top_k k 0", lambda: fs.aggregators.top_k(0), ValueError, r"k must be a positive int"),
+    # Simulation construction.
+    ("loss function as algorithm",
+     lambda: fs.Simulation(_LOSS, fs.Population.from_arrays({"x": X}, np.arange(6)),
+                           cohort_size=2), TypeError, "algorithm must be an fs.algorithms"),
+    ("dict as population", lambda: fs.Simulation(fedavg(), {"x": X}, cohort_size=2), TypeError,
+     "population must be an fs.Population"),
+    ("sampler as a string",
+     lambda: fs.Simulation(fedavg(), fs.Population.from_arrays({"x": X}, np.arange(6)),
+                           sampler="uniform"), TypeError, "sampler must be fs.sampling"),
+    ("population_on typo",
+     lambda: fs.Simulation(fedavg(), fs.Population.from_arrays({"x": X}, np.arange(6)),
+                           cohort_size=2, population_on="gpu"), ValueError,
+     "population_on must be 'device', 'sharded' or 'host'"),
+    ("Poisson cap far below q*N",
+     lambda: fs.Simulation(fedavg(), fs.Population.from_arrays({"x": X}, np.arange(6)),
+                           sampler=fs.sampling.poisson(1.0, 2)), ValueError,
+     r"max_cohort_size=2 with q=1.0 on 6 clients \(expected cohort 6.0"),
+    # Privacy.
+    ("epsilon delta as a string",
+     lambda: fs.privacy.epsilon(fs.sampling.poisson(0.1, 100), 100, 1.0, 10, "1e-5"), TypeError,
+     r"delta must be a number in \(0, 1\); got str '1e-5'"),
+    ("epsilon unknown accountant",
+     lambda: fs.privacy.epsilon(fs.sampling.poisson(0.1, 100), 100, 1.0, 10, 1e-5,
+                                accountant="moments"), ValueError,
+     r"accountant must be one of \('rdp', 'pld'\)"),
+    ("calibrate target 0",
+     lambda: fs.privacy.calibrate_noise_multiplier(0, 1e-5, 10, fs.sampling.poisson(0.1, 100),
+                                                   100), ValueError,
+     "target_epsilon must be > 0"),
+]
+
+
+@pytest.mark.parametrize("name,fn,exc,match", API_CASES, ids=[c[0] for c in API_CASES])
+def test_api_mistakes_are_named(name, fn, exc, match):
+  with pytest.raises(exc, match=match):
+    fn()
+
+
+@pytest.fixture(scope="module")
+def ready():
+  """A Simulation and its initial state (init traces shapes only: nothing is compiled)."""
+  sim = _sim()
+  return sim, sim.init(init_params(), jax.random.key(0))
+
+
+RUN_CASES = [
+    ("num_rounds 0", dict(num_rounds=0), ValueError, "num_rounds must be a positive int"),
+    ("num_rounds 2.5", dict(num_rounds=2.5), ValueError, "num_rounds must be a positive int"),
+    ("eval_every without eval_fn", dict(num_rounds=2, eval_every=1), ValueError,
+     "eval_every is set but eval_fn is None"),
+    ("checkpoint_every without dir", dict(num_rounds=2, checkpoint_every=1), ValueError,
+     "checkpoint_every is set but checkpoint_dir is None"),
+    ("tensorboard without log_dir", dict(num_rounds=2, tensorboard=True), ValueError,
+     "tensorboard=True needs log_dir"),
+    ("on_nonfinite typo", dict(num_rounds=2, on_nonfinite="skip"), ValueError,
+     "on_nonfinite must be one of"),
+    ("delta without DP", dict(num_rounds=2, delta=1e-5), ValueError,
+     "delta is set but the aggregator is not central DP"),
+    ("delta as a string", dict(num_rounds=2, delta="1e-5"), TypeError,
+     r"delta must be a number in \(0, 1\)"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,exc,match", RUN_CASES, ids=[c[0] for c in RUN_CASES])
+def test_run_arguments_are_checked_before_any_round(ready, name, kwargs, exc, match):
+  sim, state = ready
+  with pytest.raises(exc, match=match):
+    sim.run(state, **kwargs)
+  assert int(state.round) == 0 and not state.params["w"].is_deleted()  # nothing ran
+
+
+def test_params_instead_of_state(ready):
+  sim, _ = ready
+  with pytest.raises(TypeError, match="state must be the ServerState from sim.init"):
+    sim.run(init_params(), 1)
+
+
+def test_flax_variables_dict_instead_of_params():
+  # flax users often pass module.init(...) (a {"params": ...} dict) instead of its "params".
+  with pytest.raises(ValueError, match=r"loss_fn\(params, batch, key\) failed"):
+    _sim().init({"params": init_params()}, jax.random.key(0))
+
+
+def test_legacy_prng_key_gives_the_same_run_key():
+  sim = _sim()
+  legacy = sim.init(init_params(), jax.random.PRNGKey(7)).key
+  typed = sim.init(init_params(), jax.random.key(7)).key
+  np.testing.assert_array_equal(jax.random.key_data(legacy), jax.random.key_data(typed))
+
+
+def test_narrow_dtypes_are_kept_exactly():
+  img = np.arange(6, dtype=np.uint8).reshape(3, 2) * 40
+  x64 = np.array([0.5, -1.25, 3e38])  # float64 values float32 represents exactly / in range
+  pop = fs.Population.from_arrays({"img": img, "x": x64, "y": np.array([0, 5, 2**31 - 1])},
+                                  np.zeros(3, int))
+  got = pop.client(0)
+  assert got["img"].dtype == np.uint8 and got["img"].tolist() == img.tolist()
+  assert got["x"].dtype == np.float32 and got["x"].tolist() == x64.astype(np.float32).tolist()
+  assert got["y"].dtype == np.int32 and got["y"].tolist() == [0, 5, 2**31 - 1]

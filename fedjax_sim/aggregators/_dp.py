@@ -83,7 +83,9 @@ def dp_mean(
   Estimator: ``(Σ_k w_k clip(Δ_k) + N(0, (z S)² I)) / D``.
 
   * Default: ``w_k = 1`` and ``D`` the expected cohort size (K for fixed-size sampling, qN for
-    Poisson) unless ``denominator`` is given.
+    Poisson) unless ``denominator`` is given. ``D`` counts every client of the population,
+    including clients without examples (which never participate: they add nothing to the sum),
+    because it must not depend on the data.
   * ``weight_cap=ŵ``: ``w_k = min(n_k / ŵ, 1)`` and ``D = q · Σ_population w_k`` (the
     fixed-denominator estimator f̃_f of McMahan et al. 2018, unbiased for the weighted mean).
 

@@ -11,11 +11,28 @@ import numpy as np
 
 from fedjax_sim.types import MASK_KEY
 
+_INT32 = np.iinfo(np.int32)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 def _to_device_dtype(name: str, a: np.ndarray) -> np.ndarray:
+  """float64 -> float32 and 64-bit ints -> int32, refusing values that would not survive."""
   if a.dtype == np.float64:
+    finite = a[np.isfinite(a)]
+    if finite.size and float(np.max(np.abs(finite))) > _FLOAT32_MAX:
+      raise ValueError(
+          f"features[{name!r}] has float64 values up to {float(np.max(np.abs(finite))):.3g}, "
+          f"beyond float32's largest ({_FLOAT32_MAX:.3g}); features are stored as float32, so "
+          "rescale them (e.g. standardize or take a log) first."
+      )
     return a.astype(np.float32)
-  if a.dtype == np.int64 or a.dtype == np.uint64:
+  if a.dtype in (np.int64, np.uint64):
+    if a.size and (int(a.min()) < _INT32.min or int(a.max()) > _INT32.max):
+      raise ValueError(
+          f"features[{name!r}] ({a.dtype}) has values in [{int(a.min())}, {int(a.max())}], "
+          f"outside int32 [{_INT32.min}, {_INT32.max}]; features are stored as int32 and would "
+          "wrap. Remap them (e.g. labels with np.unique(y, return_inverse=True)[1])."
+      )
     return a.astype(np.int32)
   if a.dtype == object:
     raise TypeError(f"features[{name!r}] has dtype object; pass a numeric NumPy array.")
@@ -65,8 +82,11 @@ class Population:
   heavy-tailed client sizes cost memory proportional to the real data.
 
   Clients are numbered ``0 .. num_clients - 1``; ``labels`` (host-side only) maps that index back
-  to the ids you passed. A client may hold zero examples: it is allowed, contributes weight 0
-  and never changes the model.
+  to the ids you passed. A client may hold zero examples: it is allowed, and when sampled it
+  does not participate: it trains nothing, is not counted in the round's ``clients``, sends no
+  update to any reducer (mean, median, trimmed mean, Krum, ...) and has no client state
+  written. Central DP's fixed denominator (the expected cohort size) still counts it, as it
+  must not depend on the data.
 
   Attributes:
     features: dict of device arrays ``[total_examples, ...]``.
@@ -116,7 +136,9 @@ class Population:
 
     Args:
       features: dict of arrays with the same leading (examples) dimension, e.g. ``{"x", "y"}``.
-        float64 is stored as float32 and int64 as int32.
+        float64 is stored as float32 and int64 / uint64 as int32; values that would
+        not survive the cast (beyond float32's range, outside int32) are refused, naming the
+        feature.
       client_ids: integer array ``[num_examples_total]``: which client owns each example.
       num_clients: if given, ids must lie in ``[0, num_clients)`` and clients without examples
         are kept (with zero examples). If None, the distinct ids become clients ``0..N-1`` in

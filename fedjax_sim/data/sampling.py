@@ -8,10 +8,13 @@ that the privacy accountant can read exactly which sampling ran.
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_sim import _validation as _v
 
@@ -145,10 +148,42 @@ class PoissonSampler:
     return float(self.q) * float(sum(self.availability))
 
   def validate(self, num_clients: int) -> None:
+    """Checks the sampler against the population; refuses (or warns about) a cap that truncates.
+
+    A cap below the expected cohort ``q * N`` truncates most rounds and is refused; a cap that
+    truncates more than 1% of rounds gets a warning. Both messages give the numbers.
+    """
     if self.availability is not None and len(self.availability) != num_clients:
       raise ValueError(
           f"availability has {len(self.availability)} entries but the population has "
           f"{num_clients} clients."
+      )
+    k = int(self.max_cohort_size)
+    if k >= num_clients:
+      return
+    mean = self.expected_cohort_size(num_clients)
+    p = (np.full(num_clients, float(self.q)) if self.availability is None
+         else float(self.q) * np.asarray(self.availability))
+    sd = float(np.sqrt(np.sum(p * (1 - p))))
+    if self.availability is None:
+      from scipy import stats
+
+      p_trunc = float(stats.binom.sf(k, num_clients, float(self.q)))
+    else:  # a sum of Bernoullis with unequal rates: the normal approximation
+      p_trunc = 0.5 * math.erfc((k + 0.5 - mean) / (max(sd, 1e-12) * math.sqrt(2)))
+    roomy = min(num_clients, math.ceil(mean + 4 * sd))
+    numbers = (f"max_cohort_size={k} with q={self.q} on {num_clients} clients (expected "
+               f"cohort {mean:.1f} +- {sd:.1f}) truncates about {100 * p_trunc:.0f}% of rounds")
+    if k < mean:
+      raise ValueError(
+          f"{numbers}, dropping sampled clients silently. Use max_cohort_size >= {roomy} "
+          "(q*N + 4 sd), or a smaller q."
+      )
+    if p_trunc > 0.01:
+      warnings.warn(
+          f"{numbers} (those rounds drop sampled clients; metrics['truncated'] counts them). "
+          f"max_cohort_size >= {roomy} (q*N + 4 sd) makes truncation rare.",
+          UserWarning, stacklevel=3,
       )
 
   def sample(self, key: jax.Array, num_clients: int, available: jax.Array | None = None
