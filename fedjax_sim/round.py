@@ -25,8 +25,8 @@ from fedjax_sim import _validation as _v
 from fedjax_sim import checkpoint as _ckpt
 from fedjax_sim import host_cpu as _host_cpu
 from fedjax_sim import host_population as _host
-from fedjax_sim import run_dir as _run_dir
 from fedjax_sim import nonfinite as _nf
+from fedjax_sim import run_dir as _run_dir
 from fedjax_sim import sharding as _sharding
 from fedjax_sim.aggregators import ADDS_NOISE, CAPS_WEIGHTS, LOCAL_NOISE, global_norm
 from fedjax_sim.algorithms import Algorithm
