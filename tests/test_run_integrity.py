@@ -126,7 +126,7 @@ def test_zero_size_leaf_is_refused_before_the_first_round(tmp_path, pop, loss_fn
       client_optimizer=optax.sgd(0.1), batch_size=4, local_epochs=1)
   sim = fs.Simulation(algo, pop, cohort_size=4)
   state = sim.init({**init_params(), "empty": jnp.zeros((0, 3))}, jax.random.key(0))
-  with pytest.raises(ValueError, match=r"leaf .*\['empty'\] has zero size"):
+  with pytest.raises(ValueError, match=r"\['empty'\] has zero size"):
     sim.run(state, 2, checkpoint_dir=str(tmp_path / "ck"))
   assert not os.path.exists(tmp_path / "ck" / "2") and int(state.round) == 0
   with pytest.raises(ValueError, match="zero size"):
