@@ -364,3 +364,29 @@ def test_bad_lora_and_shared_data_raise_clearly(pop, loss_fn):
     state = sim.init(two_layer_params(), jax.random.key(0))
     with pytest.raises(ValueError, match=match):
       sim.round(state)
+
+
+def test_nnx_lora_linear_trains_only_its_adapters():
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.LoRALinear(6, 8, lora_rank=2, rngs=rngs)
+      self.l2 = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(nnx.relu(self.l1(x)))
+
+  apply_fn, params = fs.models.nnx_apply(Model(nnx.Rngs(0)))
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(60, 6)).astype(np.float32)
+  pop = fs.Population.from_arrays({"x": x, "y": (x[:, 0] > 0).astype(np.int32)},
+                                  np.repeat(np.arange(6), 10))
+  algo = fs.algorithms.fedavg(fs.models.classifier_loss(apply_fn),
+                              client_optimizer=optax.sgd(0.5), batch_size=5, local_epochs=1,
+                              trainable=fs.peft.lora_trainable())
+  _, state, _ = run(algo, pop, params, rounds=2, cohort=3, chunk=3)
+  before = dict(jax.tree_util.tree_leaves_with_path(params))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
+    changed = not np.array_equal(np.asarray(leaf), np.asarray(before[path]))
+    assert changed == ("lora_" in jax.tree_util.keystr(path)), path
