@@ -95,7 +95,7 @@ def main():
   ap.add_argument("--pretrain-steps", type=int, default=300)
   ap.add_argument("--hidden", type=int, nargs="+", default=[128, 128])
   ap.add_argument("--clip", type=float, default=0.5)
-  ap.add_argument("--noise", type=float, default=0.3)
+  ap.add_argument("--noise", type=float, default=1.0)
   ap.add_argument("--bench-rounds", type=int, default=10)
   ap.add_argument("--configs", nargs="+", default=None,
                   help="run only these configurations (names as in the table)")
@@ -122,6 +122,7 @@ def main():
       "head only": (base, lambda p: head in p, None),
       "LoRA r=2": (fs.peft.lora(base, 2), fs.peft.lora_trainable(), None),
       "LoRA r=8": (fs.peft.lora(base, 8), fs.peft.lora_trainable(), None),
+      "FFA-LoRA r=8": (fs.peft.lora(base, 8), fs.peft.lora_trainable(freeze_a=True), None),
       "full fine-tuning + DP": (base, None, dp),
       "LoRA r=8 + DP": (fs.peft.lora(base, 8), fs.peft.lora_trainable(), dp),
       "FFA-LoRA r=8 + DP": (fs.peft.lora(base, 8), fs.peft.lora_trainable(freeze_a=True), dp),
