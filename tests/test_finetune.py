@@ -390,3 +390,15 @@ def test_nnx_lora_linear_trains_only_its_adapters():
   for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
     changed = not np.array_equal(np.asarray(leaf), np.asarray(before[path]))
     assert changed == ("lora_" in jax.tree_util.keystr(path)), path
+
+
+def test_checkpoint_round_trip_with_a_frozen_part(tmp_path, loss_fn, pop):
+  params = two_layer_params()
+  algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1),
+                              server_optimizer=optax.adam(0.01), batch_size=5, local_epochs=1,
+                              trainable=HEAD)
+  sim = fs.Simulation(algo, pop, cohort_size=3)
+  state, _ = sim.run(sim.init(params, jax.random.key(0)), 2, checkpoint_dir=str(tmp_path))
+  restored = sim.restore(str(tmp_path), params)
+  chex.assert_trees_all_equal(restored.params, state.params)
+  chex.assert_trees_all_equal(restored.opt_state, state.opt_state)
