@@ -402,3 +402,21 @@ def test_checkpoint_round_trip_with_a_frozen_part(tmp_path, loss_fn, pop):
   restored = sim.restore(str(tmp_path), params)
   chex.assert_trees_all_equal(restored.params, state.params)
   chex.assert_trees_all_equal(restored.opt_state, state.opt_state)
+
+
+@pytest.mark.parametrize("make_agg,keeps_state", [
+    (lambda: fs.aggregators.process(per_client=fs.aggregators.top_k(fraction=0.5)), True),
+    (lambda: fs.aggregators.secure_mean(), False)])
+def test_compression_and_secure_aggregation_see_only_the_trainable_part(make_agg, keeps_state,
+                                                                         pop, loss_fn):
+  params = two_layer_params()
+  algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
+                              local_epochs=1, aggregator=make_agg(), trainable=HEAD)
+  sim, state, metrics = run(algo, pop, params)
+  chex.assert_trees_all_equal(state.params["body"], params["body"])
+  assert not np.array_equal(np.asarray(state.params["head"]["w"]), params["head"]["w"])
+  head_shapes = [x.shape for x in jax.tree.leaves(params["head"])]
+  # top-k error feedback keeps a residual per client: for the head only.
+  want = head_shapes if keeps_state else []
+  assert [x.shape[1:] for x in jax.tree.leaves(state.agg_client_states)] == want
+  assert [x.shape for x in jax.tree.leaves(sim.context.params_template)] == head_shapes
