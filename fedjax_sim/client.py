@@ -75,6 +75,85 @@ class LocalResult(NamedTuple):
 
 LocalTrainer = Callable[..., LocalResult]
 
+#: Salt of the key (folded into the client's key) that draws the shared-data part of each batch.
+SHARED_DATA_SALT = 0x5A4ED
+
+
+class SharedMix(NamedTuple):
+  """A small public dataset mixed into every local batch (Zhao et al. 2018).
+
+  Attributes:
+    features: dict of arrays ``[num_shared, ...]`` with the population's feature names, trailing
+      shapes and dtypes.
+    fraction: fraction in [0, 1) of each batch drawn (uniformly, with replacement, with the
+      client's key) from ``features``; ``round(fraction * batch_size)`` slots.
+  """
+
+  features: dict[str, jax.Array]
+  fraction: float
+
+  def slots(self, batch_size: int) -> int:
+    """Shared examples per batch of ``batch_size``; checks that some own ones remain."""
+    m = int(round(self.fraction * batch_size))
+    if m >= batch_size or m == 0:
+      raise ValueError(
+          f"shared_fraction={self.fraction} with a batch of {batch_size} gives {m} shared "
+          f"example(s) per batch; it must leave between 1 and {batch_size - 1} slots to the "
+          "shared data. Change shared_fraction or batch_size."
+      )
+    return m
+
+  def check(self, features: dict[str, jax.Array]) -> None:
+    """Refuses shared data whose feature names, trailing shapes or dtypes differ from the
+    population's (static: raised while tracing, before compiling)."""
+    if set(self.features) != set(features):
+      raise ValueError(
+          f"shared_data has features {sorted(self.features)} but the population has "
+          f"{sorted(features)}; give shared_data exactly the population's feature names."
+      )
+    for k, v in features.items():
+      mine = self.features[k]
+      if mine.shape[1:] != v.shape[1:] or mine.dtype != v.dtype:
+        raise ValueError(
+            f"shared_data[{k!r}] has examples of shape {mine.shape[1:]} and dtype {mine.dtype}; "
+            f"the population's are {v.shape[1:]} {v.dtype}. Convert shared_data to match."
+        )
+
+
+def make_shared_mix(shared_data, shared_fraction) -> SharedMix | None:
+  """Validates ``shared_data=`` / ``shared_fraction=``; None when no data is shared.
+
+  Returns:
+    A :class:`SharedMix`, or None for ``shared_data=None`` (with ``shared_fraction`` 0).
+  """
+  if isinstance(shared_fraction, bool) or not isinstance(shared_fraction, (int, float)) or not (
+      0.0 <= float(shared_fraction) < 1.0):
+    raise ValueError(
+        f"shared_fraction must be a number in [0, 1) (the fraction of each local batch drawn "
+        f"from shared_data; 1 would leave no room for the client's own data); got "
+        f"{shared_fraction!r}."
+    )
+  if shared_data is None:
+    if shared_fraction:
+      raise ValueError("shared_fraction > 0 needs shared_data (a dict of feature arrays).")
+    return None
+  if not isinstance(shared_data, dict) or not shared_data:
+    raise TypeError(
+        "shared_data must be a non-empty dict of arrays {feature_name: [num_shared, ...]}; got "
+        f"{type(shared_data).__name__}."
+    )
+  if MASK_KEY in shared_data:
+    raise ValueError(f"shared_data may not hold the reserved key {MASK_KEY!r}.")
+  features = {k: jnp.asarray(v) for k, v in shared_data.items()}
+  sizes = {k: (v.shape[0] if v.ndim else 0) for k, v in features.items()}
+  if len(set(sizes.values())) != 1 or 0 in sizes.values():
+    raise ValueError(
+        f"shared_data's arrays must have the same positive number of examples; got {sizes}."
+    )
+  if shared_fraction == 0:
+    raise ValueError("shared_data is given but shared_fraction is 0; set a fraction in (0, 1).")
+  return SharedMix(features, float(shared_fraction))
+
 
 def make_local_trainer(
     loss_fn: LossFn,
@@ -84,6 +163,7 @@ def make_local_trainer(
     local_epochs: int | None = None,
     local_steps: int | None = None,
     regularizer: Callable[[Params, Params], jax.Array] | None = None,
+    shared: SharedMix | None = None,
 ) -> LocalTrainer:
   """Builds ``train(start_params, data, key, grad_shift=None) -> LocalResult`` for ONE client.
 
@@ -103,6 +183,12 @@ def make_local_trainer(
     local_epochs: passes over the local data (exactly one of local_epochs / local_steps).
     local_steps: fixed number of local steps.
     regularizer: optional ``r(params, anchor) -> scalar`` added to the loss (FedProx, Ditto).
+    shared: optional :class:`SharedMix`: each batch of B then holds ``m = round(fraction * B)``
+      shared examples drawn with the client's key and ``B - m`` of the client's own (an epoch
+      is a pass over the client's own data in batches of ``B - m``).
+
+  Returns:
+    ``train(start_params, data, key, grad_shift=None, anchor=None) -> LocalResult``.
   """
   _check_local_work(batch_size, local_epochs, local_steps)
 
@@ -116,6 +202,11 @@ def make_local_trainer(
   def train(start: Params, data: ClientData, key: PRNGKey, grad_shift: Params | None = None,
             anchor: Params | None = None):
     bsz = data.max_examples if batch_size is None else batch_size
+    full_bsz, num_shared = bsz, 0
+    if shared is not None:
+      shared.check(data.features)
+      num_shared = shared.slots(bsz)
+      bsz = bsz - num_shared  # the client's own examples per batch
     n = data.num_examples
     steps_per_epoch = jnp.maximum((n + bsz - 1) // bsz, 1)
     if local_epochs is not None:
@@ -143,13 +234,16 @@ def make_local_trainer(
         fresh = epoch_permutation(jax.random.fold_in(shuffle_key, epoch), n, data.max_examples)
         return jnp.where(step % steps_per_epoch == 0, fresh, perm)
 
-    aux_shape = _aux_template(loss_fn, start, data, bsz)
+    aux_shape = _aux_template(loss_fn, start, data, full_bsz)
     anchor = start if anchor is None else anchor
+    mix_key = jax.random.fold_in(key, SHARED_DATA_SALT)
 
     def body(carry):
       step, params, opt_state, perm, sums = carry
       perm = order_for(step, perm)
       batch = data.batch(perm, step % steps_per_epoch, bsz)
+      if shared is not None:
+        batch = _mix(batch, shared, num_shared, jax.random.fold_in(mix_key, step))
       key = jax.random.fold_in(step_key, step)
       (_, (loss, aux)), grads = grad_fn(params, anchor, batch, key)
       if grad_shift is not None:
@@ -172,10 +266,21 @@ def make_local_trainer(
     )
     _, params, _, _, sums = jax.lax.while_loop(lambda c: c[0] < total_steps, body, carry0)
     processed = _examples_processed(n, bsz, total_steps, steps_per_epoch)
+    processed = processed + num_shared * total_steps.astype(jnp.float32)
     metrics = jax.tree.map(lambda s: s / jnp.maximum(processed, 1.0), sums)
     return LocalResult(params, total_steps, metrics, late)
 
   return train
+
+
+def _mix(batch, shared: SharedMix, num_shared: int, key) -> dict[str, jax.Array]:
+  """Appends ``num_shared`` examples drawn uniformly (with replacement) from the shared set."""
+  size = next(iter(shared.features.values())).shape[0]
+  idx = jax.random.randint(key, (num_shared,), 0, size)
+  out = {k: jnp.concatenate([v, shared.features[k][idx].astype(v.dtype)])
+         for k, v in batch.items() if k != MASK_KEY}
+  out[MASK_KEY] = jnp.concatenate([batch[MASK_KEY], jnp.ones((num_shared,), jnp.float32)])
+  return out
 
 
 def proximal(strength) -> Callable[[Params, Params], jax.Array]:
@@ -206,6 +311,7 @@ def make_client_update(
     local_epochs: int | None = None,
     local_steps: int | None = None,
     regularizer: Callable[[Params, Params], jax.Array] | None = None,
+    shared: SharedMix | None = None,
 ) -> ClientUpdateFn:
   """Builds the FedAvg-style local update of ONE client (see :func:`make_local_trainer`).
 
@@ -217,7 +323,7 @@ def make_client_update(
   """
   train = make_local_trainer(
       loss_fn, client_optimizer, batch_size=batch_size, local_epochs=local_epochs,
-      local_steps=local_steps, regularizer=regularizer,
+      local_steps=local_steps, regularizer=regularizer, shared=shared,
   )
 
   def client_update(broadcast: Params, data: ClientData, client_state: Any, key: PRNGKey):

@@ -29,7 +29,7 @@ from fedjax_sim import nonfinite as _nf
 from fedjax_sim import run_dir as _run_dir
 from fedjax_sim import sharding as _sharding
 from fedjax_sim.aggregators import ADDS_NOISE, CAPS_WEIGHTS, LOCAL_NOISE, global_norm
-from fedjax_sim.algorithms import Algorithm
+from fedjax_sim.algorithms import Algorithm, _partition
 from fedjax_sim.client import LATE, NUM_STEPS, ClientData
 from fedjax_sim.data.population import Population
 from fedjax_sim.data.sampling import PoissonSampler, UniformSampler
@@ -94,6 +94,7 @@ def auto_chunk_size(
     batch_size: int,
     memory_budget: int,
     platform: str = "cpu",
+    frozen_params: int = 0,
 ) -> int:
   """Clients per vmapped chunk.
 
@@ -108,10 +109,14 @@ def auto_chunk_size(
   227 kFLOP per step: 8.1k client-updates/s at 1, 16.1k at 5). So on CPU the chunk is sized to
   about ``CPU_STEP_FLOPS`` per vmapped step, estimated as ``6 * params * batch_size`` per client.
 
+  Frozen parameters (``trainable=``; ``frozen_params`` of the ``num_params``) are held once for
+  the whole chunk, not per client: they take ``4 * frozen_params`` bytes off the budget.
+
   The number of chunks is then balanced so that padded slots are fewer than the chunks.
   """
-  per_client = 8 * 4 * num_params + 4 * example_bytes * batch_size
-  chunk = max(1, min(cohort_size, memory_budget // max(per_client, 1)))
+  per_client = 8 * 4 * (num_params - frozen_params) + 4 * example_bytes * batch_size
+  budget = max(memory_budget - 4 * frozen_params, 0)
+  chunk = max(1, min(cohort_size, budget // max(per_client, 1)))
   if platform == "cpu":
     step_flops = 6.0 * num_params * batch_size
     chunk = max(1, min(chunk, int(round(CPU_STEP_FLOPS / max(step_flops, 1.0)))))
@@ -260,6 +265,7 @@ class Simulation:
       _sharding.fit_chunk(1, self.max_cohort_size, self._num_shards, self._requested_chunk_size)
       self.population = _sharding.place_population(self.population, mesh, population_on)
     self.chunk_size: int | None = None  # resolved in init() once the model size is known
+    self._trainable_mask: tuple[bool, ...] | None = None  # resolved from algorithm.trainable
     self.num_traces = {"round": 0, "block": 0}
     self._round_jit = None
     self._block_jits: dict[int, Callable] = {}
@@ -292,6 +298,11 @@ class Simulation:
     with traced hyper-parameters)."""
     key = jax.random.wrap_key_data(jnp.array(jax.random.key_data(key)))  # a private copy
     algo = self.algorithm
+    full_params = params
+    if algo.trainable is not None:
+      self._trainable_mask = _partition.resolve(algo.trainable, params)
+    # Optimizer, aggregator and per-client state live on the trainable view only.
+    params, _ = self._views(params)
     try:
       opt_state = algo.server_optimizer.init(params)
     except Exception as e:  # noqa: BLE001
@@ -320,7 +331,7 @@ class Simulation:
     self._check_reducer(params)
     return ServerState(
         round=jnp.zeros((), jnp.int32),
-        params=params,
+        params=full_params,
         opt_state=opt_state,
         agg_state=algo.aggregator.init(params),
         client_states=client_states,
@@ -328,6 +339,12 @@ class Simulation:
         server_extra=server_extra,
         agg_client_states=agg_client_states,
     )
+
+  def _views(self, params):
+    """``(trainable_view, frozen_view)`` of ``params``; ``(params, None)`` without trainable=."""
+    if self._trainable_mask is None:
+      return params, None
+    return _partition.split(params, self._trainable_mask)
 
   def _check_reducer(self, params) -> None:
     """Stacked (robust) reducers hold all K updates at once: refuse what cannot fit."""
@@ -398,17 +415,18 @@ class Simulation:
             f"it returned shape {getattr(loss, 'shape', type(loss))}. Reduce it with "
             "fs.models.masked_mean(per_example_loss, batch[fs.MASK_KEY])."
         )
+    train_params, _ = self._views(state.params)
     if algo.client_optimizer is not None:
       try:
-        opt_state = jax.eval_shape(algo.client_optimizer.init, state.params)
-        jax.eval_shape(algo.client_optimizer.update, state.params, opt_state, state.params)
+        opt_state = jax.eval_shape(algo.client_optimizer.init, train_params)
+        jax.eval_shape(algo.client_optimizer.update, train_params, opt_state, train_params)
       except Exception as e:  # noqa: BLE001
         raise ValueError(
             f"client_optimizer does not fit the params' structure: {e}"
         ) from e
     try:
       jax.eval_shape(
-          algo.server_optimizer.update, state.params, state.opt_state, state.params
+          algo.server_optimizer.update, train_params, state.opt_state, train_params
       )
     except Exception as e:  # noqa: BLE001
       raise ValueError(f"server_optimizer does not fit the params' structure: {e}") from e
@@ -428,6 +446,7 @@ class Simulation:
       chunk = self._num_shards * auto_chunk_size(
           -(-k // self._num_shards), _param_count(params), example_bytes, bsz,
           self.memory_budget, jax.devices()[0].platform,
+          frozen_params=_param_count(self._views(params)[1]),
       )
     self.chunk_size = _sharding.fit_chunk(
         chunk, k, self._num_shards, self._requested_chunk_size
@@ -484,16 +503,21 @@ class Simulation:
     ids = ids.reshape(num_chunks, chunk)
     real = real.reshape(num_chunks, chunk)
     per_client_state, post_state = state.agg_state
+    # trainable=: the algorithm sees the trainable view; the frozen view goes to every client of
+    # a chunk once (an unbatched argument of the vmapped client function).
+    train_params, frozen = self._views(state.params)
     broadcast = (
-        state.params if algo.broadcast_fn is None
-        else algo.broadcast_fn(state.params, state.server_extra)
+        train_params if algo.broadcast_fn is None
+        else algo.broadcast_fn(train_params, state.server_extra)
     )
+    if frozen is not None:
+      broadcast = _partition.FinetuneBroadcast(broadcast, frozen)
 
     system = self.system
 
     stacked = process.reduce.needs_stack
 
-    def one_client(cid, is_real, client_state):
+    def one_client(cid, is_real, client_state, broadcast):
       client_state, agg_client_state = client_state
       selected = is_real
       if system is not None:
@@ -564,10 +588,10 @@ class Simulation:
       # A vmap over ONE client still batches every op (size-1 batch dimension: batched GEMMs,
       # grouped convolutions), which XLA:CPU runs slower (benchmarks/chunk1.py); run it plain.
       def vmapped(*args):
-        out = one_client(*jax.tree.map(lambda x: x[0], args))
+        out = one_client(*jax.tree.map(lambda x: x[0], args[:3]), args[3])
         return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
     else:
-      vmapped = jax.vmap(one_client)
+      vmapped = jax.vmap(one_client, in_axes=(0, 0, 0, None))
 
     # The cohort's persistent states are gathered once (O(K x state)), streamed through the
     # chunk loop as inputs/outputs, and scattered back once per round: carrying the whole
@@ -578,7 +602,7 @@ class Simulation:
 
     def chunk_body(acc, xs):
       cids, creal, cstates = _sharding.constrain(xs, self._chunk_sharding())  # split over devices
-      outputs, new_cstates, kept = vmapped(cids, creal, cstates)
+      outputs, new_cstates, kept = vmapped(cids, creal, cstates, broadcast)
       per_client_updates = outputs[0]
       if stacked:  # keep every update (robust rules); sum the rest
         outputs = ((),) + tuple(outputs[1:])
@@ -591,7 +615,8 @@ class Simulation:
         lambda s: jnp.zeros(s.shape[1:], s.dtype),
         jax.eval_shape(
             lambda: _summable(vmapped(ids[0], real[0], jax.tree.map(lambda s: s[0],
-                                                                     cohort_states)), stacked)
+                                                                     cohort_states),
+                                      broadcast), stacked)
         ),
     )
     acc, (new_states, kept, stack) = jax.lax.scan(
@@ -621,14 +646,14 @@ class Simulation:
           {"clients": stats["clients"], "examples": stats["examples"]}, context,
       )
     updates, opt_state = algo.server_optimizer.update(
-        server_delta, state.opt_state, state.params
+        server_delta, state.opt_state, train_params
     )
-    new_params = optax.apply_updates(state.params, updates)
+    new_params = optax.apply_updates(train_params, updates)
     if ADDS_NOISE not in process.tags:
       # No client took part (possible under Poisson sampling): keep the server unchanged. Under
       # DP the noisy update is always applied, so an empty cohort is not revealed.
       took_part = stats["clients"] > 0
-      new_params = jax.tree.map(lambda a, b: jnp.where(took_part, a, b), new_params, state.params)
+      new_params = jax.tree.map(lambda a, b: jnp.where(took_part, a, b), new_params, train_params)
       opt_state = jax.tree.map(lambda a, b: jnp.where(took_part, a, b), opt_state, state.opt_state)
       server_extra = jax.tree.map(
           lambda a, b: jnp.where(took_part, a, b), server_extra, state.server_extra
@@ -680,6 +705,8 @@ class Simulation:
     metrics.update(reduce_metrics)
     metrics.update(post_metrics)
     metrics.update(finalize_metrics)
+    if frozen is not None:  # the frozen leaves are the incoming buffers, unchanged
+      new_params = _partition.merge(new_params, frozen)
     new_state = ServerState(
         round=state.round + jnp.where(halt & nonfinite, 0, 1).astype(state.round.dtype),
         params=new_params,

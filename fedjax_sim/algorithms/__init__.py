@@ -12,9 +12,11 @@ from fedjax_sim.algorithms._fedavg import (
     fedyogi,
 )
 from fedjax_sim.algorithms._heterogeneity import ditto, feddyn, fednova, qffl, scaffold
+from fedjax_sim.algorithms._partition import FinetuneBroadcast
 
 __all__ = [
     "Algorithm",
+    "FinetuneBroadcast",
     "fedadagrad",
     "fedadam",
     "fedavg",

@@ -10,7 +10,8 @@ import optax
 
 from fedjax_sim import _validation as _v
 from fedjax_sim.aggregators import Process, as_process, weighted_mean
-from fedjax_sim.client import ClientUpdateFn, make_client_update, proximal
+from fedjax_sim.algorithms import _partition
+from fedjax_sim.client import ClientUpdateFn, make_client_update, make_shared_mix, proximal
 from fedjax_sim.types import LossFn, Params
 
 
@@ -38,6 +39,10 @@ class Algorithm(NamedTuple):
       replacing each client's weight (e.g. loss-proportional weighting); negative values are
       clipped to 0. Under DP it needs an estimator with capped weights
       (``dp_mean(..., weight_cap=...)``), which bounds every weight by 1.
+    trainable: the ``trainable=`` spec the algorithm was built with (federated fine-tuning), or
+      None (every parameter trained). ``Simulation`` resolves it against the params; then the
+      ``client_update`` receives a :class:`~fedjax_sim.algorithms.FinetuneBroadcast` and every
+      other field works on the trainable view (see :mod:`fedjax_sim.algorithms._partition`).
   """
 
   client_update: ClientUpdateFn
@@ -52,6 +57,7 @@ class Algorithm(NamedTuple):
   broadcast_fn: Callable[[Params, Any], Any] | None = None
   server_update: Callable[..., tuple[Params, Any]] | None = None
   weight_fn: Callable[[Any, dict, Any], Any] | None = None
+  trainable: Any = None
 
 
 def _check_optimizer(name: str, opt: Any) -> None:
@@ -80,6 +86,9 @@ def fedavg(
     local_steps: int | None = None,
     aggregator: Process | None = None,
     weight_fn: Callable[[Any, dict, Any], Any] | None = None,
+    trainable: _partition.TrainableSpec = None,
+    shared_data: dict | None = None,
+    shared_fraction: float = 0.0,
 ) -> Algorithm:
   """Federated Averaging (generalised: any client and server optax optimizer).
 
@@ -96,11 +105,28 @@ def fedavg(
     local_steps: fixed number of local steps.
     aggregator: a Process; default :func:`~fedjax_sim.aggregators.weighted_mean`.
     weight_fn: optional dynamic client weighting (see :class:`Algorithm`).
+    trainable: federated fine-tuning: which parameters are trained — a pytree of bools with the
+      params' structure, a predicate on the parameter path (a tuple of str keys), or an
+      optax-style label function ``params -> pytree of "trainable"/"frozen"``. Frozen leaves are
+      shared by every client of a chunk and never change; the delta, aggregator (clipping,
+      noise, compression, secure sum), server optimizer and the upload cover only the trainable
+      ones. None (default): everything is trained.
+    shared_data: a small globally shared dataset (a dict of arrays with the population's
+      feature names and shapes) mixed into every local batch (Zhao et al. 2018). It is public:
+      every client holds it, so it changes the privacy model (DP protects the clients' own
+      data, not the shared set).
+    shared_fraction: fraction in [0, 1) of each local batch drawn from ``shared_data`` (with
+      the client's key, in-jit); the rest comes from the client's own examples.
+
+  Returns:
+    The :class:`Algorithm`.
 
   References:
     McMahan, Moore, Ramage, Hampson, Agüera y Arcas, "Communication-Efficient Learning of Deep
     Networks from Decentralized Data", AISTATS 2017. Reddi et al., "Adaptive Federated
-    Optimization", ICLR 2021 (server optimizers).
+    Optimization", ICLR 2021 (server optimizers). Hu et al., "LoRA: Low-Rank Adaptation of
+    Large Language Models", 2021 (fine-tuning part of a model). Zhao, Li, Lai, Suda, Civin,
+    Chandra, "Federated Learning with Non-IID Data", 2018 (shared data).
 
   Examples:
     >>> import optax, fedjax_sim as fs
@@ -112,7 +138,8 @@ def fedavg(
   """
   algo = _local_sgd_algorithm(
       "fedavg", loss_fn, client_optimizer, server_optimizer, batch_size, local_epochs,
-      local_steps, aggregator, regularizer=None,
+      local_steps, aggregator, regularizer=None, trainable=trainable, shared_data=shared_data,
+      shared_fraction=shared_fraction,
   )
   if weight_fn is not None and not callable(weight_fn):
     raise TypeError("weight_fn must be callable as weight_fn(num_examples, metrics, client_id).")
@@ -129,10 +156,15 @@ def fedprox(
     local_epochs: int | None = None,
     local_steps: int | None = None,
     aggregator: Process | None = None,
+    trainable: _partition.TrainableSpec = None,
 ) -> Algorithm:
   """FedProx: FedAvg whose local objective adds ``mu/2 * ||w - w_server||^2``.
 
-  ``mu=0`` is exactly FedAvg.
+  ``mu=0`` is exactly FedAvg. ``trainable=`` as in :func:`fedavg` (the proximal term then
+  covers the trainable parameters).
+
+  Returns:
+    The :class:`Algorithm`.
 
   References:
     Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, "Federated Optimization in Heterogeneous
@@ -148,7 +180,7 @@ def fedprox(
   mu_value = _v.non_negative("mu", mu)  # 0 is FedAvg
   return _local_sgd_algorithm(
       "fedprox", loss_fn, client_optimizer, server_optimizer, batch_size, local_epochs,
-      local_steps, aggregator, regularizer=proximal(mu_value),
+      local_steps, aggregator, regularizer=proximal(mu_value), trainable=trainable,
   )
 
 
@@ -157,6 +189,7 @@ def fedsgd(
     *,
     server_optimizer: optax.GradientTransformation,
     aggregator: Process | None = None,
+    trainable: _partition.TrainableSpec = None,
 ) -> Algorithm:
   """FedSGD: each client sends the gradient of its loss on ALL its data at the server model.
 
@@ -175,26 +208,32 @@ def fedsgd(
   """
   return _local_sgd_algorithm(
       "fedsgd", loss_fn, optax.sgd(1.0), server_optimizer, None, None, 1, aggregator,
-      regularizer=None,
+      regularizer=None, trainable=trainable,
   )
 
 
 def _local_sgd_algorithm(
     name, loss_fn, client_optimizer, server_optimizer, batch_size, local_epochs, local_steps,
-    aggregator, regularizer,
+    aggregator, regularizer, trainable=None, shared_data=None, shared_fraction=0.0,
 ) -> Algorithm:
   _check_loss(loss_fn)
   _check_optimizer("client_optimizer", client_optimizer)
   server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
   _check_optimizer("server_optimizer", server_optimizer)
   process = weighted_mean() if aggregator is None else as_process(aggregator)
-  client_update = make_client_update(
-      loss_fn, client_optimizer, batch_size=batch_size, local_epochs=local_epochs,
-      local_steps=local_steps, regularizer=regularizer,
-  )
-  return Algorithm(
-      client_update, process, server_optimizer, None, name, loss_fn, client_optimizer, batch_size
-  )
+  shared = make_shared_mix(shared_data, shared_fraction)
+
+  def build(loss):
+    client_update = make_client_update(
+        loss, client_optimizer, batch_size=batch_size, local_epochs=local_epochs,
+        local_steps=local_steps, regularizer=regularizer, shared=shared,
+    )
+    return Algorithm(
+        client_update, process, server_optimizer, None, name, loss_fn, client_optimizer,
+        batch_size,
+    )
+
+  return _partition.partitioned(build, loss_fn, trainable)
 
 
 # -- server optimizers (Reddi et al. 2021): thin named helpers over optax --------------------------

@@ -18,6 +18,7 @@ from fedjax_sim import _validation as _v
 from fedjax_sim.aggregators import Process, as_process, global_norm, weighted_mean
 from fedjax_sim.aggregators import mean as mean_process
 from fedjax_sim.aggregators import sum as sum_process
+from fedjax_sim.algorithms import _partition
 from fedjax_sim.algorithms._fedavg import Algorithm, _check_loss, _check_optimizer
 from fedjax_sim.client import (
     client_mean_loss,
@@ -47,6 +48,7 @@ def scaffold(
     local_epochs: int | None = None,
     local_steps: int | None = None,
     aggregator: Process | None = None,
+    trainable: _partition.TrainableSpec = None,
 ) -> Algorithm:
   """SCAFFOLD with option-II control variates (Karimireddy et al. 2020).
 
@@ -65,6 +67,11 @@ def scaffold(
     batch_size, local_epochs, local_steps: local work, as in :func:`fedavg`.
     aggregator: default example-weighted mean (the paper averages uniformly: pass
       ``fs.aggregators.mean()`` for that).
+    trainable: as in :func:`fedavg`; the control variates then cover the trainable
+      parameters only.
+
+  Returns:
+    The :class:`Algorithm`.
 
   References:
     Karimireddy, Kale, Mohri, Reddi, Stich, Suresh, "SCAFFOLD: Stochastic Controlled Averaging
@@ -80,7 +87,14 @@ def scaffold(
   _check_loss(loss_fn)
   lr = _v.positive("client_learning_rate", client_learning_rate)
   client_opt = optax.sgd(lr)
-  train = make_local_trainer(loss_fn, client_opt, batch_size=batch_size,
+  return _partition.partitioned(
+      lambda loss: _scaffold(loss_fn, loss, lr, client_opt, server_optimizer, batch_size,
+                             local_epochs, local_steps, aggregator), loss_fn, trainable)
+
+
+def _scaffold(loss_fn, loss, lr, client_opt, server_optimizer, batch_size, local_epochs,
+              local_steps, aggregator) -> Algorithm:
+  train = make_local_trainer(loss, client_opt, batch_size=batch_size,
                              local_epochs=local_epochs, local_steps=local_steps)
 
   def client_update(broadcast, data, c_i, key):
@@ -116,6 +130,7 @@ def fednova(
     batch_size: int | None,
     local_epochs: int | None = None,
     local_steps: int | None = None,
+    trainable: None = None,
 ) -> Algorithm:
   """FedNova: normalised averaging for clients that run different numbers of local steps.
 
@@ -137,6 +152,7 @@ def fednova(
     ...                       local_epochs=2).name
     'fednova'
   """
+  _partition.refuse("fednova", trainable)
   _check_loss(loss_fn)
   lr = _v.positive("client_learning_rate", client_learning_rate)
   rho = _v.probability("momentum", momentum)
@@ -181,6 +197,7 @@ def qffl(
     local_epochs: int | None = None,
     local_steps: int | None = None,
     loss_batch_size: int = 64,
+    trainable: None = None,
 ) -> Algorithm:
   """q-FFL / q-FedAvg (Li et al. 2020): fair federated learning that up-weights clients with
   high loss.
@@ -200,6 +217,7 @@ def qffl(
     ...                    local_epochs=1).name
     'qffl'
   """
+  _partition.refuse("qffl", trainable)
   _check_loss(loss_fn)
   lr = _v.positive("client_learning_rate", client_learning_rate)
   q = _v.non_negative("q", q)  # 0 is FedAvg
@@ -248,6 +266,7 @@ def ditto(
     personal_epochs: int | None = None,
     personal_steps: int | None = None,
     aggregator: Process | None = None,
+    trainable: _partition.TrainableSpec = None,
 ) -> Algorithm:
   """Ditto: a global model trained by FedAvg plus one personal model per client.
 
@@ -264,6 +283,13 @@ def ditto(
     personal_optimizer: optimizer of the personal model (default: ``client_optimizer``).
     personal_epochs / personal_steps: the personal model's local work (default: the same as
       the global model's).
+    trainable: as in :func:`fedavg`: personal *heads*. Only the trainable parameters are
+      trained, sent and personalised; ``state.client_states`` holds each client's trainable
+      part, and a client's personal model is that part merged with the shared frozen
+      backbone (``fs.peft.merge_views(personal, frozen)``).
+
+  Returns:
+    The :class:`Algorithm`.
 
   References:
     Li, Hu, Beirami, Smith, "Ditto: Fair and Robust Federated Learning Through
@@ -283,10 +309,19 @@ def ditto(
   lam_value = _v.non_negative("lam", lam)
   if personal_epochs is None and personal_steps is None:
     personal_epochs, personal_steps = local_epochs, local_steps
-  global_train = make_local_trainer(loss_fn, client_optimizer, batch_size=batch_size,
+  return _partition.partitioned(
+      lambda loss: _ditto(loss_fn, loss, lam_value, client_optimizer, personal_optimizer,
+                          server_optimizer, batch_size, local_epochs, local_steps,
+                          personal_epochs, personal_steps, aggregator), loss_fn, trainable)
+
+
+def _ditto(loss_fn, loss, lam_value, client_optimizer, personal_optimizer, server_optimizer,
+           batch_size, local_epochs, local_steps, personal_epochs, personal_steps,
+           aggregator) -> Algorithm:
+  global_train = make_local_trainer(loss, client_optimizer, batch_size=batch_size,
                                     local_epochs=local_epochs, local_steps=local_steps)
 
-  personal_train = make_local_trainer(loss_fn, personal_optimizer, batch_size=batch_size,
+  personal_train = make_local_trainer(loss, personal_optimizer, batch_size=batch_size,
                                       local_epochs=personal_epochs, local_steps=personal_steps,
                                       regularizer=proximal(lam_value))
 
@@ -314,6 +349,7 @@ def feddyn(
     batch_size: int | None,
     local_epochs: int | None = None,
     local_steps: int | None = None,
+    trainable: None = None,
 ) -> Algorithm:
   """FedDyn: federated learning with dynamic regularisation (Acar et al. 2021).
 
@@ -334,6 +370,7 @@ def feddyn(
     ...                      batch_size=10, local_epochs=1).name
     'feddyn'
   """
+  _partition.refuse("feddyn", trainable)
   _check_loss(loss_fn)
   _check_optimizer("client_optimizer", client_optimizer)
   a = _v.positive("alpha", alpha)
