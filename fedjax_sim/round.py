@@ -660,11 +660,11 @@ class Simulation:
       )
     # Non-finite rounds (fedjax_sim.nonfinite): the server step is not applied.
     no_finite_client = (stats["nan_clients"] > 0) & (stats["clients"] == 0)
-    state_ok = _nf.stays_finite((new_params, opt_state), (state.params, state.opt_state))
+    state_ok = _nf.stays_finite((new_params, opt_state), (train_params, state.opt_state))
     nonfinite = ~state_ok | no_finite_client
     discard = ~state_ok | (halt & no_finite_client)
     keep_old = lambda new, old: jax.tree.map(lambda a, b: jnp.where(discard, b, a), new, old)
-    new_params = keep_old(new_params, state.params)
+    new_params = keep_old(new_params, train_params)  # the trainable view (all of it by default)
     opt_state = keep_old(opt_state, state.opt_state)
     server_extra = keep_old(server_extra, state.server_extra)
     per_client_state, post_state = keep_old((per_client_state, post_state), state.agg_state)
