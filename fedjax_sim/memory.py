@@ -152,7 +152,8 @@ def round_memory(sim: Any, state: Any, *, block_size: int | None = None) -> Memo
     >>> x = rng.normal(size=(200, 3)).astype(np.float32); y = (x[:, 0] > 0).astype(np.int32)
     >>> pop = fs.Population.from_arrays({"x": x, "y": y}, rng.integers(0, 20, 200))
     >>> loss_fn = fs.models.classifier_loss(lambda p, x: x @ p["w"] + p["b"])
-    >>> algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.5), batch_size=8)
+    >>> algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.5), batch_size=8,
+    ...                             local_epochs=1)
     >>> sim = fs.Simulation(algo, pop, cohort_size=5, chunk_size=5)
     >>> state = sim.init({"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}, jax.random.key(0))
     >>> m = fs.memory.round_memory(sim, state)
