@@ -551,43 +551,56 @@ class Simulation:
     else:
       vmapped = jax.vmap(one_client)
 
-    # The cohort's persistent states are gathered once (O(K x state)), streamed through the
-    # chunk loop as inputs/outputs, and scattered back once per round: carrying the whole
-    # population state through the loop would copy it per chunk (round time ~ population).
-    cohort_states = jax.tree.map(
-        lambda s: s[ids], (state.client_states, state.agg_client_states)
-    )
+    # Per-client persistent states stay in the population arrays, carried through the chunk
+    # loop: each chunk gathers its clients' states and scatters the new ones back in place
+    # (O(chunk x state) in flight, never O(K x state): tests/test_memory.py). With chunks of
+    # one client XLA:CPU copied the carried population state per chunk (36 s vs 0.02 s per round
+    # for 10^4 x 40 KiB states), so there the cohort's states are gathered once (O(K x state)),
+    # streamed through the loop and scattered back once per round. Padded slots (which may
+    # repeat a real id) and clients whose update was non-finite (or was dropped) write out of
+    # bounds and are dropped: their state is unchanged.
+    population_states = (state.client_states, state.agg_client_states)
+    stream_states = chunk > 1
+    cohort_states = () if stream_states else jax.tree.map(lambda s: s[ids], population_states)
 
-    def chunk_body(acc, xs):
+    def chunk_body(carry, xs):
+      acc, pop_states = carry
       cids, creal, cstates = _sharding.constrain(xs, self._chunk_sharding())  # split over devices
+      if stream_states:
+        cstates = jax.tree.map(lambda s: s[cids], pop_states)
       outputs, new_cstates, kept = vmapped(cids, creal, cstates)
+      if stream_states:
+        write = jnp.where(kept, cids, num_clients)
+        pop_states = jax.tree.map(
+            lambda s, new: s.at[write].set(new, mode="drop"), pop_states, new_cstates)
+        new_cstates = ()
       per_client_updates = outputs[0]
       if stacked:  # keep every update (robust rules); sum the rest
         outputs = ((),) + tuple(outputs[1:])
       summed = jax.tree.map(lambda x: jnp.sum(x, axis=0), outputs)
       summed[3]["step_slots"] = chunk * jnp.max(outputs[3]["client_steps"])
       ys = (new_cstates, kept, per_client_updates if stacked else ())
-      return jax.tree.map(jnp.add, acc, summed), ys
+      return (jax.tree.map(jnp.add, acc, summed), pop_states), ys
 
     acc0 = jax.tree.map(
         lambda s: jnp.zeros(s.shape[1:], s.dtype),
         jax.eval_shape(
-            lambda: _summable(vmapped(ids[0], real[0], jax.tree.map(lambda s: s[0],
-                                                                     cohort_states)), stacked)
+            lambda: _summable(vmapped(ids[0], real[0], jax.tree.map(lambda s: s[ids[0]],
+                                                                     population_states)), stacked)
         ),
     )
-    acc, (new_states, kept, stack) = jax.lax.scan(
-        chunk_body, acc0, (ids, real, cohort_states)
+    (acc, (client_states, agg_client_states)), (new_states, kept, stack) = jax.lax.scan(
+        chunk_body, (acc0, population_states if stream_states else ((), ())),
+        (ids, real, cohort_states),
     )
-    client_states, agg_client_states = state.client_states, state.agg_client_states
-    if client_states != () or agg_client_states != ():
-      # Padded slots (which may repeat a real id) and clients whose update was non-finite (or
-      # was dropped) write out of bounds and are dropped: their state is unchanged.
-      write = jnp.where(kept, ids, num_clients).reshape(-1)
-      client_states, agg_client_states = jax.tree.map(
-          lambda s, new: s.at[write].set(new.reshape(-1, *new.shape[2:]), mode="drop"),
-          (client_states, agg_client_states), new_states,
-      )
+    if not stream_states:
+      client_states, agg_client_states = population_states
+      if client_states != () or agg_client_states != ():
+        write = jnp.where(kept, ids, num_clients).reshape(-1)
+        client_states, agg_client_states = jax.tree.map(
+            lambda s, new: s.at[write].set(new.reshape(-1, *new.shape[2:]), mode="drop"),
+            population_states, new_states,
+        )
     reduced, client_sums, stage_sums, stats, extra_sums = acc
     kept_flat = kept.reshape(-1)
     reduce_metrics = {}
