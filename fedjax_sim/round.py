@@ -25,6 +25,7 @@ from fedjax_sim import _validation as _v
 from fedjax_sim import checkpoint as _ckpt
 from fedjax_sim import host_cpu as _host_cpu
 from fedjax_sim import host_population as _host
+from fedjax_sim import memory as _memory
 from fedjax_sim import nonfinite as _nf
 from fedjax_sim import run_dir as _run_dir
 from fedjax_sim import sharding as _sharding
@@ -69,16 +70,11 @@ def _param_count(params) -> int:
   return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(params)))
 
 
-def default_memory_budget() -> int:
-  """Bytes the client pass may use: a quarter of an accelerator's memory; 256 MiB on CPU."""
-  dev = jax.devices()[0]
-  if dev.platform == "cpu":
-    return 256 * 2**20
-  try:
-    limit = dev.memory_stats()["bytes_limit"]
-  except Exception:  # noqa: BLE001 - memory_stats is optional per backend
-    limit = 16 * 2**30
-  return int(limit) // 4
+def default_memory_budget(reserved_bytes: int = 0) -> int:
+  """Bytes the client pass may use: 256 MiB on CPU; on an accelerator half of the memory left
+  after ``reserved_bytes`` (population and state; :func:`fedjax_sim.memory.device_memory_budget`).
+  """
+  return _memory.device_memory_budget(reserved_bytes)
 
 
 #: Chunks of one client run the client unbatched (no vmap); False restores the size-1 vmap.
@@ -240,6 +236,7 @@ class Simulation:
           "not supported. Use a non-DP aggregator, or FedAvg / FedProx for DP."
       )
     self._requested_chunk_size = None if chunk_size is None else int(chunk_size)
+    self._auto_budget = memory_budget is None  # refined in init() once the state is known
     self.memory_budget = default_memory_budget() if memory_budget is None else int(memory_budget)
     self.sort_by_size = bool(sort_by_size)
     if system is not None:
@@ -264,6 +261,8 @@ class Simulation:
     if mesh is not None:
       _sharding.fit_chunk(1, self.max_cohort_size, self._num_shards, self._requested_chunk_size)
       self.population = _sharding.place_population(self.population, mesh, population_on)
+    if self._auto_budget:
+      self.memory_budget = default_memory_budget(_memory.resident_bytes(self))
     self.chunk_size: int | None = None  # resolved in init() once the model size is known
     self._trainable_mask: tuple[bool, ...] | None = None  # resolved from algorithm.trainable
     self.num_traces = {"round": 0, "block": 0}
@@ -282,6 +281,8 @@ class Simulation:
     params = jax.tree.map(lambda x: jnp.array(x), params)  # a private copy (state is donated)
     self._validate_params(params)
     state = self._initial_state(params, key)
+    if self._auto_budget:
+      self.memory_budget = default_memory_budget(_memory.resident_bytes(self, state))
     self._resolve_chunk_size(params)
     self._check_round_traces(state)
     if self.mesh is not None:
@@ -445,7 +446,7 @@ class Simulation:
       # The budget is per device: with a mesh each device holds chunk / num_shards clients.
       chunk = self._num_shards * auto_chunk_size(
           -(-k // self._num_shards), _param_count(params), example_bytes, bsz,
-          self.memory_budget, jax.devices()[0].platform,
+          self.memory_budget, _memory.default_device().platform,
           frozen_params=_param_count(self._views(params)[1]),
       )
     self.chunk_size = _sharding.fit_chunk(

@@ -1,0 +1,193 @@
+"""Device memory: what a compiled round needs (XLA's own figures) and the automatic budget.
+
+A round holds the population and the server state (arguments; the state is donated, so the new
+state reuses its buffers) plus temporaries. The client pass runs the cohort in chunks inside a
+``lax.scan``, so its temporaries are O(chunk x params); only the cohort's ids, masks and sort
+keys are O(cohort) (a few bytes per client), and drawing the cohort is O(population) (one score
+per client). :func:`round_memory` reads these figures from XLA's compiled memory analysis
+(``jax.jit(...).lower(...).compile().memory_analysis()``), without running the round.
+
+On an accelerator the automatic chunk size comes from ``Simulation.memory_budget``, which by
+default is :func:`device_memory_budget`: a fraction of the device memory that the population and
+the state leave free (``device.memory_stats()["bytes_limit"]``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+#: Fraction of the free device memory (after the population and the state) given to the client
+#: pass by default. The rest is headroom for the server update, the cohort draw and the
+#: allocator's fragmentation; the client-pass estimate itself is conservative
+#: (``benchmarks/results/cpu-2core/memory.md``).
+BUDGET_FRACTION = 0.5
+#: The default budget on CPU, where the chunk is chosen for speed (FLOPs per step), not memory.
+CPU_BUDGET_BYTES = 256 * 2**20
+#: Assumed device memory when a backend reports no ``memory_stats()``.
+FALLBACK_DEVICE_BYTES = 16 * 2**30
+
+
+class MemoryAnalysis(NamedTuple):
+  """XLA's memory figures for one compiled program, in bytes (per device under a mesh).
+
+  Attributes:
+    argument_bytes: inputs: the server state and the population.
+    output_bytes: outputs: the new server state and the metrics.
+    alias_bytes: outputs written into donated inputs (the state); counted once in ``peak_bytes``.
+    temp_bytes: temporaries (the client pass, the cohort draw, the server update).
+    generated_code_bytes: compiled code (0 on backends that do not report it).
+  """
+
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  generated_code_bytes: int
+
+  @property
+  def peak_bytes(self) -> int:
+    """An upper bound on the device memory the program holds at once (excluding code)."""
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+def default_device() -> Any:
+  """The device whose memory the budget refers to: ``jax.devices()[0]`` (patched in tests)."""
+  return jax.devices()[0]
+
+
+def tree_bytes(tree: Any) -> int:
+  """Bytes held by the array leaves of ``tree`` (arrays or ``ShapeDtypeStruct``s).
+
+  Returns:
+    The sum of ``size * itemsize`` over the leaves.
+  """
+  def nbytes(x) -> int:
+    dtype = x.dtype
+    itemsize = dtype.itemsize if hasattr(dtype, "itemsize") else np.dtype(dtype).itemsize
+    return int(np.prod(np.shape(x))) * int(itemsize)  # typed PRNG keys report their data size
+
+  return sum(nbytes(x) for x in jax.tree.leaves(tree))
+
+
+def device_memory_budget(reserved_bytes: int = 0, device: Any = None) -> int:
+  """Bytes the client pass may use on ``device`` after ``reserved_bytes`` of resident data.
+
+  On CPU: :data:`CPU_BUDGET_BYTES` (the chunk is sized for speed there). On an accelerator:
+  ``BUDGET_FRACTION * (bytes_limit - max(reserved_bytes, bytes_in_use))`` from
+  ``device.memory_stats()``, where ``reserved_bytes`` is what the simulation keeps on the device
+  (its population and server state; ``bytes_in_use`` also counts what else is allocated).
+
+  Args:
+    reserved_bytes: the population and state bytes on this device.
+    device: default :func:`default_device`.
+
+  Returns:
+    The budget in bytes (at least 1).
+
+  Examples:
+    >>> import fedjax_sim as fs
+    >>> fs.memory.device_memory_budget(0) > 0
+    True
+  """
+  dev = default_device() if device is None else device
+  if dev.platform == "cpu":
+    return CPU_BUDGET_BYTES
+  try:
+    stats = dev.memory_stats() or {}
+  except Exception:  # noqa: BLE001 - memory_stats is optional per backend
+    stats = {}
+  limit = int(stats.get("bytes_limit", FALLBACK_DEVICE_BYTES))
+  used = max(int(reserved_bytes), int(stats.get("bytes_in_use", 0)))
+  return max(1, int(BUDGET_FRACTION * max(limit - used, 0)))
+
+
+def resident_bytes(sim: Any, state: Any = None) -> int:
+  """Bytes the simulation keeps on one device: its population and (optionally) ``state``.
+
+  A population split over a mesh (``population_on="sharded"``) counts ``1/n`` per device; one
+  kept on the host (``population_on="host"``) counts nothing. Per-client state split along the
+  mesh counts ``1/n``.
+
+  Returns:
+    The byte count.
+  """
+  shards = getattr(sim, "_num_shards", 1)
+  on = getattr(sim, "population_on", "device")
+  pop = 0 if on == "host" else tree_bytes(sim.population)
+  if on == "sharded":
+    pop = -(-pop // shards)
+  if state is None:
+    return pop
+  per_client = tree_bytes((state.client_states, state.agg_client_states))
+  server = tree_bytes(state) - per_client
+  return pop + server + -(-per_client // shards)
+
+
+def round_memory(sim: Any, state: Any, *, block_size: int | None = None) -> MemoryAnalysis:
+  """XLA's memory analysis of ``sim``'s compiled round (compiled here, not run).
+
+  Lowers the same jitted program that :meth:`Simulation.round` (or, with ``block_size``,
+  :meth:`Simulation.run`'s block of rounds) executes, for ``state``'s shapes, and reads
+  ``compiled.memory_analysis()``. ``state`` is not donated or modified; a tree of
+  ``jax.ShapeDtypeStruct`` with the state's structure works too.
+
+  Args:
+    sim: a :class:`fedjax_sim.Simulation` after ``sim.init`` (which fixes the chunk size).
+    state: the ``ServerState`` from ``sim.init`` (or its shapes).
+    block_size: analyse the block of this many rounds instead of one round.
+
+  Returns:
+    A :class:`MemoryAnalysis` (per device under a mesh).
+
+  Raises:
+    ValueError: ``sim.init`` was not called, the population is kept on the host, or the
+      backend gives no memory analysis.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, numpy as np, optax, fedjax_sim as fs
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(size=(200, 3)).astype(np.float32); y = (x[:, 0] > 0).astype(np.int32)
+    >>> pop = fs.Population.from_arrays({"x": x, "y": y}, rng.integers(0, 20, 200))
+    >>> loss_fn = fs.models.classifier_loss(lambda p, x: x @ p["w"] + p["b"])
+    >>> algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.5), batch_size=8,
+    ...                             local_epochs=1)
+    >>> sim = fs.Simulation(algo, pop, cohort_size=5, chunk_size=5)
+    >>> state = sim.init({"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}, jax.random.key(0))
+    >>> m = fs.memory.round_memory(sim, state)
+    >>> m.temp_bytes > 0 and m.peak_bytes >= m.argument_bytes
+    True
+  """
+  if getattr(sim, "chunk_size", None) is None:
+    raise ValueError(
+        "call sim.init(params, key) before round_memory(sim, state); init fixes the chunk size.")
+  if sim.population_on == "host":
+    raise ValueError(
+        "round_memory analyses the program that reads the population from device memory; with "
+        "population_on='host' each round's cohort is gathered on the host instead. Build the "
+        "Simulation with population_on='device' to analyse the round.")
+  if block_size is not None and (
+      not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1):
+    raise ValueError(f"block_size must be a positive int or None; got {block_size!r}.")
+  traces = dict(sim.num_traces)  # an analysis is not a run: leave the trace counts alone
+  try:
+    if block_size is None:
+      lowered = sim._round_fn().lower(state, sim.population)
+    else:
+      lowered = sim._block_fn(block_size).lower(
+          state, sim.population, jax.ShapeDtypeStruct((), np.int32))
+  finally:
+    sim.num_traces.update(traces)
+  stats = lowered.compile().memory_analysis()
+  if stats is None:
+    raise ValueError(
+        f"the {default_device().platform} backend gives no compiled memory analysis.")
+  return MemoryAnalysis(
+      argument_bytes=int(stats.argument_size_in_bytes),
+      output_bytes=int(stats.output_size_in_bytes),
+      alias_bytes=int(stats.alias_size_in_bytes),
+      temp_bytes=int(stats.temp_size_in_bytes),
+      generated_code_bytes=int(getattr(stats, "generated_code_size_in_bytes", 0)),
+  )
