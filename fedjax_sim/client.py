@@ -103,6 +103,9 @@ def make_local_trainer(
     local_epochs: passes over the local data (exactly one of local_epochs / local_steps).
     local_steps: fixed number of local steps.
     regularizer: optional ``r(params, anchor) -> scalar`` added to the loss (FedProx, Ditto).
+
+  Returns:
+    ``train(start_params, data, key, grad_shift=None) -> LocalResult``.
   """
   _check_local_work(batch_size, local_epochs, local_steps)
 
