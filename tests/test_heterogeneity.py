@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import init_params, make_population
+from helpers import init_params, make_population
 from oracle import round_keys, train_client
 
 import fedjax_sim as fs

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import init_params, linear_apply, make_population
+from helpers import init_params, linear_apply, make_population
 from oracle import oracle_round, round_keys
 
 import fedjax_sim as fs

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import init_params
+from helpers import init_params
 
 import fedjax_sim as fs
 

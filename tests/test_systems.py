@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import init_params
+from helpers import init_params
 from test_client_state import counting_algorithm
 
 import fedjax_sim as fs
