@@ -1,5 +1,6 @@
 """The CPU convolution path (canonical-layout gradients) computes what the plain path computes."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +11,7 @@ import fedjax_sim as fs
 
 
 def _close(a, b, tol):
-  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=tol, atol=tol)
+  chex.assert_trees_all_close(a, b, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("padding", ["VALID", "SAME", ((2, 0), (1, 3))])

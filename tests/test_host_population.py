@@ -1,5 +1,6 @@
 """A host-resident population (cohorts gathered ahead of time) gives the device-resident result."""
 
+import chex
 import jax
 import numpy as np
 import optax
@@ -24,9 +25,8 @@ def test_host_population_equals_device_population(pop, loss_fn):
   _, want, want_m, want_last = _run(algo, pop, sampler, "device")
   sim, got, got_m, got_last = _run(algo, pop, sampler, "host")
   assert isinstance(sim.population.features["x"], np.ndarray)  # examples never left the host
-  for a, b in zip(jax.tree.leaves((want.params, want.client_states, want.server_extra)),
-                  jax.tree.leaves((got.params, got.client_states, got.server_extra)), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal((want.params, want.client_states, want.server_extra),
+                              (got.params, got.client_states, got.server_extra))
   for k in want_m:
     np.testing.assert_array_equal(want_m[k], got_m[k])
   assert want_last == got_last
