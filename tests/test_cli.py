@@ -1,8 +1,11 @@
 import json
 
+import pytest
+
 from fedjax_sim import cli
 
 
+@pytest.mark.slow  # an end-to-end run (> 20 s of CPU on 2 cores)
 def test_demo_runs_and_learns(capsys, tmp_path):
   run_dir = tmp_path / "demo"
   cli.main(["demo", "--rounds", "40", "--eval-every", "20", "--out", str(run_dir)])

@@ -19,6 +19,7 @@ def _run(algo, pop, sampler, population_on):
   return sim, state, metrics, last
 
 
+@pytest.mark.slow  # an end-to-end run (> 20 s of CPU on 2 cores)
 def test_host_population_equals_device_population(pop, loss_fn):
   sampler = fs.sampling.poisson(0.4, 8)  # variable cohorts: padded slots and an unused capacity
   algo = fs.algorithms.scaffold(loss_fn, client_learning_rate=0.1, batch_size=4, local_epochs=1)
