@@ -90,7 +90,11 @@ class _Omniscient(NamedTuple):
 
 
 def sign_flip(malicious, scale: float = 1.0) -> _PerClient:
-  """Attackers send ``-scale * delta`` (their honest update, negated and scaled)."""
+  """Attackers send ``-scale * delta`` (their honest update, negated and scaled).
+
+  Returns:
+    a per-client attack for :func:`apply`.
+  """
   s = _v.positive("scale", scale)
   return _PerClient(_mask(malicious), lambda d, key: jax.tree.map(lambda x: -s * x, d),
                     "sign_flip")
@@ -98,14 +102,22 @@ def sign_flip(malicious, scale: float = 1.0) -> _PerClient:
 
 def scaling(malicious, factor: float) -> _PerClient:
   """Attackers send ``factor * delta``: model replacement boosts by ``factor ~ n / server_lr``
-  (Bagdasaryan et al., AISTATS 2020); combine with :func:`flip_labels` for a targeted attack."""
+  (Bagdasaryan et al., AISTATS 2020); combine with :func:`flip_labels` for a targeted attack.
+
+  Returns:
+    a per-client attack for :func:`apply`.
+  """
   s = _v.positive("factor", factor)
   return _PerClient(_mask(malicious), lambda d, key: jax.tree.map(lambda x: s * x, d),
                     "scaling")
 
 
 def gaussian(malicious, stddev: float) -> _PerClient:
-  """Attackers send pure noise ``N(0, stddev^2 I)`` instead of their update."""
+  """Attackers send pure noise ``N(0, stddev^2 I)`` instead of their update.
+
+  Returns:
+    a per-client attack for :func:`apply`.
+  """
   sd = _v.positive("stddev", stddev)
 
   def rewrite(delta, key):
@@ -121,6 +133,9 @@ def alie(malicious, z: float | None = None) -> _Omniscient:
   round's honest updates. By default ``z`` is the paper's ``z_max = Phi^-1((n - s) / n)`` with
   ``s = floor(n / 2 + 1) - f`` (n real clients of the round, f of them malicious); the variant of
   Karimireddy et al. (``(n - f - s) / (n - f)``) is not used.
+
+  Returns:
+    an omniscient attack on the stacked updates, for :func:`apply`.
   """
   fixed = None if z is None else _v.non_negative("z", z)
 
@@ -138,13 +153,21 @@ def alie(malicious, z: float | None = None) -> _Omniscient:
 def ipm(malicious, epsilon: float = 0.1) -> _Omniscient:
   """Inner-product manipulation (Xie, Koyejo, Gupta, UAI 2019): every attacker sends
   ``-epsilon * mean(honest updates)``. ``epsilon = 0.1`` targets median/Krum-type rules; a large
-  one (e.g. 100) targets the mean."""
+  one (e.g. 100) targets the mean.
+
+  Returns:
+    an omniscient attack on the stacked updates, for :func:`apply`.
+  """
   eps = _v.positive("epsilon", epsilon)
   return _Omniscient(_mask(malicious), lambda mu, sigma, n, f: -eps * mu, "ipm")
 
 
 def apply(aggregator: Process, *attacks) -> Process:
   """Returns ``aggregator`` with the attacks inserted (module docstring).
+
+  Returns:
+    a new :class:`~fedjax_sim.aggregators.Process`: per-client attacks first in its
+      ``per_client`` slot, omniscient ones on the stacked updates before its reducer.
 
   Raises:
     ValueError: when a malicious mask does not match the population (checked by

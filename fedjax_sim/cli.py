@@ -7,6 +7,8 @@ code 2 (never a Python traceback); an interrupted ``run`` exits 130 after checkp
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import sys
 import time
@@ -61,6 +63,7 @@ def _demo(args: argparse.Namespace) -> int:
   from sklearn.model_selection import train_test_split
 
   import fedjax_sim as fs
+  from fedjax_sim import plots
 
   digits = load_digits()
   x = (digits.data / 16.0).astype(np.float32)
@@ -126,12 +129,20 @@ def _demo(args: argparse.Namespace) -> int:
     )
     last[0] = now
 
+  # The run directory: this demo's log starts afresh (a previous demo's rounds would repeat).
+  os.makedirs(args.out, exist_ok=True)
+  for name in ("metrics.jsonl", "summary.json"):
+    if os.path.exists(os.path.join(args.out, name)):
+      os.remove(os.path.join(args.out, name))
+  delta = None if args.noise_multiplier is None else args.delta
   state, metrics = sim.run(
       state,
       num_rounds=args.rounds,
       eval_every=args.eval_every,
       eval_fn=lambda p: {"accuracy": float(accuracy(p))},
       callback=progress,
+      delta=delta,
+      log_dir=args.out,
   )
   elapsed = time.perf_counter() - t0
   acc = metrics["eval_accuracy"][-1]
@@ -142,6 +153,16 @@ def _demo(args: argparse.Namespace) -> int:
       f"{metrics['examples'].sum() / elapsed:.0f} examples/s)",
       flush=True,
   )
+  summary = {"rounds": int(state.round), "test_accuracy": float(acc), "seconds": elapsed}
+  if delta is not None:
+    summary.update(epsilon=float(metrics["epsilon"][-1]), delta=delta)
+    print(f"user-level epsilon {summary['epsilon']:.4g} at delta {delta:g} (illustrative: "
+          f"{pop.num_clients} devices, cohorts of {args.cohort_size})", flush=True)
+  with open(os.path.join(args.out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  paths = plots.plot_run(args.out)
+  print(f"wrote {args.out}/metrics.jsonl, config.json, summary.json and {', '.join(paths)}",
+        flush=True)
   return 0
 
 
@@ -256,6 +277,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"fedjax-sim run: {' '.join(str(e).split())}; {where}.", file=sys.stderr)
     return 1
   summary = {k: float(v[-1]) for k, v in metrics.items() if np.isfinite(v[-1])}
+  if delta is not None:
+    summary["delta"] = float(delta)
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump({"rounds": int(state.round), **summary}, f, indent=1)
   paths = plots.plot_run(out)
@@ -297,7 +320,11 @@ def _describe(args: argparse.Namespace) -> int:
                                          seed=args.seed, min_examples=args.min_examples)
     y = np.asarray(pop.features["y"])
     ids = np.repeat(np.arange(pop.num_clients), np.asarray(pop.num_examples))
-  stats = fs.partition.describe(ids, y, num_clients=args.num_clients, plot_path=args.plot)
+  split = {"iid": "IID", "shards": f"{args.shards_per_client} label shards per client",
+           "dirichlet": f"Dirichlet(alpha={args.alpha})"}[args.partition]
+  stats = fs.partition.describe(ids, y, num_clients=args.num_clients, plot_path=args.plot,
+                                plot_title=f"{args.dataset}: {split} over {args.num_clients} "
+                                           "clients")
   for k, v in stats.as_dict().items():
     print(f"{k:28s} {v:.4g}")
   if args.plot:
@@ -328,7 +355,10 @@ def main(argv: list[str] | None = None) -> int:
       "--noise-multiplier", type=float, default=0.3, help="z; pass --no-dp for plain FedAvg"
   )
   demo.add_argument("--no-dp", dest="noise_multiplier", action="store_const", const=None)
+  demo.add_argument("--delta", type=float, default=1e-5, help="delta of the reported epsilon")
   demo.add_argument("--seed", type=int, default=0)
+  demo.add_argument("--out", default="runs/demo",
+                    help="run directory: metrics.jsonl, config.json, summary.json, PNG")
   demo.set_defaults(func=_demo)
   priv = sub.add_parser(
       "privacy", help="user-level epsilon of DP-FedAvg for a sampler (or z for a target epsilon)"

@@ -204,5 +204,9 @@ def _client_sums(loss_fn, personalize, batch_size, params, client_params, popula
 
 def make_eval_fn(loss_fn: LossFn, data: dict[str, Any], *, batch_size: int = 256
                  ) -> Callable[[Params], dict[str, float]]:
-  """An ``eval_fn(params)`` for :meth:`Simulation.run` on centralized test data."""
+  """An ``eval_fn(params)`` for :meth:`Simulation.run` on centralized test data.
+
+  Returns:
+    ``eval_fn(params) -> dict of floats`` (the loss and its aux metrics).
+  """
   return lambda params: evaluate(loss_fn, params, data, batch_size=batch_size)

@@ -128,6 +128,10 @@ def sequence_loss(
   The loss is the mean over real (non-pad) target tokens of real examples; ``accuracy`` is the
   next-token accuracy over the same tokens.
 
+  Returns:
+    ``loss_fn(params, batch, key) -> (loss, {"accuracy": ...})``, masked by
+      ``batch[MASK_KEY]`` and the padding token.
+
   Examples:
     >>> import jax, jax.numpy as jnp, fedjax_sim as fs
     >>> loss_fn = fs.models.sequence_loss(lambda p, x: jax.nn.one_hot(x, 4) * p)
@@ -157,6 +161,9 @@ def multilabel_loss(
   """Sigmoid cross-entropy (summed over labels) for multi-hot targets, e.g. StackOverflow tags.
 
   ``aux["precision_at_1"]``: whether the top-scored label is one of the true labels.
+
+  Returns:
+    ``loss_fn(params, batch, key) -> (loss, aux)``, averaged over ``batch[MASK_KEY]``.
   """
   call = _caller(apply_fn)
 
@@ -177,6 +184,9 @@ def regression_loss(
   """Mean squared error for ``apply_fn(params, x[, key]) -> predictions``.
 
   The squared error is averaged over output dimensions, then over real examples.
+
+  Returns:
+    ``loss_fn(params, batch, key) -> (loss, {})``, averaged over ``batch[MASK_KEY]``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, fedjax_sim as fs
@@ -204,6 +214,9 @@ def linen_apply(module: Any, *, rng_collection: str = "dropout", **apply_kwargs)
   extra keyword arguments (e.g. ``train=True``) are forwarded to ``module.apply``. Modules
   with mutable collections (BatchNorm statistics) are not supported by this helper; use
   GroupNorm/LayerNorm, as is customary in federated learning.
+
+  Returns:
+    ``apply_fn(params, x, key) -> outputs``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, fedjax_sim as fs

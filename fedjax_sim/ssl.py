@@ -211,6 +211,9 @@ def image_augment(image_shape: Sequence[int], *, pad: int = 1, flip_prob: float 
   of std ``noise_std``. ``x`` is ``[B, *image_shape]`` or flattened ``[B, prod(image_shape)]``
   (``image_shape`` = ``(H, W)`` or ``(H, W, C)``); the output has the input's shape.
 
+  Returns:
+    ``augment(key, x) -> x'`` (same shape and dtype).
+
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> aug = image_augment((8, 8))
@@ -396,6 +399,10 @@ def fed_align_uniform(
   """FedAlignUniform: FedAvg of encoder + projector, each client minimising
   ``L_align + β L_unif`` on two augmented views (the base of SSD).
 
+  Returns:
+    an :class:`~fedjax_sim.Algorithm` whose params are
+      ``{"encoder": ..., "projector": ...}``.
+
   References:
     Wang, Isola, ICML 2020 (losses); Fang et al., ICCV 2025 (the federated base).
 
@@ -453,6 +460,9 @@ def ssd(
       ``"kl"`` or ``"mse"``.
     dsr_assign: ``"client"`` or ``"slot"``; num_slots: clients per round for ``"slot"``.
     seed: seed of the DSR basis (and of the slot permutations).
+
+  Returns:
+    an :class:`~fedjax_sim.Algorithm` whose params are ``{"encoder": ..., "projector": ...}``.
 
   References:
     Fang, Lin, King, Zhang, "Soft Separation and Distillation: Toward Global Uniformity in

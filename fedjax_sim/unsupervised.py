@@ -40,6 +40,9 @@ def kmeans(num_clusters: int, *, feature_key: str = "x", batch_size: int = 256) 
 
   With every client in every round this is exactly centralized Lloyd from the same start.
 
+  Returns:
+    an :class:`~fedjax_sim.Algorithm` whose params are the centroids.
+
   References:
     Lloyd, "Least squares quantization in PCM", 1982; federated use e.g. Dennis, Li, Smith,
     "Heterogeneity for the Win: One-Shot Federated Clustering", ICML 2021.

@@ -68,9 +68,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   """``lax.conv_general_dilated`` with a per-backend implementation (same signature).
 
   Args:
-    lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-      feature_group_count, batch_group_count, precision, preferred_element_type: as
-      ``lax.conv_general_dilated``.
+    lhs: as ``lax.conv_general_dilated``, like all the arguments before ``impl`` (``rhs``,
+      ``window_strides``, ``padding``, ``lhs_dilation``, ``rhs_dilation``,
+      ``dimension_numbers``, ``feature_group_count``, ``batch_group_count``, ``precision``,
+      ``preferred_element_type``).
     impl: ``"auto"`` (``"canonical"`` when ``jax.default_backend()`` is ``"cpu"``, else
       ``"lax"``), ``"lax"`` (plain ``lax.conv_general_dilated``) or ``"canonical"`` (the CPU
       path: 2-D, stride 1, undilated, ungrouped NHWC/HWIO convolutions get hand-written

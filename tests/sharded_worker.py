@@ -28,7 +28,7 @@ def run_workload(name, mesh=None, population_on="device"):
   """Final params and client states (flat dict of NumPy arrays) after NUM_ROUNDS rounds."""
   import jax
   import numpy as np
-  from conftest import init_params, linear_apply, make_population
+  from helpers import init_params, linear_apply, make_population
 
   import fedjax_sim as fs
 
@@ -59,7 +59,7 @@ def main(argv):
     fs.sharding.initialize(f"127.0.0.1:{port}", nproc, pid, initialization_timeout=60)
   jax.config.update("jax_default_matmul_precision", "highest")
   import numpy as np
-  from conftest import init_params, linear_apply, make_population
+  from helpers import init_params, linear_apply, make_population
 
   import fedjax_sim as fs
 
@@ -114,7 +114,7 @@ def main(argv):
 def run_state_sharding(mesh):
   """The sharding of SCAFFOLD's per-client state after init on ``mesh``."""
   import jax
-  from conftest import init_params, linear_apply, make_population
+  from helpers import init_params, linear_apply, make_population
 
   import fedjax_sim as fs
 

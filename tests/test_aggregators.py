@@ -1,11 +1,12 @@
 """Clipping bounds, Gaussian noise statistics (KS tests), chain and process composition."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import init_params
+from helpers import init_params
 from scipy import stats
 
 import fedjax_sim as fs
@@ -109,11 +110,12 @@ def test_divide_by_default_uses_expected_cohort_size():
   np.testing.assert_allclose(out.delta["w"], [2.0])
 
 
-@pytest.mark.parametrize("name", ["mean", "sum"])
-def test_mean_and_sum_processes_equal_hand_reduction(pop, loss_fn, name):
+@pytest.mark.parametrize("make_aggregator", [fs.aggregators.mean, fs.aggregators.sum],
+                         ids=["mean", "sum"])
+def test_mean_and_sum_processes_equal_hand_reduction(pop, loss_fn, make_aggregator):
   from oracle import round_keys
 
-  agg = fs.aggregators.mean() if name == "mean" else fs.aggregators.sum()
+  agg = make_aggregator()
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=4,
                               local_epochs=1, aggregator=agg)
   sim = fs.Simulation(algo, pop, cohort_size=5, chunk_size=2)
@@ -127,7 +129,7 @@ def test_mean_and_sum_processes_equal_hand_reduction(pop, loss_fn, name):
     deltas.append(algo.client_update(init_params(), data, (),
                                      jax.random.fold_in(client_key, int(cid))).delta)
   total = jax.tree.map(lambda *d: sum(d), *deltas)
-  scale = 1.0 / len(ids) if name == "mean" else 1.0  # unweighted: every client counts once
+  # unweighted: every client counts once
+  scale = 1.0 / len(ids) if make_aggregator is fs.aggregators.mean else 1.0
   expected = jax.tree.map(lambda p, t: p - scale * t, init_params(), total)
-  for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected), strict=True):
-    np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
+  chex.assert_trees_all_close(state.params, expected, rtol=2e-5, atol=2e-6)

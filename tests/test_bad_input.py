@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import init_params, linear_apply
+from helpers import init_params, linear_apply
 
 import fedjax_sim as fs
 

@@ -31,6 +31,7 @@ def test_check_finite():
   assert e.value.code not in (0, None)
 
 
+@pytest.mark.slow  # an end-to-end run (> 20 s of CPU on 2 cores)
 def test_diverged_run_fails_loudly_and_records_nothing(tmp_path):
   out = tmp_path / "r.jsonl"
   with pytest.raises(SystemExit, match="non-finite parameters") as e:
@@ -55,6 +56,7 @@ print(json.dumps({"tool": "fedjax", "model": a.model, "cohort": int(a.cohort),
 '''
 
 
+@pytest.mark.slow  # an end-to-end run (> 20 s of CPU on 2 cores)
 def test_peer_mode_records_measured_ratios(tmp_path):
   import json
   import sys

@@ -4,11 +4,12 @@ import json
 import os
 import signal
 
+import chex
 import jax
 import numpy as np
 import optax
 import pytest
-from conftest import init_params
+from helpers import init_params
 from test_client_state import counting_algorithm
 
 import fedjax_sim as fs
@@ -22,9 +23,7 @@ def make_sim(pop, loss_fn, cohort=4, algo=None):
 
 
 def assert_states_equal(a, b):
-  for x, y in zip(jax.tree.leaves(a.params) + jax.tree.leaves(a.opt_state),
-                  jax.tree.leaves(b.params) + jax.tree.leaves(b.opt_state), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  chex.assert_trees_all_equal((a.params, a.opt_state), (b.params, b.opt_state))
 
 
 def test_resume_is_bit_identical(tmp_path, pop, loss_fn):
@@ -38,8 +37,7 @@ def test_resume_is_bit_identical(tmp_path, pop, loss_fn):
   assert int(resumed.round) == 4
   resumed, _ = sim3.run(resumed, num_rounds=5, block_size=3)
   assert_states_equal(full, resumed)
-  for x, y in zip(jax.tree.leaves(full.client_states), jax.tree.leaves(resumed.client_states)):
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal(full.client_states, resumed.client_states)
 
 
 def test_sigterm_saves_then_resume_matches(tmp_path, pop, loss_fn):

@@ -1,12 +1,26 @@
+import json
+
+import pytest
+
 from fedjax_sim import cli
 
 
-def test_demo_runs_and_learns(capsys):
-  cli.main(["demo", "--rounds", "40", "--eval-every", "20"])
+@pytest.mark.slow  # an end-to-end run (> 20 s of CPU on 2 cores)
+def test_demo_runs_and_learns(capsys, tmp_path):
+  run_dir = tmp_path / "demo"
+  cli.main(["demo", "--rounds", "40", "--eval-every", "20", "--out", str(run_dir)])
   out = capsys.readouterr().out
   assert "final test accuracy" in out
   acc = float(out.split("final test accuracy")[1].split()[0])
   assert acc > 0.7  # 40 DP rounds; the full demo (200 rounds) reaches ~0.95
+  # The demo leaves a run directory: every round logged, ε with its δ, the plot.
+  rounds = [json.loads(line)["round"] for line in open(run_dir / "metrics.jsonl")]
+  assert rounds == list(range(1, 41))
+  summary = json.load(open(run_dir / "summary.json"))
+  assert summary["delta"] == 1e-5 and summary["epsilon"] > 0
+  assert abs(summary["test_accuracy"] - acc) < 1e-4  # printed to 4 digits
+  assert (run_dir / "config.json").exists()
+  assert (run_dir / "learning_curves.png").stat().st_size > 10_000
 
 
 def test_privacy_command_prints_both_accountants(capsys):

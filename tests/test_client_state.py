@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import init_params
+from helpers import init_params
 from oracle import round_keys
 
 import fedjax_sim as fs
@@ -25,11 +25,14 @@ def counting_algorithm(loss_fn):
                        client_state_init=lambda params: (jnp.int32(0), jnp.float32(0)))
 
 
-@pytest.mark.parametrize("chunk,sampler", [(3, "uniform"), (None, "uniform"), (2, "poisson")])
-def test_client_state_counts_participation(pop, loss_fn, chunk, sampler):
+@pytest.mark.parametrize("chunk,make_sampler", [
+    (3, lambda: fs.sampling.uniform(5)),
+    (None, lambda: fs.sampling.uniform(5)),
+    (2, lambda: fs.sampling.poisson(0.4, max_cohort_size=7)),
+], ids=["uniform-chunk3", "uniform-auto", "poisson-chunk2"])
+def test_client_state_counts_participation(pop, loss_fn, chunk, make_sampler):
   algo = counting_algorithm(loss_fn)
-  smp = (fs.sampling.uniform(5) if sampler == "uniform"
-         else fs.sampling.poisson(0.4, max_cohort_size=7))
+  smp = make_sampler()
   sim = fs.Simulation(algo, pop, sampler=smp, chunk_size=chunk)
   key = jax.random.key(9)
   state = sim.init(init_params(), key)

@@ -1,12 +1,13 @@
 """Compression stages: unbiasedness and variance of quantisation, exact rotation, top-k with
 error feedback, sign compression, and their effect inside the round."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import init_params
+from helpers import init_params
 
 import fedjax_sim as fs
 from fedjax_sim.types import RoundContext
@@ -121,8 +122,7 @@ def test_rotation_in_round_equals_plain_mean(pop, loss_fn):
     sim = fs.Simulation(_algo(loss_fn, agg), pop, cohort_size=6, chunk_size=4)
     state, _ = sim.run(sim.init(init_params(), jax.random.key(0)), num_rounds=3)
     out.append(state.params)
-  for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(out[0], out[1], rtol=1e-5, atol=1e-6)
 
 
 def test_quantized_mean_in_round_is_close_and_reports_bits(pop, loss_fn):
@@ -160,8 +160,7 @@ def test_top_k_state_lives_in_the_population(pop, loss_fn):
   plain = fs.Simulation(_algo(loss_fn, fs.aggregators.weighted_mean()), pop, cohort_size=5)
   a, _ = full.run(full.init(init_params(), jax.random.key(1)), num_rounds=2)
   b, _ = plain.run(plain.init(init_params(), jax.random.key(1)), num_rounds=2)
-  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(a.params, b.params, rtol=1e-6, atol=1e-7)
   assert float(jnp.abs(a.agg_client_states["w"]).max()) == 0.0
 
 

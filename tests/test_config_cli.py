@@ -17,6 +17,7 @@ def run_cli(*args):
   return cli.main(list(args))
 
 
+@pytest.mark.slow  # an end-to-end run (> 20 s of CPU on 2 cores)
 def test_run_resume_and_plot(tmp_path, capsys):
   out = str(tmp_path / "run")
   sets = ["--set", f"run.out_dir={out}", "--set", "run.eval_every=2", "--set",

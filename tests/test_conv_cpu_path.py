@@ -1,5 +1,6 @@
 """The CPU convolution path (canonical-layout gradients) computes what the plain path computes."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +11,7 @@ import fedjax_sim as fs
 
 
 def _close(a, b, tol):
-  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=tol, atol=tol)
+  chex.assert_trees_all_close(a, b, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("padding", ["VALID", "SAME", ((2, 0), (1, 3))])
@@ -42,6 +42,7 @@ def test_unsupported_convs_fall_back():
 
 @pytest.mark.parametrize("model,shape", [(fs.zoo.EmnistCNN, (28, 28, 1)),
                                          (fs.zoo.CifarCNN, (32, 32, 3))])
+@pytest.mark.slow  # an end-to-end run (> 20 s of CPU on 2 cores)
 def test_local_training_same_params_on_both_paths(model, shape):
   """The engine's local trainer (while_loop over minibatches) ends at the same parameters."""
   rng = np.random.default_rng(1)
@@ -97,6 +98,7 @@ def test_max_pool_gradients_match_reduce_window_with_ties(shape):
   _close(f("canonical"), f("lax"), 1e-6)
 
 
+@pytest.mark.slow  # an end-to-end run (> 20 s of CPU on 2 cores)
 def test_single_client_chunks_run_unbatched_with_same_results(monkeypatch):
   """chunk_size=1 runs the client without vmap (round.UNBATCHED_SINGLE_CLIENT): same params."""
   rng = np.random.default_rng(0)

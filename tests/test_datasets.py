@@ -180,6 +180,7 @@ def test_personalised_evaluation_improves_local_fit():
   assert tuned["loss_mean"] < base["loss_mean"]
 
 
+@pytest.mark.slow  # an end-to-end run (> 20 s of CPU on 2 cores)
 def test_zoo_models_shapes_and_emnist_cnn_size():
   key = jax.random.key(0)
   cnn = fs.zoo.EmnistCNN()

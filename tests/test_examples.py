@@ -1,10 +1,17 @@
-"""Every example runs (small settings) and writes its PNG."""
+"""Every example runs (small settings) and writes its PNG.
+
+Each starts a fresh Python process and compiles its own programs (20-90 s of CPU each on 2
+cores), so the whole module is in the slow tier: `pytest -m slow` (and `.ci/run`) runs it.
+"""
 
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,11 +1,12 @@
 """SCAFFOLD, FedNova and q-FFL against Python-loop oracles, and their degenerate cases."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import init_params, make_population
+from helpers import init_params, make_population
 from oracle import round_keys, train_client
 
 import fedjax_sim as fs
@@ -14,8 +15,7 @@ RTOL, ATOL = 2e-5, 2e-6
 
 
 def close(a, b, rtol=RTOL, atol=ATOL):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+  chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
 def tree(f, *xs):

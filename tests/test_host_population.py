@@ -1,10 +1,11 @@
 """A host-resident population (cohorts gathered ahead of time) gives the device-resident result."""
 
+import chex
 import jax
 import numpy as np
 import optax
 import pytest
-from conftest import init_params
+from helpers import init_params
 
 import fedjax_sim as fs
 from fedjax_sim.host_population import cohort_capacity, gather_rows
@@ -18,15 +19,15 @@ def _run(algo, pop, sampler, population_on):
   return sim, state, metrics, last
 
 
+@pytest.mark.slow  # an end-to-end run (> 20 s of CPU on 2 cores)
 def test_host_population_equals_device_population(pop, loss_fn):
   sampler = fs.sampling.poisson(0.4, 8)  # variable cohorts: padded slots and an unused capacity
   algo = fs.algorithms.scaffold(loss_fn, client_learning_rate=0.1, batch_size=4, local_epochs=1)
   _, want, want_m, want_last = _run(algo, pop, sampler, "device")
   sim, got, got_m, got_last = _run(algo, pop, sampler, "host")
   assert isinstance(sim.population.features["x"], np.ndarray)  # examples never left the host
-  for a, b in zip(jax.tree.leaves((want.params, want.client_states, want.server_extra)),
-                  jax.tree.leaves((got.params, got.client_states, got.server_extra)), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal((want.params, want.client_states, want.server_extra),
+                              (got.params, got.client_states, got.server_extra))
   for k in want_m:
     np.testing.assert_array_equal(want_m[k], got_m[k])
   assert want_last == got_last

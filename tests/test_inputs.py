@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import init_params, linear_apply, make_population
+from helpers import init_params, linear_apply, make_population
 
 import fedjax_sim as fs
 from fedjax_sim import privacy

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import fedjax_sim as fs
@@ -24,6 +25,7 @@ def train(apply_fn, params, rounds=15):
   return sim.run(sim.init(params, jax.random.key(0)), num_rounds=rounds)
 
 
+@pytest.mark.slow  # an end-to-end run (> 20 s of CPU on 2 cores)
 def test_linen_with_dropout_trains():
   class MLP(nn.Module):
     @nn.compact

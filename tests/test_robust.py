@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import init_params
+from helpers import init_params
 from oracle import round_keys, train_client
 from scipy import stats
 

@@ -1,11 +1,12 @@
 """The fused round against the Python-loop oracle, identities and invariances."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import init_params, linear_apply, make_population
+from helpers import init_params, linear_apply, make_population
 from oracle import oracle_round, round_keys
 
 import fedjax_sim as fs
@@ -14,8 +15,7 @@ RTOL, ATOL = 2e-5, 2e-6
 
 
 def assert_trees_close(a, b, rtol=RTOL, atol=ATOL):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+  chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
 CASES = {
@@ -105,10 +105,12 @@ def test_fedprox_mu0_equals_fedavg(pop, loss_fn):
   assert_trees_close(sa.params, sb.params)
 
 
-@pytest.mark.parametrize("aggregator", ["mean", "dp"])
-def test_invariant_to_chunk_size_and_cohort_order(pop, loss_fn, aggregator):
-  agg = (fs.aggregators.weighted_mean() if aggregator == "mean"
-         else fs.aggregators.dp_mean(clip=0.1, noise_multiplier=1.0))
+@pytest.mark.parametrize("make_aggregator", [
+    fs.aggregators.weighted_mean,
+    lambda: fs.aggregators.dp_mean(clip=0.1, noise_multiplier=1.0),
+], ids=["mean", "dp"])
+def test_invariant_to_chunk_size_and_cohort_order(pop, loss_fn, make_aggregator):
+  agg = make_aggregator()
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
                               local_epochs=1, aggregator=agg)
   results = []

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import init_params
+from helpers import init_params
 
 import fedjax_sim as fs
 from fedjax_sim import checkpoint as ckpt

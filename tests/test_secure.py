@@ -1,11 +1,12 @@
 """Secure aggregation (modular and masked, with dropouts) and the distributed Skellam mechanism."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import init_params
+from helpers import init_params
 
 import fedjax_sim as fs
 from fedjax_sim.types import RoundContext
@@ -40,8 +41,7 @@ def test_masked_equals_modular_bit_for_bit(pop, loss_fn, dropout):
     agg = fs.aggregators.secure_mean(bits=20, clip_range=0.5, mode=mode, dropout=dropout)
     state, metrics = _run(pop, loss_fn, agg, rounds=3)
     out[mode] = (state.params, metrics)
-  for a, b in zip(jax.tree.leaves(out["modular"][0]), jax.tree.leaves(out["masked"][0])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(out["modular"][0], out["masked"][0])
   dropped = np.asarray(out["masked"][1]["secagg_dropped"])
   assert (dropped > 0).any() == (dropout > 0)
   assert np.all(np.asarray(out["masked"][1]["secagg_wrapped"]) == 0)
@@ -57,8 +57,7 @@ def test_masked_with_system_dropouts_and_padding(pop, loss_fn):
     state, metrics = sim.run(sim.init(init_params(), jax.random.key(4)), num_rounds=3)
     res.append(state.params)
   assert float(np.sum(metrics["dropped"])) > 0
-  for a, b in zip(jax.tree.leaves(res[0]), jax.tree.leaves(res[1])):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(res[0], res[1])
 
 
 def test_enough_bits_recover_the_mean_within_the_quantisation_bound(pop, loss_fn):
@@ -88,8 +87,7 @@ def test_weighted_secure_mean_matches_weighted_mean(pop, loss_fn):
   plain, _ = _run(pop, loss_fn, fs.aggregators.weighted_mean(), rounds=2, lr=0.05)
   secure, _ = _run(pop, loss_fn, fs.aggregators.secure_mean(bits=32, clip_range=1.0), rounds=2,
                    lr=0.05)
-  for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(secure.params)):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+  chex.assert_trees_all_close(plain.params, secure.params, rtol=1e-7, atol=1e-5)
 
 
 def test_bad_secure_inputs(pop, loss_fn):

@@ -53,6 +53,7 @@ def _assert_same(got, want, names):
   assert compared >= 3 * len(names)  # params (w, b), loss, and SCAFFOLD's client states
 
 
+@pytest.mark.slow  # an end-to-end run (> 20 s of CPU on 2 cores)
 def test_eight_devices_equal_one_device(reference, tmp_path):
   path = tmp_path / "d8.npz"
   subprocess.run([sys.executable, os.path.join(HERE, "sharded_worker.py"), "devices", str(path),

@@ -1,10 +1,11 @@
 """fs.sweep: every lane of the vmapped program equals the corresponding single run."""
 
+import chex
 import jax
 import numpy as np
 import optax
 import pytest
-from conftest import init_params
+from helpers import init_params
 
 import fedjax_sim as fs
 
@@ -32,9 +33,8 @@ def test_each_lane_equals_its_single_run(pop, loss_fn):
     sim = fs.Simulation(build(**{k: v[i] for k, v in HYPER.items()}), pop, cohort_size=6,
                         chunk_size=3)
     state, m = sim.run(sim.init(init_params(), jax.random.key(seed)), num_rounds=3)
-    for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
-                    jax.tree.leaves((states.params, states.opt_state)), strict=True):
-      np.testing.assert_allclose(np.asarray(b)[i], np.asarray(a), rtol=RTOL, atol=ATOL)
+    lane = jax.tree.map(lambda x: x[i], (states.params, states.opt_state))
+    chex.assert_trees_all_close(lane, (state.params, state.opt_state), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(metrics["loss"][i], m["loss"], rtol=RTOL)
   # Different lanes really differ (different seeds and hyper-parameters).
   assert not np.allclose(np.asarray(states.params["w"])[0], np.asarray(states.params["w"])[1])

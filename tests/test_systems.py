@@ -1,10 +1,11 @@
 """Availability, dropout, stragglers and deadlines: in-jit, keyed by client id."""
 
+import chex
 import jax
 import numpy as np
 import optax
 import pytest
-from conftest import init_params
+from helpers import init_params
 from test_client_state import counting_algorithm
 
 import fedjax_sim as fs
@@ -24,8 +25,7 @@ def test_dropout_all_keeps_server_and_counts(pop, loss_fn):
                       system=fs.systems.SystemModel(dropout=1.0))
   state, m = sim.run(sim.init(init_params(), jax.random.key(0)), num_rounds=3)
   assert np.all(m["dropped"] == 5) and np.all(m["clients"] == 0)
-  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(init_params())):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(state.params, init_params())
 
 
 def test_dropout_rate_and_chunk_invariance(pop, loss_fn):
@@ -36,8 +36,7 @@ def test_dropout_rate_and_chunk_invariance(pop, loss_fn):
     state, m = sim.run(sim.init(init_params(), jax.random.key(3)), num_rounds=40)
     results.append((state.params, m))
   (pa, ma), (pb, mb) = results
-  for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  chex.assert_trees_all_close(pa, pb, rtol=2e-5, atol=2e-6)
   np.testing.assert_array_equal(ma["dropped"], mb["dropped"])
   rate = ma["dropped"].sum() / 400
   assert 0.22 < rate < 0.38  # 400 Bernoulli(0.3) draws: sd 0.023

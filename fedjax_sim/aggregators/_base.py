@@ -115,7 +115,11 @@ class Process(NamedTuple):
 
 
 def identity() -> Aggregator:
-  """A stage that changes nothing."""
+  """A stage that changes nothing.
+
+  Returns:
+    an :class:`Aggregator` with an empty state that returns the update unchanged.
+  """
 
   def aggregate(update, state, key, context):
     del key, context
@@ -129,6 +133,9 @@ def chain(*stages: Aggregator) -> Aggregator:
 
   The state is a tuple of the stages' states and the metrics are merged (later stages win on a
   name clash).
+
+  Returns:
+    an :class:`Aggregator` whose state is the tuple of the stages' states.
 
   Examples:
     >>> import fedjax_sim as fs
@@ -184,7 +191,11 @@ def chain(*stages: Aggregator) -> Aggregator:
 
 
 def weighted_sum_reducer() -> Reducer:
-  """Sum of ``weight * delta`` and of ``weight``."""
+  """Sum of ``weight * delta`` and of ``weight``.
+
+  Returns:
+    a :class:`Reducer` (``weighted=True``).
+  """
 
   def contribute(update, is_real):
     w = update.weight * is_real
@@ -194,7 +205,11 @@ def weighted_sum_reducer() -> Reducer:
 
 
 def sum_reducer() -> Reducer:
-  """Unweighted sum of ``delta``; the weight becomes the number of real clients."""
+  """Unweighted sum of ``delta``; the weight becomes the number of real clients.
+
+  Returns:
+    a :class:`Reducer` (``weighted=False``).
+  """
 
   def contribute(update, is_real):
     return WeightedUpdate(jax.tree.map(lambda d: is_real * d, update.delta), is_real)
@@ -211,6 +226,9 @@ def process(
     check: Callable[[RoundContext], None] | None = None,
 ) -> Process:
   """Assembles an aggregation pipeline; missing slots are identities / an unweighted sum.
+
+  Returns:
+    the :class:`Process` ``(per_client, reduce, post, noise_multiplier, check)``.
 
   Raises:
     ValueError: for compositions whose privacy is undefined: noise without per-client clipping,
@@ -255,7 +273,11 @@ def process(
 
 
 def as_process(aggregator: Any) -> Process:
-  """Validates the ``aggregator`` argument of an algorithm."""
+  """Validates the ``aggregator`` argument of an algorithm.
+
+  Returns:
+    ``aggregator`` itself when it is a :class:`Process` (otherwise it raises).
+  """
   if isinstance(aggregator, Process):
     return aggregator
   if isinstance(aggregator, Aggregator):

@@ -72,6 +72,9 @@ def quantize(bits: int) -> Aggregator:
   Args:
     bits: 1..24.
 
+  Returns:
+    a ``per_client`` :class:`Aggregator` stage that reports ``bits_uploaded``.
+
   Examples:
     >>> import jax, jax.numpy as jnp, fedjax_sim as fs
     >>> stage = fs.aggregators.quantize(8)
@@ -163,6 +166,9 @@ def hadamard_rotation(seed_tag: int = 0) -> Rotation:
   the parameter shapes. Exactly invertible up to float rounding. Use the same ``seed_tag`` for
   the pair; two rotations in one pipeline need different tags.
 
+  Returns:
+    a :class:`Rotation`: a ``per_client`` stage that rotates and its ``post`` inverse.
+
   References:
     Suresh, Yu, Kumar, McMahan, "Distributed Mean Estimation with Limited Communication",
     ICML 2017.
@@ -193,7 +199,11 @@ def hadamard_rotation(seed_tag: int = 0) -> Rotation:
 
 def quantized_mean(bits: int, *, rotate: bool = True, weighted: bool = True) -> Process:
   """FedAvg's mean of ``bits``-bit stochastically quantised updates, optionally after a shared
-  randomized Hadamard rotation (inverted on the server)."""
+  randomized Hadamard rotation (inverted on the server).
+
+  Returns:
+    a :class:`Process`: (rotate,) quantise per client, sum, (unrotate,) normalise.
+  """
   q = quantize(bits)
   reducer = weighted_sum_reducer() if weighted else sum_reducer()
   if not rotate:
@@ -231,6 +241,10 @@ def top_k(k: int | None = None, *, fraction: float | None = None,
   Args:
     k: coordinates kept per client; or ``fraction`` of the P parameters.
     error_feedback: keep per-client residuals (memory ``num_clients x P`` floats).
+
+  Returns:
+    a ``per_client`` :class:`Aggregator` stage (with per-client residuals when
+      ``error_feedback``) that reports ``bits_uploaded``.
   """
   if k is not None:
     _v.positive_int("k", k)
@@ -266,7 +280,12 @@ def top_k(k: int | None = None, *, fraction: float | None = None,
 def sign_compression(*, error_feedback: bool = False) -> Aggregator:
   """Scaled sign compression: each leaf is sent as ``sign(x) * mean(|x|)`` (1 bit per coordinate
   plus one float per leaf), optionally with per-client error feedback (EF-SignSGD, Karimireddy,
-  Rebjock, Stich, Jaggi, ICML 2019)."""
+  Rebjock, Stich, Jaggi, ICML 2019).
+
+  Returns:
+    a ``per_client`` :class:`Aggregator` stage (with per-client residuals when
+      ``error_feedback``) that reports ``bits_uploaded``.
+  """
 
   def client_init(params):
     return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)

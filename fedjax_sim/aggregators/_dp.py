@@ -45,6 +45,9 @@ def cap_weights(weight_cap) -> Aggregator:
 
   With weights at most 1 and updates clipped to S, each client's contribution ``w_k Δ_k`` to the
   weighted sum has norm at most S, so the weighted sum keeps sensitivity S.
+
+  Returns:
+    a ``per_client`` :class:`Aggregator` stage (tagged ``CAPS_WEIGHTS``).
   """
   cap = _positive("weight_cap", weight_cap)
 
@@ -60,6 +63,9 @@ def divide_by_expected_weight(weight_cap) -> Aggregator:
 
   ``W = Σ_k min(n_k / weight_cap, 1)`` over the population and ``q = expected cohort / N``; the
   estimator ``Σ_cohort w_k Δ_k / (q W)`` is unbiased for the population's weighted mean.
+
+  Returns:
+    a ``post`` :class:`Aggregator` stage.
   """
   cap = float(_positive("weight_cap", weight_cap))
 
@@ -100,6 +106,10 @@ def dp_mean(
     per_layer: per-layer clipping with an equal budget split (same total bound).
     denominator: fixed denominator D (default: expected cohort size).
     weight_cap: optional ŵ > 0 for example-weighted DP with capped weights.
+
+  Returns:
+    a :class:`Process` (clip, sum, Gaussian noise, divide) with ``noise_multiplier`` set
+      for the accountant.
 
   References:
     McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent Language Models",
@@ -153,6 +163,10 @@ def adaptive_clip_l2(
     target_quantile: γ in (0, 1).
     learning_rate: η > 0.
     count_noise_stddev: σ_b >= 0; None: ``expected_cohort_size / 20`` (the paper's default).
+
+  Returns:
+    a ``per_client`` :class:`Aggregator` stage whose state is the current clip
+      (:class:`AdaptiveClipState`), moved by its ``finalize`` after each round.
 
   References:
     Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private Learning with Adaptive
@@ -217,6 +231,9 @@ def adaptive_dp_mean(
   the round is as private as one Gaussian mechanism with multiplier ``noise_multiplier`` (which
   is what the accountant uses). Defaults: C0 = 0.1, γ = 0.5, η = 0.2, σ_b = K/20.
 
+  Returns:
+    a :class:`Process` whose ``noise_multiplier`` is the ``z`` the accountant uses.
+
   Examples:
     >>> import fedjax_sim as fs
     >>> agg = fs.aggregators.adaptive_dp_mean(noise_multiplier=1.0)
@@ -255,6 +272,9 @@ def local_gaussian_noise(noise_multiplier, clip) -> Aggregator:
 
   Use after :func:`clip_l2` in ``per_client``; the noise is drawn from the client's own
   per-client aggregator key, so the server never sees an un-noised update.
+
+  Returns:
+    a ``per_client`` :class:`Aggregator` stage (tagged ``LOCAL_NOISE``).
   """
   stddev = _non_negative("noise_multiplier", noise_multiplier) * _positive("clip", clip)
 
@@ -268,6 +288,9 @@ def local_gaussian_noise(noise_multiplier, clip) -> Aggregator:
 def local_dp_mean(clip, noise_multiplier, *, denominator=None) -> Process:
   """Local DP: every client clips to ``clip`` and adds its own Gaussian noise before upload; the
   server averages with a fixed denominator. Account with ``fs.privacy.local_epsilon``.
+
+  Returns:
+    a :class:`Process` (clip and noise per client, sum, divide).
 
   Examples:
     >>> import fedjax_sim as fs

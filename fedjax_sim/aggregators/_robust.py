@@ -65,6 +65,9 @@ def median_reducer() -> Reducer:
 
   With an even number of clients it is the mean of the two middle values (as ``np.median``).
   Fills a ``[K, P]`` buffer.
+
+  Returns:
+    a stacked :class:`Reducer`.
   """
 
   def stacked(updates, mask, key, context):
@@ -93,6 +96,9 @@ def trimmed_mean_reducer(beta: float) -> Reducer:
 
   Args:
     beta: the fraction trimmed from EACH side, in [0, 0.5).
+
+  Returns:
+    a stacked :class:`Reducer`.
   """
   beta = _check_beta(beta)
 
@@ -140,6 +146,9 @@ def krum_reducer(num_byzantine: int, num_selected: int | None = 1) -> Reducer:
   Args:
     num_byzantine: f, the number of attackers the rule tolerates.
     num_selected: m, how many updates Multi-Krum averages (1 = Krum); None for ``n - f``.
+
+  Returns:
+    a stacked :class:`Reducer`.
   """
   f = _v.non_negative_int("num_byzantine", num_byzantine)
   m = None if num_selected is None else _v.positive_int("num_selected", num_selected)
@@ -179,6 +188,9 @@ def geometric_median_reducer(
   ``v <- sum_i b_i x_i / sum_i b_i`` with ``b_i = a_i / max(eps, ||v - x_i||)``, starting from
   the (weighted) mean, for a fixed ``num_iters`` (RFA's reference uses 4). ``a_i`` is the
   client's weight (example count) or 1. Fills a ``[K, P]`` buffer.
+
+  Returns:
+    a stacked :class:`Reducer`.
   """
   iters = _v.positive_int("num_iters", num_iters)
   nu = _v.positive("eps", eps)
@@ -207,6 +219,9 @@ def centered_clip_reducer(radius: float, num_iters: int = 3) -> Reducer:
   ``v <- v + (1/n) sum_i (x_i - v) min(1, radius / ||x_i - v||)`` for ``num_iters`` steps from
   ``v = 0`` (the paper starts from the previous aggregate, i.e. server momentum; put momentum in
   the server optimizer). Fills a ``[K, P]`` buffer.
+
+  Returns:
+    a stacked :class:`Reducer`.
   """
   tau = _v.positive("radius", radius)
   iters = _v.positive_int("num_iters", num_iters)
@@ -239,6 +254,9 @@ def _no_contribute(update, is_real):
 def median() -> Process:
   """Coordinate-wise median aggregation (see :func:`median_reducer`).
 
+  Returns:
+    a :class:`Process` with the stacked :func:`median_reducer`.
+
   Examples:
     >>> import jax, jax.numpy as jnp, fedjax_sim as fs
     >>> agg = fs.aggregators.median()
@@ -251,27 +269,48 @@ def median() -> Process:
 
 
 def trimmed_mean(beta: float) -> Process:
-  """Coordinate-wise trimmed mean aggregation (see :func:`trimmed_mean_reducer`)."""
+  """Coordinate-wise trimmed mean aggregation (see :func:`trimmed_mean_reducer`).
+
+  Returns:
+    a :class:`Process` with the stacked :func:`trimmed_mean_reducer`.
+  """
   return process(identity(), trimmed_mean_reducer(beta), identity())
 
 
 def krum(num_byzantine: int) -> Process:
-  """Krum: the single update closest to its ``n - f - 2`` neighbours (Blanchard et al. 2017)."""
+  """Krum: the single update closest to its ``n - f - 2`` neighbours (Blanchard et al. 2017).
+
+  Returns:
+    a :class:`Process` with the stacked :func:`krum_reducer` selecting one update.
+  """
   return process(identity(), krum_reducer(num_byzantine, 1), identity())
 
 
 def multi_krum(num_byzantine: int, num_selected: int | None = None) -> Process:
-  """Multi-Krum: the mean of the ``num_selected`` (default ``n - f``) best Krum scores."""
+  """Multi-Krum: the mean of the ``num_selected`` (default ``n - f``) best Krum scores.
+
+  Returns:
+    a :class:`Process` with the stacked :func:`krum_reducer` averaging the selected
+      updates.
+  """
   return process(identity(), krum_reducer(num_byzantine, num_selected), identity())
 
 
 def geometric_median(num_iters: int = 4, eps: float = 1e-5, weighted: bool = True) -> Process:
-  """Robust federated aggregation by the geometric median (RFA, Pillutla et al. 2022)."""
+  """Robust federated aggregation by the geometric median (RFA, Pillutla et al. 2022).
+
+  Returns:
+    a :class:`Process` with the stacked :func:`geometric_median_reducer`.
+  """
   return process(identity(), geometric_median_reducer(num_iters, eps, weighted), identity())
 
 
 def centered_clip(radius: float, num_iters: int = 3) -> Process:
-  """Centered clipping aggregation (Karimireddy et al. 2021)."""
+  """Centered clipping aggregation (Karimireddy et al. 2021).
+
+  Returns:
+    a :class:`Process` with the stacked :func:`centered_clip_reducer`.
+  """
   return process(identity(), centered_clip_reducer(radius, num_iters), identity())
 
 
@@ -279,6 +318,9 @@ def norm_bounded_mean(max_norm: float, weighted: bool = True) -> Process:
   """Norm bounding (Sun et al. 2019): clip every update to ``max_norm``, then average.
 
   A sum of clipped updates, so it streams across chunks like FedAvg (no ``[K, P]`` buffer).
+
+  Returns:
+    a :class:`Process` (clip each update to ``max_norm``, weighted mean).
   """
   reducer = weighted_sum_reducer() if weighted else sum_reducer()
   return process(clip_l2(max_norm), reducer, normalize())

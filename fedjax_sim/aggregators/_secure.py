@@ -156,7 +156,11 @@ def _unmask(field_sum, context, rate):
 
 
 def secure_sum_reducer() -> Reducer:
-  """Sums :class:`SecurePayload` s: field elements in ``uint32`` (wrapping) and the weights."""
+  """Sums :class:`SecurePayload` s: field elements in ``uint32`` (wrapping) and the weights.
+
+  Returns:
+    a :class:`Reducer` that sums in ``uint32`` with wrap-around.
+  """
 
   def contribute(update, is_real):
     real = is_real > 0
@@ -249,6 +253,9 @@ def secure_mean(
   Metrics: ``secagg_clipped`` (fraction of coordinates clipped), ``secagg_dropped``,
   ``secagg_wrapped``, ``secagg_scale``, ``secagg_error_bound`` (the bound above, when nothing
   wrapped), ``bits_uploaded``.
+
+  Returns:
+    a :class:`Process` (tagged ``SECURE``) that reports ``secagg_wrapped``.
 
   Examples:
     >>> import fedjax_sim as fs
@@ -403,6 +410,10 @@ def distributed_dp_mean(
   wrap probability per coordinate near ``modclip_prob``; ``secagg_wrapped`` counts wraps.
 
   Account with :func:`fedjax_sim.privacy.skellam_epsilon` (the same calibration).
+
+  Returns:
+    a :class:`Process` (tagged ``SECURE``) whose ``noise_multiplier`` is ``None``:
+      its ε comes from :func:`fedjax_sim.privacy.skellam_epsilon`, not the Gaussian accountant.
 
   References:
     Agarwal, Kairouz, Liu, "The Skellam Mechanism for Differentially Private Federated

@@ -54,6 +54,10 @@ def clip_l2(clip, *, per_layer: bool = False) -> Aggregator:
     clip: the L2 bound S > 0.
     per_layer: clip each leaf separately with the equal budget split.
 
+  Returns:
+    a ``per_client`` :class:`Aggregator` stage (tagged ``CLIPS``) that reports
+      ``fraction_clipped``.
+
   References:
     McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent Language Models",
     ICLR 2018 (flat and per-layer clipping).
@@ -104,6 +108,9 @@ def gaussian_noise(noise_multiplier, clip) -> Aggregator:
     noise_multiplier: z >= 0 (0 adds no noise).
     clip: the clipping bound S > 0 used by the per-client stage.
 
+  Returns:
+    a ``post`` :class:`Aggregator` stage (tagged ``ADDS_NOISE``).
+
   Examples:
     >>> import jax, jax.numpy as jnp, fedjax_sim as fs
     >>> stage = fs.aggregators.gaussian_noise(noise_multiplier=1.0, clip=0.5)
@@ -128,6 +135,9 @@ def divide_by(denominator=None) -> Aggregator:
   Args:
     denominator: a positive number, or None for the expected cohort size of the sampler in use
       (K for fixed-size cohorts, q*N for Poisson sampling), the fixed denominator of DP-FedAvg.
+
+  Returns:
+    a ``post`` :class:`Aggregator` stage.
   """
   fixed = None if denominator is None else _positive("denominator", denominator)
 
@@ -140,7 +150,11 @@ def divide_by(denominator=None) -> Aggregator:
 
 
 def normalize() -> Aggregator:
-  """Divides the summed update by the summed weight (0 stays 0 when the weight is 0)."""
+  """Divides the summed update by the summed weight (0 stays 0 when the weight is 0).
+
+  Returns:
+    a ``post`` :class:`Aggregator` stage.
+  """
 
   def aggregate(update, state, key, context):
     del key, context
@@ -156,15 +170,26 @@ def weighted_mean() -> Process:
   """Example-weighted mean of client updates (FedAvg's aggregation): sum w_k delta_k / sum w_k.
 
   Not differentially private: one client's weight is unbounded.
+
+  Returns:
+    a :class:`Process` (weighted sum, divide by the summed weight).
   """
   return process(identity(), weighted_sum_reducer(), normalize())
 
 
 def mean() -> Process:
-  """Unweighted mean of the real clients' updates."""
+  """Unweighted mean of the real clients' updates.
+
+  Returns:
+    a :class:`Process` (unweighted sum, divide by the number of real clients).
+  """
   return process(identity(), sum_reducer(), normalize())
 
 
 def sum() -> Process:  # noqa: A001 - mirrors the name of the operation, like optax
-  """Unweighted sum of the real clients' updates."""
+  """Unweighted sum of the real clients' updates.
+
+  Returns:
+    a :class:`Process` (unweighted sum, no division).
+  """
   return process(identity(), sum_reducer(), identity())

@@ -121,6 +121,9 @@ def fedavg(
   Returns:
     The :class:`Algorithm`.
 
+  Returns:
+    an :class:`Algorithm` for :class:`fedjax_sim.Simulation`.
+
   References:
     McMahan, Moore, Ramage, Hampson, Agüera y Arcas, "Communication-Efficient Learning of Deep
     Networks from Decentralized Data", AISTATS 2017. Reddi et al., "Adaptive Federated
@@ -166,6 +169,9 @@ def fedprox(
   Returns:
     The :class:`Algorithm`.
 
+  Returns:
+    an :class:`Algorithm` for :class:`fedjax_sim.Simulation`.
+
   References:
     Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, "Federated Optimization in Heterogeneous
     Networks", MLSys 2020.
@@ -196,6 +202,9 @@ def fedsgd(
   One full-batch step with ``sgd(1.0)`` makes the client's pseudo-gradient equal to its mean
   gradient; the example-weighted mean over clients is then the full-batch gradient of the union
   of their data, which ``server_optimizer`` applies (e.g. ``optax.sgd(lr)``: centralised GD).
+
+  Returns:
+    an :class:`Algorithm` for :class:`fedjax_sim.Simulation`.
 
   References:
     McMahan et al., AISTATS 2017 (FedSGD baseline).
@@ -240,14 +249,22 @@ def _local_sgd_algorithm(
 
 
 def fedavgm(learning_rate: float = 1.0, momentum: float = 0.9) -> optax.GradientTransformation:
-  """Server SGD with heavy-ball momentum (FedAvgM, Hsu et al. 2019)."""
+  """Server SGD with heavy-ball momentum (FedAvgM, Hsu et al. 2019).
+
+  Returns:
+    an ``optax.GradientTransformation`` for ``server_optimizer``.
+  """
   return optax.sgd(learning_rate, momentum=momentum)
 
 
 def fedadam(
     learning_rate: float = 1e-2, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3
 ) -> optax.GradientTransformation:
-  """Server Adam of FedAdam (Reddi et al. 2021): beta1 0.9, beta2 0.99, tau (eps) 1e-3."""
+  """Server Adam of FedAdam (Reddi et al. 2021): beta1 0.9, beta2 0.99, tau (eps) 1e-3.
+
+  Returns:
+    an ``optax.GradientTransformation`` for ``server_optimizer``.
+  """
   return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
 
 
@@ -255,7 +272,11 @@ def fedyogi(
     learning_rate: float = 1e-2, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3,
     initial_accumulator_value: float = 1e-6,
 ) -> optax.GradientTransformation:
-  """Server Yogi of FedYogi (Reddi et al. 2021): beta1 0.9, beta2 0.99, tau (eps) 1e-3."""
+  """Server Yogi of FedYogi (Reddi et al. 2021): beta1 0.9, beta2 0.99, tau (eps) 1e-3.
+
+  Returns:
+    an ``optax.GradientTransformation`` for ``server_optimizer``.
+  """
   return optax.yogi(
       learning_rate, b1=b1, b2=b2, eps=eps, initial_accumulator_value=initial_accumulator_value
   )
@@ -264,7 +285,11 @@ def fedyogi(
 def fedadagrad(
     learning_rate: float = 1e-1, eps: float = 1e-3, initial_accumulator_value: float = 0.0
 ) -> optax.GradientTransformation:
-  """Server Adagrad of FedAdagrad (Reddi et al. 2021, tau = 1e-3 as eps; no server momentum)."""
+  """Server Adagrad of FedAdagrad (Reddi et al. 2021, tau = 1e-3 as eps; no server momentum).
+
+  Returns:
+    an ``optax.GradientTransformation`` for ``server_optimizer``.
+  """
   return optax.adagrad(
       learning_rate, initial_accumulator_value=initial_accumulator_value, eps=eps**2
   )

@@ -73,6 +73,9 @@ def scaffold(
   Returns:
     The :class:`Algorithm`.
 
+  Returns:
+    an :class:`Algorithm` whose per-client state is each client's control variate.
+
   References:
     Karimireddy, Kale, Mohri, Reddi, Stich, Suresh, "SCAFFOLD: Stochastic Controlled Averaging
     for Federated Learning", ICML 2020.
@@ -141,6 +144,9 @@ def fednova(
   counts this is FedAvg; with unequal ones it removes FedAvg's bias toward clients that run
   more steps (objective inconsistency).
 
+  Returns:
+    an :class:`Algorithm` for :class:`fedjax_sim.Simulation`.
+
   References:
     Wang, Liu, Liang, Joshi, Poor, "Tackling the Objective Inconsistency Problem in
     Heterogeneous Federated Optimization", NeurIPS 2020.
@@ -206,6 +212,9 @@ def qffl(
   with SGD at rate η (L = 1/η), and sends ``Δ_k = F_k^q · L (w − w̄_k)`` and
   ``h_k = q F_k^(q−1) ‖L (w − w̄_k)‖² + L F_k^q``; the server steps ``w ← w − Σ Δ_k / Σ h_k``.
   ``q = 0`` is FedAvg with an unweighted mean; larger q narrows the spread of client losses.
+
+  Returns:
+    an :class:`Algorithm` for :class:`fedjax_sim.Simulation`.
 
   References:
     Li, Sanjabi, Beirami, Smith, "Fair Resource Allocation in Federated Learning", ICLR 2020.
@@ -291,6 +300,9 @@ def ditto(
   Returns:
     The :class:`Algorithm`.
 
+  Returns:
+    an :class:`Algorithm` whose per-client state is each client's personal model.
+
   References:
     Li, Hu, Beirami, Smith, "Ditto: Fair and Robust Federated Learning Through
     Personalization", ICML 2021.
@@ -358,6 +370,10 @@ def feddyn(
   keeps ``h`` (``ServerState.server_extra``): ``h ← h − α/N Σ_{k∈P} (θ_k − θ^{t−1})`` and
   ``θ^t = mean_{k∈P} θ_k − h / α`` (the server optimizer is ``sgd(1.0)`` on the implied
   pseudo-gradient; the mean is unweighted, as in the paper).
+
+  Returns:
+    an :class:`Algorithm` whose per-client state is each client's gradient correction
+      and whose server state carries the running correction ``h``.
 
   References:
     Acar, Zhao, Navarro, Mattina, Whatmough, Saligrama, "Federated Learning Based on Dynamic

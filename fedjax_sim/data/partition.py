@@ -210,36 +210,61 @@ class PartitionStats:
   def __repr__(self) -> str:
     return "PartitionStats(" + ", ".join(f"{k}={v:.3g}" for k, v in self.as_dict().items()) + ")"
 
-  def plot(self, path: str, max_clients: int = 50) -> None:
-    """Saves a PNG: client sizes and (if labels were given) per-client label histograms."""
+  def plot(self, path: str, max_clients: int = 50, title: str = "",
+           label_names=None) -> None:
+    """Saves a PNG: client sizes and (if labels were given) per-client label histograms.
+
+    Args:
+      path: the PNG to write.
+      max_clients: clients shown in the label panel (the first ones).
+      title: the figure title (default: the number of clients).
+      label_names: names of the labels in sorted order, for the legend (default: 0, 1, ...).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = 2 if self.label_counts is not None else 1
-    fig, axes = plt.subplots(rows, 1, figsize=(8, 3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 1, figsize=(8, 3 * rows + 0.4), squeeze=False)
     axes[0, 0].hist(self.sizes, bins=40)
     axes[0, 0].set_xlabel("examples per client")
     axes[0, 0].set_ylabel("clients")
+    axes[0, 0].set_title("client sizes")
     if self.label_counts is not None:
       lc = self.label_counts[:max_clients]
+      names = (list(label_names) if label_names is not None
+               else [str(c) for c in range(lc.shape[1])])
       bottom = np.zeros(lc.shape[0])
       cmap = plt.get_cmap("tab20")
       for c in range(lc.shape[1]):
         axes[1, 0].bar(np.arange(lc.shape[0]), lc[:, c], bottom=bottom, color=cmap(c % 20),
-                       width=1.0)
+                       width=1.0, label=names[c])
         bottom += lc[:, c]
       axes[1, 0].set_xlabel(f"client (first {lc.shape[0]})")
       axes[1, 0].set_ylabel("examples by label")
+      axes[1, 0].set_title("label mix per client")
+      axes[1, 0].legend(title="label", fontsize=7, title_fontsize=8, loc="upper left",
+                        bbox_to_anchor=(1.0, 1.0), ncol=1 + lc.shape[1] // 12)
+    fig.suptitle(title or f"partition of {self.num_clients} clients")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def describe(client_ids, labels=None, *, num_clients: int | None = None,
-             plot_path: str | None = None) -> PartitionStats:
+             plot_path: str | None = None, plot_title: str = "") -> PartitionStats:
   """Size and label-distribution statistics of a partition; optionally a PNG of histograms.
+
+  Args:
+    client_ids: each example's client id.
+    labels: each example's label (optional), for the label-skew statistics.
+    num_clients: N (default: the largest id + 1).
+    plot_path: where to save the PNG (client sizes; label mix per client with a label legend).
+    plot_title: the PNG's title.
+
+  Returns:
+    a :class:`PartitionStats` (``as_dict()`` for the numbers).
 
   Examples:
     >>> labels = np.repeat(np.arange(10), 100)
@@ -261,5 +286,6 @@ def describe(client_ids, labels=None, *, num_clients: int | None = None,
     np.add.at(label_counts, (ids, lab), 1)
   stats = PartitionStats(sizes, label_counts)
   if plot_path is not None:
-    stats.plot(plot_path)
+    names = None if labels is None else [str(v) for v in np.unique(labels)]
+    stats.plot(plot_path, title=plot_title, label_names=names)
   return stats

@@ -212,10 +212,18 @@ class PoissonSampler:
 
 
 def uniform(cohort_size: int, weights=None) -> UniformSampler:
-  """Fixed-size uniform sampling without replacement (see :class:`UniformSampler`)."""
+  """Fixed-size uniform sampling without replacement (see :class:`UniformSampler`).
+
+  Returns:
+    a :class:`UniformSampler` (``Simulation(..., sampler=...)``).
+  """
   return UniformSampler(cohort_size, weights)
 
 
 def poisson(q: float, max_cohort_size: int, availability=None) -> PoissonSampler:
-  """Poisson sampling with rate ``q``, padded to ``max_cohort_size`` (:class:`PoissonSampler`)."""
+  """Poisson sampling with rate ``q``, padded to ``max_cohort_size`` (:class:`PoissonSampler`).
+
+  Returns:
+    a :class:`PoissonSampler` (``Simulation(..., sampler=...)``).
+  """
   return PoissonSampler(q, max_cohort_size, availability)
