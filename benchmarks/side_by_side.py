@@ -202,9 +202,10 @@ def run_ours(args, model: str, cohort: int) -> dict:
 def summarize(rows: list[dict]) -> list[dict]:
   """One summary per (model, cohort, peer) from the run rows (failed rows give no ratio)."""
   out = []
-  keys = sorted({(r["model"], r["cohort"]) for r in rows}, key=lambda k: (k[0], k[1]))
-  for model, cohort in keys:
-    here = [r for r in rows if r["model"] == model and r["cohort"] == cohort]
+  keys = sorted({(r["model"], r["cohort"], r.get("sitting") or 0.0) for r in rows})
+  for model, cohort, sitting in keys:  # a sitting: one interleaved invocation
+    here = [r for r in rows if r["model"] == model and r["cohort"] == cohort
+            and (r.get("sitting") or 0.0) == sitting]
     ours = {r["repeat"]: r["client_updates_per_s"] for r in here
             if r["engine"] == "fedjax_sim" and "error" not in r}
     for peer in sorted({r["engine"] for r in here} - {"fedjax_sim"}):
@@ -267,8 +268,10 @@ def main(args) -> int:
   peers = [PEERS[p] for p in args.peers]
   usable, models_of, rows = {}, {}, []
 
+  sitting = time.time()
+
   def record(row):
-    row.update(machine=machine, time=time.time())
+    row.update(machine=machine, time=time.time(), sitting=sitting)
     rows.append(row)
     with open(out, "a") as f:
       f.write(json.dumps(row) + "\n")
