@@ -221,6 +221,7 @@ def _run(args: argparse.Namespace) -> int:
   from fedjax_sim import config as cfglib
   from fedjax_sim import plots
   from fedjax_sim.checkpoint import SimulationInterrupted
+  from fedjax_sim.nonfinite import NonFiniteError
   from fedjax_sim.run_dir import CheckpointSaveError
 
   if args.resume and args.overwrite:
@@ -275,6 +276,11 @@ def _run(args: argparse.Namespace) -> int:
     except Exception as e2:  # noqa: BLE001
       where = f"saving it to {rescue} failed too ({e2})"
     print(f"fedjax-sim run: {' '.join(str(e).split())}; {where}.", file=sys.stderr)
+    return 1
+  except NonFiniteError as e:  # training diverged: one line, the finite rounds are in metrics.jsonl
+    print(f"fedjax-sim run: {' '.join(str(e).split())} Rounds before it are in "
+          f"{os.path.join(out, 'metrics.jsonl')}; lower the config's learning rates or clip.",
+          file=sys.stderr)
     return 1
   summary = {k: float(v[-1]) for k, v in metrics.items() if np.isfinite(v[-1])}
   if delta is not None:

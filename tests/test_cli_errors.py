@@ -202,3 +202,14 @@ def test_config_with_a_string_number_names_the_fix(tmp_path, capsys):
       "delta: 1.0e-5", "delta: 1e-5")))
   one_line_error(capsys, ["run", str(path)], "privacy.delta must lie in (0, 1); got '1e-5'",
                  "write 1.0e-5")
+
+
+def test_diverged_training_is_one_line_and_exit_1(tmp_path, capsys):
+  # A client learning rate that makes every update NaN: the run stops at round 1 (on_nonfinite
+  # "raise"), says so on one line naming the round and the fix, and leaves no traceback.
+  rc = cli.main(["run", config(tmp_path), "--quiet", "--set", "algorithm.client_lr=1.0e+30",
+                 "--set", "run.rounds=2"])
+  err = capsys.readouterr().err
+  assert rc == 1, err
+  assert "Traceback" not in err and err.count("\n") == 1, err
+  assert "round 1 is non-finite" in err and "learning rate" in err, err
