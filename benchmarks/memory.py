@@ -23,29 +23,13 @@ import json
 import os
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import fedjax_sim as fs
-
-
-class Logistic(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(62)(x.reshape(x.shape[0], -1))
-
-
-class Dense(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(200)(x))
-    x = nn.relu(nn.Dense(200)(x))
-    return nn.Dense(62)(x)
-
+from benchmarks.run import Dense, Logistic  # the workloads' own models
 
 #: name -> (module factory, input shape, classes, batch size)
 MODELS = {
