@@ -174,13 +174,18 @@ class BenchmarkError(SystemExit):
   """A run that must not produce a figure (exits non-zero with the message)."""
 
 
-def check_finite(params, what: str) -> None:
-  """Fails loudly if ``params`` holds a non-finite value: a NaN run has no throughput figure."""
+def check_finite(params, what: str, nonfinite_rounds: float = 0.0) -> None:
+  """Fails loudly if ``params`` holds a non-finite value, or if the engine skipped rounds whose
+  server step would have made them non-finite (``on_nonfinite``): a diverged run has no figure."""
   bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
          if not bool(np.all(np.isfinite(np.asarray(leaf))))]
   if bad:
     raise BenchmarkError(f"benchmark error: {what} produced non-finite parameters in "
                          f"{', '.join(bad)}; no figure is recorded.")
+  if nonfinite_rounds:
+    raise BenchmarkError(f"benchmark error: {what} produced non-finite parameters in "
+                         f"{int(nonfinite_rounds)} rounds (the engine skipped those server "
+                         "steps); no figure is recorded.")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -418,17 +423,20 @@ def main(argv=None):
           # Size the timed block to ~target seconds using one round's time; a slow round that
           # already took half the target is itself the (steady-state, post-compile) figure.
           state, quick = sim.benchmark(state, 1)
-          check_finite(state.params, f"{name} cohort {cohort}")
+          check_finite(state.params, f"{name} cohort {cohort}", quick["nonfinite_rounds"])
           rounds = max(1, min(200, int(args.target_seconds / max(quick["seconds"], 1e-4))))
           if args.rounds:  # blocks of <= 100 rounds (one compile), all timed together
             block = min(args.rounds, 100)
-            state, _ = sim.run(state, block, block_size=block)  # compiles the block; untimed
+            state, m = sim.run(state, block, block_size=block,  # compiles the block; untimed
+                               on_nonfinite="ignore")  # counted below: no figure then
+            skipped = float(np.sum(m["nonfinite"]))
             jax.block_until_ready(state.params)
             rounds, examples, slots = 0, 0.0, 0.0
             t = time.perf_counter()
             while rounds < args.rounds:
               n = min(block, args.rounds - rounds)
-              state, m = sim.run(state, n, block_size=block)
+              state, m = sim.run(state, n, block_size=block, on_nonfinite="ignore")
+              skipped += float(np.sum(m["nonfinite"]))
               rounds += n
               examples += float(np.sum(m["examples"]))
               slots += float(np.sum(m["step_slots"]))
@@ -436,14 +444,14 @@ def main(argv=None):
                 break  # recorded as the rounds actually timed
             jax.block_until_ready(state.params)
             seconds = time.perf_counter() - t
-            check_finite(state.params, f"{name} cohort {cohort}")
+            check_finite(state.params, f"{name} cohort {cohort}", skipped)
             r = {"seconds": seconds, "rounds_per_s": rounds / seconds, "examples": examples,
                  "step_slots": slots}
           elif quick["seconds"] * 2 >= args.target_seconds:
             rounds, r = 1, quick
           else:
             state, r = sim.benchmark(state, rounds)
-            check_finite(state.params, f"{name} cohort {cohort}")
+            check_finite(state.params, f"{name} cohort {cohort}", r["nonfinite_rounds"])
           flops = fpe * r["examples"]
           row = {
               "engine": "fedjax_sim", "model": name, "cohort": cohort, "dp": dp,

@@ -1102,7 +1102,7 @@ class Simulation:
     self._check_state(state)
     fn = self._block_fn(num_rounds)
     t0 = time.perf_counter()
-    state, m = fn(state, self.population, jnp.int32(num_rounds), jnp.bool_(False))
+    state, m0 = fn(state, self.population, jnp.int32(num_rounds), jnp.bool_(False))
     jax.block_until_ready(state.params)
     compile_and_first = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -1118,6 +1118,8 @@ class Simulation:
         "examples": float(np.sum(m["examples"])),
         "client_steps": float(np.sum(m["client_steps"])),
         "step_slots": float(np.sum(m["step_slots"])),
+        # Rounds whose server step was skipped as non-finite, in both blocks (a diverged run).
+        "nonfinite_rounds": float(np.sum(m0[_nf.NONFINITE]) + np.sum(m[_nf.NONFINITE])),
     }
 
 
