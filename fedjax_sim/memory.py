@@ -176,8 +176,9 @@ def round_memory(sim: Any, state: Any, *, block_size: int | None = None) -> Memo
     if block_size is None:
       lowered = sim._round_fn().lower(state, sim.population)
     else:
-      lowered = sim._block_fn(block_size).lower(
-          state, sim.population, jax.ShapeDtypeStruct((), np.int32))
+      lowered = sim._block_fn(block_size).lower(  # (state, population, active, halt)
+          state, sim.population, jax.ShapeDtypeStruct((), np.int32),
+          jax.ShapeDtypeStruct((), np.bool_))
   finally:
     sim.num_traces.update(traces)
   stats = lowered.compile().memory_analysis()

@@ -91,7 +91,7 @@ def test_block_memory_is_one_round_plus_metrics():
   sim, state = make_sim(20, 4)
   one = fs.memory.round_memory(sim, state)
   block = fs.memory.round_memory(sim, state, block_size=50)
-  assert block.argument_bytes == one.argument_bytes + 4  # + the number of active rounds
+  assert block.argument_bytes == one.argument_bytes + 4 + 1  # + the active-round count, halt flag
   # Rounds run one after another in the scan: the client pass is not held 50 times.
   assert block.temp_bytes < one.temp_bytes + 50 * 4 * 64 + 4 * PARAM_BYTES, (one, block)
 
