@@ -81,8 +81,7 @@ def per_client_bytes(sim_factory, params):
   for chunk in (2, 6):
     sim = sim_factory(chunk)
     state = sim.init(params, jax.random.key(0))
-    compiled = sim._round_fn().lower(state, sim.population).compile()
-    temps.append(compiled.memory_analysis().temp_size_in_bytes)
+    temps.append(fs.memory.round_memory(sim, state).temp_bytes)
   return max((temps[1] - temps[0]) / 4, 1.0), temps[0]
 
 

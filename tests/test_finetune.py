@@ -143,8 +143,7 @@ def _round_memory(vocab, trainable, chunk=8, cohort=8):
                               trainable=trainable)
   sim = fs.Simulation(algo, pop, cohort_size=cohort, chunk_size=chunk)
   state = sim.init(params, jax.random.key(0))
-  compiled = sim._round_fn().lower(state, sim.population).compile()
-  return compiled.memory_analysis().temp_size_in_bytes, vocab * 8 * 4
+  return fs.memory.round_memory(sim, state).temp_bytes, vocab * 8 * 4
 
 
 def test_frozen_weights_are_not_replicated_per_client():
