@@ -52,12 +52,11 @@ def main():
     best, final = {}, {}
     for _ in range(args.repeats):
       for unbatched in (False, True):
-        fs.round.UNBATCHED_SINGLE_CLIENT = unbatched
-        sim = fs.Simulation(algo, pop, cohort_size=cohort, chunk_size=1)
+        sim = fs.Simulation(algo, pop, cohort_size=cohort, chunk_size=1,
+                            unbatched_single_client=unbatched)
         state, r = sim.benchmark(sim.init(params, jax.random.key(0)), args.rounds)
         best[unbatched] = max(best.get(unbatched, 0.0), r["rounds_per_s"])
         final[unbatched] = state.params
-    fs.round.UNBATCHED_SINGLE_CLIENT = True
     diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
         jax.tree.leaves(final[False]), jax.tree.leaves(final[True]), strict=True))
     print(f"| {name} | {cohort} | {best[False]:.3g} | {best[True]:.3g} "

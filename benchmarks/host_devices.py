@@ -58,7 +58,8 @@ def child(workload: str, cohort: int, num_clients: int, target_seconds: float) -
   state, r = sim.benchmark(state, rounds)
   run.check_finite(state.params, workload)
   return {"client_updates_per_s": cohort * r["rounds_per_s"], "rounds": rounds,
-          "chunk_size": sim.chunk_size, "mesh_devices": sim._num_shards,
+          "chunk_size": sim.chunk_size,
+          "mesh_devices": 1 if sim.mesh is None else fs.sharding.mesh_size(sim.mesh),
           "devices": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "compile_plus_first_s": quick["first_block_seconds"]}
 

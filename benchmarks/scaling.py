@@ -45,7 +45,7 @@ def worker(mode: str, rounds: int, cohort: int, num_clients: int) -> dict:
   hlo = ""
   if population_on != "host":
     args = (state, sim.population, jnp.int32(rounds), jnp.bool_(False))
-    hlo = sim._block_fn(rounds).lower(*args).compile().as_text()
+    hlo = fs.programs.block_program(sim.plan, rounds).lower(*args).compile().as_text()
   state, r = sim.benchmark(state, rounds)
   return {
       "mode": mode, "devices": len(jax.devices()), "cohort": cohort, "chunk": sim.chunk_size,

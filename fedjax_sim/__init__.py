@@ -13,6 +13,7 @@ from fedjax_sim import (
     algorithms,
     attacks,
     checkpoint,
+    core,
     evaluation,
     memory,
     models,
@@ -20,6 +21,7 @@ from fedjax_sim import (
     peft,
     plots,
     privacy,
+    programs,
     run_dir,
     sharding,
     ssl,
@@ -31,7 +33,8 @@ from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.client import ClientData, make_client_update
 from fedjax_sim.data import datasets, partition, sampling
 from fedjax_sim.data.population import Population
-from fedjax_sim.round import ServerState, Simulation
+from fedjax_sim.core import RoundPlan, ServerState
+from fedjax_sim.round import Simulation
 from fedjax_sim.sweep import sweep
 from fedjax_sim.types import MASK_KEY, ClientOutput, RoundContext, WeightedUpdate
 
@@ -44,6 +47,7 @@ __all__ = [
     "ClientOutput",
     "Population",
     "RoundContext",
+    "RoundPlan",
     "ServerState",
     "Simulation",
     "WeightedUpdate",
@@ -51,6 +55,7 @@ __all__ = [
     "algorithms",
     "attacks",
     "checkpoint",
+    "core",
     "datasets",
     "evaluation",
     "host_cpu",
@@ -62,6 +67,7 @@ __all__ = [
     "peft",
     "plots",
     "privacy",
+    "programs",
     "run_dir",
     "sampling",
     "sharding",

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import threading
 import warnings
 from typing import Any
 
@@ -49,6 +51,28 @@ class CheckpointSaveError(RuntimeError):
     self.metrics = metrics
 
 
+class SignalFlag:
+  """Records SIGINT / SIGTERM during a run (main thread only) so that the block in flight can
+  finish and be checkpointed; :meth:`restore` puts the previous handlers back."""
+
+  def __init__(self):
+    self.raised = None
+    self._old = {}
+    if threading.current_thread() is not threading.main_thread():
+      return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._old[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.raised = signal.Signals(signum).name
+
+  def restore(self):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+    self._old = {}
+
+
 def _spec(tree) -> dict[str, str]:
   return {jax.tree_util.keystr(path): f"{tuple(np.shape(x))}:{np.dtype(x.dtype).name}"
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
@@ -80,6 +104,7 @@ def fingerprint(sim, state) -> dict[str, Any]:
       "algorithm_digest": run_dir.algorithm_digest(sim, state),
       "population_digest": run_dir.population_digest(pop),
       "digest_jax": jax.__version__,
+      "digest_engine": run_dir.ENGINE_DIGEST,
   }
   fp["run_id"] = run_dir.run_id(fp, state.key)
   return fp
@@ -161,10 +186,11 @@ def restore(directory: str, template_state, fp: dict[str, Any], *, step: int | N
                   f"without {missing}; restoring it without those checks.", stacklevel=3)
   skip = set(run_dir.NOT_COMPARED) | set(missing)
   if ("algorithm_digest" in meta and meta["algorithm_digest"] != fp.get("algorithm_digest")
-      and meta.get("digest_jax") != fp.get("digest_jax")):
-    skip.add("algorithm_digest")  # traced programs differ across jax versions: cannot compare
-    warnings.warn(f"checkpoint step {step} was written with jax {meta.get('digest_jax')} (now "
-                  f"{fp.get('digest_jax')}): the algorithm's hyper-parameters cannot be "
+      and run_dir.digests_incomparable(meta, fp)):
+    skip.add("algorithm_digest")  # traced programs differ across jax / engine versions
+    warnings.warn(f"checkpoint step {step} was written with jax {meta.get('digest_jax')} and "
+                  f"engine {meta.get('digest_engine', '1')} (now {fp.get('digest_jax')} and "
+                  f"{fp.get('digest_engine')}): the algorithm's hyper-parameters cannot be "
                   "compared; check them yourself.", stacklevel=3)
   diffs = [k for k in sorted(set(fp) | set(meta)) if k not in skip and json.dumps(
       fp.get(k), default=str, sort_keys=True) != json.dumps(meta.get(k), default=str,

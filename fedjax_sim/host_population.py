@@ -5,7 +5,7 @@ NumPy arrays; only the per-client ``offsets`` and ``num_examples`` live on the d
 block of rounds runs, the host
 
 1. draws the block's cohorts with the same in-jit sampler and keys as the round step
-   (``Simulation._sample_cohort``, a pure function of the run key and the round number),
+   (:func:`fedjax_sim.core.sample_cohort`, a pure function of the run key and the round number),
 2. gathers those clients' examples into a compact CSR buffer per round (``[rounds, capacity,
    ...]``, ``capacity`` = the examples of the ``K`` largest clients, so shapes are static),
 3. transfers it to the device.
@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim import core, programs
 from fedjax_sim import sharding as _sharding
 from fedjax_sim.data.population import Population
 
@@ -72,62 +73,60 @@ def cohort_offsets(population: Population, ids: jax.Array, mask: jax.Array) -> j
   return population.offsets.at[write].set(starts.astype(jnp.int32), mode="drop")
 
 
-class HostFeeder:
-  """Runs a round (``block=None``) or a block of rounds of ``sim`` on host-gathered cohorts.
+def host_round(plan: core.RoundPlan, state, meta: Population, features, halt=False):
+  """In-jit: round ``state.round`` on its cohort's examples gathered into ``features``.
 
-  Called like the device-resident entry points: ``feeder(state, population)`` for one round,
-  ``feeder(state, population, num_active)`` for a block; ``population`` is ignored (the
-  simulation's host population is used).
+  ``meta`` holds the population's offsets and sizes (no features); the cohort is drawn again
+  here (:func:`fedjax_sim.core.sample_cohort`), exactly as the host drew it.
+
+  Returns:
+    ``(state, metrics)`` of :func:`fedjax_sim.core.round_step`.
+  """
+  cohort, _ = core.sample_cohort(plan, state.key, state.round)
+  offsets = cohort_offsets(meta, cohort.ids, cohort.mask)
+  pop = Population(features, offsets, meta.num_examples, meta.max_examples)
+  return core.round_step(plan, state, pop, halt)
+
+
+class HostFeeder:
+  """Runs a round (``block=None``) or a block of rounds of ``plan`` on host-gathered cohorts.
+
+  Called like the device-resident programs: ``feeder(state, population)`` for one round,
+  ``feeder(state, population, num_active, halt)`` for a block; ``population`` is ignored (the
+  host population given here is used).
   """
 
-  def __init__(self, sim: Any, block: int | None):
-    self.sim = sim
+  def __init__(self, plan: core.RoundPlan, population: Population, block: int | None):
+    self.plan = plan
     self.block = block
-    pop = sim.population
+    pop = population
     self.features = pop.features
     self.offsets = np.asarray(pop.offsets)
     self.num_examples = np.asarray(pop.num_examples)
-    self.capacity = cohort_capacity(self.num_examples, sim.max_cohort_size)
+    self.capacity = cohort_capacity(self.num_examples, plan.cohort_size)
     self.meta = Population({}, pop.offsets, pop.num_examples, pop.max_examples)
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     self._pending: tuple[int, Any, concurrent.futures.Future] | None = None
     rounds = 1 if block is None else block
-    n = pop.num_clients
+    self._cohorts = programs.Program(lambda key, start: jax.vmap(
+        lambda r: core.sample_cohort(plan, key, r)[0])(start + jnp.arange(rounds)))
 
-    def cohorts(key, start):
-      return jax.vmap(lambda r: sim._sample_cohort(key, r, n)[0])(start + jnp.arange(rounds))
+    def one_round(state, meta, features, num_active, halt):
+      del num_active, halt
+      first = jax.tree.map(lambda f: f[0], features)
+      return programs.placed(plan, *host_round(plan, state, meta, first))
 
-    self._cohorts = jax.jit(cohorts)
-    self._fn = jax.jit(self._program, donate_argnums=0)
+    def block_of_rounds(state, meta, features, num_active, halt):
+      step = lambda s, feats, h: host_round(plan, s, meta, feats, h)
+      return programs.placed(
+          plan, *programs.scan_rounds(step, state, num_active, halt, block, xs=features))
 
-  # -- device side ----------------------------------------------------------------------------
-  def _round(self, state, meta, features, halt=False):
-    cohort, _ = self.sim._sample_cohort(state.key, state.round, meta.num_clients)
-    offsets = cohort_offsets(meta, cohort.ids, cohort.mask)
-    pop = Population(features, offsets, meta.num_examples, meta.max_examples)
-    return self.sim._round_step(state, pop, halt)
+    self.program = programs.Program(one_round if block is None else block_of_rounds,
+                                    donate_argnums=0)
 
-  def _program(self, state, meta, features, num_active, halt):
-    sim = self.sim
-    if self.block is None:
-      sim.num_traces["round"] += 1
-      return sim._placed(*self._round(state, meta, jax.tree.map(lambda f: f[0], features)))
-    sim.num_traces["block"] += 1
-    first = jax.tree.map(lambda f: f[0], features)
-    _, metric_shapes = jax.eval_shape(self._round, state, meta, first)
-    skipped = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-
-    def body(carry, xs):  # as Simulation._block_fn: a non-finite round halts under ``halt``
-      (state, halted), (i, feats) = carry, xs
-      state, metrics = jax.lax.cond(
-          (i < num_active) & ~halted, lambda s: self._round(s, meta, feats, halt),
-          lambda s: (s, skipped), state
-      )
-      return (state, halted | (halt & (metrics["nonfinite"] > 0))), metrics
-
-    (state, _), metrics = jax.lax.scan(
-        body, (state, jnp.bool_(False)), (jnp.arange(self.block), features))
-    return sim._placed(state, metrics)
+  @property
+  def num_compiles(self) -> int:
+    return self.program.num_compiles
 
   # -- host side ------------------------------------------------------------------------------
   def _gather(self, key_data: np.ndarray, impl, start: int):
@@ -141,7 +140,7 @@ class HostFeeder:
         rows = gather_rows(self.offsets, self.num_examples, ids[r], mask[r])
         buf[r, : rows.size] = values[rows]
       out[name] = buf
-    mesh = self.sim.mesh
+    mesh = self.plan.mesh
     if mesh is None:
       return jax.device_put(out)
     return _sharding.put_replicated(out, mesh)
@@ -157,7 +156,7 @@ class HostFeeder:
     else:
       features = self._gather(key_data, impl, start)
     active = (1 if self.block is None else self.block) if num_active is None else int(num_active)
-    out = self._fn(state, self.meta, features, jnp.int32(active), jnp.bool_(halt))  # async
+    out = self.program(state, self.meta, features, jnp.int32(active), jnp.bool_(halt))  # async
     nxt = start + active
     self._pending = (nxt, key_data, self._pool.submit(self._gather, key_data, impl, nxt))
     return out

@@ -313,6 +313,69 @@ def epsilon_per_round(
   return out
 
 
+def epsilon_column(sampler: Any, num_clients: int, noise_multiplier: float | None,
+                   system: Any, start: int, num_rounds: int, delta: float,
+                   accountant: str = "rdp"):
+  """The ε column of a run: ``column(lo, hi)`` gives ε after rounds ``start+lo+1 .. start+hi``.
+
+  This is what :meth:`fedjax_sim.Simulation.run` reports as ``metrics["epsilon"]`` with
+  ``delta=``: every round's ε under RDP for plain sampling (one RDP vector, scaled), ε at block
+  ends only (NaN between) for truncated Poisson sampling or ``accountant="pld"``, and ``inf``
+  without noise. Every argument is checked here, before the run's first round.
+
+  Args:
+    sampler: the simulation's sampler.
+    num_clients: the population size N.
+    noise_multiplier: the aggregator's z (``Process.noise_multiplier``); None is refused.
+    system: the simulation's ``SystemModel`` or None. Availability models are refused: they
+      raise an available client's chance of selection above what the sampler alone gives.
+    start: rounds done before the run.
+    num_rounds: the run's rounds.
+    delta: the δ of the reported ε.
+    accountant: ``"rdp"`` or ``"pld"``.
+
+  Returns:
+    ``column(lo, hi) -> np.ndarray[hi - lo]``.
+
+  Examples:
+    >>> import fedjax_sim as fs
+    >>> col = fs.privacy.epsilon_column(fs.sampling.poisson(0.01, 10_000), 10_000, 1.0, None, 0,
+    ...                                 100, 1e-5)
+    >>> eps = col(0, 100); bool(eps[0] < eps[-1]) and eps.shape == (100,)
+    True
+  """
+  _check(delta=delta)
+  if accountant not in ACCOUNTANTS:
+    raise ValueError(f"accountant must be 'rdp' or 'pld'; got {accountant!r}.")
+  z = noise_multiplier
+  if z is None:
+    raise ValueError(
+        "delta is set but the aggregator is not central DP (no noise_multiplier); use "
+        "fs.aggregators.dp_mean / adaptive_dp_mean, or drop delta."
+    )
+  if system is not None and (system.availability is not None or system.trace is not None
+                             or system.diurnal_period is not None):
+    raise ValueError(
+        "cannot report epsilon: the SystemModel restricts availability, so each available "
+        "client's chance of selection exceeds what the sampler alone gives and the accountant "
+        "would under-report epsilon. Drop delta (or the availability model); dropout, "
+        "stragglers and deadlines alone keep the accounting valid (conservative)."
+    )
+  if z == 0:
+    return lambda lo, hi: np.full(hi - lo, np.inf)
+  truncated = isinstance(sampler, PoissonSampler) and sampler.max_cohort_size < num_clients
+  if truncated or accountant != "rdp":  # the full epsilon() (block ends only)
+    def at_ends(lo, hi):
+      col = np.full(hi - lo, np.nan)
+      col[-1] = epsilon(sampler, num_clients, z, start + hi, delta, accountant=accountant)
+      return col
+    # Fail early if unbounded (the message names the cap, or accountant="pld").
+    epsilon(sampler, num_clients, z, start + num_rounds, delta, accountant=accountant)
+    return at_ends
+  table = epsilon_per_round(sampler, num_clients, z, start + num_rounds, delta)
+  return lambda lo, hi: table[start + lo : start + hi]
+
+
 def epsilon_moments_accountant(
     q: float, noise_multiplier: float, num_steps: int, delta: float,
     orders: Sequence[float] = tuple(range(2, 33)),

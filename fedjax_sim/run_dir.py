@@ -39,6 +39,7 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -61,7 +62,11 @@ __all__ = ["CheckpointSaveError", "algorithm_digest", "check_savable", "populati
 NEW_FIELDS = ("run_id", "algorithm_digest", "population_digest")
 # Not compared on restore: the restored run adopts the checkpoint's identity, and the digest's
 # jax version only tells whether the algorithm digests are comparable.
-NOT_COMPARED = ("run_id", "digest_jax")
+NOT_COMPARED = ("run_id", "digest_jax", "digest_engine")
+#: The version of the traced round behind ``algorithm_digest``: raised whenever a change to the
+#: engine's code (not to what it computes) changes the traced program, so that checkpoints of
+#: older engines are recognised as such instead of as another configuration.
+ENGINE_DIGEST = "2"
 
 
 # -- identity --------------------------------------------------------------------------------
@@ -142,14 +147,14 @@ _DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _trace_digest(sim, state, spec) -> str:
-  saved = sim.chunk_size, sim.mesh
+  from fedjax_sim import core
+
+  plan = dataclasses.replace(sim.plan, chunk_size=sim.max_cohort_size, mesh=None)
   try:
-    sim.chunk_size, sim.mesh = sim.max_cohort_size, None
-    closed = jax.make_jaxpr(sim._round_step)(spec(state), spec(sim.population))
+    closed = jax.make_jaxpr(lambda s, p: core.round_step(plan, s, p))(
+        spec(state), spec(sim.population))
   except Exception:  # noqa: BLE001 - a digest must never stop a run
     return "unavailable"
-  finally:
-    sim.chunk_size, sim.mesh = saved
   h = hashlib.sha256(_ADDRESS.sub("", str(closed.jaxpr)).encode())
   for c in closed.consts:
     c = np.asarray(c) if not jax.dtypes.issubdtype(getattr(c, "dtype", None),
@@ -169,6 +174,22 @@ def run_id(fp: dict[str, Any], key) -> str:
 
 
 # -- checkpoint directory --------------------------------------------------------------------
+
+
+def digests_incomparable(meta: dict[str, Any], fp: dict[str, Any]) -> bool:
+  """Whether ``meta``'s algorithm digest was traced by another jax or engine version."""
+  return (meta.get("digest_jax") != fp.get("digest_jax")
+          or meta.get("digest_engine", "1") != fp.get("digest_engine", "1"))
+
+
+def _same_but_digest(meta: dict[str, Any], fp: dict[str, Any]) -> bool:
+  """Same configuration as ``fp`` except an algorithm digest of another jax / engine version."""
+  if not digests_incomparable(meta, fp):
+    return False
+  skip = set(NOT_COMPARED) | {"algorithm_digest"}
+  return all(json.dumps(fp.get(k), sort_keys=True, default=str)
+             == json.dumps(meta.get(k), sort_keys=True, default=str)
+             for k in set(fp) | set(meta) if k not in skip)
 
 
 def _steps(directory: str) -> list[int]:
@@ -231,6 +252,12 @@ def prepare_checkpoint_dir(directory: str, state, fp: dict[str, Any], *,
   metas = {s: _meta(directory, s) for s in steps}
   foreign = [s for s, m in metas.items()
              if m is not None and m.get("run_id") not in (None, fp["run_id"])]
+  older = [s for s in foreign if _same_but_digest(metas[s], fp)]
+  if older:  # written by another jax / engine version: its run id cannot be compared
+    warnings.warn(f"checkpoint steps {older} in {directory!r} were written by another jax or "
+                  "engine version (their algorithm digest cannot be compared); they are taken "
+                  "to belong to this run.", stacklevel=3)
+    foreign = [s for s in foreign if s not in older]
   if foreign and not overwrite:
     m = metas[foreign[-1]]
     diffs = [k for k in sorted(set(fp) | set(m)) if k not in NOT_COMPARED
@@ -322,6 +349,12 @@ def prepare_log_dir(log_dir: str, fp: dict[str, Any], start: int, *,
     warnings.warn(f"the log in {log_dir!r} predates run ids; it is taken to be this run's.",
                   stacklevel=3)
     owner = fp["run_id"]
+  if (exists and owner != fp["run_id"] and old and "fingerprint" in old
+      and _same_but_digest(old["fingerprint"], fp)):
+    warnings.warn(f"the log in {log_dir!r} was written by another jax or engine version (its "
+                  "algorithm digest cannot be compared); it is taken to be this run's.",
+                  stacklevel=3)
+    owner = fp["run_id"]
   if exists and owner != fp["run_id"]:
     if not overwrite:
       raise ValueError(
@@ -346,3 +379,143 @@ def prepare_log_dir(log_dir: str, fp: dict[str, Any], start: int, *,
       warnings.warn(f"this run starts at round {start}: dropped {len(lines) - len(keep)} later "
                     f"rows of its metrics.jsonl in {log_dir!r}.", stacklevel=3)
   return old
+
+
+# -- one run's records -----------------------------------------------------------------------
+
+
+class RunRecorder:
+  """What :meth:`fedjax_sim.Simulation.run` keeps and writes down, block by block.
+
+  On creation it fingerprints the run and prepares its ``checkpoint_dir`` and ``log_dir``
+  (refusing what this run may not use, before any round) and, with a checkpoint directory,
+  records SIGINT / SIGTERM (:class:`~fedjax_sim.checkpoint.SignalFlag`). Then, after each
+  block: :meth:`check_finite`, :meth:`record` (metrics, evaluation, log rows) and
+  :meth:`checkpoint` (saves when due; raises ``SimulationInterrupted`` after a signal).
+  Everything shown on screen (metrics and eval) lands in the log too.
+  """
+
+  def __init__(self, sim, state, num_rounds: int, *, block_size: int, eval_every, eval_fn,
+               checkpoint_dir, checkpoint_every, log_dir, tensorboard: bool, delta, accountant,
+               overwrite: bool, settings):
+    from fedjax_sim import _validation
+    from fedjax_sim import checkpoint as ckpt
+
+    if checkpoint_dir is not None:
+      _validation.checkpointable("state", state)
+    self.start, self.num_rounds, self.done = int(state.round), num_rounds, 0
+    self.eval_fn, self.eval_every = eval_fn, eval_every
+    self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
+    self.blocks: list[dict[str, np.ndarray]] = []
+    self.evals: dict[int, dict[str, float]] = {}
+    self.fp = ckpt.fingerprint(sim, state) if (checkpoint_dir or log_dir) else None
+    if checkpoint_dir is not None:  # everything that could fail at save time: checked now
+      prepare_checkpoint_dir(checkpoint_dir, state, self.fp, overwrite=overwrite)
+    self.log = None
+    if log_dir:
+      existing = prepare_log_dir(log_dir, self.fp, self.start, overwrite=overwrite)
+      seed_info = {"run_key_data": np.asarray(jax.random.key_data(state.key)).tolist(),
+                   "start_round": self.start}
+      session = {"num_rounds": num_rounds, "block_size": block_size, "eval_every": eval_every,
+                 "checkpoint_every": checkpoint_every, "delta": delta,
+                 "accountant": accountant}
+      self.log = ckpt.MetricsLog(log_dir, self.fp, seed_info, tensorboard=tensorboard,
+                                 existing=existing, settings=settings, session=session)
+    self.stop = ckpt.SignalFlag() if checkpoint_dir is not None else None
+
+  @property
+  def rounds_done(self) -> int:
+    """Rounds completed in total (the run's start included)."""
+    return self.start + self.done
+
+  def metrics(self, blocks=None) -> dict[str, np.ndarray]:
+    """The run's metrics so far: one array per name, ``eval_*`` columns NaN where not run."""
+    blocks = self.blocks if blocks is None else blocks
+    out = {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+    rows = len(next(iter(out.values())))
+    for name in {n for e in self.evals.values() for n in e}:
+      col = np.full(rows, np.nan)
+      for r, e in self.evals.items():
+        if r < rows:
+          col[r] = e.get(name, np.nan)
+      out["eval_" + name] = col
+    return out
+
+  def check_finite(self, block: dict[str, np.ndarray], state, policy: str) -> None:
+    """``on_nonfinite``: ``"raise"`` logs the finite rounds, then raises with the last finite
+    state; ``"warn"`` warns."""
+    from fedjax_sim import nonfinite as nf
+
+    bad = nf.first_nonfinite(block)
+    if bad is None or policy == "ignore":
+      return
+    if policy == "warn":
+      nf.warn(self.rounds_done, block)
+      return
+    if self.log is not None and bad:
+      self.log.write(self.rounds_done, {k: v[:bad] for k, v in block.items()})
+    # The signal handlers and the progress bar are restored / closed by run()'s `finally`.
+    metrics = self.metrics([*self.blocks, {k: v[: bad + 1] for k, v in block.items()}])
+    number = self.rounds_done + bad + 1
+    row = {k: float(v[bad]) for k, v in block.items()}
+    raise nf.NonFiniteError(
+        f"{nf.describe(number, row)}. The run stopped there; the error's .state is the last "
+        f"finite state ({int(state.round)} rounds done) and .metrics the rounds so far. Lower "
+        "the learning rate (or clip updates), or pass on_nonfinite='warn' to skip such rounds.",
+        round=number, state=state, metrics=metrics,
+    )
+
+  def record(self, block: dict[str, np.ndarray], state) -> dict[str, float] | None:
+    """Keeps the block's metrics, evaluates when due, appends the log rows.
+
+    Returns:
+      The evaluation after this block, or None.
+    """
+    active = len(next(iter(block.values())))
+    self.blocks.append(block)
+    self.done += active
+    evals = None
+    if self.eval_fn is not None and (self.done == self.num_rounds or (
+        self.eval_every is not None and self.rounds_done % self.eval_every == 0)):
+      evals = {k: float(v) for k, v in self.eval_fn(state.params).items()}
+      self.evals[self.done - 1] = evals
+    if self.log is not None:  # after eval_fn: the evaluated round's row holds its eval_* values
+      logged = dict(block)
+      for k, v in (evals or {}).items():
+        logged["eval_" + k] = np.full(active, np.nan)
+        logged["eval_" + k][-1] = v
+      self.log.write(self.rounds_done - active, logged)
+    return evals
+
+  def checkpoint(self, state, active: int) -> None:
+    """Saves the state when a checkpoint is due (or a signal arrived); then raises
+    ``SimulationInterrupted`` if one did. A failed save raises :class:`CheckpointSaveError`
+    holding the state (the donated input is gone)."""
+    from fedjax_sim import checkpoint as ckpt
+
+    if self.checkpoint_dir is None:
+      return
+    at, every = self.rounds_done, self.checkpoint_every
+    interrupted = self.stop.raised
+    crossed = every is None or at // every > (at - active) // every
+    if self.done == self.num_rounds or interrupted or crossed:
+      try:
+        ckpt.save(self.checkpoint_dir, state, self.fp)
+      except Exception as e:  # noqa: BLE001 - the donated state must not be lost
+        raise CheckpointSaveError(
+            state, self.metrics(),
+            f"saving checkpoint step {at} in {self.checkpoint_dir!r} failed "
+            f"({type(e).__name__}: {e}). The state after round {at} is this "
+            "exception's .state (sim.save(e.state, other_dir) keeps it)."
+        ) from e
+    if interrupted:
+      raise ckpt.SimulationInterrupted(
+          state, self.metrics(),
+          f"{interrupted} received: stopped after round {at}, checkpoint saved in "
+          f"{self.checkpoint_dir!r} (resume with sim.restore)."
+      )
+
+  def close(self) -> None:
+    """Restores the signal handlers (never leave SIGINT swallowed in a notebook kernel)."""
+    if self.stop is not None:
+      self.stop.restore()

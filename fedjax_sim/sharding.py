@@ -29,6 +29,7 @@ across processes (read it with :func:`fetch`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -160,6 +161,21 @@ def put_along_clients(tree: Any, mesh: Mesh) -> Any:
       tree,
       lambda x: along_clients(mesh) if np.ndim(x) and np.shape(x)[0] % n == 0 else replicated(mesh),
   )
+
+
+def place_state(state: Any, mesh: Mesh) -> Any:
+  """A :class:`~fedjax_sim.ServerState` on ``mesh``: the server pieces replicated, the
+  per-client states split along ``clients`` (:func:`put_along_clients`).
+
+  Returns:
+    The placed state.
+  """
+  per_client = (state.client_states, state.agg_client_states)
+  server = put_replicated(dataclasses.replace(state, client_states=(), agg_client_states=()),
+                          mesh)
+  client_states, agg_client_states = put_along_clients(per_client, mesh)
+  return dataclasses.replace(server, client_states=client_states,
+                             agg_client_states=agg_client_states)
 
 
 def place_population(population: Population, mesh: Mesh, how: str = "device") -> Population:

@@ -17,7 +17,7 @@ Integer-valued sweeps are refused for that reason.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim import core, programs
 from fedjax_sim import sharding as _sharding
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data.population import Population
@@ -162,11 +163,14 @@ def compile_sweep(
     num_rounds: int,
     hyperparameters: Mapping[str, Any] | None = None,
     **simulation_kwargs,
-) -> Callable[[], tuple[ServerState, dict[str, np.ndarray]]]:
+) -> CompiledSweep:
   """Builds :func:`sweep`'s program; ``run()`` executes it (compiled on the first call).
 
   Same arguments as :func:`sweep`; the returned ``run`` can be called again without
   recompiling (e.g. to time the program apart from its compilation).
+
+  Returns:
+    A :class:`CompiledSweep`: ``run() -> (states, metrics)``, ``run.num_compiles``.
   """
   if not callable(build):
     raise TypeError("build must be callable as build(**hyper_parameters) -> fs.Algorithm.")
@@ -209,29 +213,27 @@ def compile_sweep(
           f"simulation {i}'s algorithm has a state of another shape than simulation 0's",
       )
 
+  plan0 = sim.plan
+
   def lane(seed, values, population):
-    lane_sim = copy.copy(sim)
-    lane_sim.algorithm = build(**values)
-    state = lane_sim._initial_state(params, jax.random.key(seed))
-
-    def body(state, _):
-      return lane_sim._round_step(state, population)
-
-    return jax.lax.scan(body, state, None, length=num_rounds)
+    plan = dataclasses.replace(plan0, algorithm=build(**values))  # traced hyper-parameters
+    state = core.initial_state(plan, params, jax.random.key(seed))
+    return jax.lax.scan(lambda s, _: core.round_step(plan, s, population), state, None,
+                        length=num_rounds)
 
   vmapped = jax.vmap(lane, in_axes=(0, 0, None))
   seeds_dev = jnp.asarray(seeds_arr, jnp.uint32)
   values_dev = {k: jnp.asarray(v) for k, v in hps.items()}
   pop = sim.population
   if mesh is None:
-    program = jax.jit(vmapped)
+    program = programs.Program(vmapped)
   else:  # simulations split along the 'clients' axis; every device holds the population
     lanes_sharding = _sharding.along_clients(mesh)
     seeds_dev, values_dev = _sharding.put((seeds_dev, values_dev), lambda x: lanes_sharding)
     pop = _sharding.place_population(pop, mesh)
-    program = jax.jit(lambda *a: _sharding.constrain(vmapped(*a), lanes_sharding))
+    program = programs.Program(lambda *a: _sharding.constrain(vmapped(*a), lanes_sharding))
   try:
-    jax.eval_shape(program, seeds_dev, values_dev, pop)
+    jax.eval_shape(vmapped, seeds_dev, values_dev, pop)
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
           jax.errors.TracerBoolConversionError, jax.errors.TracerArrayConversionError) as e:
     culprit = _find_static(lambda seed, values: lane(seed, values, pop), seeds_arr[0], lanes[0],
@@ -239,12 +241,27 @@ def compile_sweep(
     first = str(e).splitlines()[0]
     raise _shape_error(culprit, f"build() or the algorithm uses it as a Python value ({first})") \
         from None
+  return CompiledSweep(program, (seeds_dev, values_dev, pop))
 
-  def run() -> tuple[ServerState, dict[str, np.ndarray]]:
-    states, metrics = program(seeds_dev, values_dev, pop)
+
+class CompiledSweep:
+  """:func:`compile_sweep`'s program: ``run()`` executes it (compiled on the first call).
+
+  Attributes:
+    num_compiles: executables compiled so far: 1 after any number of calls, however many
+      simulations (lanes) and hyper-parameter values the sweep holds.
+  """
+
+  def __init__(self, program: programs.Program, args: tuple):
+    self._program, self._args = program, args
+
+  @property
+  def num_compiles(self) -> int:
+    return self._program.num_compiles
+
+  def __call__(self) -> tuple[ServerState, dict[str, np.ndarray]]:
+    states, metrics = self._program(*self._args)
     return states, {k: np.asarray(v) for k, v in _sharding.fetch(metrics).items()}
-
-  return run
 
 
 def _find_static(lane, seed, lane0: dict[str, float], hps: dict[str, np.ndarray]) -> str:

@@ -6,6 +6,12 @@ The sign convention of a client's update is written here, once:
 
 so any optax optimizer used as the server optimizer applies it like a gradient:
 ``optax.sgd(1.0)`` on the mean ``delta`` moves the server exactly to the mean client model.
+
+The key derivations are written here too. A run has one key; round ``r`` uses
+``round_key = fold_in(run_key, r)``, split three ways into the cohort, client and aggregator
+keys (the aggregator key split again into per-client, post and finalize keys); client ``i``
+trains with ``fold_in(client_key, i)``. Everything else is ``fold_in(parent, SALT)`` with one of
+the named salts below, so a draw never depends on cohort order, chunk size or device count.
 """
 
 from __future__ import annotations
@@ -23,6 +29,26 @@ Batch = dict[str, jax.Array]
 #: a real example and 0.0 for padding. A ``loss_fn`` must give padded examples exactly zero weight
 #: (the helpers in :mod:`fedjax_sim.models` do). Feature names may not use this key.
 MASK_KEY = "__mask__"
+
+
+#: ``fold_in(round_key, SHARED_SALT)``: public randomness shared by every client and the server in
+#: a round (rotations, secure-aggregation pairwise seeds).
+SHARED_SALT = 0x5EED
+#: ``fold_in(round_key, SYSTEM_SALT)``: the system model's draws (availability, dropout, ...).
+SYSTEM_SALT = 0x5157E
+#: ``fold_in(system_key, AVAILABILITY_SALT)``: who is available this round.
+AVAILABILITY_SALT = 0
+#: ``fold_in(system_key, OUTCOME_SALT)``: each selected client's dropout / straggler outcome.
+OUTCOME_SALT = 1
+#: ``fold_in(post_key, STACK_SALT)``: the stacked reduce (robust rules, omniscient attacks), which
+#: folds in ``ATTACK_SALT`` for the attack and ``ROBUST_SALT`` for the rule.
+STACK_SALT = 0x57AC
+ATTACK_SALT = 0
+ROBUST_SALT = 1
+#: ``fold_in(client_key, LOSS_EVAL_SALT)``: q-FFL's evaluation of the client's loss.
+LOSS_EVAL_SALT = 0x51FF1
+#: ``fold_in(client_key, PERSONAL_SALT)``: Ditto's personal model training.
+PERSONAL_SALT = 0xD1770
 
 
 class LossFn(Protocol):

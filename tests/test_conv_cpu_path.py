@@ -99,8 +99,8 @@ def test_max_pool_gradients_match_reduce_window_with_ties(shape):
 
 
 @pytest.mark.slow  # an end-to-end run (> 20 s of CPU on 2 cores)
-def test_single_client_chunks_run_unbatched_with_same_results(monkeypatch):
-  """chunk_size=1 runs the client without vmap (round.UNBATCHED_SINGLE_CLIENT): same params."""
+def test_single_client_chunks_run_unbatched_with_same_results():
+  """chunk_size=1 runs the client without vmap (unbatched_single_client=True): same params."""
   rng = np.random.default_rng(0)
   x = rng.random((60, 8, 8, 2), np.float32)
   y = rng.integers(0, 5, 60).astype(np.int32)
@@ -112,8 +112,7 @@ def test_single_client_chunks_run_unbatched_with_same_results(monkeypatch):
                               batch_size=5, local_epochs=1)
   out = {}
   for flag in (False, True):
-    monkeypatch.setattr(fs.round, "UNBATCHED_SINGLE_CLIENT", flag)
-    sim = fs.Simulation(algo, pop, cohort_size=3, chunk_size=1)
+    sim = fs.Simulation(algo, pop, cohort_size=3, chunk_size=1, unbatched_single_client=flag)
     state, metrics = sim.round(sim.init(params, jax.random.key(0)))
     out[flag] = (state.params, metrics["clients"], metrics["client_steps"])
   _close(out[True], out[False], 1e-5)

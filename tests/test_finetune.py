@@ -121,8 +121,8 @@ def test_dp_accounting_does_not_depend_on_the_partition(pop, loss_fn):
                                 local_epochs=1, aggregator=fs.aggregators.dp_mean(0.1, 1.0),
                                 trainable=trainable)
     sim = fs.Simulation(algo, pop, cohort_size=4)
-    sim.init(params, jax.random.key(0))
-    eps.append(sim._epsilons(0, 10, 1e-5)(0, 10))
+    _, metrics = sim.run(sim.init(params, jax.random.key(0)), 10, delta=1e-5)
+    eps.append(metrics["epsilon"])
   np.testing.assert_array_equal(eps[0], eps[1])
 
 
@@ -329,7 +329,7 @@ def test_bad_trainable_specs_raise_before_compiling(pop, loss_fn):
   # Label functions (optax style) work.
   sim = init(lambda p: {"body": jax.tree.map(lambda _: "frozen", p["body"]),
                         "head": jax.tree.map(lambda _: "trainable", p["head"])})
-  assert sim._trainable_mask == (False, False, True, True)
+  assert sim.plan.trainable_mask == (False, False, True, True)
   for factory in (fs.algorithms.feddyn, fs.algorithms.fednova, fs.algorithms.qffl):
     kw = dict(alpha=0.1) if factory is fs.algorithms.feddyn else dict(client_learning_rate=0.1)
     if factory is fs.algorithms.feddyn:

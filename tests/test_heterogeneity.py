@@ -10,6 +10,7 @@ from helpers import init_params, make_population
 from oracle import round_keys, train_client
 
 import fedjax_sim as fs
+from fedjax_sim.types import PERSONAL_SALT
 
 RTOL, ATOL = 2e-5, 2e-6
 
@@ -173,7 +174,7 @@ def test_ditto_matches_oracle_and_global_part_is_fedavg(pop, loss_fn):
   for r in range(2):
     client_key = round_keys(key, r)[1]
     for cid in cohort_ids(sim, key, r):
-      ckey = jax.random.fold_in(jax.random.fold_in(client_key, int(cid)), 0xD1770)
+      ckey = jax.random.fold_in(jax.random.fold_in(client_key, int(cid)), PERSONAL_SALT)
       v = personal[int(cid)]
       # The personal objective F_k(v) + lam/2 ||v - x||^2 = the FedProx objective anchored at x.
       personal[int(cid)] = _prox_train(loss_fn, lr, v, x, lam, pop, int(cid), ckey)

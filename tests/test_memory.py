@@ -71,9 +71,10 @@ def test_round_memory_matches_compiled_analysis_and_leaves_state():
     return jax.tree.map(np.asarray, dataclasses.replace(s, key=jax.random.key_data(s.key)))
 
   before = host(state)
-  traces = dict(sim.num_traces)
+  compiles = dict(sim.num_compiles)
   m = fs.memory.round_memory(sim, state)
-  stats = sim._round_fn().lower(state, sim.population).compile().memory_analysis()
+  stats = fs.programs.round_program(sim.plan).lower(state, sim.population).compile(
+  ).memory_analysis()
   assert m.temp_bytes == stats.temp_size_in_bytes > 0
   assert m.argument_bytes == stats.argument_size_in_bytes
   assert m.alias_bytes == stats.alias_size_in_bytes
@@ -81,7 +82,7 @@ def test_round_memory_matches_compiled_analysis_and_leaves_state():
   assert m.argument_bytes >= fsm.tree_bytes(sim.population) + fsm.tree_bytes(state)
   assert m.alias_bytes >= fsm.tree_bytes(state.params)
   assert m.peak_bytes == m.argument_bytes + m.output_bytes - m.alias_bytes + m.temp_bytes
-  assert sim.num_traces == traces  # an analysis is not counted as a trace of a run
+  assert sim.num_compiles == compiles  # an analysis is not counted as a compile of a run
   chex.assert_trees_all_equal(host(state), before)  # not donated
   sim.round(state)  # the state is still usable
 

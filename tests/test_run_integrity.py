@@ -370,11 +370,11 @@ def test_run_takes_the_accountant_and_the_cap_message_is_achievable(pop, loss_fn
 
 
 def test_progress_rate_counts_real_clients(monkeypatch, capsys):
-  from fedjax_sim import round as round_mod
+  from fedjax_sim import progress
 
   clock = iter([10.0, 12.0])
-  monkeypatch.setattr(round_mod.time, "perf_counter", lambda: next(clock))
-  bar = round_mod._Progress(total=2, cohort=100)  # capacity 100 per round
+  monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+  bar = progress.Progress(total=2, cohort=100)  # capacity 100 per round
   bar.update(2, 2, {"loss": np.ones(2), "clients": np.asarray([3.0, 5.0])}, None)
   assert capsys.readouterr().err.split()[-1] == "cu/s=4"  # 8 real clients in 2 s, not 200/2
 

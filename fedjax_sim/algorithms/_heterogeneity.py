@@ -26,7 +26,7 @@ from fedjax_sim.client import (
     proximal,
     result_metrics,
 )
-from fedjax_sim.types import ClientOutput, LossFn
+from fedjax_sim.types import LOSS_EVAL_SALT, PERSONAL_SALT, ClientOutput, LossFn
 
 
 def _server(server_optimizer):
@@ -240,7 +240,7 @@ def qffl(
     # Training uses the client key exactly as FedAvg does (so q = 0 reproduces FedAvg); the
     # loss evaluation (stochastic layers only) a key folded from it.
     has_data = data.num_examples > 0
-    loss_key = jax.random.fold_in(key, 0x51FF1)
+    loss_key = jax.random.fold_in(key, LOSS_EVAL_SALT)
     f = jnp.maximum(client_mean_loss(loss_fn, broadcast, data, loss_batch_size, loss_key), 1e-10)
     result = train(broadcast, data, key)
     dw = jax.tree.map(lambda b, p: lipschitz * (b - p), broadcast, result.params)
@@ -339,7 +339,7 @@ def _ditto(loss_fn, loss, lam_value, client_optimizer, personal_optimizer, serve
 
   def client_update(broadcast, data, personal, key):
     result = global_train(broadcast, data, key)  # the client key, as in FedAvg
-    mine = personal_train(personal, data, jax.random.fold_in(key, 0xD1770), anchor=broadcast)
+    mine = personal_train(personal, data, jax.random.fold_in(key, PERSONAL_SALT), anchor=broadcast)
     metrics = result_metrics(result)
     metrics["personal_loss"] = mine.metrics["loss"]
     delta = _tree_sub(broadcast, result.params)

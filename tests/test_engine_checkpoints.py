@@ -1,0 +1,86 @@
+"""Checkpoints and logs written by an earlier engine (before the round moved to fedjax_sim.core)
+still restore and resume: the algorithm digest traces the engine's code, so a digest from another
+engine version is reported as incomparable, not as another configuration."""
+
+import json
+import os
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fedjax_sim as fs
+from fedjax_sim import checkpoint as ckpt
+from fedjax_sim import run_dir
+
+
+@pytest.fixture(scope="module")
+def setup():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(60, 3)).astype(np.float32)
+  y = (x[:, 0] > 0).astype(np.int32)
+  pop = fs.Population.from_arrays({"x": x, "y": y}, rng.integers(0, 6, 60))
+  loss_fn = fs.models.classifier_loss(lambda p, x: x @ p)
+  return pop, loss_fn
+
+
+def _sim(setup, lr=0.2):
+  pop, loss_fn = setup
+  algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(lr), batch_size=4,
+                              local_epochs=1)
+  return fs.Simulation(algo, pop, cohort_size=3, chunk_size=3)
+
+
+def _old_engine(fp):
+  """The fingerprint an engine before ``digest_engine`` would have written for this run."""
+  old = {k: v for k, v in fp.items() if k != "digest_engine"}
+  old["algorithm_digest"] = "0123456789abcdef"  # another traced program
+  old["run_id"] = run_dir.run_id(old, jax.random.key(0))
+  return old
+
+
+def test_old_engine_checkpoint_restores_and_resumes(tmp_path, setup):
+  sim = _sim(setup)
+  d = str(tmp_path / "ck")
+  state, _ = sim.run(sim.init(jnp.zeros((3, 2)), jax.random.key(0)), 2)
+  expect = jax.tree.map(np.asarray, state.params)
+  ckpt.save(d, state, _old_engine(ckpt.fingerprint(sim, state)))
+  with pytest.warns(UserWarning, match="engine 1 .*cannot be compared"):
+    restored = sim.restore(d, jnp.zeros((3, 2)))
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, restored.params), expect)
+  with pytest.warns(UserWarning, match="another jax or engine version"):
+    state, metrics = sim.run(restored, 2, checkpoint_dir=d)
+  assert int(state.round) == 4 and np.all(np.isfinite(metrics["loss"]))
+  with open(os.path.join(d, "4", "meta", "metadata")) as f:
+    assert json.load(f)["digest_engine"] == run_dir.ENGINE_DIGEST
+
+
+def test_another_configuration_is_still_refused_by_the_same_engine(tmp_path, setup):
+  d = str(tmp_path / "ck")
+  a = _sim(setup, lr=0.2)
+  a.run(a.init(jnp.zeros((3, 2)), jax.random.key(0)), 2, checkpoint_dir=d)
+  b = _sim(setup, lr=0.3)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no "older engine" leniency: same engine, other lr
+    with pytest.raises(ValueError, match="another run.*algorithm_digest"):
+      b.run(b.init(jnp.zeros((3, 2)), jax.random.key(0)), 2, checkpoint_dir=d)
+
+
+def test_old_engine_log_is_taken_as_this_runs(tmp_path, setup):
+  sim = _sim(setup)
+  d = str(tmp_path / "log")
+  state, _ = sim.run(sim.init(jnp.zeros((3, 2)), jax.random.key(0)), 2, log_dir=d)
+  path = os.path.join(d, "config.json")
+  with open(path) as f:
+    config = json.load(f)
+  config["fingerprint"] = _old_engine(config["fingerprint"])
+  config["run_id"] = config["fingerprint"]["run_id"]
+  with open(path, "w") as f:
+    json.dump(config, f)
+  with pytest.warns(UserWarning, match="another jax or engine version"):
+    sim.run(state, 1, log_dir=d)
+  assert len(ckpt.read_log(d)["loss"]) == 3
