@@ -3,6 +3,7 @@ argument and the value, before anything is traced or compiled."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax
@@ -15,46 +16,130 @@ def traced(value: Any) -> bool:
   return isinstance(value, jax.core.Tracer)
 
 
-def _number(name: str, value: Any, what: str) -> float:
-  if isinstance(value, bool):
-    raise TypeError(f"{name} must be {what}; got the bool {value!r}.")
-  try:
-    v = np.asarray(value, dtype=np.float64)
-  except (TypeError, ValueError):
-    raise TypeError(f"{name} must be {what}; got {value!r}.") from None
-  if v.ndim != 0 or not np.isfinite(v):
-    raise ValueError(f"{name} must be {what}; got {value!r}.")
-  return float(v)
+def _range_text(low, high, low_open, high_open) -> str:
+  if low is None and high is None:
+    return "be a finite number"
+  if high is None:
+    return f"be {'>' if low_open else '>='} {low:g} (a finite number)"
+  if low is None:
+    return f"be {'<' if high_open else '<='} {high:g} (a finite number)"
+  return f"lie in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def hyperparameter(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Any:
+  """The one check of a float hyper-parameter of an algorithm, aggregator or optimizer factory
+  (learning rates, momenta, mu, clip norms, noise multipliers, weight caps, ...).
+
+  Accepted: a Python int/float, a NumPy number or 0-d real array, or a 0-d real ``jax.Array``.
+  A concrete value must be finite and lie between ``low`` and ``high`` (each bound included
+  unless ``low_open`` / ``high_open``). A traced ``jax.Array`` (``fs.sweep`` builds every lane
+  with traced float32 scalars, after building it once with the concrete values, which meet this
+  check) passes with only its shape and dtype checked, since its value is not known. Refused
+  with a ``TypeError``: a bool, a string (``"0.1"`` is text: YAML reads ``1e-5`` and quoted
+  numbers as text), a complex number, a sequence, None.
+
+  Args:
+    name: the argument's name, for the message.
+    value: the value passed.
+    low: the lower bound (None: unbounded).
+    high: the upper bound (None: unbounded).
+    low_open: exclude ``low`` itself.
+    high_open: exclude ``high`` itself.
+
+  Returns:
+    the value as a Python float, or the traced array itself.
+
+  Examples:
+    >>> from fedjax_sim import _validation
+    >>> _validation.hyperparameter("mu", 0.1, low=0)
+    0.1
+    >>> _validation.hyperparameter("mu", "0.1", low=0)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    TypeError: mu must be >= 0 (a finite number); got the string '0.1'. Pass the number itself...
+  """
+  rule = f"{name} must {_range_text(low, high, low_open, high_open)}"
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{rule}; got the bool {value!r}.")
+  if isinstance(value, (str, bytes)):
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    raise TypeError(f"{rule}; got the string {value!r}. Pass the number itself "
+                    f"({name}={text.strip()}), not text.")
+  if isinstance(value, (jax.Array, np.ndarray)):
+    if np.ndim(value) != 0:
+      raise ValueError(f"{rule}, one scalar; got an array of shape {tuple(np.shape(value))}.")
+    if np.dtype(value.dtype).kind not in "iuf":
+      raise TypeError(f"{rule}; got an array of dtype {value.dtype}.")
+    if traced(value):
+      return value
+    v = float(value)
+  elif isinstance(value, numbers.Real):  # int, float, NumPy numbers, Fraction
+    v = float(value)
+  else:
+    raise TypeError(f"{rule}; got {type(value).__name__} {value!r}.")
+  if not (np.isfinite(v) and (low is None or (v > low if low_open else v >= low))
+          and (high is None or (v < high if high_open else v <= high))):
+    raise ValueError(f"{rule}; got {value!r}.")
+  return v
 
 
 def positive(name: str, value: Any) -> float:
-  """A finite number > 0."""
-  if traced(value):
-    return value
-  v = _number(name, value, "a finite number > 0")
-  if not v > 0:
-    raise ValueError(f"{name} must be > 0 (a finite number); got {value!r}.")
-  return v
+  """A finite number > 0 (:func:`hyperparameter`)."""
+  return hyperparameter(name, value, low=0, low_open=True)
 
 
 def non_negative(name: str, value: Any) -> float:
-  """A finite number >= 0."""
-  if traced(value):
-    return value
-  v = _number(name, value, "a finite number >= 0")
-  if not v >= 0:
-    raise ValueError(f"{name} must be >= 0 (a finite number); got {value!r}.")
-  return v
+  """A finite number >= 0 (:func:`hyperparameter`)."""
+  return hyperparameter(name, value, low=0)
 
 
 def probability(name: str, value: Any) -> float:
-  """A number in [0, 1]."""
-  if traced(value):
+  """A number in [0, 1] (:func:`hyperparameter`)."""
+  return hyperparameter(name, value, low=0, high=1)
+
+
+def learning_rate(name: str, value: Any) -> Any:
+  """A learning rate: a number > 0 (checked by :func:`hyperparameter`) or an optax schedule
+  (a callable ``step -> rate``, passed through).
+
+  Returns:
+    the schedule itself, or the rate as a float (a traced array itself).
+  """
+  if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
     return value
-  v = _number(name, value, "a probability in [0, 1]")
-  if not 0 <= v <= 1:
-    raise ValueError(f"{name} must lie in [0, 1]; got {value!r}.")
-  return v
+  return positive(name, value)
+
+
+def memory_budget(value: Any) -> int | None:
+  """``Simulation(memory_budget=)``: bytes for the client pass, a Python/NumPy int >= 1, or
+  None (automatic: a fraction of the device memory).
+
+  Returns:
+    the budget as an int, or None.
+  """
+  if value is None:
+    return None
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    hint = ""
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and value >= 1:
+      hint = f" (memory_budget={int(value)}, or e.g. 2 * 2**30 for 2 GiB)"
+    raise TypeError(
+        f"memory_budget must be an int number of bytes >= 1{hint}, or None for the automatic "
+        f"budget; got {type(value).__name__} {value!r}."
+    )
+  if value < 1:
+    raise ValueError(
+        f"memory_budget must be >= 1 byte (e.g. 2 * 2**30 for 2 GiB), or None for the "
+        f"automatic budget; got {value!r}."
+    )
+  return int(value)
 
 
 def positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:

@@ -13,6 +13,13 @@ Example (``examples/configs/digits_dp.yaml``)::
   privacy: {clip: 1.0, noise_multiplier: 0.3, delta: 1.0e-5}
   sampler: {cohort_size: 50}
   run: {rounds: 200, eval_every: 25, seed: 0, out_dir: runs/digits_dp}
+
+Federated files: ``data.name: emnist_h5`` / ``shakespeare_h5`` read ``data.path`` with
+:func:`fedjax_sim.datasets.emnist` / :func:`~fedjax_sim.datasets.shakespeare`, which take a TFF
+h5, a FedJAX SQLite (``~/.cache/fedjax/federated_emnist_train.sqlite``, ...) or a TFF SQLite file
+alike: the format is detected from the file's first bytes (:mod:`fedjax_sim.data.sqlite`), so
+the ``_h5`` in the name names the dataset family, not the only format. Of a TFF SQLite file,
+which holds both splits, the ``train`` split is read.
 """
 
 from __future__ import annotations
@@ -30,6 +37,14 @@ PARTITIONS = ("dirichlet", "iid", "shards")
 MODELS = ("logistic", "mlp", "emnist_cnn", "cifar_cnn", "char_lstm")
 ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fednova", "feddyn", "qffl", "ditto")
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
+#: Datasets read from ``data.path``, and the features each needs in the file.
+FILE_DATASETS = {"emnist_h5": ("EMNIST-62", ["pixels", "label"]),
+                 "shakespeare_h5": ("Shakespeare", ["snippets"])}
+#: Notes on keys for the generated config reference (docs/cli.md).
+KEY_NOTES = {
+    "data.path": "for `emnist_h5` / `shakespeare_h5`: a TFF h5, FedJAX SQLite or TFF SQLite "
+                 "file (detected from the file; of TFF SQLite the `train` split)",
+}
 
 
 @dataclasses.dataclass
@@ -175,6 +190,29 @@ def _in_range(path: str, value, lo, hi, *, lo_open=True, hi_open=False, allow_no
     raise ConfigError(f"{path} must lie in {lb}{lo}, {hi}{rb}; got {value!r}.{_text_hint(value)}")
 
 
+def _check_data_file(name: str, path: str) -> None:
+  """The format of ``data.path`` (its header only; the features are checked when read)."""
+  from fedjax_sim.data import sqlite as _sqlite
+
+  try:
+    _sqlite.detect_format(path)
+  except (ValueError, OSError) as e:
+    raise ConfigError(f"data.path={path!r} cannot be read for data.name={name!r}: {e}") from None
+
+
+def _read_data_file(name: str, path: str, read):
+  """``read()`` with a file whose contents do not fit ``data.name`` reported as a ConfigError."""
+  try:
+    return read()
+  except ValueError as e:
+    family, features = FILE_DATASETS[name]
+    others = [f"{k!r} ({v[0]}: {', '.join(v[1])})" for k, v in FILE_DATASETS.items() if k != name]
+    raise ConfigError(
+        f"data.path={path!r} does not hold the {family} features {features} that "
+        f"data.name={name!r} reads: {e} Other file datasets: {'; '.join(others)}."
+    ) from None
+
+
 def validate(cfg: Config) -> Config:
   """Checks names, ranges and combinations; raises :class:`ConfigError` naming the key."""
   _choice("data.name", cfg.data.name, DATASETS)
@@ -182,10 +220,13 @@ def validate(cfg: Config) -> Config:
   _choice("model.name", cfg.model.name, MODELS)
   _choice("algorithm.name", cfg.algorithm.name, ALGORITHMS)
   _choice("server.optimizer", cfg.server.optimizer, SERVER_OPTIMIZERS)
-  if cfg.data.name.endswith("_h5") and not cfg.data.path:
-    raise ConfigError(f"data.name={cfg.data.name!r} reads a file: set data.path.")
+  if cfg.data.name in FILE_DATASETS and not cfg.data.path:
+    raise ConfigError(f"data.name={cfg.data.name!r} reads a file: set data.path (a TFF h5, "
+                      "FedJAX SQLite or TFF SQLite file).")
   if cfg.data.path and not os.path.exists(cfg.data.path):
     raise ConfigError(f"data.path={cfg.data.path!r} does not exist.")
+  if cfg.data.name in FILE_DATASETS:
+    _check_data_file(cfg.data.name, cfg.data.path)
   for path, value, none_ok in [
       ("data.num_clients", cfg.data.num_clients, False),
       ("data.shards_per_client", cfg.data.shards_per_client, False),
@@ -290,9 +331,11 @@ def build(cfg: Config):
     pop = fs.datasets.leaf_synthetic(d.alpha, d.alpha, num_clients=d.num_clients,
                                      seed=cfg.run.seed)
   elif d.name == "emnist_h5":
-    pop = fs.datasets.emnist(d.path, max_clients=d.max_clients)
+    pop = _read_data_file(d.name, d.path,
+                          lambda: fs.datasets.emnist(d.path, max_clients=d.max_clients))
   else:
-    pop = fs.datasets.shakespeare(d.path, seq_len=d.seq_len, max_clients=d.max_clients)
+    pop = _read_data_file(d.name, d.path, lambda: fs.datasets.shakespeare(
+        d.path, seq_len=d.seq_len, max_clients=d.max_clients))
   if d.partition == "shards" and test is not None:
     x, y = np.asarray(pop.features["x"]), np.asarray(pop.features["y"])
     ids = fs.partition.shards(y, d.num_clients, d.shards_per_client, seed=cfg.run.seed)

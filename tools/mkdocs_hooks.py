@@ -35,6 +35,8 @@ def _constraints() -> dict[str, str]:
     rules[key] = "one of " + ", ".join(f"`{v}`" for v in getattr(config, const))
   for key in re.findall(r'_positive\("(\w+\.\w+)"', source):
     rules[key] = "> 0"
+  for key, note in config.KEY_NOTES.items():
+    rules[key] = f"{rules[key]}; {note}" if key in rules else note
   return rules
 
 

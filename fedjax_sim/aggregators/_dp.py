@@ -173,9 +173,8 @@ def adaptive_clip_l2(
     Clipping", NeurIPS 2021 (arXiv:1905.03871).
   """
   c0 = _positive("initial_clip", initial_clip)
-  gamma = float(target_quantile)
-  if not 0 < gamma < 1:
-    raise ValueError(f"target_quantile must lie in (0, 1); got {target_quantile!r}.")
+  gamma = _v.hyperparameter("target_quantile", target_quantile, low=0, high=1, low_open=True,
+                            high_open=True)
   eta = _positive("learning_rate", learning_rate)
   sigma_b = None if count_noise_stddev is None else _non_negative(
       "count_noise_stddev", count_noise_stddev)

@@ -322,5 +322,6 @@ def norm_bounded_mean(max_norm: float, weighted: bool = True) -> Process:
   Returns:
     a :class:`Process` (clip each update to ``max_norm``, weighted mean).
   """
+  _v.positive("max_norm", max_norm)
   reducer = weighted_sum_reducer() if weighted else sum_reducer()
   return process(clip_l2(max_norm), reducer, normalize())

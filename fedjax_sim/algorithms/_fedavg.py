@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from fedjax_sim import _validation as _v
@@ -246,25 +248,82 @@ def _local_sgd_algorithm(
 
 
 # -- server optimizers (Reddi et al. 2021): thin named helpers over optax --------------------------
+#
+# Reddi et al. 2021, Algorithm 2, with Δ_t the round's aggregated update and τ the "degree of
+# adaptivity" (``eps`` below): m_t = β1 m_{t-1} + (1 - β1) Δ_t; v_t = v_{t-1} + Δ_t² (FedAdagrad),
+# β2 v_{t-1} + (1 - β2) Δ_t² (FedAdam), v_{t-1} - (1 - β2) Δ_t² sign(v_{t-1} - Δ_t²) (FedYogi);
+# x_{t+1} = x_t + η m_t / (√v_t + τ). τ is added to √v, outside the square root. Here the
+# pseudo-gradient is ``server - client`` (= -Δ_t) and optax subtracts η times the scaled update,
+# which is the same step.
 
 
-def fedavgm(learning_rate: float = 1.0, momentum: float = 0.9) -> optax.GradientTransformation:
+def _server_hyperparameters(learning_rate, eps, b1=None, b2=None, initial_accumulator_value=None):
+  _v.learning_rate("learning_rate", learning_rate)
+  _v.positive("eps", eps)  # τ > 0: the denominator √v + τ never vanishes
+  if b1 is not None:
+    _v.hyperparameter("b1", b1, low=0, high=1, high_open=True)
+  if b2 is not None:
+    _v.hyperparameter("b2", b2, low=0, high=1, high_open=True)
+  if initial_accumulator_value is not None:
+    _v.non_negative("initial_accumulator_value", initial_accumulator_value)
+
+
+def fedavgm(
+    learning_rate: float = 1.0, momentum: float | None = 0.9
+) -> optax.GradientTransformation:
   """Server SGD with heavy-ball momentum (FedAvgM, Hsu et al. 2019).
+
+  Args:
+    learning_rate: server learning rate η > 0 (or an optax schedule).
+    momentum: β in [0, 1) (None: plain server SGD).
 
   Returns:
     an ``optax.GradientTransformation`` for ``server_optimizer``.
+
+  References:
+    Hsu, Qi, Brown, "Measuring the Effects of Non-Identical Data Distribution for Federated
+    Visual Classification", 2019.
+
+  Examples:
+    >>> import fedjax_sim as fs
+    >>> opt = fs.algorithms.fedavgm(1.0, momentum=0.9)
   """
+  _v.learning_rate("learning_rate", learning_rate)
+  if momentum is not None:
+    _v.hyperparameter("momentum", momentum, low=0, high=1, high_open=True)
   return optax.sgd(learning_rate, momentum=momentum)
 
 
 def fedadam(
     learning_rate: float = 1e-2, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3
 ) -> optax.GradientTransformation:
-  """Server Adam of FedAdam (Reddi et al. 2021): beta1 0.9, beta2 0.99, tau (eps) 1e-3.
+  """Server Adam of FedAdam (Reddi et al. 2021): β1 0.9, β2 0.99, τ (``eps``) 1e-3.
+
+  One server step: ``m ← β1 m + (1 − β1) g``, ``v ← β2 v + (1 − β2) g²`` (from zero), then
+  ``x ← x − η m̂ / (√v̂ + τ)`` with the bias-corrected ``m̂ = m / (1 − β1^t)``,
+  ``v̂ = v / (1 − β2^t)`` (``optax.adam``, as ``fedjax.optimizers.adam``); ``g`` is the
+  aggregated pseudo-gradient ``server − client``. τ is added to the square root, as in the
+  paper. The paper's Algorithm 2 writes the moments without bias correction, which changes
+  only the first rounds' steps (``1 − β^t → 1``).
+
+  Args:
+    learning_rate: server learning rate η > 0 (or an optax schedule).
+    b1: β1 in [0, 1).
+    b2: β2 in [0, 1).
+    eps: τ > 0, the degree of adaptivity, added to ``√v̂``.
 
   Returns:
     an ``optax.GradientTransformation`` for ``server_optimizer``.
+
+  References:
+    Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan, "Adaptive Federated
+    Optimization", ICLR 2021 (Algorithm 2).
+
+  Examples:
+    >>> import fedjax_sim as fs
+    >>> opt = fs.algorithms.fedadam(1e-2, eps=1e-3)
   """
+  _server_hyperparameters(learning_rate, eps, b1, b2)
   return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
 
 
@@ -272,24 +331,89 @@ def fedyogi(
     learning_rate: float = 1e-2, b1: float = 0.9, b2: float = 0.99, eps: float = 1e-3,
     initial_accumulator_value: float = 1e-6,
 ) -> optax.GradientTransformation:
-  """Server Yogi of FedYogi (Reddi et al. 2021): beta1 0.9, beta2 0.99, tau (eps) 1e-3.
+  """Server Yogi of FedYogi (Reddi et al. 2021): β1 0.9, β2 0.99, τ (``eps``) 1e-3.
+
+  One server step: ``m ← β1 m + (1 − β1) g``, ``v ← v − (1 − β2) g² sign(v − g²)``, then
+  ``x ← x − η m̂ / (√v̂ + τ)`` with the bias-corrected ``m̂ = m / (1 − β1^t)``,
+  ``v̂ = v / (1 − β2^t)`` (``optax.scale_by_yogi``, as ``fedjax.optimizers.yogi``); ``m`` and ``v``
+  start at ``initial_accumulator_value``. τ is added to the square root, as in the paper
+  (whose Algorithm 2 writes the moments without bias correction).
+
+  Args:
+    learning_rate: server learning rate η > 0 (or an optax schedule).
+    b1: β1 in [0, 1).
+    b2: β2 in [0, 1).
+    eps: τ > 0, the degree of adaptivity, added to ``√v̂``.
+    initial_accumulator_value: the starting ``m`` and ``v`` (>= 0).
 
   Returns:
     an ``optax.GradientTransformation`` for ``server_optimizer``.
+
+  References:
+    Reddi et al., "Adaptive Federated Optimization", ICLR 2021 (Algorithm 2); Zaheer, Reddi,
+    Sachan, Kale, Kumar, "Adaptive Methods for Nonconvex Optimization", NeurIPS 2018 (Yogi).
+
+  Examples:
+    >>> import fedjax_sim as fs
+    >>> opt = fs.algorithms.fedyogi(1e-2, eps=1e-3)
   """
-  return optax.yogi(
-      learning_rate, b1=b1, b2=b2, eps=eps, initial_accumulator_value=initial_accumulator_value
+  _server_hyperparameters(learning_rate, eps, b1, b2, initial_accumulator_value)
+  # optax.yogi(...) is this chain but takes no initial_accumulator_value (optax 0.2.8).
+  return optax.chain(
+      optax.scale_by_yogi(b1=b1, b2=b2, eps=eps,
+                          initial_accumulator_value=initial_accumulator_value),
+      optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def _scale_by_adagrad(eps, initial_accumulator_value) -> optax.GradientTransformation:
+  """``g / (√v + τ)`` with ``v`` the running sum of ``g²`` (τ outside the root, unlike
+  ``optax.scale_by_rss``'s ``g / √(v + eps)``). Its state is ``optax.ScaleByRssState``, as
+  ``optax.adagrad``'s."""
+
+  def init(params):
+    return optax.ScaleByRssState(sum_of_squares=jax.tree.map(
+        lambda p: jnp.full_like(p, initial_accumulator_value), params))
+
+  def update(updates, state, params=None):
+    del params
+    v = jax.tree.map(lambda g, s: s + jnp.square(g), updates, state.sum_of_squares)
+    scaled = jax.tree.map(lambda g, s: g / (jnp.sqrt(s) + eps), updates, v)
+    return scaled, optax.ScaleByRssState(sum_of_squares=v)
+
+  return optax.GradientTransformation(init, update)
 
 
 def fedadagrad(
     learning_rate: float = 1e-1, eps: float = 1e-3, initial_accumulator_value: float = 0.0
 ) -> optax.GradientTransformation:
-  """Server Adagrad of FedAdagrad (Reddi et al. 2021, tau = 1e-3 as eps; no server momentum).
+  """Server Adagrad of FedAdagrad (Reddi et al. 2021): τ (``eps``) 1e-3, no server momentum.
+
+  One server step: ``v ← v + g²`` (from ``initial_accumulator_value``), then
+  ``x ← x − η g / (√v + τ)``, with ``g`` the aggregated pseudo-gradient ``server − client``.
+  τ is added to the square root as in the paper (``optax.adagrad`` adds its ``eps`` inside the
+  root, ``g / √(v + eps)``, and gives 0 where ``v`` is 0, so it is not used). This is the
+  paper's Algorithm 2 with β1 = 0 (no momentum).
+
+  Args:
+    learning_rate: server learning rate η > 0 (or an optax schedule).
+    eps: τ > 0, the degree of adaptivity, added to ``√v``.
+    initial_accumulator_value: the starting ``v`` (>= 0; the paper's ``v_{-1}``).
 
   Returns:
     an ``optax.GradientTransformation`` for ``server_optimizer``.
+
+  References:
+    Reddi et al., "Adaptive Federated Optimization", ICLR 2021 (Algorithm 2).
+
+  Examples:
+    >>> import jax.numpy as jnp, fedjax_sim as fs
+    >>> opt = fs.algorithms.fedadagrad(1.0, eps=1.0)
+    >>> g = {"w": jnp.array([3.0])}
+    >>> step, _ = opt.update(g, opt.init(g))
+    >>> step["w"].tolist()  # -1 * 3 / (sqrt(9) + 1)
+    [-0.75]
   """
-  return optax.adagrad(
-      learning_rate, initial_accumulator_value=initial_accumulator_value, eps=eps**2
-  )
+  _server_hyperparameters(learning_rate, eps, initial_accumulator_value=initial_accumulator_value)
+  return optax.chain(_scale_by_adagrad(eps, initial_accumulator_value),
+                     optax.scale_by_learning_rate(learning_rate))
