@@ -110,9 +110,10 @@ class Simulation:
     population = _host.to_host(population) if population_on == "host" else population
     self.population = (population if mesh is None
                        else _sharding.place_population(population, mesh, population_on))
+    memory_budget = _v.memory_budget(memory_budget)
     self._auto_budget = memory_budget is None  # refined in init() once the state is known
     self.memory_budget = (default_memory_budget(_memory.resident_bytes(self))
-                          if memory_budget is None else int(memory_budget))
+                          if memory_budget is None else memory_budget)
     self.plan: core.RoundPlan | None = None  # fixed by init() once the model is known
     self._programs: dict[int | None, Any] = {}
 

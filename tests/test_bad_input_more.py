@@ -179,6 +179,15 @@ def test_memory_budget_refuses_non_positive_floats_bools(value, exc, message):
     _validation.memory_budget(value)
 
 
+@pytest.mark.parametrize("value,exc", [(0, ValueError), (-1, ValueError), (2e9, TypeError)])
+def test_simulation_refuses_a_bad_memory_budget(value, exc):
+  pop = fs.Population.from_arrays({"x": np.zeros((8, 2), np.float32)}, np.arange(8) % 4)
+  algo = fs.algorithms.fedavg(lambda p, b, k: (jnp.sum(p * 0.0), {}),
+                              client_optimizer=optax.sgd(0.1), batch_size=2, local_steps=1)
+  with pytest.raises(exc, match="memory_budget must be"):
+    fs.Simulation(algo, pop, cohort_size=2, memory_budget=value)
+
+
 # -- 3. server optimizers: τ (eps) added to √v, against Reddi et al. 2021 -----------------------
 # The pseudo-gradient g is ``server - client``; the server steps x <- x - η · scaled(g). Values of
 # |g| near τ make τ's place (outside or inside the root) change the step by tens of percent.
