@@ -20,14 +20,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def setup():
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(90, 3)).astype(np.float32)
-  y = (x[:, 0] > 0).astype(np.int32)
-  pop = fs.Population.from_arrays({"x": x, "y": y}, rng.integers(0, 9, 90))
-  loss_fn = fs.models.classifier_loss(lambda p, x: x @ p["w"] + p["b"])
-  params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
-  return pop, loss_fn, params
+def setup(pop, loss_fn):
+  return pop, loss_fn, {"w": jnp.zeros((5, 3)), "b": jnp.zeros(3)}
 
 
 def _algo(loss_fn, lr=0.2, **kw):

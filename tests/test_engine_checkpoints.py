@@ -19,13 +19,11 @@ from fedjax_sim import run_dir
 
 
 @pytest.fixture(scope="module")
-def setup():
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(60, 3)).astype(np.float32)
-  y = (x[:, 0] > 0).astype(np.int32)
-  pop = fs.Population.from_arrays({"x": x, "y": y}, rng.integers(0, 6, 60))
-  loss_fn = fs.models.classifier_loss(lambda p, x: x @ p)
+def setup(pop, loss_fn):
   return pop, loss_fn
+
+
+PARAMS = {"w": jnp.zeros((5, 3)), "b": jnp.zeros(3)}
 
 
 def _sim(setup, lr=0.2):
@@ -46,11 +44,11 @@ def _old_engine(fp):
 def test_old_engine_checkpoint_restores_and_resumes(tmp_path, setup):
   sim = _sim(setup)
   d = str(tmp_path / "ck")
-  state, _ = sim.run(sim.init(jnp.zeros((3, 2)), jax.random.key(0)), 2)
+  state, _ = sim.run(sim.init(PARAMS, jax.random.key(0)), 2)
   expect = jax.tree.map(np.asarray, state.params)
   ckpt.save(d, state, _old_engine(ckpt.fingerprint(sim, state)))
   with pytest.warns(UserWarning, match="engine 1 .*cannot be compared"):
-    restored = sim.restore(d, jnp.zeros((3, 2)))
+    restored = sim.restore(d, PARAMS)
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, restored.params), expect)
   with pytest.warns(UserWarning, match="another jax or engine version"):
     state, metrics = sim.run(restored, 2, checkpoint_dir=d)
@@ -62,18 +60,18 @@ def test_old_engine_checkpoint_restores_and_resumes(tmp_path, setup):
 def test_another_configuration_is_still_refused_by_the_same_engine(tmp_path, setup):
   d = str(tmp_path / "ck")
   a = _sim(setup, lr=0.2)
-  a.run(a.init(jnp.zeros((3, 2)), jax.random.key(0)), 2, checkpoint_dir=d)
+  a.run(a.init(PARAMS, jax.random.key(0)), 2, checkpoint_dir=d)
   b = _sim(setup, lr=0.3)
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # no "older engine" leniency: same engine, other lr
     with pytest.raises(ValueError, match="another run.*algorithm_digest"):
-      b.run(b.init(jnp.zeros((3, 2)), jax.random.key(0)), 2, checkpoint_dir=d)
+      b.run(b.init(PARAMS, jax.random.key(0)), 2, checkpoint_dir=d)
 
 
 def test_old_engine_log_is_taken_as_this_runs(tmp_path, setup):
   sim = _sim(setup)
   d = str(tmp_path / "log")
-  state, _ = sim.run(sim.init(jnp.zeros((3, 2)), jax.random.key(0)), 2, log_dir=d)
+  state, _ = sim.run(sim.init(PARAMS, jax.random.key(0)), 2, log_dir=d)
   path = os.path.join(d, "config.json")
   with open(path) as f:
     config = json.load(f)
