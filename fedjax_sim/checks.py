@@ -7,6 +7,7 @@ configuration never surfaces as an XLA traceback or a silent NaN.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -253,7 +254,7 @@ def round_traces(plan: core.RoundPlan, state: Any, population: Population) -> No
 def same_layout(expected: Any, state: Any) -> None:
   """Refuses a state whose structure or leaf shapes differ from ``expected`` (keys aside)."""
   def layout(t):
-    t = type(t)(**{**{f: getattr(t, f) for f in t.__dataclass_fields__}, "key": None})
+    t = dataclasses.replace(t, key=None)
     return jax.tree.structure(t), [(np.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(t)]
 
   if layout(expected) != layout(state):
