@@ -95,7 +95,7 @@ def run_seed(args, seed: int, plot: bool) -> dict[str, float]:
   from sklearn.metrics import roc_curve
 
   if plot:
-    fig, ax = plots._plt().subplots(figsize=(5, 5))
+    fig, ax = plots.pyplot().subplots(figsize=(5, 5))
   aurocs = {}
   for name, p in (("federated", fed), ("central", central)):
     thr = federated_threshold(apply_fn, p, pop, k=args.k)

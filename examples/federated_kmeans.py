@@ -41,7 +41,7 @@ def main():
   print(f"| dataset | k | clients (Dirichlet {args.alpha}) | method | cost | sklearn cost "
         "| ratio | ARI | NMI |")
   print("|---|---|---|---|---|---|---|---|---|")
-  plt = plots._plt()
+  plt = plots.pyplot()
   fig, axes = plt.subplots(3, 3, figsize=(12, 11))
   for row, (name, k) in enumerate((("iris", 3), ("wine", 3), ("digits", 10))):
     pop, _ = fs.datasets.sklearn_dataset(name, args.num_clients, alpha=args.alpha, seed=0)

@@ -109,7 +109,7 @@ def main():
   print(f"mean over seeds: global uniformity (h) base {base[0]:.4f} ssd {ours[0]:.4f} "
         f"(diff {ours[0] - base[0]:+.4f}); linear probe base {base[5]:.4f} ssd {ours[5]:.4f}")
 
-  plt = plots._plt()
+  plt = plots.pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, color in (("base", "tab:blue"), ("ssd", "tab:red")):
     for i, (r, c) in enumerate(curves[name]):

@@ -7,7 +7,12 @@ import os
 import numpy as np
 
 
-def _plt():
+def pyplot():
+  """``matplotlib.pyplot`` on the non-interactive Agg backend (PNG files; no display needed).
+
+  Returns:
+    The ``matplotlib.pyplot`` module, for figures beside the library's own plots.
+  """
   import matplotlib
 
   matplotlib.use("Agg")
@@ -69,7 +74,7 @@ def learning_curves(metrics: dict[str, np.ndarray], path: str, title: str = "", 
   Returns:
     ``path``.
   """
-  plt = _plt()
+  plt = pyplot()
   n = len(metrics["loss"])
   rounds = np.asarray(metrics["round"]) if "round" in metrics else np.arange(1, n + 1)
   window = max(1, n // 20) if window is None else int(window)
@@ -128,7 +133,7 @@ def client_distribution(values: np.ndarray, path: str, name: str = "accuracy") -
   Returns:
     ``path``.
   """
-  plt = _plt()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(5, 3.6))
   v = np.asarray(values)
   v = v[np.isfinite(v)]

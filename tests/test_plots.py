@@ -22,7 +22,7 @@ def saved_figures(monkeypatch):
     for ax in fig.axes:
       legend = ax.get_legend()
       axes.append((ax.get_title(), [t.get_text() for t in legend.get_texts()] if legend else None))
-    saved.append((fig._suptitle.get_text() if fig._suptitle else "", axes))
+    saved.append((fig.get_suptitle(), axes))
     return original(fig, path, *args, **kwargs)
 
   monkeypatch.setattr(Figure, "savefig", record)
