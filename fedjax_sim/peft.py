@@ -239,9 +239,9 @@ def load_pretrained(init_params: Params, pretrained: Params | str | os.PathLike,
   """
   if isinstance(pretrained, (str, os.PathLike)):
     pretrained = _read_weights(os.fspath(pretrained))
-  flat_init = {tuple(_partition._path_names(p)): v
+  flat_init = {tuple(_partition.path_names(p)): v
                for p, v in jax.tree_util.tree_leaves_with_path(init_params)}
-  flat_pre = {tuple(_partition._path_names(p)): v
+  flat_pre = {tuple(_partition.path_names(p)): v
               for p, v in jax.tree_util.tree_leaves_with_path(pretrained)}
   for path, v in flat_pre.items():
     if path not in flat_init:
@@ -266,7 +266,7 @@ def load_pretrained(init_params: Params, pretrained: Params | str | os.PathLike,
       )
 
   def pick(path, v):
-    new = flat_pre.get(tuple(_partition._path_names(path)))
+    new = flat_pre.get(tuple(_partition.path_names(path)))
     return v if new is None else jnp.asarray(new, dtype=v.dtype)
 
   return jax.tree_util.tree_map_with_path(pick, init_params)

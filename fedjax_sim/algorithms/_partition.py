@@ -41,7 +41,7 @@ class FinetuneBroadcast(NamedTuple):
   frozen: Params
 
 
-def _path_names(path) -> tuple[str, ...]:
+def path_names(path) -> tuple[str, ...]:
   out = []
   for k in path:
     for attr in ("key", "name", "idx"):
@@ -112,7 +112,7 @@ def _resolve_callable(fn, params, paths, where, treedef) -> tuple[bool, ...]:
     return tuple(_as_bool(v, w) for v, w in zip(leaves, where, strict=True))
   out = []
   for p, w in zip(paths, where, strict=True):
-    value = fn(_path_names(p))
+    value = fn(path_names(p))
     if not isinstance(value, (bool, np.bool_)):
       raise ValueError(
           f"trainable: the predicate returned {value!r} for params{w}; a path predicate must "
