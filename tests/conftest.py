@@ -15,6 +15,8 @@ Plain helpers (and the matmul-precision setting) live in helpers.py; nothing imp
 """
 
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -26,9 +28,8 @@ FAST_COMPILE_TESTED_ON = ("0.10.2",)
 
 
 def _fast_compile():
-  from jax._src import xla_bridge
-
   import jaxlib
+  from jax._src import xla_bridge
 
   if os.environ.get("FEDJAX_SIM_TEST_FULL_OPT", "0") == "1":
     return
@@ -67,6 +68,22 @@ def _full_optimizations(request):
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="session")
+def run_with_package():
+  """A function that runs ``examples/<name>.py *args`` with this checkout's package importable
+  (also when not installed) and returns its stdout; it fails the test on a non-zero exit."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def run(name, *args):
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, os.path.join(root, "examples", f"{name}.py"), *args],
+                         capture_output=True, text=True, timeout=600, cwd=root, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+  return run
 
 
 @pytest.fixture(scope="session")
