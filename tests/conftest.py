@@ -11,7 +11,10 @@ compare against oracles with tolerances, and bit-for-bit tests compare two runs 
 The flag is set for this process only: ``XLA_FLAGS`` is restored once the backend has started,
 so child processes (examples, CLI, host-device scenarios) see the user's environment.
 
-Plain helpers (and the matmul-precision setting) live in helpers.py; nothing imports this file.
+Fixtures: the small random population and linear model most tests use, as session fixtures
+(``clients``, ``pop``, ``loss_fn``) and as factories (``make_population``, ``init_params``,
+``linear_apply``) for tests that need other sizes. Nothing imports this file (sharded_worker.py,
+which runs in fresh processes, has its own copy of the three functions).
 """
 
 import os
@@ -19,6 +22,8 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 #: XLA:CPU flags that shorten compiles, and the jaxlib versions they were measured on (XLA
@@ -50,10 +55,47 @@ def _fast_compile():
 
 
 _fast_compile()
-
-from helpers import linear_apply, make_population  # noqa: E402
+# Exact float32 matmuls, so results compare with the oracles' and other processes' (the same
+# setting as tests/sharded_worker.py's fresh processes).
+jax.config.update("jax_default_matmul_precision", "highest")
 
 import fedjax_sim as fs  # noqa: E402
+
+
+def _make_population(num_clients=12, dim=5, classes=3, seed=0, min_size=1, max_size=17):
+  rng = np.random.default_rng(seed)
+  sizes = rng.integers(min_size, max_size + 1, num_clients)
+  return [{"x": rng.normal(size=(n, dim)).astype(np.float32),
+           "y": rng.integers(0, classes, n).astype(np.int32)} for n in sizes]
+
+
+def _linear_apply(p, x):
+  return x @ p["w"] + p["b"]
+
+
+def _init_params(dim=5, classes=3, seed=1):
+  rng = np.random.default_rng(seed)
+  return {"w": jnp.asarray(rng.normal(size=(dim, classes)).astype(np.float32) * 0.1),
+          "b": jnp.zeros(classes, jnp.float32)}
+
+
+@pytest.fixture(scope="session")
+def make_population():
+  """``make_population(num_clients=12, dim=5, classes=3, seed=0, min_size=1, max_size=17)``:
+  a list of client dicts ``{"x": float32[n, dim], "y": int32[n]}`` with random sizes."""
+  return _make_population
+
+
+@pytest.fixture(scope="session")
+def init_params():
+  """``init_params(dim=5, classes=3, seed=1)``: ``{"w", "b"}`` for ``linear_apply``."""
+  return _init_params
+
+
+@pytest.fixture(scope="session")
+def linear_apply():
+  """``linear_apply(p, x) = x @ p["w"] + p["b"]``."""
+  return _linear_apply
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +130,7 @@ def run_with_package():
 
 @pytest.fixture(scope="session")
 def clients():
-  return make_population()
+  return _make_population()
 
 
 @pytest.fixture(scope="session")
@@ -98,4 +140,4 @@ def pop(clients):
 
 @pytest.fixture(scope="session")
 def loss_fn():
-  return fs.models.classifier_loss(linear_apply)
+  return fs.models.classifier_loss(_linear_apply)

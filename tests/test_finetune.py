@@ -53,7 +53,8 @@ def _algos(loss_fn, trainable, aggregator=None):
   }
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedadam", "fedprox", "scaffold", "ditto"])
+@pytest.mark.parametrize("name", ["fedavg", "scaffold"] + [  # stateless and stateful here
+    pytest.param(n, marks=pytest.mark.slow) for n in ("fedadam", "fedprox", "ditto")])
 def test_everything_trainable_equals_no_partition_bit_for_bit(name, pop, loss_fn):
   params = two_layer_params()
   _, base, m_base = run(_algos(loss_fn, None)[name], pop, params)
