@@ -141,6 +141,7 @@ def test_quantized_mean_in_round_is_close_and_reports_bits(pop, loss_fn, init_pa
   assert float(sims["q2"][1]["bits_uploaded"][-1]) == 18 * 2 + 2 * 64
 
 
+@pytest.mark.slow  # test_finetune covers a top-k state
 def test_top_k_state_lives_in_the_population(pop, loss_fn, init_params):
   sim = fs.Simulation(_algo(loss_fn, fs.aggregators.process(
       fs.aggregators.top_k(4), fs.aggregators.weighted_sum_reducer(),

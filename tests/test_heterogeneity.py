@@ -70,6 +70,7 @@ def test_scaffold_first_round_with_zero_control_variates_is_fedavg(pop, loss_fn,
   close(sa.params, sb.params)
 
 
+@pytest.mark.slow  # test_fednova_matches_oracle stays in the default tier
 def test_fednova_equal_steps_is_fedavg(loss_fn, init_params, make_population):
   clients = make_population(num_clients=8, min_size=8, max_size=8)
   pop = fs.Population.from_clients(clients)
@@ -110,6 +111,7 @@ def test_fednova_matches_oracle(pop, loss_fn, momentum, init_params):
   close(state.params, tree(lambda u, v: u - v, x, step))
 
 
+@pytest.mark.slow  # test_qffl_matches_oracle stays in the default tier
 def test_qffl_q0_is_fedavg_with_unweighted_mean(pop, loss_fn, init_params):
   kw = dict(batch_size=4, local_epochs=1)
   a = fs.Simulation(fs.algorithms.qffl(loss_fn, q=0.0, client_learning_rate=0.2, **kw), pop,

@@ -205,6 +205,7 @@ def test_vmapped_round_equals_loop_over_clients():
   chex.assert_trees_all_close(ours, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # SSD end to end; test_vmapped_round_equals_loop_over_clients stays
 def test_slot_assignment_cross_device():
   # Blocks 0..num_slots-1 only, reassigned between rounds.
   blocks = [np.asarray(ssl.slot_blocks(jax.random.key(0), r, 8, 3)) for r in range(4)]
