@@ -4,10 +4,13 @@ Compile settings: the suite compiles several hundred small XLA:CPU programs (eac
 its own Simulation), and compiling, not running, is most of its CPU time. Unless
 ``FEDJAX_SIM_TEST_FULL_OPT=1``, this process compiles with jax's
 ``jax_disable_most_optimizations`` (LLVM -O0) and, on the jaxlib versions it was measured on,
-XLA:CPU's classic emitters (``--xla_cpu_use_fusion_emitters=false``): a small FedAvg block
-compiled in 3.0 s with the defaults, 1.1 s with both (tests/conftest.py's measurement, jaxlib
-0.10.2, 2 cores). The semantics are XLA's either way (results agree to float rounding; tests
-compare against oracles with tolerances, and bit-for-bit tests compare two runs compiled alike).
+XLA:CPU's classic emitters (``--xla_cpu_use_fusion_emitters=false``). Measured on a 2-core
+machine at load ~2-3, jaxlib 0.10.2: the first ``run`` of test_round.py's FedAvg/FedProx block
+took 3.0 s of CPU with the defaults, 1.1 s with both; ``time pytest tests/test_round.py`` took
+103 s of user CPU with ``FEDJAX_SIM_TEST_FULL_OPT=1`` and 47 s without. The semantics are XLA's
+either way (results agree to float rounding; tests compare against oracles with tolerances, and
+bit-for-bit tests compare two runs compiled alike). A bit-for-bit test of two *different*
+programs that relies on XLA's simplifier is marked ``full_opt`` (jax's optimizations back on).
 The flag is set for this process only: ``XLA_FLAGS`` is restored once the backend has started,
 so child processes (examples, CLI, host-device scenarios) see the user's environment.
 
@@ -28,7 +31,10 @@ import pytest
 
 #: XLA:CPU flags that shorten compiles, and the jaxlib versions they were measured on (XLA
 #: aborts the process on a flag it does not know).
-FAST_COMPILE_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
+FAST_COMPILE_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",
+                          # One thread per op: the tests' programs are tiny, and idle pool
+                          # threads cost CPU time (test_round + test_secure: 82 -> 78 s).
+                          "--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1")
 FAST_COMPILE_TESTED_ON = ("0.10.2",)
 
 

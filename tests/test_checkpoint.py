@@ -39,6 +39,7 @@ def test_resume_is_bit_identical(tmp_path, pop, loss_fn, init_params):
   chex.assert_trees_all_equal(full.client_states, resumed.client_states)
 
 
+@pytest.mark.slow  # a signal end to end; test_resume_is_bit_identical stays in the default tier
 def test_sigterm_saves_then_resume_matches(tmp_path, pop, loss_fn, init_params):
   sim = make_sim(pop, loss_fn)
   full, _ = sim.run(sim.init(init_params(), jax.random.key(1)), num_rounds=8, block_size=2)
