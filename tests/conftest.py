@@ -31,10 +31,7 @@ import pytest
 
 #: XLA:CPU flags that shorten compiles, and the jaxlib versions they were measured on (XLA
 #: aborts the process on a flag it does not know).
-FAST_COMPILE_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",
-                          # One thread per op: the tests' programs are tiny, and idle pool
-                          # threads cost CPU time (test_round + test_secure: 82 -> 78 s).
-                          "--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1")
+FAST_COMPILE_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
 FAST_COMPILE_TESTED_ON = ("0.10.2",)
 
 
