@@ -12,6 +12,29 @@ WORKLOADS = ("fedavg", "dp_fedavg", "scaffold")
 NUM_ROUNDS = 3
 
 
+def make_population(num_clients=12, dim=5, classes=3, seed=0, min_size=1, max_size=17):
+  """A small random population (the one tests/conftest.py's ``make_population`` builds)."""
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  sizes = rng.integers(min_size, max_size + 1, num_clients)
+  return [{"x": rng.normal(size=(n, dim)).astype(np.float32),
+           "y": rng.integers(0, classes, n).astype(np.int32)} for n in sizes]
+
+
+def linear_apply(p, x):
+  return x @ p["w"] + p["b"]
+
+
+def init_params(dim=5, classes=3, seed=1):
+  import jax.numpy as jnp
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  return {"w": jnp.asarray(rng.normal(size=(dim, classes)).astype(np.float32) * 0.1),
+          "b": jnp.zeros(classes, jnp.float32)}
+
+
 def build(name, loss_fn):
   import optax
 
@@ -28,7 +51,8 @@ def run_workload(name, mesh=None, population_on="device"):
   """Final params and client states (flat dict of NumPy arrays) after NUM_ROUNDS rounds."""
   import jax
   import numpy as np
-  from helpers import init_params, linear_apply, make_population
+
+  jax.config.update("jax_default_matmul_precision", "highest")  # as the test process
 
   import fedjax_sim as fs
 
@@ -59,7 +83,6 @@ def main(argv):
     fs.sharding.initialize(f"127.0.0.1:{port}", nproc, pid, initialization_timeout=60)
   jax.config.update("jax_default_matmul_precision", "highest")
   import numpy as np
-  from helpers import init_params, linear_apply, make_population
 
   import fedjax_sim as fs
 
@@ -114,7 +137,8 @@ def main(argv):
 def run_state_sharding(mesh):
   """The sharding of SCAFFOLD's per-client state after init on ``mesh``."""
   import jax
-  from helpers import init_params, linear_apply, make_population
+
+  jax.config.update("jax_default_matmul_precision", "highest")  # as the test process
 
   import fedjax_sim as fs
 

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import init_params
 from scipy import stats
 
 import fedjax_sim as fs
@@ -112,7 +111,7 @@ def test_divide_by_default_uses_expected_cohort_size():
 
 @pytest.mark.parametrize("make_aggregator", [fs.aggregators.mean, fs.aggregators.sum],
                          ids=["mean", "sum"])
-def test_mean_and_sum_processes_equal_hand_reduction(pop, loss_fn, make_aggregator):
+def test_mean_and_sum_processes_equal_hand_reduction(pop, loss_fn, make_aggregator, init_params):
   from oracle import round_keys
 
   agg = make_aggregator()

@@ -5,11 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import init_params, linear_apply
 
 import fedjax_sim as fs
 
 X = np.zeros((6, 2), np.float32)
+
+
+def linear_apply(p, x):  # conftest.py's linear model, used in the parametrize lists below
+  return x @ p["w"] + p["b"]
+
+
+def init_params():
+  w = np.random.default_rng(1).normal(size=(5, 3)).astype(np.float32) * 0.1
+  return {"w": jnp.asarray(w), "b": jnp.zeros(3, jnp.float32)}
 
 
 def fedavg(loss_fn=None, **kw):

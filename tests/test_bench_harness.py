@@ -74,6 +74,7 @@ def test_peer_mode_records_measured_ratios(tmp_path):
   assert ours[0]["speedup_vs_fedjax"] == ours[0]["client_updates_per_s"] / 50.0
 
 
+@pytest.mark.slow  # runs the benchmark harness with a fake peer
 def test_peer_mode_bad_input(tmp_path, capsys):
   with pytest.raises(SystemExit):
     run.parse_args(["--peer-python", str(tmp_path / "nope")])

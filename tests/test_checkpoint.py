@@ -9,7 +9,6 @@ import jax
 import numpy as np
 import optax
 import pytest
-from helpers import init_params
 from test_client_state import counting_algorithm
 
 import fedjax_sim as fs
@@ -26,7 +25,7 @@ def assert_states_equal(a, b):
   chex.assert_trees_all_equal((a.params, a.opt_state), (b.params, b.opt_state))
 
 
-def test_resume_is_bit_identical(tmp_path, pop, loss_fn):
+def test_resume_is_bit_identical(tmp_path, pop, loss_fn, init_params):
   sim = make_sim(pop, loss_fn, algo=counting_algorithm(loss_fn))
   full, _ = sim.run(sim.init(init_params(), jax.random.key(7)), num_rounds=9, block_size=3)
   sim2 = make_sim(pop, loss_fn, algo=counting_algorithm(loss_fn))
@@ -40,7 +39,8 @@ def test_resume_is_bit_identical(tmp_path, pop, loss_fn):
   chex.assert_trees_all_equal(full.client_states, resumed.client_states)
 
 
-def test_sigterm_saves_then_resume_matches(tmp_path, pop, loss_fn):
+@pytest.mark.slow  # a signal end to end; test_resume_is_bit_identical stays in the default tier
+def test_sigterm_saves_then_resume_matches(tmp_path, pop, loss_fn, init_params):
   sim = make_sim(pop, loss_fn)
   full, _ = sim.run(sim.init(init_params(), jax.random.key(1)), num_rounds=8, block_size=2)
   killer = lambda rounds, block: os.kill(os.getpid(), signal.SIGTERM) if rounds == 4 else None  # noqa: E731
@@ -55,7 +55,7 @@ def test_sigterm_saves_then_resume_matches(tmp_path, pop, loss_fn):
   assert_states_equal(full, resumed)
 
 
-def test_other_configuration_is_refused_with_the_difference(tmp_path, pop, loss_fn):
+def test_other_configuration_is_refused_with_the_difference(tmp_path, pop, loss_fn, init_params):
   sim = make_sim(pop, loss_fn)
   sim.save(sim.init(init_params(), jax.random.key(0)), str(tmp_path / "ck"))
   other = make_sim(pop, loss_fn, cohort=5)
@@ -65,7 +65,7 @@ def test_other_configuration_is_refused_with_the_difference(tmp_path, pop, loss_
     sim.restore(str(tmp_path / "missing"), init_params())
 
 
-def test_corrupt_checkpoint_names_other_steps(tmp_path, pop, loss_fn):
+def test_corrupt_checkpoint_names_other_steps(tmp_path, pop, loss_fn, init_params):
   sim = make_sim(pop, loss_fn)
   state, _ = sim.run(sim.init(init_params(), jax.random.key(0)), num_rounds=4, block_size=2,
                      checkpoint_dir=str(tmp_path / "ck"))
@@ -80,7 +80,7 @@ def test_corrupt_checkpoint_names_other_steps(tmp_path, pop, loss_fn):
   assert int(earlier.round) == 2
 
 
-def test_jsonl_log_and_csv(tmp_path, pop, loss_fn):
+def test_jsonl_log_and_csv(tmp_path, pop, loss_fn, init_params):
   sim = make_sim(pop, loss_fn)
   _, m = sim.run(sim.init(init_params(), jax.random.key(0)), num_rounds=5, block_size=2,
                  log_dir=str(tmp_path / "log"))
@@ -93,14 +93,14 @@ def test_jsonl_log_and_csv(tmp_path, pop, loss_fn):
   assert config["versions"]["jax"] == jax.__version__ and len(config["config_hash"]) == 16
 
 
-def test_progress_prints_plain_lines_when_not_a_tty(pop, loss_fn, capsys):
+def test_progress_prints_plain_lines_when_not_a_tty(pop, loss_fn, capsys, init_params):
   sim = make_sim(pop, loss_fn)
   sim.run(sim.init(init_params(), jax.random.key(0)), num_rounds=4, block_size=2, progress=True)
   err = capsys.readouterr().err
   assert "round 2: loss=" in err and "round 4: loss=" in err and "cu/s=" in err
 
 
-def test_tensorboard_event_files(tmp_path, pop, loss_fn):
+def test_tensorboard_event_files(tmp_path, pop, loss_fn, init_params):
   from tensorboardX.event_file_writer import EventFileWriter  # noqa: F401 - installed in [test]
   sim = make_sim(pop, loss_fn)
   sim.run(sim.init(init_params(), jax.random.key(0)), num_rounds=3, log_dir=str(tmp_path),

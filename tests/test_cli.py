@@ -23,6 +23,7 @@ def test_demo_runs_and_learns(capsys, tmp_path):
   assert (run_dir / "learning_curves.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # PLD over 1000 rounds; the accountants are in test_privacy.py
 def test_privacy_command_prints_both_accountants(capsys):
   cli.main(["privacy", "--num-clients", "10000", "--q", "0.01", "--noise-multiplier", "1.0",
             "--rounds", "1000"])

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import init_params
 from oracle import round_keys
 
 import fedjax_sim as fs
@@ -30,7 +29,7 @@ def counting_algorithm(loss_fn):
     (None, lambda: fs.sampling.uniform(5)),
     (2, lambda: fs.sampling.poisson(0.4, max_cohort_size=7)),
 ], ids=["uniform-chunk3", "uniform-auto", "poisson-chunk2"])
-def test_client_state_counts_participation(pop, loss_fn, chunk, make_sampler):
+def test_client_state_counts_participation(pop, loss_fn, chunk, make_sampler, init_params):
   algo = counting_algorithm(loss_fn)
   smp = make_sampler()
   sim = fs.Simulation(algo, pop, sampler=smp, chunk_size=chunk)

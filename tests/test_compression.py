@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import init_params
 
 import fedjax_sim as fs
 from fedjax_sim.types import RoundContext
@@ -113,7 +112,7 @@ def _algo(loss_fn, agg):
                               local_epochs=1, aggregator=agg)
 
 
-def test_rotation_in_round_equals_plain_mean(pop, loss_fn):
+def test_rotation_in_round_equals_plain_mean(pop, loss_fn, init_params):
   rot = fs.aggregators.hadamard_rotation()
   rotated = fs.aggregators.process(rot.rotate, fs.aggregators.weighted_sum_reducer(),
                                    fs.aggregators.chain(rot.unrotate, fs.aggregators.normalize()))
@@ -125,7 +124,7 @@ def test_rotation_in_round_equals_plain_mean(pop, loss_fn):
   chex.assert_trees_all_close(out[0], out[1], rtol=1e-5, atol=1e-6)
 
 
-def test_quantized_mean_in_round_is_close_and_reports_bits(pop, loss_fn):
+def test_quantized_mean_in_round_is_close_and_reports_bits(pop, loss_fn, init_params):
   sims = {}
   for name, agg in [("plain", fs.aggregators.weighted_mean()),
                     ("q16", fs.aggregators.quantized_mean(16)),
@@ -142,7 +141,8 @@ def test_quantized_mean_in_round_is_close_and_reports_bits(pop, loss_fn):
   assert float(sims["q2"][1]["bits_uploaded"][-1]) == 18 * 2 + 2 * 64
 
 
-def test_top_k_state_lives_in_the_population(pop, loss_fn):
+@pytest.mark.slow  # test_finetune covers a top-k state
+def test_top_k_state_lives_in_the_population(pop, loss_fn, init_params):
   sim = fs.Simulation(_algo(loss_fn, fs.aggregators.process(
       fs.aggregators.top_k(4), fs.aggregators.weighted_sum_reducer(),
       fs.aggregators.normalize())), pop, cohort_size=5)
@@ -164,7 +164,7 @@ def test_top_k_state_lives_in_the_population(pop, loss_fn):
   assert float(jnp.abs(a.agg_client_states["w"]).max()) == 0.0
 
 
-def test_bad_compression_inputs(pop, loss_fn):
+def test_bad_compression_inputs(pop, loss_fn, init_params):
   for bits in (0, 25, 2.5, True):
     with pytest.raises(ValueError, match="bits must be an int in"):
       fs.aggregators.quantize(bits)

@@ -100,6 +100,7 @@ def test_local_dp_noise_is_per_client():
   assert stats.kstest(x / (1.5 * sigma), "norm").pvalue < 1e-6
 
 
+@pytest.mark.slow  # test_run_integrity checks the epsilon column too
 def test_run_reports_epsilon_for_the_sampler_used():
   pop = index_population(300)
   agg = fs.aggregators.dp_mean(1.0, 1.1)

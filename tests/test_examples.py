@@ -4,55 +4,52 @@ Each starts a fresh Python process and compiles its own programs (20-90 s of CPU
 cores), so the whole module is in the slow tier: `pytest -m slow` (and `.ci/run`) runs it.
 """
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def test_dp_privacy_utility_example(tmp_path):
+def test_dp_privacy_utility_example(run_with_package, tmp_path):
   out = tmp_path / "dp.png"
-  text = _run_with_package("dp_fedavg_privacy_utility", "--rounds", "8", "--noise", "0", "1.0",
-                           "--num-clients", "100", "--out", str(out))
+  text = run_with_package("dp_fedavg_privacy_utility", "--rounds", "8", "--noise", "0", "1.0",
+                          "--num-clients", "100", "--out", str(out))
   assert out.exists() and out.stat().st_size > 10_000
   assert "| 1.0 |" in text
 
 
-def run_example(name, *args, tmp_path):
+def run_example(run, name, *args, tmp_path):
   out = tmp_path / f"{name}.png"
-  text = _run_with_package(name, *args, "--out", str(out))
+  text = run(name, *args, "--out", str(out))
   assert out.exists() and out.stat().st_size > 10_000
   return text
 
 
-def test_emnist_example_on_digits(tmp_path):
-  out = run_example("emnist_fedavg", "--rounds", "20", "--num-clients", "30", tmp_path=tmp_path)
+def test_emnist_example_on_digits(run_with_package, tmp_path):
+  out = run_example(run_with_package,
+                    "emnist_fedavg", "--rounds", "20", "--num-clients", "30", tmp_path=tmp_path)
   assert float(out.split("final test accuracy")[1].split()[0]) > 0.6
 
 
-def test_shakespeare_example_learns(tmp_path):
-  out = run_example("shakespeare_fedavg", "--rounds", "20", "--hidden", "32",
+def test_shakespeare_example_learns(run_with_package, tmp_path):
+  out = run_example(run_with_package,
+                    "shakespeare_fedavg", "--rounds", "20", "--hidden", "32",
                     "--client-lr", "0.03", tmp_path=tmp_path)
   loss = float(out.split("final loss")[1].split()[0])
   baseline = float(out.split("vs unigram")[1].split()[0])
   assert loss < 0.85 * baseline
 
 
-def test_heterogeneity_example(tmp_path):
-  out = run_example("heterogeneity", "--rounds", "12", "--fairness-rounds", "20", "--q", "0", "1",
+def test_heterogeneity_example(run_with_package, tmp_path):
+  out = run_example(run_with_package,
+                    "heterogeneity", "--rounds", "12", "--fairness-rounds", "20", "--q", "0", "1",
                     tmp_path=tmp_path)
   assert "SCAFFOLD" in out and "FedNova" in out and "q = 1.0" in out
 
 
-def test_federated_kmeans_example(tmp_path):
+def test_federated_kmeans_example(run_with_package, tmp_path):
   out = tmp_path / "clusters.png"
-  text = _run_with_package("federated_kmeans", "--rounds", "10", "--out", str(out))
+  text = run_with_package("federated_kmeans", "--rounds", "10", "--out", str(out))
   rows = [line.split("|") for line in text.splitlines() if line.startswith(("| iris", "| wine"))]
   ratios = [float(r[7]) for r in rows if "Lloyd" in r[4]]
   assert len(ratios) == 2 and max(ratios) < 1.1
@@ -61,17 +58,18 @@ def test_federated_kmeans_example(tmp_path):
   assert out.stat().st_size > 10_000
 
 
-def test_autoencoder_anomaly_example(tmp_path):
+def test_autoencoder_anomaly_example(run_with_package, tmp_path):
   out = tmp_path / "roc.png"
-  text = _run_with_package("autoencoder_anomaly", "--rounds", "20", "--out", str(out))
+  text = run_with_package("autoencoder_anomaly", "--rounds", "20", "--out", str(out))
   assert out.stat().st_size > 10_000
   aurocs = [float(line.split("AUROC")[1].split()[0]) for line in text.splitlines()
             if "AUROC" in line]
   assert len(aurocs) == 2 and min(aurocs) > 0.6
 
 
-def test_robustness_compression_example(tmp_path):
-  out = run_example("robustness_compression", "--rounds", "6", "--num-clients", "40",
+def test_robustness_compression_example(run_with_package, tmp_path):
+  out = run_example(run_with_package,
+                    "robustness_compression", "--rounds", "6", "--num-clients", "40",
                     "--cohort", "10", "--bits", "2", "--dp-clients", "60", "--dp-cohort", "20",
                     "--noise", "1.0", "--dp-seeds", "1", "--rules", "mean", "median", "krum",
                     "--attacks", "none", "flip5", "alie", tmp_path=tmp_path)
@@ -79,19 +77,10 @@ def test_robustness_compression_example(tmp_path):
   assert "| 1.0 |" in out and "sign flip x5" in out
 
 
-def _run_with_package(name, *args):
-  """Runs an example with this checkout's package importable (also when not installed)."""
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  res = subprocess.run([sys.executable, os.path.join(ROOT, "examples", f"{name}.py"), *args],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-  assert res.returncode == 0, res.stderr[-2000:]
-  return res.stdout
-
-
-def test_federated_ssd_example_quick(tmp_path):
+def test_federated_ssd_example_quick(run_with_package, tmp_path):
   out = tmp_path / "ssd.png"
-  text = _run_with_package("federated_ssd", "--rounds", "2", "--local-epochs", "1",
-                           "--eval-every", "2", "--hidden", "64", "--out", str(out))
+  text = run_with_package("federated_ssd", "--rounds", "2", "--local-epochs", "1",
+                          "--eval-every", "2", "--hidden", "64", "--out", str(out))
   rows = [line.split("|") for line in text.splitlines() if line.startswith(("| base", "| ssd"))]
   assert [r[1].strip() for r in rows] == ["base", "ssd"]
   # Uniformity (t = 2) and alignment of unit vectors lie in [0, 4]; probe accuracy in (0.1, 1].

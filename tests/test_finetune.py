@@ -53,7 +53,8 @@ def _algos(loss_fn, trainable, aggregator=None):
   }
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedadam", "fedprox", "scaffold", "ditto"])
+@pytest.mark.parametrize("name", ["fedavg", "scaffold"] + [  # stateless and stateful here
+    pytest.param(n, marks=pytest.mark.slow) for n in ("fedadam", "fedprox", "ditto")])
 def test_everything_trainable_equals_no_partition_bit_for_bit(name, pop, loss_fn):
   params = two_layer_params()
   _, base, m_base = run(_algos(loss_fn, None)[name], pop, params)
@@ -63,7 +64,7 @@ def test_everything_trainable_equals_no_partition_bit_for_bit(name, pop, loss_fn
   chex.assert_trees_all_equal(m_base, m_all)
 
 
-@pytest.mark.parametrize("dp", [None, (0.05, 0.7)])
+@pytest.mark.parametrize("dp", [pytest.param(None, marks=pytest.mark.slow), (0.05, 0.7)])
 def test_frozen_part_matches_oracle_that_trains_only_the_head(dp, pop, loss_fn):
   """The oracle trains a model whose frozen body is a closed-over constant: the same clip norm,
   noise draws and server step on the head alone. Frozen leaves stay bit-identical."""
@@ -146,6 +147,7 @@ def _round_memory(vocab, trainable, chunk=8, cohort=8):
   return fs.memory.round_memory(sim, state).temp_bytes, vocab * 8 * 4
 
 
+@pytest.mark.slow  # a memory check compiling two rounds
 def test_frozen_weights_are_not_replicated_per_client():
   """Growing the frozen part grows the compiled round's temporaries by at most its size once
   (measured: not at all), not chunk times; trained per client, it grows chunk times."""

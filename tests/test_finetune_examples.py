@@ -1,13 +1,12 @@
 """The fine-tuning and shared-data examples run at smoke size and print their measured tables."""
 
 import pytest
-from test_examples import _run_with_package
 
 
 @pytest.mark.slow
-def test_finetune_pretrained_example(tmp_path):
+def test_finetune_pretrained_example(run_with_package, tmp_path):
   out = tmp_path / "ft.png"
-  text = _run_with_package(
+  text = run_with_package(
       "finetune_pretrained", "--rounds", "2", "--num-clients", "12", "--cohort", "3",
       "--pretrain-steps", "20", "--bench-rounds", "1", "--hidden", "16",
       "--configs", "head only", "LoRA r=2", "FFA-LoRA r=8 + DP", "--out", str(out))
@@ -24,9 +23,9 @@ def test_finetune_pretrained_example(tmp_path):
 
 
 @pytest.mark.slow
-def test_shared_data_example(tmp_path):
+def test_shared_data_example(run_with_package, tmp_path):
   out = tmp_path / "sd.png"
-  text = _run_with_package("shared_data", "--rounds", "2", "--seeds", "1", "--num-clients",
-                           "12", "--cohort", "3", "--out", str(out))
+  text = run_with_package("shared_data", "--rounds", "2", "--seeds", "1", "--num-clients",
+                          "12", "--cohort", "3", "--out", str(out))
   assert "| FedAvg |" in text and "| FedAvg + shared data" in text
   assert out.stat().st_size > 10_000

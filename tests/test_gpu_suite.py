@@ -120,6 +120,7 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
   assert "| cifar | fedjax_sim |" in md and "DRY RUN" in md
 
 
+@pytest.mark.slow  # timed benchmark blocks
 def test_fixed_rounds_are_timed_in_blocks_and_stop_at_max_seconds(tmp_path, capsys):
   out = tmp_path / "r.jsonl"
   run.main(["--workloads", "population", "--num-clients", "40", "--cohorts", "4",

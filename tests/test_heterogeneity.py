@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import init_params, make_population
 from oracle import round_keys, train_client
 
 import fedjax_sim as fs
@@ -28,7 +27,7 @@ def cohort_ids(sim, key, r):
   return np.asarray(c.ids)[np.asarray(c.mask)]
 
 
-def test_scaffold_matches_oracle(pop, loss_fn):
+def test_scaffold_matches_oracle(pop, loss_fn, init_params):
   lr, key = 0.2, jax.random.key(4)
   algo = fs.algorithms.scaffold(loss_fn, client_learning_rate=lr, batch_size=4, local_epochs=2)
   sim = fs.Simulation(algo, pop, cohort_size=5, chunk_size=2)
@@ -61,7 +60,7 @@ def test_scaffold_matches_oracle(pop, loss_fn):
     close(tree(lambda s: s[cid], state.client_states), ci)
 
 
-def test_scaffold_first_round_with_zero_control_variates_is_fedavg(pop, loss_fn):
+def test_scaffold_first_round_with_zero_control_variates_is_fedavg(pop, loss_fn, init_params):
   kw = dict(batch_size=4, local_epochs=1)
   a = fs.Simulation(fs.algorithms.scaffold(loss_fn, client_learning_rate=0.3, **kw), pop,
                     cohort_size=6)
@@ -72,7 +71,8 @@ def test_scaffold_first_round_with_zero_control_variates_is_fedavg(pop, loss_fn)
   close(sa.params, sb.params)
 
 
-def test_fednova_equal_steps_is_fedavg(loss_fn):
+@pytest.mark.slow  # test_fednova_matches_oracle stays in the default tier
+def test_fednova_equal_steps_is_fedavg(loss_fn, init_params, make_population):
   clients = make_population(num_clients=8, min_size=8, max_size=8)
   pop = fs.Population.from_clients(clients)
   kw = dict(batch_size=3, local_epochs=2)
@@ -86,7 +86,7 @@ def test_fednova_equal_steps_is_fedavg(loss_fn):
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
-def test_fednova_matches_oracle(pop, loss_fn, momentum):
+def test_fednova_matches_oracle(pop, loss_fn, momentum, init_params):
   lr, key = 0.1, jax.random.key(8)
   algo = fs.algorithms.fednova(loss_fn, client_learning_rate=lr, momentum=momentum,
                                batch_size=3, local_epochs=1)
@@ -112,7 +112,8 @@ def test_fednova_matches_oracle(pop, loss_fn, momentum):
   close(state.params, tree(lambda u, v: u - v, x, step))
 
 
-def test_qffl_q0_is_fedavg_with_unweighted_mean(pop, loss_fn):
+@pytest.mark.slow  # test_qffl_matches_oracle stays in the default tier
+def test_qffl_q0_is_fedavg_with_unweighted_mean(pop, loss_fn, init_params):
   kw = dict(batch_size=4, local_epochs=1)
   a = fs.Simulation(fs.algorithms.qffl(loss_fn, q=0.0, client_learning_rate=0.2, **kw), pop,
                     cohort_size=6)
@@ -124,7 +125,7 @@ def test_qffl_q0_is_fedavg_with_unweighted_mean(pop, loss_fn):
   close(sa.params, sb.params)
 
 
-def test_qffl_matches_oracle(pop, loss_fn):
+def test_qffl_matches_oracle(pop, loss_fn, init_params):
   q, lr, key = 2.0, 0.2, jax.random.key(6)
   algo = fs.algorithms.qffl(loss_fn, q=q, client_learning_rate=lr, batch_size=4, local_epochs=1)
   sim = fs.Simulation(algo, pop, cohort_size=5)
@@ -159,7 +160,7 @@ def test_algorithms_with_extras_refuse_dp(pop, loss_fn):
                           local_epochs=1)
 
 
-def test_ditto_matches_oracle_and_global_part_is_fedavg(pop, loss_fn):
+def test_ditto_matches_oracle_and_global_part_is_fedavg(pop, loss_fn, init_params):
   lam, lr, key = 0.5, 0.2, jax.random.key(12)
   algo = fs.algorithms.ditto(loss_fn, lam=lam, client_optimizer=optax.sgd(lr), batch_size=4,
                              local_epochs=1)
@@ -202,7 +203,7 @@ def _prox_train(loss_fn, lr, v, anchor, lam, pop, cid, key):
                       batch_size=4, epochs=1)
 
 
-def test_ditto_large_lambda_pins_personal_to_global(pop, loss_fn):
+def test_ditto_large_lambda_pins_personal_to_global(pop, loss_fn, init_params):
   lr = 1e-3
   algo = fs.algorithms.ditto(loss_fn, lam=1.0 / lr, client_optimizer=optax.sgd(lr), batch_size=4,
                              local_epochs=1)
@@ -214,7 +215,7 @@ def test_ditto_large_lambda_pins_personal_to_global(pop, loss_fn):
     close(tree(lambda s: s[cid], state.client_states), start, rtol=0, atol=5e-3)
 
 
-def test_feddyn_matches_oracle(pop, loss_fn):
+def test_feddyn_matches_oracle(pop, loss_fn, init_params):
   alpha, lr, key = 0.3, 0.1, jax.random.key(21)
   algo = fs.algorithms.feddyn(loss_fn, alpha=alpha, client_optimizer=optax.sgd(lr), batch_size=4,
                               local_epochs=1)
@@ -243,7 +244,7 @@ def test_feddyn_matches_oracle(pop, loss_fn):
   close(state.server_extra, h, rtol=1e-4, atol=1e-5)
 
 
-def test_dynamic_weight_fn_matches_manual_weighting(pop, loss_fn):
+def test_dynamic_weight_fn_matches_manual_weighting(pop, loss_fn, init_params):
   # Loss-proportional weights: the update is sum(loss_k * delta_k) / sum(loss_k).
   key = jax.random.key(5)
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,

@@ -52,6 +52,7 @@ def last_json(res):
   return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # two fresh interpreters compiling a run (~11 s of CPU)
 def test_split_over_host_devices_gives_the_single_device_result():
   one = last_json(run_py(TWO_RUNS, FEDJAX_SIM_HOST_DEVICES="1"))
   two = last_json(run_py(TWO_RUNS, FEDJAX_SIM_HOST_DEVICES="2"))
@@ -66,6 +67,7 @@ def test_split_over_host_devices_gives_the_single_device_result():
   assert two["user_xla_flags"] is None
 
 
+@pytest.mark.slow  # fresh interpreters compiling a run (~11 s of CPU)
 def test_the_users_flags_and_device_count_win():
   user = "--xla_force_host_platform_device_count=3 --xla_cpu_experimental_ynn_fusion_type="
   out = last_json(run_py(TWO_RUNS, XLA_FLAGS=user, FEDJAX_SIM_HOST_DEVICES="auto"))

@@ -5,26 +5,32 @@ import jax
 import numpy as np
 import optax
 import pytest
-from helpers import init_params
 
 import fedjax_sim as fs
 from fedjax_sim.host_population import cohort_capacity, gather_rows
 
 
-def _run(algo, pop, sampler, population_on):
-  sim = fs.Simulation(algo, pop, sampler=sampler, chunk_size=3, population_on=population_on)
-  state = sim.init(init_params(), jax.random.key(5))
-  state, metrics = sim.run(state, num_rounds=5, block_size=2)  # blocks of 2, 2, 1 (+ prefetch)
-  state, last = sim.round(state)
-  return sim, state, metrics, last
+@pytest.fixture(scope="module")
+def run_rounds(init_params):
+  """``run_rounds(algo, pop, sampler, population_on)``: the Simulation, its state, its metrics
+  after 5 rounds in blocks, and one more round's metrics."""
+
+  def run(algo, pop, sampler, population_on):
+    sim = fs.Simulation(algo, pop, sampler=sampler, chunk_size=3, population_on=population_on)
+    state = sim.init(init_params(), jax.random.key(5))
+    state, metrics = sim.run(state, num_rounds=5, block_size=2)  # blocks of 2, 2, 1 (+ prefetch)
+    state, last = sim.round(state)
+    return sim, state, metrics, last
+
+  return run
 
 
 @pytest.mark.slow  # an end-to-end run (> 20 s of CPU on 2 cores)
-def test_host_population_equals_device_population(pop, loss_fn):
+def test_host_population_equals_device_population(pop, loss_fn, run_rounds):
   sampler = fs.sampling.poisson(0.4, 8)  # variable cohorts: padded slots and an unused capacity
   algo = fs.algorithms.scaffold(loss_fn, client_learning_rate=0.1, batch_size=4, local_epochs=1)
-  _, want, want_m, want_last = _run(algo, pop, sampler, "device")
-  sim, got, got_m, got_last = _run(algo, pop, sampler, "host")
+  _, want, want_m, want_last = run_rounds(algo, pop, sampler, "device")
+  sim, got, got_m, got_last = run_rounds(algo, pop, sampler, "host")
   assert isinstance(sim.population.features["x"], np.ndarray)  # examples never left the host
   chex.assert_trees_all_equal((want.params, want.client_states, want.server_extra),
                               (got.params, got.client_states, got.server_extra))

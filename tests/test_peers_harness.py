@@ -41,6 +41,7 @@ def fake_venvs(tmp_path, names):
   return str(tmp_path / "venvs")
 
 
+@pytest.mark.slow  # benchmark harness end to end: fake peer processes (~17 s of CPU)
 def test_interleaved_best_setting_ratios_and_failed_peers(tmp_path):
   peer = tmp_path / "peer.py"
   peer.write_text(FAKE_PEER)

@@ -68,6 +68,7 @@ def test_calibration_round_trips(target):
   assert eps <= target and eps == pytest.approx(target, rel=0.01)
 
 
+@pytest.mark.slow  # test_calibration_round_trips (Poisson) stays in the default tier
 def test_calibration_fixed_size():
   n, t = 5_000, 200
   s = fs.sampling.uniform(50)

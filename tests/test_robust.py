@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import init_params
 from oracle import round_keys, train_client
 from scipy import stats
 
@@ -138,7 +137,7 @@ def median_oracle_round(pop, params, run_key, r, ids, loss_fn):
   return jax.tree.map(lambda p, d: np.asarray(p) - d, params, agg)
 
 
-def test_median_round_matches_oracle_and_chunking(pop, loss_fn):
+def test_median_round_matches_oracle_and_chunking(pop, loss_fn, init_params):
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
                               local_epochs=1, aggregator=fs.aggregators.median())
   key = jax.random.key(3)
@@ -160,26 +159,32 @@ def _fedavg(loss_fn, agg):
                               local_epochs=1, aggregator=agg)
 
 
-def _delta(sim, key):
-  state = sim.init(init_params(), key)
-  state, metrics = sim.round(state)
-  return jax.tree.map(lambda a, b: np.asarray(b) - np.asarray(a), state.params,
-                      init_params()), metrics
+@pytest.fixture(scope="module")
+def delta_of(init_params):
+  """``delta_of(sim, key)``: ``init_params() - params`` after one round, and its metrics."""
+
+  def delta(sim, key):
+    state = sim.init(init_params(), key)
+    state, metrics = sim.round(state)
+    return jax.tree.map(lambda a, b: np.asarray(b) - np.asarray(a), state.params,
+                        init_params()), metrics
+
+  return delta
 
 
-def test_sign_flip_and_scaling_rewrite_only_attackers(pop, loss_fn):
+def test_sign_flip_and_scaling_rewrite_only_attackers(pop, loss_fn, delta_of):
   key = jax.random.key(9)
   n = pop.num_clients
-  clean, _ = _delta(fs.Simulation(_fedavg(loss_fn, fs.aggregators.sum()), pop, cohort_size=n),
+  clean, _ = delta_of(fs.Simulation(_fedavg(loss_fn, fs.aggregators.sum()), pop, cohort_size=n),
                     key)
   everyone = fs.attacks.choose(n, ids=np.arange(n))
-  flipped, m = _delta(fs.Simulation(_fedavg(loss_fn, fs.attacks.apply(
+  flipped, m = delta_of(fs.Simulation(_fedavg(loss_fn, fs.attacks.apply(
       fs.aggregators.sum(), fs.attacks.sign_flip(everyone, scale=2.0))), pop, cohort_size=n), key)
   assert m["malicious"] == 1.0
   for k in clean:
     np.testing.assert_allclose(flipped[k], -2.0 * clean[k], rtol=1e-5, atol=1e-6)
   nobody = fs.attacks.choose(n, ids=np.array([], int))
-  same, m = _delta(fs.Simulation(_fedavg(loss_fn, fs.attacks.apply(
+  same, m = delta_of(fs.Simulation(_fedavg(loss_fn, fs.attacks.apply(
       fs.aggregators.sum(), fs.attacks.scaling(nobody, 10.0))), pop, cohort_size=n), key)
   assert m["malicious"] == 0.0
   for k in clean:
@@ -211,7 +216,7 @@ def test_omniscient_attacks_equal_oracle():
     assert metrics[f"{attack.name}_attackers"] == f
 
 
-def test_alie_in_round_rewrites_the_attackers_rows(pop, loss_fn):
+def test_alie_in_round_rewrites_the_attackers_rows(pop, loss_fn, init_params, delta_of):
   # In the round, the mean of the attacked stack equals: honest updates plus 3 copies of
   # mu - z sigma of the honest ones (the oracle of test_omniscient_attacks_equal_oracle).
   key = jax.random.key(2)
@@ -234,7 +239,7 @@ def test_alie_in_round_rewrites_the_attackers_rows(pop, loss_fn):
   sim = fs.Simulation(_fedavg(loss_fn, fs.attacks.apply(fs.aggregators.mean(),
                                                         fs.attacks.alie(bad))),
                       pop, cohort_size=n, chunk_size=5)
-  delta, m = _delta(sim, key)
+  delta, m = delta_of(sim, key)
   assert m["alie_attackers"] == 3
   got = np.concatenate([np.ravel(delta[k]) for k in sorted(delta)])  # the server's mean
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
@@ -249,7 +254,7 @@ def test_flip_labels_only_touches_attackers(clients):
     np.testing.assert_array_equal(y1, 2 - y0 if bad[i] else y0)
 
 
-def test_bad_robust_inputs(pop, loss_fn):
+def test_bad_robust_inputs(pop, loss_fn, init_params):
   with pytest.raises(ValueError, match="EACH side"):
     fs.aggregators.trimmed_mean(0.5)
   with pytest.raises(ValueError, match=r"n > 2f \+ 2 = 8"):

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import init_params, linear_apply, make_population
 from oracle import oracle_round, round_keys
 
 import fedjax_sim as fs
@@ -39,7 +38,7 @@ def build(case, loss_fn, batch_size=4):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_python_loop_oracle(name, pop, loss_fn):
+def test_matches_python_loop_oracle(name, pop, loss_fn, init_params):
   case = CASES[name]
   algo = build(case, loss_fn)
   sim = fs.Simulation(algo, pop, cohort_size=7, chunk_size=3)  # 3 chunks, 2 padded slots
@@ -60,7 +59,7 @@ def test_matches_python_loop_oracle(name, pop, loss_fn):
   assert_trees_close(state.params, o_params)
 
 
-def test_fedsgd_equals_centralised_gradient_descent(clients, pop, loss_fn):
+def test_fedsgd_equals_centralised_gradient_descent(clients, pop, loss_fn, init_params):
   lr = 0.5
   algo = fs.algorithms.fedsgd(loss_fn, server_optimizer=optax.sgd(lr))
   sim = fs.Simulation(algo, pop, cohort_size=pop.num_clients, chunk_size=5)
@@ -77,7 +76,7 @@ def test_fedsgd_equals_centralised_gradient_descent(clients, pop, loss_fn):
   assert_trees_close(state.params, w)
 
 
-def test_fedavg_sgd1_is_weighted_mean_of_client_models(pop, loss_fn):
+def test_fedavg_sgd1_is_weighted_mean_of_client_models(pop, loss_fn, init_params):
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.3), batch_size=3,
                               local_epochs=1)
   sim = fs.Simulation(algo, pop, cohort_size=pop.num_clients)
@@ -96,7 +95,7 @@ def test_fedavg_sgd1_is_weighted_mean_of_client_models(pop, loss_fn):
   assert_trees_close(state.params, expected)
 
 
-def test_fedprox_mu0_equals_fedavg(pop, loss_fn):
+def test_fedprox_mu0_equals_fedavg(pop, loss_fn, init_params):
   kw = dict(client_optimizer=optax.sgd(0.2), batch_size=4, local_epochs=2)
   a = fs.Simulation(fs.algorithms.fedavg(loss_fn, **kw), pop, cohort_size=6)
   b = fs.Simulation(fs.algorithms.fedprox(loss_fn, mu=0.0, **kw), pop, cohort_size=6)
@@ -106,10 +105,10 @@ def test_fedprox_mu0_equals_fedavg(pop, loss_fn):
 
 
 @pytest.mark.parametrize("make_aggregator", [
-    fs.aggregators.weighted_mean,
+    pytest.param(fs.aggregators.weighted_mean, marks=pytest.mark.slow),  # dp_mean includes it
     lambda: fs.aggregators.dp_mean(clip=0.1, noise_multiplier=1.0),
 ], ids=["mean", "dp"])
-def test_invariant_to_chunk_size_and_cohort_order(pop, loss_fn, make_aggregator):
+def test_invariant_to_chunk_size_and_cohort_order(pop, loss_fn, make_aggregator, init_params):
   agg = make_aggregator()
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
                               local_epochs=1, aggregator=agg)
@@ -122,7 +121,7 @@ def test_invariant_to_chunk_size_and_cohort_order(pop, loss_fn, make_aggregator)
     assert_trees_close(results[0], r)
 
 
-def test_masked_padding_examples_change_nothing(loss_fn):
+def test_masked_padding_examples_change_nothing(loss_fn, init_params):
   rng = np.random.default_rng(0)
   params = init_params()
   x = jnp.asarray(rng.normal(size=(6, 5)).astype(np.float32))
@@ -136,7 +135,7 @@ def test_masked_padding_examples_change_nothing(loss_fn):
   assert_trees_close(g1, g2, rtol=1e-6, atol=1e-7)
 
 
-def test_empty_client_changes_nothing(clients, loss_fn):
+def test_empty_client_changes_nothing(clients, loss_fn, init_params):
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
                               local_epochs=1)
   base = fs.Population.from_clients(clients)
@@ -151,7 +150,7 @@ def test_empty_client_changes_nothing(clients, loss_fn):
   assert mb["clients"][0] == more.num_clients - 1  # an empty client does not participate
 
 
-def test_compiles_once_for_many_rounds(pop, loss_fn):
+def test_compiles_once_for_many_rounds(pop, loss_fn, init_params):
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=4,
                               local_epochs=1)
   sim = fs.Simulation(algo, pop, cohort_size=4)
@@ -166,7 +165,7 @@ def test_compiles_once_for_many_rounds(pop, loss_fn):
   assert m["loss"].shape == (7,)
 
 
-def test_run_blocks_equal_single_rounds(pop, loss_fn):
+def test_run_blocks_equal_single_rounds(pop, loss_fn, init_params):
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=4,
                               local_epochs=1)
   sim = fs.Simulation(algo, pop, cohort_size=5)
@@ -179,7 +178,7 @@ def test_run_blocks_equal_single_rounds(pop, loss_fn):
   np.testing.assert_allclose(ma["loss"][-1], mb["loss"], rtol=1e-5)
 
 
-def test_nan_client_is_zeroed_and_counted():
+def test_nan_client_is_zeroed_and_counted(init_params, linear_apply, make_population):
   clients = make_population(num_clients=6)
   for i, c in enumerate(clients):
     c["poison"] = np.full(len(c["y"]), 1.0 if i == 2 else 0.0, np.float32)
@@ -195,7 +194,7 @@ def test_nan_client_is_zeroed_and_counted():
   state, m = sim.run(sim.init(init_params(), jax.random.key(0)), num_rounds=2)
   assert np.all(m["nan_clients"] == 1)
   assert np.all(m["clients"] == 5)
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+  chex.assert_tree_all_finite(state.params)
   # Same as a population in which client 2 holds no data at all.
   clean = [dict(c) for c in clients]
   clean[2] = {k: v[:0] for k, v in clean[2].items()}
@@ -204,7 +203,7 @@ def test_nan_client_is_zeroed_and_counted():
   assert_trees_close(state.params, state2.params)
 
 
-def test_poisson_sampler_round_and_empty_cohort_keeps_server(pop, loss_fn):
+def test_poisson_sampler_round_and_empty_cohort_keeps_server(pop, loss_fn, init_params):
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
                               local_epochs=1, server_optimizer=fs.algorithms.fedadam(0.1))
   sampler = fs.sampling.poisson(q=0.5, max_cohort_size=8)
@@ -219,7 +218,7 @@ def test_poisson_sampler_round_and_empty_cohort_keeps_server(pop, loss_fn):
   assert_trees_close(s1.params, init_params())
 
 
-def test_eval_and_callback(pop, loss_fn):
+def test_eval_and_callback(pop, loss_fn, init_params):
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
                               local_epochs=1)
   sim = fs.Simulation(algo, pop, cohort_size=4)

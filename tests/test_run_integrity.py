@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import init_params
 
 import fedjax_sim as fs
 from fedjax_sim import checkpoint as ckpt
@@ -42,8 +41,10 @@ def sim(pop, loss_fn):
   return make_sim(pop, loss_fn)
 
 
-def start(sim, seed=0):
-  return sim.init(init_params(), jax.random.key(seed))
+@pytest.fixture(scope="module")
+def start(init_params):
+  """``start(sim, seed=0)``: ``sim``'s initial state from the shared linear model's params."""
+  return lambda sim, seed=0: sim.init(init_params(), jax.random.key(seed))
 
 
 def steps(directory):
@@ -57,7 +58,8 @@ def assert_same_state(a, b):
 # -- 1. another run's folder -----------------------------------------------------------------
 
 
-def test_another_runs_checkpoints_are_refused_then_overwritten_on_request(tmp_path, sim):
+def test_another_runs_checkpoints_are_refused_then_overwritten_on_request(tmp_path, sim,
+                                                                          init_params, start):
   d = str(tmp_path / "ck")
   sim.run(start(sim, 0), 6, block_size=2, checkpoint_dir=d)
   assert steps(d) == [2, 4, 6]
@@ -72,7 +74,7 @@ def test_another_runs_checkpoints_are_refused_then_overwritten_on_request(tmp_pa
   assert_same_state(sim.restore(d, init_params()), b)  # the new run, not the old round 6
 
 
-def test_another_configuration_names_the_differences(tmp_path, pop, loss_fn, sim):
+def test_another_configuration_names_the_differences(tmp_path, pop, loss_fn, sim, start):
   d = str(tmp_path / "ck")
   sim.run(start(sim), 2, block_size=2, checkpoint_dir=d)
   other = make_sim(pop, loss_fn, lr=0.05)
@@ -83,7 +85,8 @@ def test_another_configuration_names_the_differences(tmp_path, pop, loss_fn, sim
 # -- 2. rollback, restart, collisions --------------------------------------------------------
 
 
-def test_rollback_deletes_later_steps_and_continues_bit_identically(tmp_path, sim):
+def test_rollback_deletes_later_steps_and_continues_bit_identically(tmp_path, sim, init_params,
+                                                                    start):
   d = str(tmp_path / "ck")
   sim.run(start(sim), 6, block_size=2, checkpoint_dir=d)
   at4 = sim.restore(d, init_params(), step=4)
@@ -96,7 +99,7 @@ def test_rollback_deletes_later_steps_and_continues_bit_identically(tmp_path, si
   assert_same_state(sim.restore(d, init_params()), at4)
 
 
-def test_restart_of_the_same_run_from_round_0_replaces_its_steps(tmp_path, sim):
+def test_restart_of_the_same_run_from_round_0_replaces_its_steps(tmp_path, sim, start):
   d = str(tmp_path / "ck")
   sim.run(start(sim), 6, block_size=2, checkpoint_dir=d)
   with pytest.warns(UserWarning, match=r"deleted its later checkpoint steps \[2, 4, 6\]"):
@@ -104,7 +107,8 @@ def test_restart_of_the_same_run_from_round_0_replaces_its_steps(tmp_path, sim):
   assert steps(d) == [2]
 
 
-def test_legacy_checkpoint_without_run_id_restores_with_a_warning(tmp_path, sim):
+def test_legacy_checkpoint_without_run_id_restores_with_a_warning(tmp_path, sim, init_params,
+                                                                  start):
   d = str(tmp_path / "ck")
   state = start(sim)
   fp = {k: v for k, v in ckpt.fingerprint(sim, state).items()
@@ -120,7 +124,7 @@ def test_legacy_checkpoint_without_run_id_restores_with_a_warning(tmp_path, sim)
 # -- checks before the first round; the state survives a save error --------------------------
 
 
-def test_zero_size_leaf_is_refused_before_the_first_round(tmp_path, pop, loss_fn):
+def test_zero_size_leaf_is_refused_before_the_first_round(tmp_path, pop, loss_fn, init_params):
   algo = fs.algorithms.fedavg(
       lambda p, b, k: loss_fn({"w": p["w"], "b": p["b"]}, b, k),
       client_optimizer=optax.sgd(0.1), batch_size=4, local_epochs=1)
@@ -134,7 +138,7 @@ def test_zero_size_leaf_is_refused_before_the_first_round(tmp_path, pop, loss_fn
 
 
 @pytest.mark.parametrize("where", ["file", "under_file"])
-def test_unusable_checkpoint_dir_is_refused_before_the_first_round(tmp_path, sim, where):
+def test_unusable_checkpoint_dir_is_refused_before_the_first_round(tmp_path, sim, where, start):
   (tmp_path / "f").write_text("x")
   d = str(tmp_path / "f") if where == "file" else str(tmp_path / "f" / "ck")
   state = start(sim)
@@ -143,7 +147,7 @@ def test_unusable_checkpoint_dir_is_refused_before_the_first_round(tmp_path, sim
   assert int(state.round) == 0
 
 
-def test_save_error_keeps_the_state(tmp_path, sim, monkeypatch):
+def test_save_error_keeps_the_state(tmp_path, sim, monkeypatch, start):
   full, _ = sim.run(start(sim), 4, block_size=2)
   calls = []
 
@@ -160,7 +164,7 @@ def test_save_error_keeps_the_state(tmp_path, sim, monkeypatch):
   assert_same_state(rest, full)
 
 
-def test_manual_save_refuses_collisions_pruning_and_other_runs(tmp_path, sim):
+def test_manual_save_refuses_collisions_pruning_and_other_runs(tmp_path, sim, start):
   d = str(tmp_path / "ck")
   state, _ = sim.run(start(sim), 4, block_size=2, checkpoint_dir=d)
   with pytest.raises(ValueError, match="already holds step 4"):
@@ -177,7 +181,7 @@ def test_manual_save_refuses_collisions_pruning_and_other_runs(tmp_path, sim):
 
 @pytest.mark.parametrize("change", ["lr", "batch_size", "clip", "data"])
 def test_restore_refuses_other_hyper_parameters_or_data(tmp_path, clients, pop, loss_fn,
-                                                         change):
+                                                         change, init_params, start):
   base = make_sim(pop, loss_fn, clip=1.0)
   base.save(start(base), str(tmp_path / "ck"))
   if change == "data":  # same shapes, other values
@@ -192,7 +196,7 @@ def test_restore_refuses_other_hyper_parameters_or_data(tmp_path, clients, pop, 
     other.restore(str(tmp_path / "ck"), init_params())
 
 
-def test_fingerprint_ignores_chunk_size_and_population_placement(pop, loss_fn, sim):
+def test_fingerprint_ignores_chunk_size_and_population_placement(pop, loss_fn, sim, start):
   a = ckpt.fingerprint(sim, start(sim))
   chunked = make_sim(pop, loss_fn, chunk_size=1)
   hosted = fs.Simulation(sim.algorithm, pop, cohort_size=4, population_on="host")
@@ -221,7 +225,7 @@ def eval_fn(params):
   return {"w_norm": float(jnp.linalg.norm(params["w"]))}
 
 
-def test_resumed_log_continues_and_config_json_is_extended(tmp_path, sim):
+def test_resumed_log_continues_and_config_json_is_extended(tmp_path, sim, init_params, start):
   d = str(tmp_path / "run")
   sim.run(start(sim), 4, block_size=2, checkpoint_dir=d + "/ck", log_dir=d,
           settings={"client_lr": 0.2, "seed": 0})
@@ -236,7 +240,7 @@ def test_resumed_log_continues_and_config_json_is_extended(tmp_path, sim):
   np.testing.assert_array_equal(read_log(d)["round"], np.arange(1, 7))
 
 
-def test_log_of_another_run_is_refused_and_a_restart_drops_later_rows(tmp_path, sim):
+def test_log_of_another_run_is_refused_and_a_restart_drops_later_rows(tmp_path, sim, start):
   d = str(tmp_path / "run")
   sim.run(start(sim), 4, block_size=2, log_dir=d)
   with pytest.raises(ValueError, match="log_dir=.*holds the log of another run"):
@@ -250,7 +254,7 @@ def test_log_of_another_run_is_refused_and_a_restart_drops_later_rows(tmp_path, 
       jax.random.key_data(jax.random.key(1))).tolist()
 
 
-def test_legacy_log_dir_is_taken_over_with_a_warning(tmp_path, sim):
+def test_legacy_log_dir_is_taken_over_with_a_warning(tmp_path, sim, start):
   d = tmp_path / "run"
   d.mkdir()
   (d / "config.json").write_text(json.dumps({"config_hash": "0" * 16, "fingerprint": {}}))
@@ -263,7 +267,7 @@ def test_legacy_log_dir_is_taken_over_with_a_warning(tmp_path, sim):
   assert len(json.load(open(d / "config.json"))["sessions"]) == 1
 
 
-def test_eval_metrics_reach_jsonl_csv_and_tensorboard(tmp_path, sim):
+def test_eval_metrics_reach_jsonl_csv_and_tensorboard(tmp_path, sim, start):
   d = str(tmp_path / "run")
   _, m = sim.run(start(sim), 4, block_size=2, eval_every=2, eval_fn=eval_fn, log_dir=d,
                  tensorboard=True)
@@ -288,7 +292,7 @@ def test_eval_metrics_reach_jsonl_csv_and_tensorboard(tmp_path, sim):
     ({"block_size": np.int64(2), "eval_every": np.int32(2), "eval_fn": eval_fn,
       "checkpoint_every": np.int16(2)}, None),
 ])
-def test_one_integer_rule(tmp_path, sim, kwargs, error):
+def test_one_integer_rule(tmp_path, sim, kwargs, error, start):
   kwargs = {"num_rounds": np.int64(2), **kwargs}
   if "checkpoint_every" in kwargs:
     kwargs["checkpoint_dir"] = str(tmp_path / "ck")
@@ -305,7 +309,7 @@ def test_one_integer_rule(tmp_path, sim, kwargs, error):
 
 
 @pytest.mark.parametrize("what", ["callback", "eval_fn"])
-def test_signal_handlers_restored_when_run_raises(tmp_path, sim, what):
+def test_signal_handlers_restored_when_run_raises(tmp_path, sim, what, start):
   mine = lambda signum, frame: None  # noqa: E731
   old = signal.signal(signal.SIGINT, mine)
   try:
@@ -321,7 +325,7 @@ def test_signal_handlers_restored_when_run_raises(tmp_path, sim, what):
     signal.signal(signal.SIGINT, old)
 
 
-def test_sigint_mid_block_then_resume_is_bit_identical(tmp_path, sim):
+def test_sigint_mid_block_then_resume_is_bit_identical(tmp_path, sim, init_params, start):
   import threading
 
   full, _ = sim.run(start(sim), 40, block_size=2)
@@ -348,7 +352,7 @@ def test_sigint_mid_block_then_resume_is_bit_identical(tmp_path, sim):
 # -- 16. accountant choice in run(); an achievable cap ---------------------------------------
 
 
-def test_run_takes_the_accountant_and_the_cap_message_is_achievable(pop, loss_fn):
+def test_run_takes_the_accountant_and_the_cap_message_is_achievable(pop, loss_fn, init_params):
   n = pop.num_clients
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=4,
                               local_epochs=1, aggregator=fs.aggregators.dp_mean(1.0, 1.0))
@@ -400,7 +404,7 @@ def test_plain_pytest_collects_the_benchmark_harness_tests():
   assert "ModuleNotFoundError" not in out.stdout
 
 
-def test_no_unexpected_warnings_on_a_fresh_directory(tmp_path, sim):
+def test_no_unexpected_warnings_on_a_fresh_directory(tmp_path, sim, start):
   with warnings.catch_warnings():
     warnings.simplefilter("error", UserWarning)
     sim.run(start(sim), 2, block_size=2, checkpoint_dir=str(tmp_path / "ck"),

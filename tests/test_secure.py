@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import init_params
 
 import fedjax_sim as fs
 from fedjax_sim.types import RoundContext
@@ -17,9 +16,16 @@ def _algo(loss_fn, agg, lr=0.2):
                               local_epochs=1, aggregator=agg)
 
 
-def _run(pop, loss_fn, agg, rounds=2, cohort=6, chunk=4, seed=0, lr=0.2):
-  sim = fs.Simulation(_algo(loss_fn, agg, lr), pop, cohort_size=cohort, chunk_size=chunk)
-  return sim.run(sim.init(init_params(), jax.random.key(seed)), num_rounds=rounds)
+@pytest.fixture(scope="module")
+def run_rounds(init_params):
+  """``run_rounds(pop, loss_fn, agg, rounds=2, cohort=6, chunk=4, seed=0, lr=0.2)``: the state
+  and metrics of a FedAvg run with aggregator ``agg``."""
+
+  def run(pop, loss_fn, agg, rounds=2, cohort=6, chunk=4, seed=0, lr=0.2):
+    sim = fs.Simulation(_algo(loss_fn, agg, lr), pop, cohort_size=cohort, chunk_size=chunk)
+    return sim.run(sim.init(init_params(), jax.random.key(seed)), num_rounds=rounds)
+
+  return run
 
 
 def test_field_encoding_roundtrip():
@@ -34,12 +40,13 @@ def test_field_encoding_roundtrip():
   assert int(fs.aggregators.from_field(s, 8)) == -56
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.4])
-def test_masked_equals_modular_bit_for_bit(pop, loss_fn, dropout):
+@pytest.mark.parametrize("dropout", [  # masked == modular stays in the default tier below
+    pytest.param(0.0, marks=pytest.mark.slow), pytest.param(0.4, marks=pytest.mark.slow)])
+def test_masked_equals_modular_bit_for_bit(pop, loss_fn, dropout, run_rounds):
   out = {}
   for mode in ("modular", "masked"):
     agg = fs.aggregators.secure_mean(bits=20, clip_range=0.5, mode=mode, dropout=dropout)
-    state, metrics = _run(pop, loss_fn, agg, rounds=3)
+    state, metrics = run_rounds(pop, loss_fn, agg, rounds=3)
     out[mode] = (state.params, metrics)
   chex.assert_trees_all_equal(out["modular"][0], out["masked"][0])
   dropped = np.asarray(out["masked"][1]["secagg_dropped"])
@@ -47,7 +54,7 @@ def test_masked_equals_modular_bit_for_bit(pop, loss_fn, dropout):
   assert np.all(np.asarray(out["masked"][1]["secagg_wrapped"]) == 0)
 
 
-def test_masked_with_system_dropouts_and_padding(pop, loss_fn):
+def test_masked_with_system_dropouts_and_padding(pop, loss_fn, init_params):
   system = fs.systems.SystemModel(dropout=0.3)
   res = []
   for mode in ("modular", "masked"):
@@ -60,12 +67,12 @@ def test_masked_with_system_dropouts_and_padding(pop, loss_fn):
   chex.assert_trees_all_equal(res[0], res[1])
 
 
-def test_enough_bits_recover_the_mean_within_the_quantisation_bound(pop, loss_fn):
+def test_enough_bits_recover_the_mean_within_the_quantisation_bound(pop, loss_fn, run_rounds):
   k = 6
-  plain, _ = _run(pop, loss_fn, fs.aggregators.mean(), rounds=1, cohort=k, lr=0.05)
+  plain, _ = run_rounds(pop, loss_fn, fs.aggregators.mean(), rounds=1, cohort=k, lr=0.05)
   for bits in (12, 24):
     agg = fs.aggregators.secure_mean(bits=bits, clip_range=1.0, weighted=False)
-    secure, metrics = _run(pop, loss_fn, agg, rounds=1, cohort=k, lr=0.05)
+    secure, metrics = run_rounds(pop, loss_fn, agg, rounds=1, cohort=k, lr=0.05)
     assert float(metrics["secagg_clipped"][0]) == 0.0
     assert float(metrics["secagg_wrapped"][0]) == 0.0
     scale = float(metrics["secagg_scale"][0])
@@ -77,20 +84,20 @@ def test_enough_bits_recover_the_mean_within_the_quantisation_bound(pop, loss_fn
         assert err > 0  # the quantisation error is really there
 
 
-def test_too_few_bits_wrap_and_are_counted(pop, loss_fn):
+def test_too_few_bits_wrap_and_are_counted(pop, loss_fn, run_rounds):
   agg = fs.aggregators.secure_mean(bits=8, clip_range=1.0, scale=5000.0, weighted=False)
-  _, metrics = _run(pop, loss_fn, agg, rounds=1)
+  _, metrics = run_rounds(pop, loss_fn, agg, rounds=1)
   assert float(metrics["secagg_wrapped"][0]) > 0
 
 
-def test_weighted_secure_mean_matches_weighted_mean(pop, loss_fn):
-  plain, _ = _run(pop, loss_fn, fs.aggregators.weighted_mean(), rounds=2, lr=0.05)
-  secure, _ = _run(pop, loss_fn, fs.aggregators.secure_mean(bits=32, clip_range=1.0), rounds=2,
-                   lr=0.05)
+def test_weighted_secure_mean_matches_weighted_mean(pop, loss_fn, run_rounds):
+  plain, _ = run_rounds(pop, loss_fn, fs.aggregators.weighted_mean(), rounds=2, lr=0.05)
+  secure, _ = run_rounds(pop, loss_fn, fs.aggregators.secure_mean(bits=32, clip_range=1.0),
+                         rounds=2, lr=0.05)
   chex.assert_trees_all_close(plain.params, secure.params, rtol=1e-7, atol=1e-5)
 
 
-def test_bad_secure_inputs(pop, loss_fn):
+def test_bad_secure_inputs(pop, loss_fn, init_params):
   with pytest.raises(ValueError, match=r"needs bits >= 4"):
     fs.Simulation(_algo(loss_fn, fs.aggregators.secure_mean(bits=3)), pop, cohort_size=6)
   for bits in (1, 33, 8.0):
@@ -174,7 +181,7 @@ def test_skellam_accounting_approaches_the_gaussian():
   assert eps[12] / gauss > 1.05  # coarse quantisation costs privacy (inflated sensitivity)
 
 
-def test_skellam_in_round_runs_and_reports(pop, loss_fn):
-  _, metrics = _run(pop, loss_fn, fs.aggregators.distributed_dp_mean(0.5, 0.5, bits=16))
+def test_skellam_in_round_runs_and_reports(pop, loss_fn, run_rounds):
+  _, metrics = run_rounds(pop, loss_fn, fs.aggregators.distributed_dp_mean(0.5, 0.5, bits=16))
   assert float(metrics["secagg_wrapped"][-1]) == 0
   assert float(metrics["bits_uploaded"][-1]) == 32 * 16

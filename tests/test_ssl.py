@@ -1,6 +1,7 @@
 """Federated self-supervised learning (FedAlignUniform, SSD): losses against NumPy loop oracles,
 SSD with zero DSR/PD weights against the base, the vmapped round against a loop over clients."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,13 +174,15 @@ def _run(algo, pop, params, rounds, cohort=None):
   return state.params, metrics
 
 
+@pytest.mark.slow  # two SSD programs compiled with full optimizations (~20 s of CPU)
+@pytest.mark.full_opt  # bit-for-bit across two programs: XLA's simplifier drops the zero terms
 def test_ssd_with_zero_weights_equals_the_base():
   pop, params = _setup()
   base = ssl.fed_align_uniform(ssl.mlp_apply, ssl.mlp_apply, **KW)
   zero = ssl.ssd(ssl.mlp_apply, ssl.mlp_apply, dim=6, num_clients=4, gamma=0.0, delta=0.0, **KW)
   p_base, m_base = _run(base, pop, params, 2)
   p_zero, m_zero = _run(zero, pop, params, 2)
-  jax.tree.map(np.testing.assert_array_equal, p_base, p_zero)
+  chex.assert_trees_all_equal(p_base, p_zero)
   np.testing.assert_array_equal(m_base["loss"], m_zero["loss"])
 
 
@@ -199,9 +202,10 @@ def test_vmapped_round_equals_loop_over_clients():
     weights.append(float(out.weight))
   want = jax.tree.map(
       lambda p, *ds: p - sum(w * d for w, d in zip(weights, ds)) / sum(weights), params, *deltas)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours, want)
+  chex.assert_trees_all_close(ours, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # SSD end to end; test_vmapped_round_equals_loop_over_clients stays
 def test_slot_assignment_cross_device():
   # Blocks 0..num_slots-1 only, reassigned between rounds.
   blocks = [np.asarray(ssl.slot_blocks(jax.random.key(0), r, 8, 3)) for r in range(4)]

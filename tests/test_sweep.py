@@ -5,7 +5,6 @@ import jax
 import numpy as np
 import optax
 import pytest
-from helpers import init_params
 
 import fedjax_sim as fs
 
@@ -24,7 +23,7 @@ def dp_fedprox(loss_fn):
   return build
 
 
-def test_each_lane_equals_its_single_run(pop, loss_fn):
+def test_each_lane_equals_its_single_run(pop, loss_fn, init_params):
   build = dp_fedprox(loss_fn)
   states, metrics = fs.sweep(build, pop, init_params(), seeds=SEEDS, hyperparameters=HYPER,
                              num_rounds=3, cohort_size=6, chunk_size=3)
@@ -40,7 +39,7 @@ def test_each_lane_equals_its_single_run(pop, loss_fn):
   assert not np.allclose(np.asarray(states.params["w"])[0], np.asarray(states.params["w"])[1])
 
 
-def test_sweep_bad_input(pop, loss_fn):
+def test_sweep_bad_input(pop, loss_fn, init_params):
   build = dp_fedprox(loss_fn)
   kw = dict(seeds=SEEDS, num_rounds=1, cohort_size=4)
   with pytest.raises(ValueError, match=r"one value per simulation \(3 seeds\).*'lr': 2"):

@@ -5,7 +5,6 @@ import jax
 import numpy as np
 import optax
 import pytest
-from helpers import init_params
 from test_client_state import counting_algorithm
 
 import fedjax_sim as fs
@@ -20,7 +19,7 @@ def planned_steps(pop, batch_size=4, epochs=1):
   return epochs * -(-np.asarray(pop.num_examples) // batch_size)
 
 
-def test_dropout_all_keeps_server_and_counts(pop, loss_fn):
+def test_dropout_all_keeps_server_and_counts(pop, loss_fn, init_params):
   sim = fs.Simulation(fedavg(loss_fn), pop, cohort_size=5,
                       system=fs.systems.SystemModel(dropout=1.0))
   state, m = sim.run(sim.init(init_params(), jax.random.key(0)), num_rounds=3)
@@ -28,7 +27,7 @@ def test_dropout_all_keeps_server_and_counts(pop, loss_fn):
   chex.assert_trees_all_equal(state.params, init_params())
 
 
-def test_dropout_rate_and_chunk_invariance(pop, loss_fn):
+def test_dropout_rate_and_chunk_invariance(pop, loss_fn, init_params):
   system = fs.systems.SystemModel(dropout=0.3, straggler_prob=0.5)
   results = []
   for chunk in (1, 4):
@@ -43,7 +42,7 @@ def test_dropout_rate_and_chunk_invariance(pop, loss_fn):
   assert np.all(ma["clients"] + ma["dropped"] == 10)
 
 
-def test_stragglers_do_part_of_their_work(pop, loss_fn):
+def test_stragglers_do_part_of_their_work(pop, loss_fn, init_params):
   full = fs.Simulation(fedavg(loss_fn, local_epochs=3), pop, cohort_size=pop.num_clients)
   slow = fs.Simulation(fedavg(loss_fn, local_epochs=3), pop, cohort_size=pop.num_clients,
                        system=fs.systems.SystemModel(straggler_prob=1.0,
@@ -57,7 +56,7 @@ def test_stragglers_do_part_of_their_work(pop, loss_fn):
 
 
 @pytest.mark.parametrize("policy", ["drop", "partial"])
-def test_deadline_policies(pop, loss_fn, policy):
+def test_deadline_policies(pop, loss_fn, policy, init_params):
   n = pop.num_clients
   system = fs.systems.SystemModel(deadline=2.0, steps_per_second=np.ones(n),
                                   deadline_policy=policy)
@@ -73,7 +72,7 @@ def test_deadline_policies(pop, loss_fn, policy):
     assert m["client_steps"] == np.minimum(planned, 2).sum()
 
 
-def test_unavailable_clients_are_never_selected(pop, loss_fn):
+def test_unavailable_clients_are_never_selected(pop, loss_fn, init_params):
   avail = np.zeros(pop.num_clients)
   avail[::2] = 1.0
   sim = fs.Simulation(counting_algorithm(loss_fn), pop, cohort_size=4,
@@ -84,7 +83,7 @@ def test_unavailable_clients_are_never_selected(pop, loss_fn):
   assert np.all(m["available"] == pop.num_clients // 2)
 
 
-def test_trace_and_diurnal_availability(tmp_path, pop, loss_fn):
+def test_trace_and_diurnal_availability(tmp_path, pop, loss_fn, init_params):
   n = pop.num_clients
   lines = ["client_id,window"] + [f"{c},{c % 3}" for c in range(n)]
   (tmp_path / "trace.csv").write_text("\n".join(lines))
