@@ -410,6 +410,7 @@ def chunk_pass(plan: RoundPlan, keys: RoundKeys, context: RoundContext, populati
       return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
   else:
     clients = jax.vmap(one, in_axes=(0, 0, 0, None))  # the one vmap over clients
+  clients = jax.jit(clients)  # traced once: the accumulator's shapes and the scan share it
 
   def summable(result: ClientResult) -> Contribution:
     return result.contribution._replace(update=()) if stacked else result.contribution

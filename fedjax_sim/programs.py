@@ -107,7 +107,8 @@ def scan_rounds(step: Callable, state, num_active, halt, length: int, xs: Any = 
     ``(state, metrics)`` with every metric stacked ``[length]`` (zeros for skipped rounds).
   """
   first = None if xs is None else jax.tree.map(lambda x: x[0], xs)
-  _, shapes = jax.eval_shape(lambda s, x: step(s, x, False), state, first)
+  step = jax.jit(step)  # traced once: the shapes below and the scan's body share the trace
+  _, shapes = jax.eval_shape(step, state, first, halt)
   skipped = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
   def body(carry, inputs):
