@@ -410,7 +410,9 @@ def chunk_pass(plan: RoundPlan, keys: RoundKeys, context: RoundContext, populati
       return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
   else:
     clients = jax.vmap(one, in_axes=(0, 0, 0, None))  # the one vmap over clients
-  clients = jax.jit(clients)  # traced once: the accumulator's shapes and the scan share it
+  # A trace cache, not a compile: the accumulator's shape probe below and the scan's body share
+  # one trace of the client; XLA inlines the nested call into the caller's program.
+  clients = jax.jit(clients)
 
   def summable(result: ClientResult) -> Contribution:
     return result.contribution._replace(update=()) if stacked else result.contribution

@@ -107,7 +107,9 @@ def scan_rounds(step: Callable, state, num_active, halt, length: int, xs: Any = 
     ``(state, metrics)`` with every metric stacked ``[length]`` (zeros for skipped rounds).
   """
   first = None if xs is None else jax.tree.map(lambda x: x[0], xs)
-  step = jax.jit(step)  # traced once: the shapes below and the scan's body share the trace
+  # A trace cache, not a compile: the shape probe and the scan's body share one trace of the
+  # round; XLA inlines the nested call into this program.
+  step = jax.jit(step)
   _, shapes = jax.eval_shape(step, state, first, halt)
   skipped = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
