@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import resource
@@ -48,18 +47,7 @@ import numpy as np
 import optax
 
 import fedjax_sim as fs
-
-
-def emnist_shaped(num_clients=3400, seed=0):
-  """The fixed synthetic workload: lognormal client sizes, 28x28x1 inputs, 62 classes."""
-  rng = np.random.default_rng(seed=seed)
-  mu = math.log(100) - 0.6**2 / 2
-  sizes = np.clip(np.round(rng.lognormal(mu, 0.6, num_clients)), 5, 2000).astype(np.int64)
-  total = int(sizes.sum())
-  x = rng.random((total, 28, 28, 1), np.float32)
-  y = rng.integers(0, 62, total, np.int32)
-  ids = np.repeat(np.arange(num_clients), sizes)
-  return x, y, ids
+from benchmarks.peers.common import cifar_shaped, emnist_shaped  # noqa: F401 - the workloads' data
 
 
 class Logistic(nn.Module):
@@ -78,15 +66,6 @@ class Dense(nn.Module):
 
 
 MODELS = {"logistic": Logistic, "dense": Dense}
-
-
-def cifar_shaped(num_clients=1000, per_client=50, seed=0):
-  """pfl-research's CIFAR-10 setup, synthetic: 1000 users x 50 images 32x32x3, 10 classes."""
-  rng = np.random.default_rng(seed=seed)
-  total = num_clients * per_client
-  x = rng.random((total, 32, 32, 3), np.float32)
-  y = rng.integers(0, 10, total, np.int32)
-  return x, y, np.repeat(np.arange(num_clients), per_client)
 
 
 def synthetic_population(num_clients=10**6, per_client=10, dim=60, classes=10, seed=0):

@@ -38,7 +38,9 @@ def test_cifar_is_pfl_simple_cnn_and_cifar_small_is_zoo_cifarcnn():
 
 def test_pfl_peer_uses_the_same_data_and_refuses_bad_input(capsys):
   peer = _pfl_peer()
-  for a, b in zip(peer.cifar_shaped(7, 50, 3), run.cifar_shaped(7, 50, 3)):
+  # One generator file (benchmarks/peers/common.py) serves both (imported under two names).
+  assert os.path.samefile(peer.common.__file__, sys.modules[run.cifar_shaped.__module__].__file__)
+  for a, b in zip(peer.common.cifar_shaped(7, 50, 3), run.cifar_shaped(7, 50, 3)):
     np.testing.assert_array_equal(a, b)
   for argv, needle in [(["--rounds", "0"], "--rounds must be >= 1"),
                        (["--cohort", "60", "--num-clients", "50"], "exceeds --num-clients"),

@@ -8,8 +8,8 @@ dropout 0.25, dense128, dropout 0.5, dense10; 1,626,442 parameters), ``Federated
 ``SimulatedBackend`` with central SGD lr 1.0, local SGD lr 0.1, 1 local epoch, batch 10, cohort 50,
 ``WeightByUser`` (pfl's baseline config), evaluation off.
 
-Data: the synthetic generator of ``benchmarks/run.py: cifar_shaped`` (1000 users x 50 images
-32x32x3, 10 classes; the same numbers for the same seed), held on ``--device`` as pfl's own
+Data: ``benchmarks/peers/common.py: cifar_shaped``, the generator ``benchmarks.run`` uses too
+(1000 users x 50 images 32x32x3, 10 classes), held on ``--device`` as pfl's own
 benchmarks hold theirs.
 
 Timing: ``--warmup-rounds`` rounds first (CUDA/cuDNN set-up, allocator), then up to ``--rounds``
@@ -32,14 +32,8 @@ import time
 
 import numpy as np
 
-
-def cifar_shaped(num_clients=1000, per_client=50, seed=0):
-  """pfl-research's CIFAR-10 setup, synthetic: the generator of ``benchmarks.run.cifar_shaped``."""
-  rng = np.random.default_rng(seed=seed)
-  total = num_clients * per_client
-  x = rng.random((total, 32, 32, 3), np.float32)
-  y = rng.integers(0, 10, total, np.int32)
-  return x, y, np.repeat(np.arange(num_clients), per_client)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (benchmarks/peers/common.py: numpy-only data, as benchmarks.run's)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -140,7 +134,7 @@ def main(argv=None) -> dict:
   np.random.seed(args.seed)  # noqa: NPY002 (pfl's samplers draw from the global numpy RNG)
   device = torch.device(args.device)
 
-  x, y, _ = cifar_shaped(args.num_clients, args.per_client, args.seed)
+  x, y, _ = common.cifar_shaped(args.num_clients, args.per_client, args.seed)
   xt = torch.from_numpy(x).to(device)
   yt = torch.from_numpy(y.astype(np.int64)).to(device)
   per = args.per_client
