@@ -151,3 +151,39 @@ def test_every_public_factory_documents_returns():
   missing = sorted(name for name, f in factories.items()
                    if "Returns:" not in (inspect.getdoc(f) or ""))
   assert not missing, f"{len(missing)} public functions without a Returns: section: {missing}"
+
+
+def test_doc_links_stay_inside_the_site():
+  """A relative link to a repository file outside docs/ is a warning that fails the strict build
+  (mkdocs publishes only docs/); name such files as code instead."""
+  outside = []
+  for page in PAGES:
+    text = open(os.path.join(DOCS, page)).read()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+      if re.match(r"[a-z]+:|#", target):
+        continue
+      path = os.path.normpath(os.path.join(DOCS, target.split("#")[0]))
+      if not path.startswith(DOCS + os.sep):
+        outside.append(f"{page}: {target}")
+  assert not outside, outside
+
+
+def test_ci_builds_the_site_strictly_and_not_quietly():
+  # `mkdocs build --strict --quiet` passes whatever the warnings: --quiet drops them before
+  # --strict counts them.
+  lines = [ln for ln in open(os.path.join(ROOT, ".ci", "run")) if "mkdocs build" in ln
+           and not ln.lstrip().startswith("#")]
+  assert lines and all("--strict" in ln for ln in lines)
+  assert not any(re.search(r"\s(--quiet|-q)\b", ln) for ln in lines), lines
+
+
+def test_site_builds_strictly(tmp_path):
+  pytest.importorskip("mkdocs")
+  pytest.importorskip("mkdocstrings")
+  import subprocess
+  import sys
+
+  out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
+                        str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True)
+  warnings_ = [ln for ln in out.stderr.splitlines() if ln.startswith("WARNING")]
+  assert out.returncode == 0 and not warnings_, warnings_ or out.stderr[-2000:]
