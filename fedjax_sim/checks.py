@@ -30,7 +30,8 @@ def param_count(params) -> int:
 
 
 def simulation_args(algorithm, population, *, cohort_size, sampler, chunk_size, system, mesh,
-                    population_on) -> UniformSampler | PoissonSampler:
+                    population_on, sort_by_size=True,
+                    unbatched_single_client=True) -> UniformSampler | PoissonSampler:
   """Checks :class:`~fedjax_sim.Simulation`'s arguments (the sampler against the population is
   left to ``sampler.validate``, whose warnings point at the caller's ``Simulation(...)``).
 
@@ -65,6 +66,10 @@ def simulation_args(algorithm, population, *, cohort_size, sampler, chunk_size, 
     if not isinstance(system, SystemModel):
       raise TypeError(f"system must be an fs.systems.SystemModel; got {type(system).__name__}.")
     system.validate(population.num_clients)
+  for name, value in (("sort_by_size", sort_by_size),
+                      ("unbatched_single_client", unbatched_single_client)):
+    if not isinstance(value, (bool, np.bool_)):
+      raise TypeError(f"{name} must be True or False; got {value!r}.")
   if population_on not in ("device", "sharded", "host"):
     raise ValueError(
         f"population_on must be 'device', 'sharded' or 'host'; got {population_on!r}.")

@@ -116,6 +116,23 @@ class RoundPlan:
   mesh: jax.sharding.Mesh | None = None
   trainable_mask: tuple[bool, ...] | None = None
 
+  def __post_init__(self):  # a public constructor: bad values fail here, not inside a trace
+    if not isinstance(self.algorithm, Algorithm):
+      raise TypeError(f"RoundPlan.algorithm must be an fs.algorithms.Algorithm; got "
+                      f"{type(self.algorithm).__name__}.")
+    if not isinstance(self.sampler, (UniformSampler, PoissonSampler)):
+      raise TypeError(f"RoundPlan.sampler must be fs.sampling.uniform(...) or poisson(...); "
+                      f"got {self.sampler!r}.")
+    if (not isinstance(self.chunk_size, (int, np.integer)) or isinstance(self.chunk_size, bool)
+        or self.chunk_size < 1):
+      raise ValueError(f"chunk_size must be a positive int; got {self.chunk_size!r}.")
+    for name in ("sort_by_size", "unbatched_single_client"):
+      if not isinstance(getattr(self, name), (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}.")
+    if self.mesh is not None and self.chunk_size % _sharding.mesh_size(self.mesh):
+      _sharding.fit_chunk(self.chunk_size, self.cohort_size, _sharding.mesh_size(self.mesh),
+                          self.chunk_size)  # raises, naming the valid chunk sizes
+
   @property
   def cohort_size(self) -> int:
     """The static cohort capacity ``K``."""
@@ -134,6 +151,9 @@ class RoundPlan:
 
 def base_context(sampler, population: Population) -> RoundContext:
   """The population's facts for the aggregator stages (no params template yet)."""
+  if not isinstance(sampler, (UniformSampler, PoissonSampler)):
+    raise TypeError(f"RoundPlan.sampler must be fs.sampling.uniform(...) or poisson(...); "
+                    f"got {sampler!r}.")
   return RoundContext(
       expected_cohort_size=sampler.expected_cohort_size(population.num_clients),
       num_clients=population.num_clients,

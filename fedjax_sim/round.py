@@ -96,17 +96,17 @@ class Simulation:
                unbatched_single_client: bool = True):
     self.sampler = checks.simulation_args(
         algorithm, population, cohort_size=cohort_size, sampler=sampler, chunk_size=chunk_size,
-        system=system, mesh=mesh, population_on=population_on)
+        system=system, mesh=mesh, population_on=population_on, sort_by_size=sort_by_size,
+        unbatched_single_client=unbatched_single_client)
     self.sampler.validate(population.num_clients)
     self.algorithm, self.system, self.population_on = algorithm, system, population_on
     self.max_cohort_size = self.sampler.max_cohort_size
-    self.sort_by_size, self.unbatched_single_client = bool(sort_by_size), unbatched_single_client
+    self.sort_by_size, self.unbatched_single_client = sort_by_size, unbatched_single_client
     self._context = core.base_context(self.sampler, population)
     checks.composition(algorithm, self._context)
     if mesh is None and chunk_size is None and population_on == "device":
       mesh = _host_cpu.default_mesh()  # one client per host CPU device (fedjax_sim/host_cpu.py)
-    self.mesh = mesh
-    self._requested_chunk_size = None if chunk_size is None else int(chunk_size)
+    self.mesh, self._requested_chunk_size = mesh, None if chunk_size is None else int(chunk_size)
     population = _host.to_host(population) if population_on == "host" else population
     self.population = (population if mesh is None
                        else _sharding.place_population(population, mesh, population_on))

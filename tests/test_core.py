@@ -162,3 +162,27 @@ def test_no_module_reaches_into_another_modules_class_privates():
             and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
           offenders.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
   assert not offenders, offenders
+
+
+@pytest.mark.parametrize("settings,exc,match", [
+    ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
+    ({"chunk_size": 2.0}, ValueError, "chunk_size must be a positive int"),
+    ({"sort_by_size": "no"}, TypeError, "sort_by_size must be True or False"),
+    ({"unbatched_single_client": 1}, TypeError, "unbatched_single_client must be True or False"),
+])
+def test_round_plan_refuses_bad_settings_before_tracing(setup, settings, exc, match):
+  pop, loss_fn, params = setup
+  with pytest.raises(exc, match=match):
+    core.plan_for(_algo(loss_fn), fs.sampling.uniform(4), pop, params, **settings)
+  if "chunk_size" not in settings:
+    with pytest.raises(exc, match=match):
+      fs.Simulation(_algo(loss_fn), pop, cohort_size=4, **settings)
+
+
+def test_round_plan_refuses_a_sampler_or_algorithm_of_another_kind(setup):
+  pop, loss_fn, params = setup
+  with pytest.raises(TypeError, match="RoundPlan.sampler"):
+    core.plan_for(_algo(loss_fn), 4, pop, params)
+  with pytest.raises(TypeError, match="RoundPlan.algorithm"):
+    core.RoundPlan(loss_fn, fs.sampling.uniform(4), core.base_context(fs.sampling.uniform(4),
+                                                                      pop))
