@@ -81,7 +81,10 @@ def hyperparameter(
       return value
     v = float(value)
   elif isinstance(value, numbers.Real):  # int, float, NumPy numbers, Fraction
-    v = float(value)
+    try:
+      v = float(value)
+    except OverflowError:  # an int beyond float range
+      raise ValueError(f"{rule}; got {value!r}.") from None
   else:
     raise TypeError(f"{rule}; got {type(value).__name__} {value!r}.")
   if not (np.isfinite(v) and (low is None or (v > low if low_open else v >= low))

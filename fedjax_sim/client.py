@@ -126,13 +126,10 @@ def make_shared_mix(shared_data, shared_fraction) -> SharedMix | None:
   Returns:
     A :class:`SharedMix`, or None for ``shared_data=None`` (with ``shared_fraction`` 0).
   """
-  if isinstance(shared_fraction, bool) or not isinstance(shared_fraction, (int, float)) or not (
-      0.0 <= float(shared_fraction) < 1.0):
-    raise ValueError(
-        f"shared_fraction must be a number in [0, 1) (the fraction of each local batch drawn "
-        f"from shared_data; 1 would leave no room for the client's own data); got "
-        f"{shared_fraction!r}."
-    )
+  # In [0, 1): the fraction of each local batch drawn from shared_data (1 would leave no room
+  # for the client's own data).
+  shared_fraction = _v.hyperparameter("shared_fraction", shared_fraction, low=0,
+                                      high=1, high_open=True)
   if shared_data is None:
     if shared_fraction:
       raise ValueError("shared_fraction > 0 needs shared_data (a dict of feature arrays).")

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim import _validation
 from fedjax_sim.algorithms import _partition
 from fedjax_sim.types import Params
 
@@ -145,8 +146,7 @@ def lora(module: nn.Module, rank: int, alpha: float | None = None, *,
     raise ValueError(f"lora: rank must be a positive int; got {rank!r}.")
   if alpha is None:
     alpha = float(rank)
-  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-    raise ValueError(f"lora: alpha must be a positive number; got {alpha!r}.")
+  alpha = _validation.positive("lora: alpha", alpha)  # finite: an inf scale makes NaN outputs
   if not isinstance(module, nn.Module):
     raise TypeError(f"lora: module must be a flax linen nn.Module; got {type(module).__name__}.")
   return LoRA(module, int(rank), float(alpha), only)

@@ -128,8 +128,9 @@ def algorithm_digest(sim, state) -> str:
   """A hash of the round's computation: the traced program of one round (every literal:
   learning rates, clip norms, batch sizes, local steps, server optimizer) and its constants.
 
-  The round is traced with one chunk and no mesh, so the digest does not depend on the chunk
-  size or the device count (which do not change results).
+  The round is traced with one chunk, no mesh and the default ordering, so the digest does not
+  depend on the speed-only settings (chunk size, device count, ``sort_by_size``,
+  ``unbatched_single_client``), which do not change results.
 
   Returns:
     16 hex digits, or ``"unavailable"`` if the round cannot be traced abstractly.
@@ -149,7 +150,8 @@ _DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _trace_digest(sim, state, spec) -> str:
   from fedjax_sim import core
 
-  plan = dataclasses.replace(sim.plan, chunk_size=sim.max_cohort_size, mesh=None)
+  plan = dataclasses.replace(sim.plan, chunk_size=sim.max_cohort_size, mesh=None,
+                             sort_by_size=True, unbatched_single_client=True)  # speed only
   try:
     closed = jax.make_jaxpr(lambda s, p: core.round_step(plan, s, p))(
         spec(state), spec(sim.population))

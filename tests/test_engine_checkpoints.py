@@ -82,3 +82,15 @@ def test_old_engine_log_is_taken_as_this_runs(tmp_path, setup):
   with pytest.warns(UserWarning, match="another jax or engine version"):
     sim.run(state, 1, log_dir=d)
   assert len(ckpt.read_log(d)["loss"]) == 3
+
+
+def test_speed_only_settings_do_not_change_the_configuration(tmp_path, setup):
+  pop, loss_fn = setup
+  algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
+                              local_epochs=1)
+  d = str(tmp_path / "ck")
+  a = fs.Simulation(algo, pop, cohort_size=3, chunk_size=3)
+  a.run(a.init(PARAMS, jax.random.key(0)), 2, checkpoint_dir=d)
+  b = fs.Simulation(algo, pop, cohort_size=3, chunk_size=1, sort_by_size=False,
+                    unbatched_single_client=False)
+  assert int(b.restore(d, PARAMS).round) == 2

@@ -353,8 +353,12 @@ def test_bad_lora_and_shared_data_raise_clearly(pop, loss_fn):
   kw = dict(client_optimizer=optax.sgd(0.1), batch_size=4, local_epochs=1)
   shared = {"x": np.zeros((3, 5), np.float32), "y": np.zeros(3, np.int32)}
   for fraction in (-0.1, 1.0, 1.5, float("nan")):
-    with pytest.raises(ValueError, match="shared_fraction must be a number in"):
+    with pytest.raises(ValueError, match=r"shared_fraction must lie in \[0, 1\)"):
       fs.algorithms.fedavg(loss_fn, shared_data=shared, shared_fraction=fraction, **kw)
+  fs.algorithms.fedavg(loss_fn, shared_data=shared, shared_fraction=np.float32(0.25), **kw)
+  for alpha in (float("inf"), 0.0, -1.0):  # an inf scale would make every output NaN
+    with pytest.raises(ValueError, match="lora: alpha"):
+      fs.peft.lora(Tiny(), rank=2, alpha=alpha)
   with pytest.raises(ValueError, match="needs shared_data"):
     fs.algorithms.fedavg(loss_fn, shared_fraction=0.5, **kw)
   for bad, match in (({"x": shared["x"]}, "features"),

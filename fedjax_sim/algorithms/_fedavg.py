@@ -121,9 +121,6 @@ def fedavg(
       the client's key, in-jit); the rest comes from the client's own examples.
 
   Returns:
-    The :class:`Algorithm`.
-
-  Returns:
     an :class:`Algorithm` for :class:`fedjax_sim.Simulation`.
 
   References:
@@ -167,9 +164,6 @@ def fedprox(
 
   ``mu=0`` is exactly FedAvg. ``trainable=`` as in :func:`fedavg` (the proximal term then
   covers the trainable parameters).
-
-  Returns:
-    The :class:`Algorithm`.
 
   Returns:
     an :class:`Algorithm` for :class:`fedjax_sim.Simulation`.
