@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from typing import Any
 
@@ -169,7 +170,8 @@ def _text_hint(value) -> str:
 def _positive(path: str, value, allow_none=False) -> None:
   if value is None and allow_none:
     return
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+      or not math.isfinite(value)):  # .inf would train to NaN (a learning rate) or never split
     raise ConfigError(f"{path} must be a positive number; got {value!r}.{_text_hint(value)}")
 
 
@@ -250,7 +252,7 @@ def validate(cfg: Config) -> Config:
   _positive("privacy.clip", cfg.privacy.clip, allow_none=True)
   if (isinstance(cfg.privacy.noise_multiplier, bool)
       or not isinstance(cfg.privacy.noise_multiplier, (int, float))
-      or not cfg.privacy.noise_multiplier >= 0):
+      or not cfg.privacy.noise_multiplier >= 0 or not math.isfinite(cfg.privacy.noise_multiplier)):
     raise ConfigError(f"privacy.noise_multiplier must be a number >= 0 (0: no noise); got "
                       f"{cfg.privacy.noise_multiplier!r}.{_text_hint(cfg.privacy.noise_multiplier)}")
   _in_range("privacy.target_quantile", cfg.privacy.target_quantile, 0, 1, hi_open=True)

@@ -374,7 +374,17 @@ def prepare_log_dir(log_dir: str, fp: dict[str, Any], start: int, *,
   if os.path.exists(metrics_path):
     with open(metrics_path) as f:
       lines = f.readlines()
-    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("round", 0) <= start]
+    keep, torn = [], 0
+    for ln in lines:
+      try:
+        row = json.loads(ln) if ln.strip() else None
+      except ValueError:  # a row cut short by a kill mid-write: dropped, never a parse error
+        row, torn = None, torn + 1
+      if isinstance(row, dict) and row.get("round", 0) <= start:
+        keep.append(ln)
+    if torn:
+      warnings.warn(f"{metrics_path}: dropped {torn} unreadable row(s) (a write cut short).",
+                    stacklevel=3)
     if len(keep) != len(lines):
       with open(metrics_path, "w") as f:
         f.writelines(keep)

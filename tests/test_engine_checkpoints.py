@@ -94,3 +94,14 @@ def test_speed_only_settings_do_not_change_the_configuration(tmp_path, setup):
   b = fs.Simulation(algo, pop, cohort_size=3, chunk_size=1, sort_by_size=False,
                     unbatched_single_client=False)
   assert int(b.restore(d, PARAMS).round) == 2
+
+
+def test_a_torn_last_log_row_does_not_block_the_resume(tmp_path, setup):
+  sim = _sim(setup)
+  d, log = str(tmp_path / "ck"), str(tmp_path / "log")
+  sim.run(sim.init(PARAMS, jax.random.key(0)), 2, checkpoint_dir=d, log_dir=log)
+  with open(os.path.join(log, "metrics.jsonl"), "a") as f:
+    f.write('{"round": 3, "loss": 0.')  # killed mid-write
+  with pytest.warns(UserWarning, match="dropped 1 unreadable row"):
+    sim.run(sim.restore(d, PARAMS), 1, checkpoint_dir=d, log_dir=log)
+  assert ckpt.read_log(log)["round"].tolist() == [1, 2, 3]

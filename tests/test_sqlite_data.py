@@ -337,3 +337,14 @@ def test_corrupt_tff_proto_names_file_and_client(tmp_path):
     datasets.emnist(path)
   with fsql.open_federated(path) as reader:  # the other clients still read
     assert reader.client("f2113_01")["label"].shape == (3,)
+
+
+def test_client_ids_and_max_clients_are_checked():
+  with fsql.open_federated(fixture("fedjax_emnist.sqlite")) as reader:
+    first = reader.client_ids()[0]
+    with pytest.raises(TypeError, match="client_ids must be a sequence of client ids"):
+      reader.clients(first)
+    for bad in (1.9, "x", 0):
+      with pytest.raises(ValueError, match="max_clients must be a positive int"):
+        reader.clients(max_clients=bad)
+    assert len(reader.clients(max_clients=1)[0]) == 1

@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from fedjax_sim import _validation
+
 #: The table FedJAX's ``SQLiteFederatedDataBuilder`` creates (verbatim).
 FEDJAX_SCHEMA = """CREATE TABLE federated_data (
     client_id BLOB NOT NULL PRIMARY KEY,
@@ -404,11 +406,13 @@ class _Reader:
     return ids, [self.client(c) for c in ids]
 
   def _select(self, client_ids, max_clients) -> list:
+    if isinstance(client_ids, (str, bytes)):
+      raise TypeError(f"client_ids must be a sequence of client ids (e.g. [{client_ids!r}]), "
+                      f"not one id: a string would be read as one id per character.")
     ids = self.client_ids() if client_ids is None else [self._key(c) for c in client_ids]
+    max_clients = _validation.positive_int("max_clients", max_clients, allow_none=True)
     if max_clients is not None:
-      if int(max_clients) < 1:
-        raise ValueError(f"max_clients must be >= 1; got {max_clients!r}.")
-      ids = ids[: int(max_clients)]
+      ids = ids[:max_clients]
     for c in ids:
       if c not in self._sizes:
         raise self._missing(c)
