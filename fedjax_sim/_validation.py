@@ -189,14 +189,3 @@ def not_donated(name: str, tree: Any) -> None:
         f"{name} was donated to an earlier sim.run / sim.round, which consumed its arrays; pass "
         f"the {name} that call returned ({name}, metrics = sim.run({name}, ...))."
     )
-
-
-def checkpointable(name: str, tree: Any) -> None:
-  """Refuses, before any round runs, a state orbax cannot save: zero-size arrays."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    if np.size(leaf) == 0:
-      raise ValueError(
-          f"{name}{jax.tree_util.keystr(path)} has zero size {np.shape(leaf)}; checkpoints "
-          "(orbax) cannot store zero-size arrays. Drop that parameter from the model, or run "
-          "without checkpoint_dir."
-      )

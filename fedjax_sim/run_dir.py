@@ -231,7 +231,7 @@ def check_savable(state) -> None:
   for path, x in jax.tree_util.tree_leaves_with_path(_to_savable(state)):
     if np.size(x) == 0:
       raise ValueError(
-          f"the state leaf {jax.tree_util.keystr(path)} has zero size (shape {np.shape(x)}); "
+          f"state{jax.tree_util.keystr(path)} has zero size (shape {np.shape(x)}); "
           "orbax cannot checkpoint zero-size arrays. Remove the empty leaf from params (or "
           "the optimizer state), or run without checkpoint_dir."
       )
@@ -410,16 +410,15 @@ class RunRecorder:
   def __init__(self, sim, state, num_rounds: int, *, block_size: int, eval_every, eval_fn,
                checkpoint_dir, checkpoint_every, log_dir, tensorboard: bool, delta, accountant,
                overwrite: bool, settings):
-    from fedjax_sim import _validation
     from fedjax_sim import checkpoint as ckpt
 
-    if checkpoint_dir is not None:
-      _validation.checkpointable("state", state)
     self.start, self.num_rounds, self.done = int(state.round), num_rounds, 0
     self.eval_fn, self.eval_every = eval_fn, eval_every
     self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
     self.blocks: list[dict[str, np.ndarray]] = []
     self.evals: dict[int, dict[str, float]] = {}
+    if checkpoint_dir is not None:
+      check_savable(state)  # before the fingerprint's trace: the cheap refusal first
     self.fp = ckpt.fingerprint(sim, state) if (checkpoint_dir or log_dir) else None
     if checkpoint_dir is not None:  # everything that could fail at save time: checked now
       prepare_checkpoint_dir(checkpoint_dir, state, self.fp, overwrite=overwrite)
