@@ -105,6 +105,7 @@ def fingerprint(sim, state) -> dict[str, Any]:
       "population_digest": run_dir.population_digest(pop),
       "digest_jax": jax.__version__,
       "digest_engine": run_dir.ENGINE_DIGEST,
+      "digest_libs": run_dir.traced_library_versions(),
   }
   fp["run_id"] = run_dir.run_id(fp, state.key)
   return fp
@@ -188,9 +189,10 @@ def restore(directory: str, template_state, fp: dict[str, Any], *, step: int | N
   if ("algorithm_digest" in meta and meta["algorithm_digest"] != fp.get("algorithm_digest")
       and run_dir.digests_incomparable(meta, fp)):
     skip.add("algorithm_digest")  # traced programs differ across jax / engine versions
-    warnings.warn(f"checkpoint step {step} was written with jax {meta.get('digest_jax')} and "
-                  f"engine {meta.get('digest_engine', '1')} (now {fp.get('digest_jax')} and "
-                  f"{fp.get('digest_engine')}): the algorithm's hyper-parameters cannot be "
+    warnings.warn(f"checkpoint step {step} was written with jax {meta.get('digest_jax')}, "
+                  f"engine {meta.get('digest_engine', '1')} and {meta.get('digest_libs', '?')} "
+                  f"(now {fp.get('digest_jax')}, {fp.get('digest_engine')} and "
+                  f"{fp.get('digest_libs')}): the algorithm's hyper-parameters cannot be "
                   "compared; check them yourself.", stacklevel=3)
   diffs = [k for k in sorted(set(fp) | set(meta)) if k not in skip and json.dumps(
       fp.get(k), default=str, sort_keys=True) != json.dumps(meta.get(k), default=str,

@@ -62,7 +62,7 @@ __all__ = ["CheckpointSaveError", "algorithm_digest", "check_savable", "populati
 NEW_FIELDS = ("run_id", "algorithm_digest", "population_digest")
 # Not compared on restore: the restored run adopts the checkpoint's identity, and the digest's
 # jax version only tells whether the algorithm digests are comparable.
-NOT_COMPARED = ("run_id", "digest_jax", "digest_engine")
+NOT_COMPARED = ("run_id", "digest_jax", "digest_engine", "digest_libs")
 #: The version of the traced round behind ``algorithm_digest``: raised whenever a change to the
 #: engine's code (not to what it computes) changes the traced program, so that checkpoints of
 #: older engines are recognised as such instead of as another configuration.
@@ -178,10 +178,24 @@ def run_id(fp: dict[str, Any], key) -> str:
 # -- checkpoint directory --------------------------------------------------------------------
 
 
+def traced_library_versions() -> str:
+  """Versions of the libraries whose code is traced into the round besides jax (the optimizers
+  and, for flax models, the layers): a digest traced under other versions cannot be compared.
+
+  Returns:
+    e.g. ``"optax 0.2.8, flax 0.12.0"``.
+  """
+  import flax
+  import optax
+
+  return f"optax {optax.__version__}, flax {flax.__version__}"
+
+
 def digests_incomparable(meta: dict[str, Any], fp: dict[str, Any]) -> bool:
-  """Whether ``meta``'s algorithm digest was traced by another jax or engine version."""
+  """Whether ``meta``'s algorithm digest was traced by another jax, engine or library version."""
   return (meta.get("digest_jax") != fp.get("digest_jax")
-          or meta.get("digest_engine", "1") != fp.get("digest_engine", "1"))
+          or meta.get("digest_engine", "1") != fp.get("digest_engine", "1")
+          or ("digest_libs" in meta and meta["digest_libs"] != fp.get("digest_libs")))
 
 
 def _same_but_digest(meta: dict[str, Any], fp: dict[str, Any]) -> bool:

@@ -105,3 +105,18 @@ def test_a_torn_last_log_row_does_not_block_the_resume(tmp_path, setup):
   with pytest.warns(UserWarning, match="dropped 1 unreadable row"):
     sim.run(sim.restore(d, PARAMS), 1, checkpoint_dir=d, log_dir=log)
   assert ckpt.read_log(log)["round"].tolist() == [1, 2, 3]
+
+
+def test_a_checkpoint_from_another_optax_restores_with_a_warning(tmp_path, setup):
+  sim = _sim(setup)
+  d = str(tmp_path / "ck")
+  state, _ = sim.run(sim.init(PARAMS, jax.random.key(0)), 1)
+  fp = dict(ckpt.fingerprint(sim, state))
+  fp["digest_libs"], fp["algorithm_digest"] = "optax 0.0.1, flax 0.0.1", "fedcba9876543210"
+  ckpt.save(d, state, fp)
+  with pytest.warns(UserWarning, match="optax 0.0.1.*cannot be compared"):
+    assert int(sim.restore(d, PARAMS).round) == 1
+  fp["digest_libs"] = run_dir.traced_library_versions()  # same libraries: another config
+  ckpt.save(str(tmp_path / "ck2"), state, fp)
+  with pytest.raises(ValueError, match="another configuration"):
+    sim.restore(str(tmp_path / "ck2"), PARAMS)
