@@ -348,3 +348,18 @@ def test_client_ids_and_max_clients_are_checked():
       with pytest.raises(ValueError, match="max_clients must be a positive int"):
         reader.clients(max_clients=bad)
     assert len(reader.clients(max_clients=1)[0]) == 1
+
+
+def test_a_file_of_another_shape_is_named_not_reshaped(tmp_path):
+  """A FedJAX file with EMNIST's feature names but 10 values per example is refused with the
+  file and feature named (numpy's "cannot reshape" before); a string of ids is refused too."""
+  path = tmp_path / "odd.sqlite"
+  ex = {"pixels": np.zeros((2, 10), np.float32), "label": np.arange(2, dtype=np.int32)}
+  with sqlite3.connect(path) as db:
+    db.execute(fsql.FEDJAX_SCHEMA)
+    db.execute("INSERT INTO federated_data VALUES (?, ?, ?)",
+               (b"u1", zlib.compress(fsql.msgpack_serialize(ex)), 2))
+  with pytest.raises(fsql.FederatedFileError, match=r"odd\.sqlite: feature 'pixels' holds 10"):
+    fs.datasets.from_fedjax_sqlite(str(path))
+  with pytest.raises(TypeError, match="client_ids must be a sequence"):
+    fs.datasets.from_fedjax_sqlite(str(path), client_ids="u1")

@@ -145,10 +145,20 @@ def emnist(path: str, *, invert: bool = False, **kwargs) -> Population:
     A population with ``x`` ``[n, 28, 28, 1]`` float32 and ``y`` int32.
   """
   arrays, index, names = read_federated(path, ["pixels", "label"], **kwargs)
+  _check_example_size(path, "pixels", arrays["pixels"], 28 * 28, "EMNIST's 28x28")
   x = arrays["pixels"].astype(np.float32).reshape(-1, 28, 28)[..., None]
   if invert:
     x = 1.0 - x
   return _population({"x": x, "y": arrays["label"].astype(np.int32)}, index, names)
+
+
+def _check_example_size(path, feature, values, size, what) -> None:
+  got = int(np.prod(values.shape[1:])) if values.ndim > 1 else 1
+  if got != size:
+    raise _sqlite.FederatedFileError(
+        f"{path}: feature {feature!r} holds {got} values per example, not {what} ({size}); "
+        "this file is another dataset (read it with fs.datasets.from_fedjax_sqlite or "
+        "read_federated).")
 
 
 def cifar100(path: str, *, label: str = "label", **kwargs) -> Population:
@@ -163,6 +173,7 @@ def cifar100(path: str, *, label: str = "label", **kwargs) -> Population:
   if label not in ("label", "coarse_label"):
     raise ValueError(f"label must be 'label' or 'coarse_label'; got {label!r}.")
   arrays, index, names = read_federated(path, ["image", label], **kwargs)
+  _check_example_size(path, "image", arrays["image"], 32 * 32 * 3, "CIFAR's 32x32x3")
   x = arrays["image"].reshape(-1, 32, 32, 3).astype(np.float32) / 255.0
   return _population({"x": x, "y": arrays[label].astype(np.int32)}, index, names)
 
@@ -301,7 +312,9 @@ def from_fedjax_sqlite(
   FedJAX's feature names are mapped to fedjax_sim's conventions by the dataset they identify:
   EMNIST (``pixels``, ``label``) -> :func:`emnist`; CIFAR-100 (``image``, ``label``) ->
   :func:`cifar100`; Shakespeare (``snippets``) -> :func:`shakespeare`; Stack Overflow
-  (``tokens``, ``tags``) -> :func:`stackoverflow` (whose vocabularies it also returns); any other
+  (``tokens``, ``tags``) -> :func:`stackoverflow`, whose vocabularies are built from this file
+  unless ``vocab=`` / ``tags=`` are passed (to read a test file with the train file's
+  vocabularies, call :func:`stackoverflow`, which returns them); any other
   file's numeric features keep their names. Only the requested clients are read (one query
   each), so a subset of a file larger than memory can be loaded; for per-client access without
   building a population use :func:`fedjax_sim.data.sqlite.open_federated`.
@@ -339,6 +352,9 @@ def from_fedjax_sqlite(
     raise _sqlite.FederatedFileError(
         f"{path} is a TFF h5 file, not SQLite; read it with fs.datasets.emnist / shakespeare / "
         "stackoverflow / cifar100 or read_h5.")
+  if isinstance(client_ids, (str, bytes)):
+    raise TypeError(f"client_ids must be a sequence of client ids (e.g. [{client_ids!r}]), not "
+                    "one id: a string would be read as one id per character.")
   opts = dict(client_names=client_ids, max_clients=max_clients, split=split)
   with _sqlite.open_federated(path, split) as reader:
     ids = reader.client_ids() if client_ids is None else list(client_ids)
