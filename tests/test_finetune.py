@@ -425,3 +425,14 @@ def test_compression_and_secure_aggregation_see_only_the_trainable_part(make_agg
   want = head_shapes if keeps_state else []
   assert [x.shape[1:] for x in jax.tree.leaves(state.agg_client_states)] == want
   assert [x.shape for x in jax.tree.leaves(sim.context.params_template)] == head_shapes
+
+
+def test_a_broken_label_function_names_both_failures(pop, loss_fn):
+  def labels(p):
+    return p["nonexistent"]  # a bug in the user's label function
+
+  algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=4,
+                              local_epochs=1, trainable=labels)
+  sim = fs.Simulation(algo, pop, cohort_size=3)
+  with pytest.raises(ValueError, match=r"label function fn\(params\) it raised KeyError"):
+    sim.init({"w": jnp.zeros((5, 3)), "b": jnp.zeros(3)}, jax.random.key(0))

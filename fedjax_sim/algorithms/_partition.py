@@ -98,9 +98,9 @@ def _resolve_callable(fn, params, paths, where, treedef) -> tuple[bool, ...]:
   # A label function params -> pytree is tried first (optax.multi_transform style); a one-arg
   # predicate on a path tuple otherwise.
   try:
-    labels = fn(params)
-  except Exception:  # noqa: BLE001 - not a label function: a path predicate
-    labels = None
+    labels, as_labels = fn(params), None
+  except Exception as e:  # noqa: BLE001 - not a label function: a path predicate
+    labels, as_labels = None, e
   if labels is not None and not isinstance(labels, (bool, np.bool_, str)):
     try:
       leaves = treedef.flatten_up_to(labels)
@@ -112,7 +112,14 @@ def _resolve_callable(fn, params, paths, where, treedef) -> tuple[bool, ...]:
     return tuple(_as_bool(v, w) for v, w in zip(leaves, where, strict=True))
   out = []
   for p, w in zip(paths, where, strict=True):
-    value = fn(path_names(p))
+    try:
+      value = fn(path_names(p))
+    except Exception as e:  # noqa: BLE001 - neither form works: say what each raised
+      raise ValueError(
+          f"trainable: the function fails both ways it can be called. As a label function "
+          f"fn(params) it raised {type(as_labels).__name__}: {as_labels}; as a path predicate "
+          f"fn(path) on params{w} it raised {type(e).__name__}: {e}."
+      ) from e
     if not isinstance(value, (bool, np.bool_)):
       raise ValueError(
           f"trainable: the predicate returned {value!r} for params{w}; a path predicate must "
