@@ -7,6 +7,7 @@ code 2 (never a Python traceback); an interrupted ``run`` exits 130 after checkp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -129,11 +130,12 @@ def _demo(args: argparse.Namespace) -> int:
     )
     last[0] = now
 
-  # The run directory: this demo's log starts afresh (a previous demo's rounds would repeat).
-  os.makedirs(args.out, exist_ok=True)
-  for name in ("metrics.jsonl", "summary.json"):
-    if os.path.exists(os.path.join(args.out, name)):
-      os.remove(os.path.join(args.out, name))
+  # The run directory: a previous demo's log there is replaced (with a warning); any other
+  # run's log is refused by sim.run before a file is touched (fedjax_sim.run_dir).
+  previous = {}
+  with contextlib.suppress(OSError, ValueError):
+    with open(os.path.join(args.out, "config.json")) as f:
+      previous = json.load(f).get("settings") or {}
   delta = None if args.noise_multiplier is None else args.delta
   state, metrics = sim.run(
       state,
@@ -143,6 +145,8 @@ def _demo(args: argparse.Namespace) -> int:
       callback=progress,
       delta=delta,
       log_dir=args.out,
+      settings={"command": "demo"},
+      overwrite=args.overwrite or previous.get("command") == "demo",
   )
   elapsed = time.perf_counter() - t0
   acc = metrics["eval_accuracy"][-1]
@@ -365,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
   demo.add_argument("--seed", type=int, default=0)
   demo.add_argument("--out", default="runs/demo",
                     help="run directory: metrics.jsonl, config.json, summary.json, PNG")
+  demo.add_argument("--overwrite", action="store_true",
+                    help="replace another run's log in --out (a previous demo's always is)")
   demo.set_defaults(func=_demo)
   priv = sub.add_parser(
       "privacy", help="user-level epsilon of DP-FedAvg for a sampler (or z for a target epsilon)"

@@ -213,3 +213,23 @@ def test_diverged_training_is_one_line_and_exit_1(tmp_path, capsys):
   assert rc == 1, err
   assert "Traceback" not in err and err.count("\n") == 1, err
   assert "round 1 is non-finite" in err and "learning rate" in err, err
+
+
+def test_demo_refuses_another_runs_directory_and_keeps_its_log(capsys, tmp_path, pop, loss_fn):
+  """The demo used to delete metrics.jsonl in --out before anything was checked."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import fedjax_sim as fs
+
+  out = tmp_path / "theirs"
+  algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=4,
+                              local_epochs=1)
+  sim = fs.Simulation(algo, pop, cohort_size=3)
+  sim.run(sim.init({"w": jnp.zeros((5, 3)), "b": jnp.zeros(3)}, jax.random.key(0)), 2,
+          log_dir=str(out))
+  before = (out / "metrics.jsonl").read_text()
+  one_line_error(capsys, ["demo", "--rounds", "2", "--eval-every", "2", "--out", str(out)],
+                 "fedjax-sim demo: ", "holds the log of another run")
+  assert (out / "metrics.jsonl").read_text() == before
