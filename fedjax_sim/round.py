@@ -154,7 +154,7 @@ class Simulation:
     """Fixes the plan for ``params``: trainable view, memory budget, chunk size. Returns the
     initial state's shapes."""
     plan = core.plan_for(self.algorithm, self.sampler, self.population, params,
-                         system=self.system, sort_by_size=self.sort_by_size, mesh=self.mesh,
+                         system=self.system, sort_by_size=self.sort_by_size,
                          unbatched_single_client=self.unbatched_single_client)
     try:
       spec = jax.eval_shape(lambda p, k: core.initial_state(plan, p, k), params, key)
@@ -167,7 +167,7 @@ class Simulation:
     bsz, batch = checks.batch_spec(self.algorithm, self.population)
     plan = dataclasses.replace(plan, chunk_size=_memory.chunk_size_for(
         self.max_cohort_size, params, plan.views(params)[1], batch, bsz, self.memory_budget,
-        self.mesh, self._requested_chunk_size))
+        self.mesh, self._requested_chunk_size), mesh=self.mesh)  # the mesh with its chunk
     program_of = lambda p: (p.chunk_size, p.trainable_mask, str(p.context.params_template))
     if self.plan is None or program_of(plan) != program_of(self.plan):
       self.plan, self._programs = plan, {}  # (the same program keeps its compiled executables)
