@@ -1,5 +1,9 @@
 """The pure round: a frozen :class:`RoundPlan` and three pure functions.
 
+(:class:`RoundPlan`, :class:`Performance`, :class:`ServerState` and :func:`initial_state` are
+defined in :mod:`fedjax_sim.plan`; :func:`plan_for` in :mod:`fedjax_sim.runs.planning`, the one
+place a plan is assembled. All are re-exported here.)
+
 * :func:`initial_state` builds the :class:`ServerState` before round 0,
 * :func:`sample_cohort` draws round ``r``'s cohort (a pure function of the run key and ``r``),
 * :func:`round_step` runs one federated round: keys, cohort slots, the chunk pass over the
@@ -7,7 +11,7 @@
   aggregator's reduce and post stages, the server update and the round's metrics.
 
 Nothing here compiles, checks concrete values or touches the host: :class:`fedjax_sim.Simulation`
-checks its arguments (:mod:`fedjax_sim.checks`) and compiles (:mod:`fedjax_sim.programs`);
+checks its arguments (:mod:`fedjax_sim.runs.planning`) and compiles (:mod:`fedjax_sim.programs`);
 :func:`fedjax_sim.sweep` vmaps :func:`initial_state` and :func:`round_step` over simulations.
 The key derivations and their salts are written once, in :mod:`fedjax_sim.types`.
 
@@ -29,204 +33,38 @@ Examples:
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fedjax_sim import nonfinite as _nf
+from fedjax_sim import partition_views as _views
 from fedjax_sim import sharding as _sharding
 from fedjax_sim.aggregators import ADDS_NOISE, global_norm
-from fedjax_sim.algorithms import Algorithm, _partition
 from fedjax_sim.client import LATE, NUM_STEPS, ClientData
 from fedjax_sim.data.population import Population
-from fedjax_sim.data.sampling import Cohort, PoissonSampler, UniformSampler
-from fedjax_sim.systems import SystemModel
-from fedjax_sim.types import (
-    ATTACK_SALT,
-    AVAILABILITY_SALT,
-    OUTCOME_SALT,
-    ROBUST_SALT,
-    SHARED_SALT,
-    STACK_SALT,
-    SYSTEM_SALT,
-    RoundContext,
-    WeightedUpdate,
+from fedjax_sim.data.sampling import Cohort
+from fedjax_sim.plan import (  # noqa: F401 - the round's values, re-exported
+  Performance,
+  RoundPlan,
+  ServerState,
+  base_context,
+  initial_state,
 )
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ServerState:
-  """Everything a run carries from round to round (a pytree; donated to each compiled step).
-
-  Attributes:
-    round: int32 scalar, rounds completed.
-    params: the global model.
-    opt_state: the server optimizer's state.
-    agg_state: ``(per_client_state, post_state)`` of the aggregator process.
-    client_states: per-client persistent state for the whole population (leading dim
-      ``num_clients``), or ``()`` for stateless algorithms.
-    key: the run's typed PRNG key; round ``r`` uses ``fold_in(key, r)``.
-    server_extra: server-side algorithm state (``Algorithm.server_extra_init``), or ``()``.
-    agg_client_states: per-client state of the aggregator's per-client stages for the whole
-      population (e.g. top-k error feedback), or ``()``.
-  """
-
-  round: jax.Array
-  params: Any
-  opt_state: Any
-  agg_state: Any
-  client_states: Any
-  key: jax.Array
-  server_extra: Any = ()
-  agg_client_states: Any = ()
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class RoundPlan:
-  """What a round computes, fixed before compiling (closed over, never traced).
-
-  Attributes:
-    algorithm: the :class:`~fedjax_sim.algorithms.Algorithm`.
-    sampler: ``fs.sampling.uniform(K)`` or ``fs.sampling.poisson(q, K)``.
-    context: the :class:`~fedjax_sim.types.RoundContext` (population facts and the trainable
-      parameters' template) handed to the aggregator stages.
-    chunk_size: clients vmapped together (a multiple of the mesh's ``clients`` axis).
-    system: optional :class:`~fedjax_sim.systems.SystemModel`.
-    sort_by_size: order the cohort by client size before chunking (speed only).
-    unbatched_single_client: a chunk of one client runs without vmap (speed only: a size-1
-      vmap still batches every op, which XLA:CPU runs slower).
-    mesh: a mesh with a ``clients`` axis that each chunk is split along, or None.
-    trainable_mask: which leaves of the params train (``Algorithm.trainable`` resolved against
-      the params; :mod:`fedjax_sim.algorithms._partition`), or None: all of them.
-  """
-
-  algorithm: Algorithm
-  sampler: UniformSampler | PoissonSampler
-  context: RoundContext
-  chunk_size: int = 1
-  system: SystemModel | None = None
-  sort_by_size: bool = True
-  unbatched_single_client: bool = True
-  mesh: jax.sharding.Mesh | None = None
-  trainable_mask: tuple[bool, ...] | None = None
-
-  def __post_init__(self):  # a public constructor: bad values fail here, not inside a trace
-    if not isinstance(self.algorithm, Algorithm):
-      raise TypeError(f"RoundPlan.algorithm must be an fs.algorithms.Algorithm; got "
-                      f"{type(self.algorithm).__name__}.")
-    if not isinstance(self.sampler, (UniformSampler, PoissonSampler)):
-      raise TypeError(f"RoundPlan.sampler must be fs.sampling.uniform(...) or poisson(...); "
-                      f"got {self.sampler!r}.")
-    if (not isinstance(self.chunk_size, (int, np.integer)) or isinstance(self.chunk_size, bool)
-        or self.chunk_size < 1):
-      raise ValueError(f"chunk_size must be a positive int; got {self.chunk_size!r}.")
-    for name in ("sort_by_size", "unbatched_single_client"):
-      if not isinstance(getattr(self, name), (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}.")
-    if self.mesh is not None and self.chunk_size % _sharding.mesh_size(self.mesh):
-      _sharding.fit_chunk(self.chunk_size, self.cohort_size, _sharding.mesh_size(self.mesh),
-                          self.chunk_size)  # raises, naming the valid chunk sizes
-
-  @property
-  def cohort_size(self) -> int:
-    """The static cohort capacity ``K``."""
-    return self.sampler.max_cohort_size
-
-  @property
-  def num_chunks(self) -> int:
-    return math.ceil(self.cohort_size / self.chunk_size)
-
-  def views(self, params):
-    """``(trainable_view, frozen_view)`` of ``params``; ``(params, None)`` without a mask."""
-    if self.trainable_mask is None:
-      return params, None
-    return _partition.split(params, self.trainable_mask)
-
-
-def base_context(sampler, population: Population) -> RoundContext:
-  """The population's facts for the aggregator stages (no params template yet)."""
-  if not isinstance(sampler, (UniformSampler, PoissonSampler)):
-    raise TypeError(f"RoundPlan.sampler must be fs.sampling.uniform(...) or poisson(...); "
-                    f"got {sampler!r}.")
-  return RoundContext(
-      expected_cohort_size=sampler.expected_cohort_size(population.num_clients),
-      num_clients=population.num_clients,
-      client_sizes=np.asarray(population.num_examples),
-      max_cohort_size=sampler.max_cohort_size,
-  )
-
-
-def plan_for(
-    algorithm: Algorithm, sampler, population: Population, params: Any, **settings
-) -> RoundPlan:
-  """A :class:`RoundPlan` for ``params`` (resolves ``algorithm.trainable`` against them).
-
-  Args:
-    algorithm: the algorithm.
-    sampler: the cohort sampler.
-    population: the clients' data (its size and client sizes go into the context).
-    params: the model (concrete or ``jax.ShapeDtypeStruct`` leaves).
-    **settings: the other :class:`RoundPlan` fields (``chunk_size``, ``system``, ...).
-
-  Returns:
-    The plan, its context holding the trainable parameters' template.
-  """
-  mask = None
-  if algorithm.trainable is not None:
-    mask = _partition.resolve(algorithm.trainable, params)
-  plan = RoundPlan(algorithm, sampler, base_context(sampler, population),
-                   trainable_mask=mask, **settings)
-  return with_template(plan, params)
-
-
-def with_template(plan: RoundPlan, params: Any) -> RoundPlan:
-  """``plan`` whose context carries the shapes of ``params``' trainable view."""
-  train, _ = plan.views(params)
-  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), train)
-  return dataclasses.replace(plan, context=plan.context._replace(params_template=template))
-
-
-def _per_client(one, num_clients: int):
-  return jax.tree.map(lambda x: jnp.tile(x[None], (num_clients,) + (1,) * x.ndim), one)
-
-
-def initial_state(plan: RoundPlan, params: Any, key: jax.Array) -> ServerState:
-  """The state before round 0 (pure; :func:`fedjax_sim.sweep` traces it per lane).
-
-  Args:
-    plan: the round plan.
-    params: the initial global model.
-    key: the run's typed key.
-
-  Returns:
-    A :class:`ServerState` at round 0. The optimizer, aggregator and per-client states live on
-    the trainable view of ``params``; per-client states are tiled over the population.
-  """
-  algo = plan.algorithm
-  num_clients = plan.context.num_clients
-  key = jax.random.wrap_key_data(jnp.array(jax.random.key_data(key)))  # a private copy
-  train, _ = plan.views(params)
-  client_states = () if algo.client_state_init is None else _per_client(
-      algo.client_state_init(train), num_clients)
-  stage = algo.aggregator.per_client
-  agg_client_states = () if stage.client_init is None else _per_client(
-      stage.client_init(train), num_clients)
-  return ServerState(
-      round=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=algo.server_optimizer.init(train),
-      agg_state=algo.aggregator.init(train),
-      client_states=client_states,
-      key=key,
-      server_extra=() if algo.server_extra_init is None else algo.server_extra_init(train),
-      agg_client_states=agg_client_states,
-  )
+from fedjax_sim.runs.planning import plan_for, with_template  # noqa: F401 - re-exported
+from fedjax_sim.types import (
+  ATTACK_SALT,
+  AVAILABILITY_SALT,
+  OUTCOME_SALT,
+  ROBUST_SALT,
+  SHARED_SALT,
+  STACK_SALT,
+  SYSTEM_SALT,
+  RoundContext,
+  WeightedUpdate,
+)
 
 
 class RoundKeys(NamedTuple):
@@ -583,7 +421,7 @@ def round_step(plan: RoundPlan, state: ServerState, population: Population, halt
   broadcast = (train_params if algo.broadcast_fn is None
                else algo.broadcast_fn(train_params, state.server_extra))
   if frozen is not None:
-    broadcast = _partition.FinetuneBroadcast(broadcast, frozen)
+    broadcast = _views.FinetuneBroadcast(broadcast, frozen)
   ids = slots.ids.reshape(plan.num_chunks, plan.chunk_size)
   cohort_states = jax.tree.map(lambda s: s[ids], (state.client_states, state.agg_client_states))
   passed = chunk_pass(plan, keys, context, population, state.agg_state[0], slots, cohort_states,
@@ -608,7 +446,7 @@ def round_step(plan: RoundPlan, state: ServerState, population: Population, halt
         lambda s, new: s.at[write].set(new.reshape(-1, *new.shape[2:]), mode="drop"),
         (client_states, agg_client_states), passed.states)
   if frozen is not None:  # the frozen leaves are the incoming buffers, unchanged
-    params = _partition.merge(params, frozen)
+    params = _views.merge(params, frozen)
   new_state = ServerState(
       round=state.round + jnp.where(halt & nonfinite, 0, 1).astype(state.round.dtype),
       params=params, opt_state=opt_state, agg_state=agg_state, client_states=client_states,

@@ -154,6 +154,16 @@ def auto_configure() -> dict | None:
   return configure(devices, fast_flags=flags)
 
 
+def added_flags() -> tuple[str, ...]:
+  """The XLA flags :func:`configure` added to ``XLA_FLAGS`` in this process (a run records them
+  in its ``config.json``).
+
+  Returns:
+    e.g. ``("--xla_cpu_experimental_ynn_fusion_type=", ...)``; ``()`` when none were added.
+  """
+  return tuple(_state["flags"])
+
+
 def default_mesh():
   """The mesh a :class:`~fedjax_sim.Simulation` without one uses, or None.
 

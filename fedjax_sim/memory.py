@@ -92,7 +92,7 @@ def chunk_size_for(cohort_size: int, params: Any, frozen: Any, batch_spec: dict,
     cohort_size: the cohort capacity K.
     params: the model (its size).
     frozen: the frozen view of the params (``trainable=``), or None.
-    batch_spec: the shapes of one batch (``fedjax_sim.checks.batch_spec``).
+    batch_spec: the shapes of one batch (``fedjax_sim.runs.planning.batch_spec``).
     batch_size: its batch size.
     memory_budget: bytes per device for the client pass.
     mesh: the mesh with a ``clients`` axis, or None.
@@ -191,23 +191,28 @@ def device_memory_budget(reserved_bytes: int = 0, device: Any = None) -> int:
   return max(1, int(BUDGET_FRACTION * max(limit - used, 0)))
 
 
-def resident_bytes(sim: Any, state: Any = None) -> int:
-  """Bytes the simulation keeps on one device: its population and (optionally) ``state``.
+def resident_bytes(population: Any, state: Any = None, *, mesh: Any = None,
+                   population_on: str = "device") -> int:
+  """Bytes a run keeps on one device: its population and (optionally) ``state``.
 
   A population split over a mesh (``population_on="sharded"``) counts ``1/n`` per device; one
   kept on the host (``population_on="host"``) counts nothing. Per-client state split along the
   mesh counts ``1/n``.
+
+  Args:
+    population: the clients' data (arrays or ``ShapeDtypeStruct`` leaves).
+    state: the ``ServerState`` (or its shapes), or None.
+    mesh: the run's mesh, or None.
+    population_on: ``"device"``, ``"sharded"`` or ``"host"``.
 
   Returns:
     The byte count.
   """
   from fedjax_sim import sharding  # (sharding imports nothing of this module)
 
-  mesh = getattr(sim, "mesh", None)
   shards = 1 if mesh is None else sharding.mesh_size(mesh)
-  on = getattr(sim, "population_on", "device")
-  pop = 0 if on == "host" else tree_bytes(sim.population)
-  if on == "sharded":
+  pop = 0 if population_on == "host" else tree_bytes(population)
+  if population_on == "sharded":
     pop = -(-pop // shards)
   if state is None:
     return pop
@@ -217,24 +222,13 @@ def resident_bytes(sim: Any, state: Any = None) -> int:
 
 
 def round_memory(sim: Any, state: Any, *, block_size: int | None = None) -> MemoryAnalysis:
-  """XLA's memory analysis of ``sim``'s compiled round (compiled here, not run).
+  """``sim.round_memory(state, block_size=...)`` (:meth:`fedjax_sim.Simulation.round_memory`).
 
-  Lowers the same jitted program that :meth:`Simulation.round` (or, with ``block_size``,
-  :meth:`Simulation.run`'s block of rounds) executes, for ``state``'s shapes, and reads
-  ``compiled.memory_analysis()``. ``state`` is not donated or modified; a tree of
-  ``jax.ShapeDtypeStruct`` with the state's structure works too.
-
-  Args:
-    sim: a :class:`fedjax_sim.Simulation` after ``sim.init`` (which fixes the chunk size).
-    state: the ``ServerState`` from ``sim.init`` (or its shapes).
-    block_size: analyse the block of this many rounds instead of one round.
+  The analysis itself takes values: :func:`fedjax_sim.programs.memory_analysis` (plan,
+  population, state); this form is kept for callers of ``fs.memory.round_memory(sim, state)``.
 
   Returns:
     A :class:`MemoryAnalysis` (per device under a mesh).
-
-  Raises:
-    ValueError: ``sim.init`` was not called, the population is kept on the host, or the
-      backend gives no memory analysis.
 
   Examples:
     >>> import jax, jax.numpy as jnp, numpy as np, optax, fedjax_sim as fs
@@ -250,26 +244,19 @@ def round_memory(sim: Any, state: Any, *, block_size: int | None = None) -> Memo
     >>> m.temp_bytes > 0 and m.peak_bytes >= m.argument_bytes
     True
   """
-  if getattr(sim, "plan", None) is None:
-    raise ValueError(
-        "call sim.init(params, key) before round_memory(sim, state); init fixes the chunk size.")
-  if sim.population_on == "host":
-    raise ValueError(
-        "round_memory analyses the program that reads the population from device memory; with "
-        "population_on='host' each round's cohort is gathered on the host instead. Build the "
-        "Simulation with population_on='device' to analyse the round.")
-  if block_size is not None and (
-      not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1):
-    raise ValueError(f"block_size must be a positive int or None; got {block_size!r}.")
-  from fedjax_sim import programs  # an analysis compiles its own program: not counted as a run
+  return sim.round_memory(state, block_size=block_size)
 
-  if block_size is None:
-    lowered = programs.round_program(sim.plan).lower(state, sim.population)
-  else:
-    lowered = programs.block_program(sim.plan, block_size).lower(  # (state, pop, active, halt)
-        state, sim.population, jax.ShapeDtypeStruct((), np.int32),
-        jax.ShapeDtypeStruct((), np.bool_))
-  stats = lowered.compile().memory_analysis()
+
+def analysis_of(compiled: Any) -> MemoryAnalysis:
+  """The :class:`MemoryAnalysis` of a compiled program (``jax.jit(f).lower(...).compile()``).
+
+  Returns:
+    The figures.
+
+  Raises:
+    ValueError: the backend gives no memory analysis.
+  """
+  stats = compiled.memory_analysis()
   if stats is None:
     raise ValueError(
         f"the {default_device().platform} backend gives no compiled memory analysis.")

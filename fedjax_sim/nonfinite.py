@@ -48,7 +48,22 @@ NONFINITE = "nonfinite"
 POLICIES = ("raise", "warn", "ignore")
 
 
-class NonFiniteError(FloatingPointError):
+class RunStopped(BaseException):
+  """Base of the errors that stop a run before its last round and carry what it had
+  (:class:`NonFiniteError`, :class:`fedjax_sim.runs.recorder.CheckpointSaveError`,
+  :class:`fedjax_sim.runs.recorder.SimulationInterrupted`; each also derives from the built-in
+  error it always was, so ``except Exception`` still does not catch an interruption).
+
+  Attributes:
+    state: the state to continue from (the donated input is gone).
+    metrics: ``{name: array}`` of the rounds completed by the call.
+  """
+
+  state: Any = None
+  metrics: Any = None
+
+
+class NonFiniteError(RunStopped, FloatingPointError):
   """A round of :meth:`fedjax_sim.Simulation.run` went non-finite under ``on_nonfinite="raise"``.
 
   Attributes:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim import _validation
-from fedjax_sim.algorithms import _partition
+from fedjax_sim import partition_views as _views
 from fedjax_sim.types import Params
 
 LORA_A = "lora_a"
@@ -195,26 +195,26 @@ def lora_trainable(*, freeze_a: bool = False,
   return predicate
 
 
-def trainable_view(params: Params, trainable: _partition.TrainableSpec) -> Params:
+def trainable_view(params: Params, trainable: _views.TrainableSpec) -> Params:
   """``params`` with the frozen leaves set to None (what is trained, sent and stored).
 
   Returns:
     The trainable view; e.g. ``fs.peft.upload_bits(trainable_view(params, spec))``.
   """
-  return _partition.split(params, _partition.resolve(trainable, params))[0]
+  return _views.split(params, _views.resolve(trainable, params))[0]
 
 
-def frozen_view(params: Params, trainable: _partition.TrainableSpec) -> Params:
+def frozen_view(params: Params, trainable: _views.TrainableSpec) -> Params:
   """``params`` with the trainable leaves set to None (shared once by all clients).
 
   Returns:
     The frozen view.
   """
-  return _partition.split(params, _partition.resolve(trainable, params))[1]
+  return _views.split(params, _views.resolve(trainable, params))[1]
 
 
-merge_views = _partition.merge
-upload_bits = _partition.upload_bits
+merge_views = _views.merge
+upload_bits = _views.upload_bits
 
 
 def load_pretrained(init_params: Params, pretrained: Params | str | os.PathLike,
@@ -239,9 +239,9 @@ def load_pretrained(init_params: Params, pretrained: Params | str | os.PathLike,
   """
   if isinstance(pretrained, (str, os.PathLike)):
     pretrained = _read_weights(os.fspath(pretrained))
-  flat_init = {tuple(_partition.path_names(p)): v
+  flat_init = {tuple(_views.path_names(p)): v
                for p, v in jax.tree_util.tree_leaves_with_path(init_params)}
-  flat_pre = {tuple(_partition.path_names(p)): v
+  flat_pre = {tuple(_views.path_names(p)): v
               for p, v in jax.tree_util.tree_leaves_with_path(pretrained)}
   for path, v in flat_pre.items():
     if path not in flat_init:
@@ -266,7 +266,7 @@ def load_pretrained(init_params: Params, pretrained: Params | str | os.PathLike,
       )
 
   def pick(path, v):
-    new = flat_pre.get(tuple(_partition.path_names(path)))
+    new = flat_pre.get(tuple(_views.path_names(path)))
     return v if new is None else jnp.asarray(new, dtype=v.dtype)
 
   return jax.tree_util.tree_map_with_path(pick, init_params)

@@ -162,7 +162,7 @@ def plot_run(run_dir: str, *, delta: float | None = None) -> list[str]:
   """
   import json
 
-  from fedjax_sim.checkpoint import read_log
+  from fedjax_sim.runs.log import read_log
 
   metrics = read_log(run_dir)
   if delta is None:

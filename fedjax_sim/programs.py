@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim import core
+from fedjax_sim import memory as _memory
 from fedjax_sim import nonfinite as _nf
 from fedjax_sim import sharding as _sharding
 
@@ -170,3 +171,36 @@ def time_block(program, state, population, num_rounds: int):
   for k in ("clients", "examples", "client_steps", "step_slots"):
     figures[k] = float(np.sum(metrics[k]))
   return state, figures
+
+
+def memory_analysis(plan: core.RoundPlan, population, state, *,
+                    block_size: int | None = None) -> _memory.MemoryAnalysis:
+  """XLA's memory analysis of the round of ``plan`` (compiled here, not run).
+
+  Lowers the same jitted program that :meth:`fedjax_sim.Simulation.round` (or, with
+  ``block_size``, :meth:`fedjax_sim.Simulation.run`'s block of rounds) executes, for ``state``'s
+  shapes, and reads ``compiled.memory_analysis()``. ``state`` is not donated or modified; a tree
+  of ``jax.ShapeDtypeStruct`` with the state's structure works too.
+
+  Args:
+    plan: the round plan (``sim.plan``, fixed by ``sim.init``).
+    population: the population on the device.
+    state: the ``ServerState`` (or its shapes).
+    block_size: analyse the block of this many rounds instead of one round.
+
+  Returns:
+    A :class:`fedjax_sim.memory.MemoryAnalysis` (per device under a mesh).
+
+  Raises:
+    ValueError: a bad ``block_size``, or the backend gives no memory analysis.
+  """
+  if block_size is not None and (
+      not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1):
+    raise ValueError(f"block_size must be a positive int or None; got {block_size!r}.")
+  if block_size is None:
+    lowered = round_program(plan).lower(state, population)
+  else:
+    lowered = block_program(plan, block_size).lower(  # (state, pop, active, halt)
+        state, population, jax.ShapeDtypeStruct((), np.int32),
+        jax.ShapeDtypeStruct((), np.bool_))
+  return _memory.analysis_of(lowered.compile())

@@ -42,7 +42,7 @@ import optax
 from fedjax_sim import _validation as _v
 from fedjax_sim.aggregators import as_process, weighted_mean
 from fedjax_sim.algorithms import Algorithm, fedavg
-from fedjax_sim.algorithms._fedavg import _check_optimizer
+from fedjax_sim.algorithms import check_optimizer as _check_optimizer
 from fedjax_sim.client import ClientData, make_local_trainer, result_metrics
 from fedjax_sim.data.population import Population
 from fedjax_sim.models import masked_mean

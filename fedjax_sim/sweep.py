@@ -29,7 +29,8 @@ from fedjax_sim import core, programs
 from fedjax_sim import sharding as _sharding
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data.population import Population
-from fedjax_sim.round import ServerState, Simulation
+from fedjax_sim.plan import ServerState
+from fedjax_sim.runs.simulation import Simulation
 
 #: Arguments that fix shapes or loop counts: sweeping one needs a separate run per value.
 SHAPE_ARGUMENTS = frozenset({
@@ -81,15 +82,13 @@ def _check_hyperparameters(hyperparameters, num_simulations: int) -> dict[str, n
   return out
 
 
-def _state_spec(algorithm: Algorithm, params) -> Any:
-  """Shapes of the state pieces an algorithm builds from ``params``."""
-  pieces = (
-      algorithm.server_optimizer.init,
-      algorithm.aggregator.init,
-      algorithm.client_state_init or (lambda p: ()),
-      algorithm.server_extra_init or (lambda p: ()),
-  )
-  return [jax.eval_shape(f, params) for f in pieces]
+def _state_spec(plan: core.RoundPlan, algorithm: Algorithm, params) -> Any:
+  """Shapes of every piece of the initial state ``algorithm`` builds under ``plan`` (derived
+  from :func:`fedjax_sim.core.initial_state`, so no piece can be missed)."""
+  lane_plan = dataclasses.replace(plan, algorithm=algorithm)
+  spec = jax.eval_shape(lambda p, k: core.initial_state(lane_plan, p, k), params,
+                        jax.random.key(0))
+  return jax.tree.structure(spec), [(x.shape, x.dtype) for x in jax.tree.leaves(spec)]
 
 
 def sweep(
@@ -204,9 +203,9 @@ def compile_sweep(
                       f"{type(algo).__name__} for simulation {i}.")
   sim = Simulation(algorithms[0], population, **simulation_kwargs)
   sim.init(params, jax.random.key(int(seeds_arr[0])))  # checks shapes, fixes the chunk size
-  spec0 = _state_spec(algorithms[0], params)
+  spec0 = _state_spec(sim.plan, algorithms[0], params)
   for i, algo in enumerate(algorithms[1:], start=1):
-    if _state_spec(algo, params) != spec0:
+    if _state_spec(sim.plan, algo, params) != spec0:
       changed = [k for k in hps if lanes[i][k] != lanes[0][k]]
       raise _shape_error(
           ", ".join(changed) or "these values",

@@ -167,7 +167,7 @@ def test_device_budget_from_memory_stats():
 def test_automatic_chunk_on_an_accelerator_comes_from_the_budget(monkeypatch):
   per_client = 8 * PARAM_BYTES + 4 * (4 * D + 4 + 4) * BATCH  # auto_chunk_size's estimate
   sim, state = make_sim(1000)  # on CPU: 256 MiB budget, chunk sized for FLOPs
-  resident = fsm.resident_bytes(sim, state)
+  resident = fsm.resident_bytes(sim.population, state)
   assert resident == fsm.tree_bytes(sim.population) + fsm.tree_bytes(state)
   for chunks in (7, 40):
     # A device whose free memory (after population and state) fits `chunks` clients' estimate.

@@ -155,7 +155,7 @@ def test_save_error_keeps_the_state(tmp_path, sim, monkeypatch, start):
     calls.append(int(state.round))
     raise OSError("disk full")
 
-  monkeypatch.setattr(ckpt, "save", failing_save)
+  monkeypatch.setattr(fs.runs.store, "save", failing_save)  # where checkpoints are written
   with pytest.raises(run_dir.CheckpointSaveError, match="step 2 .*disk full") as info:
     sim.run(start(sim), 4, block_size=2, checkpoint_dir=str(tmp_path / "ck"))
   assert calls == [2] and len(info.value.metrics["loss"]) == 2

@@ -1,8 +1,8 @@
 """Federated algorithms: factories that compose a client update, an aggregator and a server optax
 optimizer into an :class:`Algorithm`."""
 
+from fedjax_sim.algorithms._base import Algorithm, check_loss, check_optimizer
 from fedjax_sim.algorithms._fedavg import (
-    Algorithm,
     fedadagrad,
     fedadam,
     fedavg,
@@ -12,11 +12,13 @@ from fedjax_sim.algorithms._fedavg import (
     fedyogi,
 )
 from fedjax_sim.algorithms._heterogeneity import ditto, feddyn, fednova, qffl, scaffold
-from fedjax_sim.algorithms._partition import FinetuneBroadcast
+from fedjax_sim.partition_views import FinetuneBroadcast
 
 __all__ = [
     "Algorithm",
     "FinetuneBroadcast",
+    "check_loss",
+    "check_optimizer",
     "fedadagrad",
     "fedadam",
     "fedavg",

@@ -4,78 +4,18 @@ and an optax server optimizer. New algorithms are new compositions, never subcla
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_sim import _validation as _v
+from fedjax_sim import partition_views as _views
 from fedjax_sim.aggregators import Process, as_process, weighted_mean
-from fedjax_sim.algorithms import _partition
-from fedjax_sim.client import ClientUpdateFn, make_client_update, make_shared_mix, proximal
-from fedjax_sim.types import LossFn, Params
-
-
-class Algorithm(NamedTuple):
-  """A federated algorithm as data; :class:`fedjax_sim.Simulation` runs it.
-
-  Attributes:
-    client_update: ``(broadcast, client_data, client_state, key) -> ClientOutput`` for ONE client.
-    aggregator: the :class:`~fedjax_sim.aggregators.Process` applied to the cohort's outputs.
-    server_optimizer: optax transformation applied to the aggregated pseudo-gradient.
-    client_state_init: ``params -> state of one client`` for algorithms with persistent
-      per-client state (stored for the whole population); None when stateless.
-    name: for logs.
-    loss_fn, client_optimizer, batch_size_hint: optional; when given, ``Simulation.init`` checks
-      them against the params and the population before compiling (clear errors instead of
-      tracer errors).
-    server_extra_init: ``params -> server-side algorithm state`` (e.g. SCAFFOLD's server control
-      variate), kept in ``ServerState.server_extra``; None when unused.
-    broadcast_fn: ``(params, server_extra) -> broadcast`` sent to every client; default: params.
-    server_update: ``(aggregated_delta, extra_sums, server_extra, stats, context) ->
-      (delta_for_server_optimizer, new_server_extra)``, run after the aggregator; ``extra_sums``
-      is the cohort sum of the clients' ``ClientOutput.extra`` and ``stats`` holds the round's
-      ``clients`` and ``examples``. Default: the aggregated delta, unchanged.
-    weight_fn: optional in-jit ``weight_fn(num_examples, client_metrics, client_id) -> weight``
-      replacing each client's weight (e.g. loss-proportional weighting); negative values are
-      clipped to 0. Under DP it needs an estimator with capped weights
-      (``dp_mean(..., weight_cap=...)``), which bounds every weight by 1.
-    trainable: the ``trainable=`` spec the algorithm was built with (federated fine-tuning), or
-      None (every parameter trained). ``Simulation`` resolves it against the params; then the
-      ``client_update`` receives a :class:`~fedjax_sim.algorithms.FinetuneBroadcast` and every
-      other field works on the trainable view (see :mod:`fedjax_sim.algorithms._partition`).
-  """
-
-  client_update: ClientUpdateFn
-  aggregator: Process
-  server_optimizer: optax.GradientTransformation
-  client_state_init: Callable[[Params], Any] | None = None
-  name: str = "custom"
-  loss_fn: LossFn | None = None
-  client_optimizer: optax.GradientTransformation | None = None
-  batch_size_hint: int | None = None
-  server_extra_init: Callable[[Params], Any] | None = None
-  broadcast_fn: Callable[[Params, Any], Any] | None = None
-  server_update: Callable[..., tuple[Params, Any]] | None = None
-  weight_fn: Callable[[Any, dict, Any], Any] | None = None
-  trainable: Any = None
-
-
-def _check_optimizer(name: str, opt: Any) -> None:
-  if not isinstance(opt, optax.GradientTransformation):
-    raise TypeError(
-        f"{name} must be an optax.GradientTransformation (e.g. optax.sgd(0.1)); got "
-        f"{type(opt).__name__}."
-    )
-
-
-def _check_loss(loss_fn: Any) -> None:
-  if not callable(loss_fn):
-    raise TypeError(
-        "loss_fn must be callable as loss_fn(params, batch, key) -> (loss, aux); build one with "
-        "fs.models.classifier_loss(apply_fn)."
-    )
+from fedjax_sim.algorithms._base import Algorithm, check_loss, check_optimizer
+from fedjax_sim.client import make_client_update, make_shared_mix, proximal
+from fedjax_sim.types import LossFn
 
 
 def fedavg(
@@ -88,7 +28,7 @@ def fedavg(
     local_steps: int | None = None,
     aggregator: Process | None = None,
     weight_fn: Callable[[Any, dict, Any], Any] | None = None,
-    trainable: _partition.TrainableSpec = None,
+    trainable: _views.TrainableSpec = None,
     shared_data: dict | None = None,
     shared_fraction: float = 0.0,
 ) -> Algorithm:
@@ -158,7 +98,7 @@ def fedprox(
     local_epochs: int | None = None,
     local_steps: int | None = None,
     aggregator: Process | None = None,
-    trainable: _partition.TrainableSpec = None,
+    trainable: _views.TrainableSpec = None,
 ) -> Algorithm:
   """FedProx: FedAvg whose local objective adds ``mu/2 * ||w - w_server||^2``.
 
@@ -191,7 +131,7 @@ def fedsgd(
     *,
     server_optimizer: optax.GradientTransformation,
     aggregator: Process | None = None,
-    trainable: _partition.TrainableSpec = None,
+    trainable: _views.TrainableSpec = None,
 ) -> Algorithm:
   """FedSGD: each client sends the gradient of its loss on ALL its data at the server model.
 
@@ -221,10 +161,10 @@ def _local_sgd_algorithm(
     name, loss_fn, client_optimizer, server_optimizer, batch_size, local_epochs, local_steps,
     aggregator, regularizer, trainable=None, shared_data=None, shared_fraction=0.0,
 ) -> Algorithm:
-  _check_loss(loss_fn)
-  _check_optimizer("client_optimizer", client_optimizer)
+  check_loss(loss_fn)
+  check_optimizer("client_optimizer", client_optimizer)
   server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
-  _check_optimizer("server_optimizer", server_optimizer)
+  check_optimizer("server_optimizer", server_optimizer)
   process = weighted_mean() if aggregator is None else as_process(aggregator)
   shared = make_shared_mix(shared_data, shared_fraction)
 
@@ -238,7 +178,7 @@ def _local_sgd_algorithm(
         batch_size,
     )
 
-  return _partition.partitioned(build, loss_fn, trainable)
+  return _views.partitioned(build, loss_fn, trainable)
 
 
 # -- server optimizers (Reddi et al. 2021): thin named helpers over optax --------------------------

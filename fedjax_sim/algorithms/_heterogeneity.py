@@ -15,16 +15,18 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim import _validation as _v
+from fedjax_sim import partition_views as _views
 from fedjax_sim.aggregators import Process, as_process, global_norm, weighted_mean
 from fedjax_sim.aggregators import mean as mean_process
 from fedjax_sim.aggregators import sum as sum_process
-from fedjax_sim.algorithms import _partition
-from fedjax_sim.algorithms._fedavg import Algorithm, _check_loss, _check_optimizer
+from fedjax_sim.algorithms._base import Algorithm
+from fedjax_sim.algorithms._base import check_loss as _check_loss
+from fedjax_sim.algorithms._base import check_optimizer as _check_optimizer
 from fedjax_sim.client import (
-    client_mean_loss,
-    make_local_trainer,
-    proximal,
-    result_metrics,
+  client_mean_loss,
+  make_local_trainer,
+  proximal,
+  result_metrics,
 )
 from fedjax_sim.types import LOSS_EVAL_SALT, PERSONAL_SALT, ClientOutput, LossFn
 
@@ -48,7 +50,7 @@ def scaffold(
     local_epochs: int | None = None,
     local_steps: int | None = None,
     aggregator: Process | None = None,
-    trainable: _partition.TrainableSpec = None,
+    trainable: _views.TrainableSpec = None,
 ) -> Algorithm:
   """SCAFFOLD with option-II control variates (Karimireddy et al. 2020).
 
@@ -90,7 +92,7 @@ def scaffold(
   _check_loss(loss_fn)
   lr = _v.positive("client_learning_rate", client_learning_rate)
   client_opt = optax.sgd(lr)
-  return _partition.partitioned(
+  return _views.partitioned(
       lambda loss: _scaffold(loss_fn, loss, lr, client_opt, server_optimizer, batch_size,
                              local_epochs, local_steps, aggregator), loss_fn, trainable)
 
@@ -158,7 +160,7 @@ def fednova(
     ...                       local_epochs=2).name
     'fednova'
   """
-  _partition.refuse("fednova", trainable)
+  _views.refuse("fednova", trainable)
   _check_loss(loss_fn)
   lr = _v.positive("client_learning_rate", client_learning_rate)
   rho = _v.probability("momentum", momentum)
@@ -226,7 +228,7 @@ def qffl(
     ...                    local_epochs=1).name
     'qffl'
   """
-  _partition.refuse("qffl", trainable)
+  _views.refuse("qffl", trainable)
   _check_loss(loss_fn)
   lr = _v.positive("client_learning_rate", client_learning_rate)
   q = _v.non_negative("q", q)  # 0 is FedAvg
@@ -275,7 +277,7 @@ def ditto(
     personal_epochs: int | None = None,
     personal_steps: int | None = None,
     aggregator: Process | None = None,
-    trainable: _partition.TrainableSpec = None,
+    trainable: _views.TrainableSpec = None,
 ) -> Algorithm:
   """Ditto: a global model trained by FedAvg plus one personal model per client.
 
@@ -321,7 +323,7 @@ def ditto(
   lam_value = _v.non_negative("lam", lam)
   if personal_epochs is None and personal_steps is None:
     personal_epochs, personal_steps = local_epochs, local_steps
-  return _partition.partitioned(
+  return _views.partitioned(
       lambda loss: _ditto(loss_fn, loss, lam_value, client_optimizer, personal_optimizer,
                           server_optimizer, batch_size, local_epochs, local_steps,
                           personal_epochs, personal_steps, aggregator), loss_fn, trainable)
@@ -386,7 +388,7 @@ def feddyn(
     ...                      batch_size=10, local_epochs=1).name
     'feddyn'
   """
-  _partition.refuse("feddyn", trainable)
+  _views.refuse("feddyn", trainable)
   _check_loss(loss_fn)
   _check_optimizer("client_optimizer", client_optimizer)
   a = _v.positive("alpha", alpha)
