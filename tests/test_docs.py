@@ -122,9 +122,10 @@ def test_nav_pages_exist_or_are_pending():
 
 
 #: Return annotations of the functions that build the library's pieces (the optax-style factories).
-FACTORY_RETURNS = {"Aggregator", "Process", "Reducer", "Algorithm", "LossFn", "ApplyFn",
-                   "PoissonSampler", "UniformSampler", "_PerClient", "_Omniscient", "Rotation",
-                   "LocalTrainer", "optax.GradientTransformation"}
+FACTORY_RETURNS = {"Aggregator", "Process", "Stage", "AggregationProcess", "Reducer",
+                   "Algorithm", "LossFn", "ApplyFn", "PoissonSampler", "UniformSampler",
+                   "_PerClient", "_Omniscient", "Rotation", "LocalTrainer",
+                   "optax.GradientTransformation"}
 
 
 def _public_factories():

@@ -1,5 +1,6 @@
-"""Aggregation pipelines: ``process(per_client=, reduce=, post=)`` of ``(init, aggregate)``
-stages."""
+"""Aggregators: an :class:`AggregationProcess` built with ``process(per_client=, reduce=,
+post=)`` from :class:`Stage` s (``(init, aggregate)`` pairs) and a :class:`Reducer`.
+(``Aggregator`` and ``Process`` are the stage's and the process's names before the rename.)"""
 
 from fedjax_sim.aggregators._base import (
     ADDS_NOISE,
@@ -7,9 +8,11 @@ from fedjax_sim.aggregators._base import (
     CLIPS,
     LOCAL_NOISE,
     SECURE,
+    AggregationProcess,
     Aggregator,
     Process,
     Reducer,
+    Stage,
     as_process,
     chain,
     identity,
@@ -117,8 +120,10 @@ __all__ = [
     "CAPS_WEIGHTS",
     "CLIPS",
     "LOCAL_NOISE",
+    "AggregationProcess",
     "Aggregator",
     "Process",
+    "Stage",
     "Reducer",
     "as_process",
     "chain",

@@ -1,5 +1,7 @@
 """Aggregator stages as ``(init, aggregate)`` pairs, composed with ``chain`` and placed in the
-three slots of a :class:`Process`: ``per_client`` -> ``reduce`` -> ``post``.
+three slots of an :class:`AggregationProcess` (the aggregator an algorithm uses):
+``per_client`` -> ``reduce`` -> ``post``. A slot holds a :class:`Stage` (``per_client``,
+``post``) or a :class:`Reducer` (``reduce``).
 
 * ``per_client`` stages see ONE client's :class:`~fedjax_sim.types.WeightedUpdate`; they run
   inside the vmapped cohort chunk (clip, quantise, compress, attack). Their state is read-only
@@ -47,10 +49,13 @@ SECURE = "secure"  # the server only sees the sum in a finite group (secure aggr
 FinalizeFn = Callable[[AggState, Metrics, PRNGKey, RoundContext], tuple[AggState, Metrics]]
 
 
-class Aggregator(NamedTuple):
-  """A pair of pure functions ``init(params) -> state`` and ``aggregate`` (module docstring),
-  plus, for per-client stages, an optional ``finalize(state, metric_sums, key, context)`` and an
-  optional ``client_init(params) -> one client's state`` (state kept for every client)."""
+class Stage(NamedTuple):
+  """One stage of an aggregation process (a slot's contents, composed with :func:`chain`): a
+  pair of pure functions ``init(params) -> state`` and ``aggregate`` (module docstring), plus,
+  for per-client stages, an optional ``finalize(state, metric_sums, key, context)`` and an
+  optional ``client_init(params) -> one client's state`` (state kept for every client).
+
+  ``Aggregator`` is its name before the rename (kept as an alias)."""
 
   init: Callable[[Params], AggState]
   aggregate: AggregateFn
@@ -89,8 +94,10 @@ class Reducer(NamedTuple):
     return self.stacked is not None or self.attack is not None
 
 
-class Process(NamedTuple):
-  """An aggregation pipeline in three slots (see the module docstring).
+class AggregationProcess(NamedTuple):
+  """The aggregator an algorithm uses: a pipeline in three slots (see the module docstring).
+
+  ``Process`` is its name before the rename (kept as an alias).
 
   Attributes:
     per_client, reduce, post: the slots.
@@ -100,9 +107,9 @@ class Process(NamedTuple):
       that cannot work for this population / sampler).
   """
 
-  per_client: Aggregator
+  per_client: Stage
   reduce: Reducer
-  post: Aggregator
+  post: Stage
   noise_multiplier: float | None = None
   check: Callable[[RoundContext], None] | None = None
 
@@ -114,28 +121,33 @@ class Process(NamedTuple):
     return self.per_client.init(params), self.post.init(params)
 
 
-def identity() -> Aggregator:
+#: The names before the rename: a stage was an ``Aggregator``, the aggregator a ``Process``.
+Aggregator = Stage
+Process = AggregationProcess
+
+
+def identity() -> Stage:
   """A stage that changes nothing.
 
   Returns:
-    an :class:`Aggregator` with an empty state that returns the update unchanged.
+    a :class:`Stage` with an empty state that returns the update unchanged.
   """
 
   def aggregate(update, state, key, context):
     del key, context
     return update, state, {}
 
-  return Aggregator(lambda params: EmptyState(), aggregate)
+  return Stage(lambda params: EmptyState(), aggregate)
 
 
-def chain(*stages: Aggregator) -> Aggregator:
+def chain(*stages: Stage) -> Stage:
   """Applies ``stages`` in order; stage ``i`` gets the key ``fold_in(key, i)``.
 
   The state is a tuple of the stages' states and the metrics are merged (later stages win on a
   name clash).
 
   Returns:
-    an :class:`Aggregator` whose state is the tuple of the stages' states.
+    a :class:`Stage` whose state is the tuple of the stages' states.
 
   Examples:
     >>> import fedjax_sim as fs
@@ -144,9 +156,9 @@ def chain(*stages: Aggregator) -> Aggregator:
     2
   """
   for i, s in enumerate(stages):
-    if not isinstance(s, Aggregator):
+    if not isinstance(s, Stage):
       raise TypeError(
-          f"chain() takes Aggregator stages; argument {i} is {type(s).__name__}. Processes "
+          f"chain() takes Stages (fs.aggregators.Stage); argument {i} is {type(s).__name__}. Processes "
           "(weighted_mean, dp_mean, ...) cannot be chained; build one with process(...)."
       )
 
@@ -184,7 +196,7 @@ def chain(*stages: Aggregator) -> Aggregator:
 
   tags = frozenset().union(*(s.tags for s in stages)) if stages else frozenset()
   has_finalize = any(s.finalize is not None for s in stages)
-  return Aggregator(
+  return Stage(
       init, aggregate, tags, finalize if has_finalize else None,
       client_init if has_client_state else None,
   )
@@ -218,17 +230,17 @@ def sum_reducer() -> Reducer:
 
 
 def process(
-    per_client: Aggregator | None = None,
+    per_client: Stage | None = None,
     reduce: Reducer | None = None,
-    post: Aggregator | None = None,
+    post: Stage | None = None,
     *,
     noise_multiplier: float | None = None,
     check: Callable[[RoundContext], None] | None = None,
-) -> Process:
+) -> AggregationProcess:
   """Assembles an aggregation pipeline; missing slots are identities / an unweighted sum.
 
   Returns:
-    the :class:`Process` ``(per_client, reduce, post, noise_multiplier, check)``.
+    the :class:`AggregationProcess` ``(per_client, reduce, post, noise_multiplier, check)``.
 
   Raises:
     ValueError: for compositions whose privacy is undefined: noise without per-client clipping,
@@ -238,8 +250,8 @@ def process(
   reduce = sum_reducer() if reduce is None else reduce
   post = identity() if post is None else post
   for name, stage in (("per_client", per_client), ("post", post)):
-    if not isinstance(stage, Aggregator):
-      raise TypeError(f"{name} must be an Aggregator stage; got {type(stage).__name__}.")
+    if not isinstance(stage, Stage):
+      raise TypeError(f"{name} must be a Stage; got {type(stage).__name__}.")
   if not isinstance(reduce, Reducer):
     raise TypeError(
         f"reduce must be a Reducer (sum_reducer() or weighted_sum_reducer()); got "
@@ -269,21 +281,22 @@ def process(
           "(one client's weight is unbounded). Use dp_mean (unweighted sum, fixed denominator) "
           "or dp_mean(..., weight_cap=w) (weights min(n_k / w, 1))."
       )
-  return Process(per_client, reduce, post, noise_multiplier, check)
+  return AggregationProcess(per_client, reduce, post, noise_multiplier, check)
 
 
-def as_process(aggregator: Any) -> Process:
+def as_process(aggregator: Any) -> AggregationProcess:
   """Validates the ``aggregator`` argument of an algorithm.
 
   Returns:
-    ``aggregator`` itself when it is a :class:`Process` (otherwise it raises).
+    ``aggregator`` itself when it is an :class:`AggregationProcess` (otherwise it raises).
   """
-  if isinstance(aggregator, Process):
+  if isinstance(aggregator, AggregationProcess):
     return aggregator
-  if isinstance(aggregator, Aggregator):
+  if isinstance(aggregator, Stage):
     raise TypeError(
-        "aggregator must be a Process (e.g. weighted_mean(), dp_mean(...), or "
-        "process(per_client=..., reduce=..., post=...)); got a single Aggregator stage. Put it "
-        "in a slot: process(per_client=stage) or process(post=stage)."
+        "aggregator must be an AggregationProcess (e.g. weighted_mean(), dp_mean(...), or "
+        "process(per_client=..., reduce=..., post=...)); got a single Stage (an "
+        "fs.aggregators.Stage, formerly Aggregator). Put it in a slot: "
+        "process(per_client=stage) or process(post=stage)."
     )
-  raise TypeError(f"aggregator must be a Process; got {type(aggregator).__name__}.")
+  raise TypeError(f"aggregator must be an AggregationProcess; got {type(aggregator).__name__}.")
