@@ -158,8 +158,8 @@ def chain(*stages: Stage) -> Stage:
   for i, s in enumerate(stages):
     if not isinstance(s, Stage):
       raise TypeError(
-          f"chain() takes Stages (fs.aggregators.Stage); argument {i} is {type(s).__name__}. Processes "
-          "(weighted_mean, dp_mean, ...) cannot be chained; build one with process(...)."
+          f"chain() takes Stages (fs.aggregators.Stage); argument {i} is {type(s).__name__}. "
+          "Processes (weighted_mean, dp_mean, ...) cannot be chained; build one with process(...)."
       )
 
   def init(params):
