@@ -33,8 +33,7 @@ import numpy as np
 from jax.scipy.special import ndtri
 
 from fedjax_sim import _validation as _v
-from fedjax_sim.aggregators._base import Aggregator, Process, chain
-from fedjax_sim.aggregators._stages import add_gaussian
+from fedjax_sim.aggregators import Aggregator, Process, add_gaussian, chain
 from fedjax_sim.data.population import Population
 
 

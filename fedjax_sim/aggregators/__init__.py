@@ -67,6 +67,7 @@ from fedjax_sim.aggregators._secure import (
     to_field,
 )
 from fedjax_sim.aggregators._stages import (
+    add_gaussian,
     clip_l2,
     divide_by,
     gaussian_noise,
@@ -127,6 +128,7 @@ __all__ = [
     "Reducer",
     "as_process",
     "chain",
+    "add_gaussian",
     "clip_l2",
     "divide_by",
     "dp_mean",

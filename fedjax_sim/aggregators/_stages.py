@@ -90,7 +90,11 @@ def clip_l2(clip, *, per_layer: bool = False) -> Aggregator:
 
 
 def add_gaussian(tree, stddev, key):
-  """``tree + N(0, stddev^2)`` per coordinate, an independent key per leaf."""
+  """``tree + N(0, stddev^2)`` per coordinate, an independent key per leaf.
+
+  Returns:
+    The noised tree (each leaf keeps its dtype).
+  """
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, len(leaves))
   noised = [x + (stddev * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)

@@ -1,0 +1,147 @@
+"""The host wing (fedjax_sim/runs/): identity's one comparison, speed-only settings outside a
+run's identity, run options as one value, the XLA flags a run records, and the import switch."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import fedjax_sim as fs
+from fedjax_sim import host_cpu
+from fedjax_sim.runs import identity
+from fedjax_sim.sweep import _state_spec
+
+FP = {"algorithm": "fedavg", "num_clients": 4, "algorithm_digest": "a" * 16,
+      "population_digest": "b" * 16, "digest_jax": "0.10.2", "digest_engine": "2",
+      "digest_libs": "optax 0.2.8, flax 0.12.8", "run_id": "r1"}
+
+
+@pytest.mark.parametrize("change,owner,diffs", [
+    ({}, "same", []),
+    ({"run_id": "r2"}, "other", []),  # same configuration, another run key
+    ({"run_id": "r2", "num_clients": 8}, "other", ["num_clients"]),
+    ({"run_id": None}, "legacy", []),
+    ({"run_id": "r2", "digest_engine": "1", "algorithm_digest": "c" * 16}, "older",
+     ["algorithm_digest"]),
+    ({"run_id": "r2", "digest_engine": "1", "algorithm_digest": "c" * 16, "num_clients": 8},
+     "other", ["algorithm_digest", "num_clients"]),
+])
+def test_compare_names_the_owner_and_the_differences(change, owner, diffs):
+  saved = {k: v for k, v in {**FP, **change}.items() if v is not None}
+  seen = identity.compare(saved, FP)
+  assert (seen.owner, seen.diffs) == (owner, diffs)
+  # An incomparable digest is no evidence of another configuration; a missing field neither.
+  assert "algorithm_digest" not in seen.config_diffs or not seen.incomparable
+
+
+def test_compare_skips_fields_an_old_fingerprint_predates():
+  saved = {k: v for k, v in FP.items() if k not in ("population_digest", "run_id")}
+  seen = identity.compare(saved, FP)
+  assert seen.owner == "legacy" and seen.missing == ["population_digest"]
+  assert seen.config_diffs == []
+  assert identity.compare(saved, FP, saved_run_id="r1").owner == "same"
+
+
+@pytest.fixture(scope="module")
+def sims(pop, loss_fn):
+  algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=4,
+                              local_epochs=1)
+  return [fs.Simulation(algo, pop, cohort_size=4, chunk_size=c, sort_by_size=s)
+          for c, s in ((4, True), (2, False))]
+
+
+PARAMS = {"w": jnp.zeros((5, 3)), "b": jnp.zeros(3)}
+
+
+def test_speed_only_settings_are_not_part_of_a_runs_identity(sims):
+  a, b = sims
+  sa, sb = a.init(PARAMS, jax.random.key(0)), b.init(PARAMS, jax.random.key(0))
+  assert a.plan.performance != b.plan.performance
+  assert a.plan.performance == fs.Performance(chunk_size=4, sort_by_size=True)
+  fa, fb = a.fingerprint(sa), b.fingerprint(sb)
+  assert fa["algorithm_digest"] != "unavailable" and fa == fb
+
+
+def test_run_options_value_and_keywords_agree_and_config_records_xla_flags(sims, tmp_path):
+  sim = sims[0]
+  options = fs.RunOptions(block_size=2, log_dir=str(tmp_path / "a"))
+  s1, m1 = sim.run(sim.init(PARAMS, jax.random.key(0)), 2, options)
+  s2, m2 = sim.run(sim.init(PARAMS, jax.random.key(0)), 2, block_size=2,
+                   log_dir=str(tmp_path / "b"))
+  chex.assert_trees_all_equal(m1, m2)
+  chex.assert_trees_all_equal(s1.params, s2.params)
+  _, m3 = sim.run(s2, 2, options, log_dir=str(tmp_path / "b"))  # a keyword overrides options
+  assert len(m3["loss"]) == 2
+  with open(tmp_path / "b" / "config.json") as f:
+    config = json.load(f)
+  assert len(config["sessions"]) == 2
+  flags = config["sessions"][-1]["xla_flags"]
+  assert flags["XLA_FLAGS"] == os.environ.get("XLA_FLAGS")
+  assert flags["added_by_fedjax_sim"] == list(host_cpu.added_flags())
+  assert flags["switch"].startswith("FEDJAX_SIM_XLA_FLAGS=")
+  with pytest.raises(TypeError, match="unexpected keyword argument 'eval_evry'"):
+    sim.run(s2, 1, eval_evry=1)
+
+
+def test_sweep_state_spec_holds_every_piece_of_the_initial_state(sims, pop, loss_fn):
+  """A per-client aggregator stage's state (top-k error feedback) is part of the lane's state."""
+  def algo(feedback):
+    agg = fs.aggregators.process(per_client=fs.aggregators.top_k(2, error_feedback=feedback))
+    return fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=4,
+                                local_epochs=1, aggregator=agg)
+
+  plan = sims[0].plan
+  with_feedback = _state_spec(plan, algo(True), PARAMS)
+  assert with_feedback != _state_spec(plan, algo(False), PARAMS)
+  lane = dataclasses.replace(plan, algorithm=algo(True))
+  state = jax.eval_shape(lambda p: fs.core.initial_state(lane, p, jax.random.key(0)), PARAMS)
+  assert jax.tree.leaves(state.agg_client_states)  # the piece the hand-written list missed
+  assert len(with_feedback[1]) == len(jax.tree.leaves(state))
+
+
+def test_xla_flags_switch_off_leaves_xla_flags_untouched(monkeypatch):
+  """``FEDJAX_SIM_XLA_FLAGS=0``: the import-time configuration changes nothing (in-process:
+  the backend is taken as not yet started; the device count switch is at its default)."""
+  monkeypatch.setattr(host_cpu, "backend_started", lambda: False)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/nowhere")
+  monkeypatch.setenv(host_cpu.ENV_FLAGS, "0")
+  monkeypatch.delenv(host_cpu.ENV_DEVICES, raising=False)
+  saved = dict(host_cpu._state)
+  try:
+    assert host_cpu.auto_configure() == {"devices": None, "flags": ()}
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/nowhere"
+  finally:
+    host_cpu._state.update(saved)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("switch", ["0", "1"])
+def test_import_changes_only_the_documented_xla_flags(switch):
+  """A fresh process: ``import fedjax_sim`` starts no backend and changes no environment
+  variable but ``XLA_FLAGS``; with ``FEDJAX_SIM_XLA_FLAGS=0`` not even that."""
+  code = ("import os, json; before = dict(os.environ);"
+          "import fedjax_sim, fedjax_sim.host_cpu as h; after = dict(os.environ);"
+          "print(json.dumps({'changed': sorted(k for k in set(before) | set(after)"
+          " if before.get(k) != after.get(k)), 'xla': after.get('XLA_FLAGS'),"
+          " 'started': h.backend_started(), 'added': list(h.added_flags())}))")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k not in ("FEDJAX_SIM_HOST_DEVICES",)}
+  env.update(PYTHONPATH=root, FEDJAX_SIM_XLA_FLAGS=switch, XLA_FLAGS="--xla_dump_to=/nowhere")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300, check=True).stdout
+  seen = json.loads(out.strip().splitlines()[-1])
+  assert not seen["started"]
+  if switch == "0":
+    assert seen["changed"] == [] and seen["xla"] == "--xla_dump_to=/nowhere"
+  else:
+    assert seen["changed"] in ([], ["XLA_FLAGS"])
+    assert seen["xla"] == " ".join(["--xla_dump_to=/nowhere", *seen["added"]])
+    assert all(f.split("=")[0].lstrip("-") in dict(host_cpu.FAST_XLA_FLAGS)
+               for f in seen["added"])
