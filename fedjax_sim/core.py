@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_sim import nonfinite as _nf
@@ -394,6 +395,24 @@ def round_metrics(plan: RoundPlan, cohort: Cohort, available, passed: ChunkPass,
   return metrics
 
 
+def check_state_fits(plan: RoundPlan, state: ServerState) -> None:
+  """Refuses (at trace time, from shapes) a state whose per-client pieces are not kept for the
+  plan's ``num_clients`` clients: a state built for another population or plan.
+
+  Raises:
+    ValueError: naming the piece, its leading size and the plan's client count.
+  """
+  n = plan.context.num_clients
+  for name in ("client_states", "agg_client_states"):
+    for path, x in jax.tree_util.tree_leaves_with_path(getattr(state, name)):
+      if not np.shape(x) or np.shape(x)[0] != n:
+        raise ValueError(
+            f"state.{name}{jax.tree_util.keystr(path)} has shape {tuple(np.shape(x))}, but this "
+            f"plan keeps per-client state for {n} clients (a leading axis of {n}): the state "
+            "was built for another population or plan. Build it with this plan "
+            "(core.initial_state / sim.init) or restore it with sim.restore(...).")
+
+
 def round_step(plan: RoundPlan, state: ServerState, population: Population, halt=False):
   """One federated round (pure; traced into the caller's program).
 
@@ -409,6 +428,7 @@ def round_step(plan: RoundPlan, state: ServerState, population: Population, halt
   Returns:
     ``(new_state, metrics)``, ``metrics`` a dict of float32 scalars.
   """
+  check_state_fits(plan, state)
   algo = plan.algorithm
   keys = round_keys(state.key, state.round)
   cohort, available = sample_cohort(plan, state.key, state.round)

@@ -82,7 +82,8 @@ class Performance:
     if self.chunk_size is not None and (
         not isinstance(self.chunk_size, (int, np.integer)) or isinstance(self.chunk_size, bool)
         or self.chunk_size < 1):
-      raise ValueError(f"chunk_size must be a positive int; got {self.chunk_size!r}.")
+      raise ValueError(f"chunk_size must be a positive int or None; got "
+                       f"{self.chunk_size!r}.")
     for name in ("sort_by_size", "unbatched_single_client"):
       if not isinstance(getattr(self, name), (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}.")
@@ -118,9 +119,7 @@ class RoundPlan:
     if not isinstance(self.algorithm, Algorithm):
       raise TypeError(f"RoundPlan.algorithm must be an fs.algorithms.Algorithm; got "
                       f"{type(self.algorithm).__name__}.")
-    if not isinstance(self.sampler, (UniformSampler, PoissonSampler)):
-      raise TypeError(f"RoundPlan.sampler must be fs.sampling.uniform(...) or poisson(...); "
-                      f"got {self.sampler!r}.")
+    check_sampler(self.sampler)
     if not isinstance(self.performance, Performance):
       raise TypeError(f"RoundPlan.performance must be an fs.core.Performance; got "
                       f"{type(self.performance).__name__}.")
@@ -161,11 +160,15 @@ class RoundPlan:
     return _views.split(params, self.trainable_mask)
 
 
+def check_sampler(sampler, name: str = "RoundPlan.sampler") -> None:
+  """The one sampler check (``Simulation``, :func:`base_context` and :class:`RoundPlan`)."""
+  if not isinstance(sampler, (UniformSampler, PoissonSampler)):
+    raise TypeError(f"{name} must be fs.sampling.uniform(...) or poisson(...); got {sampler!r}.")
+
+
 def base_context(sampler, population: Population) -> RoundContext:
   """The population's facts for the aggregator stages (no params template yet)."""
-  if not isinstance(sampler, (UniformSampler, PoissonSampler)):
-    raise TypeError(f"RoundPlan.sampler must be fs.sampling.uniform(...) or poisson(...); "
-                    f"got {sampler!r}.")
+  check_sampler(sampler)
   return RoundContext(
       expected_cohort_size=sampler.expected_cohort_size(population.num_clients),
       num_clients=population.num_clients,

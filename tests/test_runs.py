@@ -145,3 +145,20 @@ def test_import_changes_only_the_documented_xla_flags(switch):
     assert seen["xla"] == " ".join(["--xla_dump_to=/nowhere", *seen["added"]])
     assert all(f.split("=")[0].lstrip("-") in dict(host_cpu.FAST_XLA_FLAGS)
                for f in seen["added"])
+
+
+def test_a_state_of_another_population_is_refused_before_running(make_population, loss_fn):
+  """SCAFFOLD's per-client control variates for 4 clients under an 8-client plan: refused by
+  Simulation.run / round (after init) and by core.round_step, naming the piece."""
+  algo = fs.algorithms.scaffold(loss_fn, client_learning_rate=0.1, batch_size=4, local_steps=1)
+  small = fs.Simulation(algo, fs.Population.from_clients(make_population(num_clients=4)),
+                        cohort_size=2, chunk_size=2)
+  big = fs.Simulation(algo, fs.Population.from_clients(make_population(num_clients=8)),
+                      cohort_size=2, chunk_size=2)
+  foreign = small.init(PARAMS, jax.random.key(0))
+  big.init(PARAMS, jax.random.key(0))
+  for call in (lambda: big.run(foreign, 1), lambda: big.round(foreign)):
+    with pytest.raises(ValueError, match=r"state\.client_states.* \(4, 3\).* for 8 clients"):
+      call()
+  with pytest.raises(ValueError, match=r"state\.client_states.*another population or plan"):
+    jax.eval_shape(lambda s, p: fs.core.round_step(big.plan, s, p), foreign, big.population)
