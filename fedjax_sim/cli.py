@@ -251,7 +251,8 @@ def _run(args: argparse.Namespace) -> int:
       shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     print(f"--overwrite: deleted {', '.join(sorted(found))} in {out}", flush=True)
   os.makedirs(out, exist_ok=True)
-  if args.resume and os.path.isdir(ckpt) and os.listdir(ckpt):
+  steps = [n for n in os.listdir(ckpt) if n.isdigit()] if os.path.isdir(ckpt) else []
+  if args.resume and steps:  # checkpoint steps (not the directory's owner file)
     state = sim.restore(ckpt, params)
     print(f"resumed from round {int(state.round)} ({ckpt})", flush=True)
   else:

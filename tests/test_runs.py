@@ -162,3 +162,105 @@ def test_a_state_of_another_population_is_refused_before_running(make_population
       call()
   with pytest.raises(ValueError, match=r"state\.client_states.*another population or plan"):
     jax.eval_shape(lambda s, p: fs.core.round_step(big.plan, s, p), foreign, big.population)
+
+
+RACE_CHILD = r"""
+import json, os, sys, time
+import jax, jax.numpy as jnp, numpy as np, optax
+import fedjax_sim as fs
+
+directory, seed, role, sync = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+rng = np.random.default_rng(0)
+x = rng.normal(size=(60, 3)).astype(np.float32); y = (x[:, 0] > 0).astype(np.int32)
+pop = fs.Population.from_arrays({"x": x, "y": y}, rng.integers(0, 6, 60))
+algo = fs.algorithms.fedavg(fs.models.classifier_loss(lambda p, x: x @ p),
+                            client_optimizer=optax.sgd(0.1), batch_size=4, local_epochs=1)
+sim = fs.Simulation(algo, pop, cohort_size=2, chunk_size=2)
+state = sim.init(jnp.zeros((3, 2)), jax.random.key(seed))
+run_id = sim.fingerprint(state)["run_id"]
+
+def wait_for(name):
+  deadline = time.time() + 120
+  while not os.path.exists(os.path.join(sync, name)):
+    assert time.time() < deadline, name
+    time.sleep(0.05)
+
+def callback(done, block):
+  if role == "first" and done == 1:  # claimed, round 1 done, nothing saved yet
+    open(os.path.join(sync, "first_claimed"), "w").close()
+    wait_for("second_done")
+
+if role != "first":
+  wait_for("first_claimed")
+try:
+  sim.run(state, 3, block_size=1, checkpoint_dir=directory, callback=callback,
+          overwrite=role == "takeover")
+  status = "ok"
+except Exception as e:
+  status = f"{type(e).__name__}: {e}"
+if role != "first":
+  open(os.path.join(sync, "second_done"), "w").close()
+print(json.dumps({"run_id": run_id, "status": status}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("second", ["second", "takeover"])
+def test_two_processes_never_interleave_steps_in_one_directory(tmp_path, second):
+  """Two real processes, the second started after the first claimed the directory and before
+  its first save (the window where a check-only guard let both write): the second is refused;
+  with overwrite=True it takes over and the first stops at its next save, keeping its state.
+  Every step in the directory belongs to one run."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  d, sync = str(tmp_path / "ck"), tmp_path / "sync"
+  sync.mkdir()
+  env = dict(os.environ, PYTHONPATH=root)
+  procs = [subprocess.Popen([sys.executable, "-c", RACE_CHILD, d, str(seed), role, str(sync)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for seed, role in ((0, "first"), (1, second))]
+  out = []
+  for p in procs:
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-2000:]
+    out.append(json.loads(stdout.strip().splitlines()[-1]))
+  first, other = out
+  steps = sorted(int(n) for n in os.listdir(d) if n.isdigit())
+  owners = {json.load(open(os.path.join(d, str(s), "meta", "metadata")))["run_id"]
+            for s in steps}
+  if second == "second":
+    assert first["status"] == "ok", first
+    assert other["status"].startswith("ValueError") and "claimed by another run" in other["status"]
+    assert steps == [1, 2, 3] and owners == {first["run_id"]}
+  else:
+    assert other["status"] == "ok", other
+    assert first["status"].startswith("DirectoryTakenError"), first
+    assert steps == [1, 2, 3] and owners == {other["run_id"]}
+
+
+def test_a_claim_is_atomic_per_run_and_checked(tmp_path):
+  from fedjax_sim.runs import ownership
+
+  d = str(tmp_path)
+  other = {**FP, "run_id": "r2", "algorithm_digest": "c" * 16}
+  ownership.claim(d, FP, what="checkpoint_dir")
+  ownership.claim(d, FP, what="checkpoint_dir")  # this run again (a resume): still its own
+  assert ownership.claimed_by_other(d, FP) is None
+  with pytest.raises(ValueError, match="claimed by another run \\(run r1.*this run is r2"):
+    ownership.claim(d, other, what="checkpoint_dir")
+  assert ownership.claimed_by_other(d, other) == "r1"
+  with pytest.warns(UserWarning, match="took checkpoint_dir=.* over from run r1"):
+    ownership.claim(d, other, what="checkpoint_dir", overwrite=True)
+  assert ownership.claimed_by_other(d, FP) == "r2"
+  assert [n for n in os.listdir(d)] == [ownership.OWNER_FILE]  # no temporary file left
+
+
+def test_a_step_that_cannot_be_proven_ours_is_never_deleted(sims, tmp_path):
+  sim, d = sims[0], str(tmp_path / "ck")
+  sim.run(sim.init(PARAMS, jax.random.key(0)), 2, block_size=1, checkpoint_dir=d)
+  os.remove(os.path.join(d, "2", "meta", "metadata"))  # step 2: whose is it?
+  with pytest.raises(ValueError, match=r"steps \[2\] .*cannot be proven to be this run's"):
+    sim.run(sim.init(PARAMS, jax.random.key(0)), 1, block_size=1, checkpoint_dir=d)
+  assert sorted(n for n in os.listdir(d) if n.isdigit()) == ["1", "2"]
+  with pytest.warns(UserWarning, match=r"deleted its later checkpoint steps \[1, 2\]"):
+    sim.run(sim.init(PARAMS, jax.random.key(0)), 1, block_size=1, checkpoint_dir=d,
+            overwrite=True)
