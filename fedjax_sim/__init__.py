@@ -44,7 +44,7 @@ from fedjax_sim.types import MASK_KEY, ClientOutput, RoundContext, WeightedUpdat
 
 # The paths before the host wing (fedjax_sim/runs/), kept as attributes for existing code; not
 # in __all__ (import fedjax_sim.runs.<module> instead).
-from fedjax_sim import checkpoint, programs, round, run_dir  # noqa: E402, F401, A004
+from fedjax_sim import checkpoint, checks, programs, round, run_dir  # noqa: E402, F401, A004
 
 __all__ = [
     "MASK_KEY",
