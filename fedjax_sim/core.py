@@ -396,12 +396,22 @@ def round_metrics(plan: RoundPlan, cohort: Cohort, available, passed: ChunkPass,
 
 
 def check_state_fits(plan: RoundPlan, state: ServerState) -> None:
-  """Refuses (at trace time, from shapes) a state whose per-client pieces are not kept for the
-  plan's ``num_clients`` clients: a state built for another population or plan.
+  """Refuses (at trace time, from shapes) a state built for another model, population or plan:
+  params that are not the plan's model, or per-client pieces not kept for its ``num_clients``.
 
   Raises:
     ValueError: naming the piece, its leading size and the plan's client count.
   """
+  template = plan.context.params_template
+  if template is not None:
+    spec = lambda t: (jax.tree.structure(t), [(tuple(np.shape(x)), jnp.dtype(x.dtype))
+                                              for x in jax.tree.leaves(t)])
+    if spec(plan.views(state.params)[0]) != spec(template):
+      raise ValueError(
+          "state.params do not have the structure and shapes of this plan's model (its "
+          "trainable view: the params the plan was built for): the state was built for another "
+          "model or plan. Build it with this plan (core.initial_state / sim.init) or restore "
+          "it with sim.restore(...).")
   n = plan.context.num_clients
   for name in ("client_states", "agg_client_states"):
     for path, x in jax.tree_util.tree_leaves_with_path(getattr(state, name)):

@@ -264,3 +264,13 @@ def test_a_step_that_cannot_be_proven_ours_is_never_deleted(sims, tmp_path):
   with pytest.warns(UserWarning, match=r"deleted its later checkpoint steps \[1, 2\]"):
     sim.run(sim.init(PARAMS, jax.random.key(0)), 1, block_size=1, checkpoint_dir=d,
             overwrite=True)
+
+
+def test_a_state_of_another_model_is_refused_by_the_round(sims):
+  sim = sims[0]
+  sim.init(PARAMS, jax.random.key(0))
+  wide = fs.core.initial_state(fs.core.plan_for(sim.algorithm, sim.sampler, sim.population,
+                                                {"w": jnp.zeros((5, 4)), "b": jnp.zeros(4)}),
+                               {"w": jnp.zeros((5, 4)), "b": jnp.zeros(4)}, jax.random.key(0))
+  with pytest.raises(ValueError, match="state.params do not have the structure and shapes"):
+    jax.eval_shape(lambda s, p: fs.core.round_step(sim.plan, s, p), wide, sim.population)
