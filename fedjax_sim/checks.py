@@ -17,7 +17,7 @@ import numpy as np
 
 from fedjax_sim import core, sharding
 from fedjax_sim.aggregators import ADDS_NOISE, CAPS_WEIGHTS, LOCAL_NOISE
-from fedjax_sim.algorithms import Algorithm
+from fedjax_sim.algorithms import Algorithm, _partition
 from fedjax_sim.data.population import Population
 from fedjax_sim.data.sampling import PoissonSampler, UniformSampler
 from fedjax_sim.systems import SystemModel
@@ -133,12 +133,15 @@ def typed_key(key) -> jax.Array:
   )
 
 
-def params(params) -> None:
-  """Float, finite, non-empty parameters."""
+def params(params, trainable=None) -> None:
+  """Finite, non-empty parameters, floating point where trained (``trainable``: the
+  algorithm's ``trainable=`` spec; a frozen leaf may be an integer, e.g. a step counter)."""
   if not jax.tree.leaves(params):
     raise ValueError("params is empty; pass the model's parameter pytree.")
+  trained = (None if trainable is None
+             else iter(_partition.resolve(trainable, params)))
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    if (trained is None or next(trained)) and not jnp.issubdtype(leaf.dtype, jnp.floating):
       raise TypeError(
           f"params{jax.tree_util.keystr(path)} has dtype {leaf.dtype}; trainable parameters "
           "must be floating point."

@@ -177,6 +177,12 @@ def plan_for(
   Returns:
     The plan, its context holding the trainable parameters' template.
   """
+  for name, value, kind, spelled in (
+      ("algorithm", algorithm, Algorithm, "fs.algorithms.Algorithm (e.g. fedavg(...))"),
+      ("population", population, Population, "fs.Population (e.g. Population.from_arrays)")):
+    if not isinstance(value, kind):  # e.g. the name "fedavg": the API takes values, not names
+      raise TypeError(f"plan_for: {name} must be an {spelled}; got {type(value).__name__} "
+                      f"{value!r:.80}.")
   mask = None
   if algorithm.trainable is not None:
     mask = _partition.resolve(algorithm.trainable, params)

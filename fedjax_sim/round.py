@@ -144,7 +144,7 @@ class Simulation:
     """
     key = checks.typed_key(key)
     params = jax.tree.map(lambda x: jnp.array(x), params)  # a private copy (state is donated)
-    checks.params(params)
+    checks.params(params, self.algorithm.trainable)
     self._plan(params, key)
     state = core.initial_state(self.plan, params, key)
     checks.round_traces(self.plan, state, self.population)
@@ -181,7 +181,7 @@ class Simulation:
     if self.plan is None and self.mesh is None:
       # A state from another Simulation of the same configuration (e.g. rebuilt in a new
       # session): init's checks on it, refusing a state whose structure does not match.
-      checks.params(state.params)
+      checks.params(state.params, self.algorithm.trainable)
       checks.same_layout(self._plan(state.params, state.key), state)
       checks.round_traces(self.plan, state, self.population)
     if self.plan is None:

@@ -357,7 +357,12 @@ def prepare_log_dir(log_dir: str, fp: dict[str, Any], start: int, *,
     try:
       with open(config_path) as f:
         old = json.load(f)
-    except ValueError:
+    except ValueError as e:  # a torn or edited file: whose log this is cannot be known
+      if not overwrite:
+        raise ValueError(
+            f"{config_path} is corrupt (not valid JSON: {e}), so the log in log_dir={log_dir!r} "
+            "cannot be shown to be this run's. Repair or remove the file, use a new directory, "
+            "or pass overwrite=True to replace the log.") from None
       old = {}
   owner = None if old is None else old.get("run_id", old.get("fingerprint", {}).get("run_id"))
   exists = old is not None or os.path.exists(metrics_path)
