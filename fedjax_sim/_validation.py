@@ -4,6 +4,8 @@ argument and the value, before anything is traced or compiled."""
 from __future__ import annotations
 
 import numbers
+import os
+import tempfile
 from typing import Any
 
 import jax
@@ -189,3 +191,19 @@ def not_donated(name: str, tree: Any) -> None:
         f"{name} was donated to an earlier sim.run / sim.round, which consumed its arrays; pass "
         f"the {name} that call returned ({name}, metrics = sim.run({name}, ...))."
     )
+
+
+def writable_directory(directory: str, what: str) -> None:
+  """Refuses a directory in which a file cannot be created, by creating and removing one.
+
+  ``os.access`` is not enough: for root it answers "writable" from the permission bits alone,
+  also where a write fails (a process without ``CAP_DAC_OVERRIDE``, ``/sys``, a read-only
+  bind mount in some sandboxes); a run would then fail only at its first save.
+  """
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".fedjax_sim_probe_", dir=directory)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"{what}={directory!r} is not writable (creating a file in it failed: "
+                     f"{e.strerror or e}); pass a writable directory.") from None

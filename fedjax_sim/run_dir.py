@@ -52,6 +52,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from fedjax_sim import _validation
 from fedjax_sim.checkpoint import CheckpointSaveError
 
 __all__ = ["CheckpointSaveError", "algorithm_digest", "check_savable", "population_digest",
@@ -234,8 +235,7 @@ def _check_writable(directory: str, what: str) -> None:
   except OSError as e:
     raise ValueError(f"{what}={directory!r} cannot be created ({e.strerror}); pass a "
                      "writable directory.") from None
-  if not os.access(directory, os.W_OK | os.X_OK):
-    raise ValueError(f"{what}={directory!r} is not writable; pass a writable directory.")
+  _validation.writable_directory(directory, what)  # a probe file: root passes os.access
 
 
 def check_savable(state) -> None:
