@@ -287,8 +287,21 @@ def _versions() -> dict[str, str]:
 
 
 def read_log(log_dir: str) -> dict[str, np.ndarray]:
-  """Reads ``metrics.jsonl`` back into ``{name: array over rounds}`` (NaN where missing)."""
-  rows = [json.loads(line) for line in open(os.path.join(log_dir, "metrics.jsonl"))]
+  """Reads ``metrics.jsonl`` back into ``{name: array over rounds}`` (NaN where missing).
+
+  A row that does not parse (a write cut short by a kill) is dropped with a warning, as a
+  resumed run drops it.
+  """
+  path = os.path.join(log_dir, "metrics.jsonl")
+  rows, torn = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except ValueError:
+        torn += 1
+  if torn:
+    warnings.warn(f"{path}: skipped {torn} unreadable row(s) (a write cut short).", stacklevel=2)
   keys = sorted({k for r in rows for k in r if k != "config_hash"})
   return {k: np.asarray([np.nan if r.get(k) is None else r[k] for r in rows], float)
           for k in keys}
