@@ -133,9 +133,14 @@ def _from_savable(saved, impl_template):
 def _manager(directory: str, max_to_keep: int = 3):
   import orbax.checkpoint as ocp
 
+  # Synchronous: save() waits for every write anyway, and an async save that fails (the
+  # directory gone or unwritable mid-run) leaves orbax's non-daemon signalling threads waiting
+  # for a signal that never comes, which kept the process from exiting for orbax's 300 s
+  # coordination timeout.
   return ocp.CheckpointManager(
       os.path.abspath(directory),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=False),
   )
 
 
@@ -146,10 +151,12 @@ def save(directory: str, state, fp: dict[str, Any], *, max_to_keep: int = 3) -> 
   step = int(state.round)
   mngr = _manager(directory, max_to_keep)
   tree = jax.tree.map(np.asarray, _to_savable(state))
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                          meta=ocp.args.JsonSave(fp)), force=True)
-  mngr.wait_until_finished()
-  mngr.close()
+  try:
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                            meta=ocp.args.JsonSave(fp)), force=True)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
   return step
 
 

@@ -338,6 +338,44 @@ def sweep_nan_warn():
   assert metrics["nonfinite"][1].sum() > 0 and metrics["nonfinite"][0].sum() == 0
 
 
+LINGER = """
+import os, shutil, sys, jax, numpy as np, optax, fedjax_sim as fs
+from fedjax_sim import checkpoint
+x = np.zeros((8, 3), np.float32); y = np.zeros(8, np.int32)
+pop = fs.Population.from_arrays({"x": x, "y": y}, np.arange(8) % 4)
+algo = fs.algorithms.fedavg(fs.models.classifier_loss(lambda p, x: x @ p), batch_size=2,
+                            local_epochs=1, client_optimizer=optax.sgd(0.1))
+state = fs.Simulation(algo, pop, cohort_size=2).init(np.zeros((3, 2), np.float32),
+                                                       jax.random.key(0))
+d = sys.argv[1]
+mngr_dir = checkpoint._manager(d)  # created, then turned into a file: every write fails
+shutil.rmtree(d); open(d, "w").close()
+try:
+  checkpoint.save(d, state, {"run_id": "r"})
+except Exception as e:
+  print("save failed:", type(e).__name__)
+"""
+
+
+def failed_save_exits_promptly():
+  import subprocess
+  import time
+
+  d = path("linger_ckpt")
+  shutil.rmtree(d, ignore_errors=True)
+  if os.path.isfile(d):
+    os.remove(d)
+  t0 = time.perf_counter()
+  try:
+    out = subprocess.run([sys.executable, "-c", LINGER, d], capture_output=True, text=True,
+                         timeout=60)
+  except subprocess.TimeoutExpired:
+    raise AssertionError("the process still ran 60 s after a failed save") from None
+  took = time.perf_counter() - t0
+  assert "save failed" in out.stdout, out.stdout + out.stderr[-500:]
+  assert took < 60, f"the process took {took:.0f} s to exit after a failed save"
+
+
 def foreign_scaffold_state():
   loss = LOSS
   small = fs.Population.from_arrays({"x": X[:12], "y": Y[:12]}, IDS[:12] % 4)
@@ -598,6 +636,8 @@ CASES = [
      FloatingPointError, r"simulation 1.*lr=1e\+30", True),
     (7, "a sweep lane that diverges warns under on_nonfinite='warn'", sweep_nan_warn, None, "",
      True),
+    (7, "a process exits promptly after a failed checkpoint save", failed_save_exits_promptly,
+     None, "", True),
     (7, "sweep(on_nonfinite='skip')", lambda: sweep_nan(on_nonfinite="skip"), ValueError,
      "on_nonfinite", False),
 ]

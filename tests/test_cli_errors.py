@@ -169,7 +169,7 @@ def test_resume_with_other_hyper_parameters_is_refused(finished, capsys):
   tmp_path, path = finished
   before = (tmp_path / "run" / "metrics.jsonl").read_text()
   one_line_error(capsys, ["run", path, "--resume", "--set", "algorithm.client_lr=0.05"],
-                 "comes from another configuration (algorithm_digest")
+                 "was started with other settings (algorithm.client_lr: 0.1 -> 0.05)")
   assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 
 
