@@ -718,10 +718,19 @@ def classify(case) -> tuple[str, str]:
   return ("OK", "") if exc is None else ("SILENT", "no error")
 
 
+#: Cases of classes 1 and 2, fixed by the run-directory work (helper `hostside`), not here.
+HOSTSIDE = {"core.round_step with a state of another plan",
+            "a checkpoint step of unknown owner is never deleted"}
+
+
 def _params(slow):
-  return [pytest.param(c, id=f"{c[0]}-{c[1]}",
-                       marks=[pytest.mark.slow] if c[5] else [])
-          for c in CASES if c[5] == slow]
+  def marks(c):
+    out = [pytest.mark.slow] if c[5] else []
+    if c[1] in HOSTSIDE:
+      out.append(pytest.mark.xfail(strict=True, reason="class 1/2: hostside"))
+    return out
+
+  return [pytest.param(c, id=f"{c[0]}-{c[1]}", marks=marks(c)) for c in CASES if c[5] == slow]
 
 
 @pytest.fixture(autouse=True)
