@@ -307,8 +307,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 #: Config keys a resumed run can take new values of: how far it runs, how often it evaluates and
-#: checkpoints, and whether a progress bar is shown. Every other key is the run's identity.
-RESUMABLE = ("run.rounds", "run.eval_every", "run.checkpoint_every", "run.progress")
+#: checkpoints, whether a progress bar is shown, and where the run directory now is (a moved
+#: run). Every other key is the run's identity.
+RESUMABLE = ("run.rounds", "run.eval_every", "run.checkpoint_every", "run.progress",
+             "run.out_dir")
 
 
 def _check_resume(out: str, settings: dict) -> None:

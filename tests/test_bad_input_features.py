@@ -330,6 +330,16 @@ def sweep_nan(**kw):
                   num_rounds=2, cohort_size=2, **kw)
 
 
+def sweep_nan_raises():
+  try:
+    sweep_nan()
+  except FloatingPointError as e:  # every lane's state is finite; the stopped lane's later
+    w = np.asarray(e.state.params["w"])  # rounds are NaN, the finite lane ran to the end
+    assert np.all(np.isfinite(w)) and int(e.state.round[1]) == 0, e.state.round
+    assert np.isnan(e.metrics["loss"][1, 1]) and np.isfinite(e.metrics["loss"][0]).all()
+    raise
+
+
 def sweep_nan_warn():
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -632,7 +642,7 @@ CASES = [
      lambda: writable_probe("ro_log"), ValueError, "not writable", False),
     (7, "checkpoint_dir not writable (root too)", lambda: checkpoint_probe("ro_ckpt"),
      ValueError, "not writable", False),
-    (7, "a sweep lane that diverges raises like Simulation.run", sweep_nan,
+    (7, "a sweep lane that diverges raises like Simulation.run", sweep_nan_raises,
      FloatingPointError, r"simulation 1.*lr=1e\+30", True),
     (7, "a sweep lane that diverges warns under on_nonfinite='warn'", sweep_nan_warn, None, "",
      True),
