@@ -200,8 +200,8 @@ def test_config_with_a_string_number_names_the_fix(tmp_path, capsys):
   path = tmp_path / "c.yaml"
   path.write_text(textwrap.dedent(CONFIG.replace("OUT", str(tmp_path / "r")).replace(
       "delta: 1.0e-5", "delta: 1e-5")))
-  one_line_error(capsys, ["run", str(path)], "privacy.delta must lie in (0, 1); got the string '1e-5'",
-                 "write 1.0e-5")
+  one_line_error(capsys, ["run", str(path)],
+                 "privacy.delta must lie in (0, 1); got the string '1e-5'", "write 1.0e-5")
 
 
 def test_diverged_training_is_one_line_and_exit_1(tmp_path, capsys):
