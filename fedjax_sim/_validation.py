@@ -3,7 +3,10 @@ argument and the value, before anything is traced or compiled."""
 
 from __future__ import annotations
 
+import difflib
 import numbers
+import os
+import tempfile
 from typing import Any
 
 import jax
@@ -189,3 +192,66 @@ def not_donated(name: str, tree: Any) -> None:
         f"{name} was donated to an earlier sim.run / sim.round, which consumed its arrays; pass "
         f"the {name} that call returned ({name}, metrics = sim.run({name}, ...))."
     )
+
+
+def writable_directory(directory: str, what: str) -> None:
+  """Refuses a directory in which a file cannot be created, by creating and removing one.
+
+  ``os.access`` is not enough: for root it answers "writable" from the permission bits alone,
+  also where a write fails (a process without ``CAP_DAC_OVERRIDE``, ``/sys``, a read-only
+  bind mount in some sandboxes); a run would then fail only at its first save.
+  """
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".fedjax_sim_probe_", dir=directory)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"{what}={directory!r} is not writable (creating a file in it failed: "
+                     f"{e.strerror or e}); pass a writable directory.") from None
+
+
+def boolean(name: str, value: Any) -> bool:
+  """A Python/NumPy bool; text such as ``"false"`` (truthy!) and numbers are refused."""
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  got = f"the string {value!r}" if isinstance(value, str) else f"{type(value).__name__} {value!r}"
+  raise TypeError(f"{name} must be true or false (a bool, unquoted in YAML); got {got}.")
+
+
+def text(name: str, value: Any, *, allow_none: bool = False) -> str | None:
+  """A non-empty string (a path, a name)."""
+  if value is None and allow_none:
+    return None
+  if not isinstance(value, str) or not value:
+    raise TypeError(f"{name} must be a non-empty string; got {type(value).__name__} {value!r}.")
+  return value
+
+
+def choice(name: str, value: Any, options) -> Any:
+  """One of ``options`` (a registry's names); the message suggests the nearest."""
+  if not isinstance(value, str) or value not in options:
+    close = difflib.get_close_matches(str(value), list(options), n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"{name}={value!r} is not one of {list(options)}.{hint}")
+  return value
+
+
+def positive_ints(name: str, value: Any) -> list[int]:
+  """A non-empty list of ints >= 1 (layer widths)."""
+  if not isinstance(value, (list, tuple)):
+    example = f"[{value}]" if isinstance(value, int) and not isinstance(value, bool) else "[64]"
+    raise TypeError(f"{name} must be a list of positive ints (e.g. {example}); got "
+                    f"{type(value).__name__} {value!r}.")
+  if not value or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+                      for v in value):
+    raise ValueError(f"{name} must be a non-empty list of positive ints (e.g. [64]); got "
+                     f"{value!r}.")
+  return [int(v) for v in value]
+
+
+def seed(name: str, value: Any) -> int:
+  """An int seed in [0, 2**32) (what ``jax.random.key`` takes without wrapping)."""
+  if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
+      or not 0 <= value < 2**32):
+    raise ValueError(f"{name} must be an int in [0, 2**32); got {value!r}.")
+  return int(value)

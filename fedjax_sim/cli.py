@@ -45,6 +45,8 @@ def _check_flags(args: argparse.Namespace, rules: dict[str, str]) -> None:
     want = {"pos": "> 0", "nonneg": ">= 0", "prob": "in (0, 1]", "open01": "in (0, 1)"}[rule]
     if not ok or v != v:
       raise UsageError(f"{flag} must be {want}; got {v}.")
+    if v in (float("inf"), float("-inf")):  # an inf z, epsilon or rate answers nothing
+      raise UsageError(f"{flag} must be a finite number {want}; got {v}.")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -196,6 +198,7 @@ def _privacy(args: argparse.Namespace) -> int:
     what = f"Poisson sampling q={args.q} (add/remove-one)" + (
         f", truncated at {cap}" if cap < n else "")
   print(f"population {n}, {what}, {args.rounds} rounds, delta={args.delta}")
+  failed = []
   for accountant in privacy.ACCOUNTANTS:
     try:
       if args.noise_multiplier is not None:
@@ -210,6 +213,9 @@ def _privacy(args: argparse.Namespace) -> int:
               f"(epsilon = {eps:.4f} <= {args.target_epsilon})")
     except ValueError as e:
       print(f"  {accountant.upper():3s}: not available: {_as_flags(str(e))}")
+      failed.append(f"{accountant.upper()}: {_as_flags(str(e))}")
+  if len(failed) == len(privacy.ACCOUNTANTS):  # no answer at all is an error, not a result
+    raise UsageError(f"no accountant could answer: {' '.join(failed)}")
   return 0
 
 
@@ -244,6 +250,8 @@ def _run(args: argparse.Namespace) -> int:
     raise cfglib.ConfigError(
         f"run.out_dir={out!r} already holds a run ({', '.join(sorted(found))}); pass --resume "
         "to continue it, --overwrite to delete it and start over, or --set run.out_dir=NEW.")
+  if args.resume:
+    _check_resume(out, dataclasses.asdict(cfg))
   sim, params, eval_fn, _ = cfglib.build(cfg)
   if args.overwrite and found:
     for n in found:
@@ -299,6 +307,52 @@ def _run(args: argparse.Namespace) -> int:
   return 0
 
 
+#: Config keys a resumed run can take new values of: how far it runs, how often it evaluates and
+#: checkpoints, whether a progress bar is shown, and where the run directory now is (a moved
+#: run). Every other key is the run's identity.
+RESUMABLE = ("run.rounds", "run.eval_every", "run.checkpoint_every", "run.progress",
+             "run.out_dir")
+
+
+def _check_resume(out: str, settings: dict) -> None:
+  """Refuses ``--resume`` with a config that differs from the run's own (``config.json``) in a
+  key a resume cannot honour, naming each changed key with both values."""
+  import json
+  import os
+
+  from fedjax_sim.config import ConfigError
+
+  path = os.path.join(out, "config.json")
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      old = json.load(f).get("settings")
+  except (ValueError, AttributeError) as e:
+    raise ConfigError(f"--resume: {path} is corrupt (not valid JSON: {e}), so the run's settings "
+                      "cannot be compared with this config. Repair or remove it, or start over "
+                      "with --overwrite.") from None
+  if not isinstance(old, dict):
+    return  # a log written by the Python API, which records no config
+
+  def flat(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+  was, now = flat(old), flat(settings)
+  changed = [k for k in sorted(set(was) | set(now))
+             if k not in RESUMABLE and was.get(k) != now.get(k)]
+  if changed:
+    diff = "; ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in changed)
+    raise ConfigError(
+        f"--resume: the run in {out!r} was started with other settings ({diff}); a resumed run "
+        "continues on its own settings and key, so these changes cannot be honoured. Drop them "
+        f"(resuming may change only {', '.join(RESUMABLE)}), or start a new run with --set "
+        "run.out_dir=NEW or --overwrite.")
+
+
 def _plot(args: argparse.Namespace) -> int:
   import os
 
@@ -307,6 +361,7 @@ def _plot(args: argparse.Namespace) -> int:
   if not os.path.isfile(os.path.join(args.run_dir, "metrics.jsonl")):
     raise UsageError(f"RUN_DIR {args.run_dir!r} has no metrics.jsonl; pass the run.out_dir of a "
                      "finished or running `fedjax-sim run`.")
+  # (plot_run refuses a log with no rounds, and skips a row cut short with a warning)
 
   for path in plots.plot_run(args.run_dir):
     print(f"wrote {path}")

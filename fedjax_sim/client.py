@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim import _validation as _v
+from fedjax_sim.data.population import _check_features
 from fedjax_sim.types import MASK_KEY, ClientOutput, LossFn, Params, PRNGKey, PyTree
 
 
@@ -139,17 +142,47 @@ def make_shared_mix(shared_data, shared_fraction) -> SharedMix | None:
         "shared_data must be a non-empty dict of arrays {feature_name: [num_shared, ...]}; got "
         f"{type(shared_data).__name__}."
     )
-  if MASK_KEY in shared_data:
-    raise ValueError(f"shared_data may not hold the reserved key {MASK_KEY!r}.")
-  features = {k: jnp.asarray(v) for k, v in shared_data.items()}
-  sizes = {k: (v.shape[0] if v.ndim else 0) for k, v in features.items()}
-  if len(set(sizes.values())) != 1 or 0 in sizes.values():
-    raise ValueError(
-        f"shared_data's arrays must have the same positive number of examples; got {sizes}."
-    )
+  # The Population's own checks and messages (non-finite values, dtypes that would not survive
+  # float32 / int32, scalars, lengths), naming shared_data; the labels are checked against the
+  # model's classes with the population's, before compiling (shared_loss below).
+  checked = _check_features(shared_data, "shared_data")
+  if not next(iter(checked.values())).shape[0]:
+    raise ValueError("shared_data holds no examples; pass at least one, or shared_data=None.")
+  features = {k: jnp.asarray(v) for k, v in checked.items()}
   if shared_fraction == 0:
     raise ValueError("shared_data is given but shared_fraction is 0; set a fraction in (0, 1).")
   return SharedMix(features, float(shared_fraction))
+
+
+def shared_loss(loss_fn: LossFn, shared: SharedMix | None) -> LossFn:
+  """``loss_fn`` whose pre-compile population check (``Simulation.init``) also checks the shared
+  data: the population's feature names, shapes and dtypes, and (where the loss has a
+  ``check_population``, e.g. :func:`fedjax_sim.models.classifier_loss`) its labels against the
+  model's classes, with the same messages as the population's, naming ``shared_data``.
+
+  Returns:
+    ``loss_fn`` itself for ``shared=None``, else a wrapper computing the same loss.
+  """
+  if shared is None:
+    return loss_fn
+  inner = getattr(loss_fn, "check_population", None)
+
+  @functools.wraps(loss_fn)
+  def loss(*args, **kwargs):
+    return loss_fn(*args, **kwargs)
+
+  def check_population(params, population):
+    if inner is not None:
+      inner(params, population)
+    shared.check(population.features)
+    if inner is not None:
+      try:
+        inner(params, types.SimpleNamespace(features=shared.features))
+      except (ValueError, TypeError) as e:
+        raise type(e)(f"shared_data: {e}") from None
+
+  loss.check_population = check_population
+  return loss
 
 
 def make_local_trainer(

@@ -1,8 +1,13 @@
 """Run configurations for ``fedjax-sim run CONFIG.yaml``: typed dataclasses at the edge.
 
-A YAML file maps one-to-one onto these dataclasses, which build the Python API objects (the
-library itself has no string registries). Unknown keys are errors that suggest the nearest valid
-key; YAML syntax errors report their line; ``--set section.key=value`` overrides a value.
+A YAML file maps one-to-one onto these dataclasses. Every key has one rule (:data:`RULES`,
+checked with :mod:`fedjax_sim._validation`, the library's own argument checks); names resolve
+through registries (:data:`DATASETS`, :data:`PARTITIONS`, :data:`MODELS`, :data:`ALGORITHMS`,
+:data:`SERVER_OPTIMIZERS`: name -> builder) into the Python API objects (the library itself
+takes values, not names). Unknown keys are errors that suggest the nearest valid key; a key
+given twice in one mapping (a duplicate section or key) is an error naming its line, as are YAML
+syntax errors; a bool must be written unquoted (``"false"`` is text, and truthy);
+``--set section.key=value`` overrides a value.
 
 Example (``examples/configs/digits_dp.yaml``)::
 
@@ -26,18 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-DATASETS = ("digits", "iris", "wine", "breast_cancer", "leaf_synthetic", "emnist_h5",
-            "shakespeare_h5")
-PARTITIONS = ("dirichlet", "iid", "shards")
-MODELS = ("logistic", "mlp", "emnist_cnn", "cifar_cnn", "char_lstm")
-ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fednova", "feddyn", "qffl", "ditto")
-SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
+from fedjax_sim import _validation as _v
+
 #: Datasets read from ``data.path``, and the features each needs in the file.
 FILE_DATASETS = {"emnist_h5": ("EMNIST-62", ["pixels", "label"]),
                  "shakespeare_h5": ("Shakespeare", ["snippets"])}
@@ -154,10 +155,206 @@ _NESTED = {(Config, "data"): DataConfig, (Config, "model"): ModelConfig,
            (Config, "run"): RunSettings}
 
 
-def _choice(path: str, value, options) -> None:
-  if value not in options:
-    hint = _suggest(str(value), options)
-    raise ConfigError(f"{path}={value!r} is not one of {list(options)}.{hint}")
+# -- the registries: name -> builder -------------------------------------------------------------
+
+
+def _sklearn_data(cfg: Config):
+  import fedjax_sim as fs
+
+  d = cfg.data
+  alpha = None if d.partition == "iid" else d.alpha
+  return fs.datasets.sklearn_dataset(d.name, d.num_clients, alpha=alpha, seed=cfg.run.seed)
+
+
+def _leaf_data(cfg: Config):
+  import fedjax_sim as fs
+
+  d = cfg.data
+  return fs.datasets.leaf_synthetic(d.alpha, d.alpha, num_clients=d.num_clients,
+                                    seed=cfg.run.seed), None
+
+
+def _emnist_data(cfg: Config):
+  import fedjax_sim as fs
+
+  d = cfg.data
+  return _read_data_file(d.name, d.path,
+                         lambda: fs.datasets.emnist(d.path, max_clients=d.max_clients)), None
+
+
+def _shakespeare_data(cfg: Config):
+  import fedjax_sim as fs
+
+  d = cfg.data
+  return _read_data_file(d.name, d.path, lambda: fs.datasets.shakespeare(
+      d.path, seq_len=d.seq_len, max_clients=d.max_clients)), None
+
+
+#: ``data.name`` -> ``builder(cfg) -> (population, test_data or None)``.
+DATASETS: dict[str, Callable] = {
+    "digits": _sklearn_data, "iris": _sklearn_data, "wine": _sklearn_data,
+    "breast_cancer": _sklearn_data, "leaf_synthetic": _leaf_data, "emnist_h5": _emnist_data,
+    "shakespeare_h5": _shakespeare_data}
+
+
+def _as_loaded(cfg: Config, pop, test):
+  return pop  # the dataset builder split it (Dirichlet with data.alpha, or IID)
+
+
+def _shards(cfg: Config, pop, test):
+  import fedjax_sim as fs
+
+  if test is None:  # a federated file keeps its natural clients
+    return pop
+  x, y = np.asarray(pop.features["x"]), np.asarray(pop.features["y"])
+  ids = fs.partition.shards(y, cfg.data.num_clients, cfg.data.shards_per_client,
+                            seed=cfg.run.seed)
+  return fs.Population.from_arrays({"x": x, "y": y}, ids, num_clients=cfg.data.num_clients)
+
+
+#: ``data.partition`` -> ``builder(cfg, population, test) -> population`` (how a bundled
+#: dataset's examples are split over clients; federated files keep their natural clients).
+PARTITIONS: dict[str, Callable] = {"dirichlet": _as_loaded, "iid": _as_loaded, "shards": _shards}
+
+#: ``model.name`` -> ``builder(model_config, num_classes) -> flax module``.
+MODELS: dict[str, Callable] = {
+    "logistic": lambda m, n: _zoo().LogisticRegression(n),
+    "mlp": lambda m, n: _zoo().MLP(n, tuple(m.hidden)),
+    "emnist_cnn": lambda m, n: _zoo().EmnistCNN(n),
+    "cifar_cnn": lambda m, n: _zoo().CifarCNN(n),
+    "char_lstm": lambda m, n: _zoo().CharLSTM(_vocab(), hidden=m.hidden[0]),
+}
+_IMAGE_MODELS = ("emnist_cnn", "cifar_cnn")
+_TEXT_MODELS = ("char_lstm",)
+
+
+def _zoo():
+  from fedjax_sim import zoo
+
+  return zoo
+
+
+def _vocab() -> int:
+  from fedjax_sim.data import datasets
+
+  return datasets.SHAKESPEARE_VOCAB_SIZE
+
+
+def _optax():
+  import optax
+
+  return optax
+
+
+def _algorithms():
+  from fedjax_sim import algorithms
+
+  return algorithms
+
+
+#: ``server.optimizer`` -> ``builder(server_config) -> optax transformation``.
+SERVER_OPTIMIZERS: dict[str, Callable] = {
+    "sgd": lambda s: _optax().sgd(s.lr),
+    "momentum": lambda s: _optax().sgd(s.lr, s.momentum),
+    "adam": lambda s: _algorithms().fedadam(s.lr),
+    "yogi": lambda s: _algorithms().fedyogi(s.lr),
+    "adagrad": lambda s: _algorithms().fedadagrad(s.lr),
+}
+
+#: ``algorithm.name`` -> ``builder(algorithm_config, loss, client_optimizer, server_optimizer,
+#: aggregator, work) -> Algorithm`` (``work``: batch size and local epochs / steps).
+ALGORITHMS: dict[str, Callable] = {
+    "fedavg": lambda a, loss, opt, server, agg, work: _algorithms().fedavg(
+        loss, client_optimizer=opt, server_optimizer=server, aggregator=agg, **work),
+    "fedprox": lambda a, loss, opt, server, agg, work: _algorithms().fedprox(
+        loss, mu=a.mu, client_optimizer=opt, server_optimizer=server, aggregator=agg, **work),
+    "ditto": lambda a, loss, opt, server, agg, work: _algorithms().ditto(
+        loss, lam=a.lam, client_optimizer=opt, server_optimizer=server, aggregator=agg, **work),
+    "scaffold": lambda a, loss, opt, server, agg, work: _algorithms().scaffold(
+        loss, client_learning_rate=a.client_lr, server_optimizer=server, **work),
+    "fednova": lambda a, loss, opt, server, agg, work: _algorithms().fednova(
+        loss, client_learning_rate=a.client_lr, server_optimizer=server, **work),
+    "feddyn": lambda a, loss, opt, server, agg, work: _algorithms().feddyn(
+        loss, alpha=a.alpha, client_optimizer=opt, **work),
+    "qffl": lambda a, loss, opt, server, agg, work: _algorithms().qffl(
+        loss, q=a.q, client_learning_rate=a.client_lr, **work),
+}
+#: Algorithms that take the DP aggregator (the others send values that bypass it).
+_DP_ALGORITHMS = ("fedavg", "fedprox", "ditto")
+
+
+# -- one rule per key (fedjax_sim._validation) ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """How one key is checked: ``check(path, value)`` raises; ``text`` is the docs' wording."""
+
+  text: str
+  check: Callable[[str, Any], Any]
+  numeric: bool = False  # a float: text such as 1e-5 gets YAML's hint
+
+
+def _optional(rule: Rule) -> Rule:
+  return Rule(f"{rule.text}, or null",
+              lambda path, v: None if v is None else rule.check(path, v), rule.numeric)
+
+
+def _one_of(registry) -> Rule:
+  return Rule("one of " + ", ".join(f"`{k}`" for k in registry),
+              lambda path, v: _v.choice(path, v, registry))
+
+
+_POSITIVE = Rule("> 0", _v.positive, True)
+_NON_NEGATIVE = Rule(">= 0", _v.non_negative, True)
+_COUNT = Rule("an int >= 1", _v.positive_int)
+_BOOL = Rule("true or false", _v.boolean)
+_TEXT = Rule("a non-empty string", _v.text)
+
+#: ``section.key`` -> its rule. Combinations (exactly one of two keys, a file dataset's path,
+#: ...) are checked by :func:`validate` after every key.
+RULES: dict[str, Rule] = {
+    "data.name": _one_of(DATASETS),
+    "data.path": _optional(_TEXT),
+    "data.num_clients": _COUNT,
+    "data.partition": _one_of(PARTITIONS),
+    "data.alpha": _POSITIVE,
+    "data.shards_per_client": _COUNT,
+    "data.max_clients": _optional(_COUNT),
+    "data.seq_len": _COUNT,
+    "model.name": _one_of(MODELS),
+    "model.hidden": Rule("a non-empty list of ints >= 1", _v.positive_ints),
+    "algorithm.name": _one_of(ALGORITHMS),
+    "algorithm.client_lr": _POSITIVE,
+    "algorithm.local_epochs": _optional(_COUNT),
+    "algorithm.local_steps": _optional(_COUNT),
+    "algorithm.batch_size": _COUNT,
+    "algorithm.mu": _NON_NEGATIVE,
+    "algorithm.q": _NON_NEGATIVE,
+    "algorithm.lam": _NON_NEGATIVE,
+    "algorithm.alpha": _POSITIVE,
+    "server.optimizer": _one_of(SERVER_OPTIMIZERS),
+    "server.lr": _POSITIVE,
+    "server.momentum": Rule("in [0, 1)", lambda p, v: _v.hyperparameter(
+        p, v, low=0, high=1, high_open=True), True),
+    "privacy.clip": _optional(_POSITIVE),
+    "privacy.noise_multiplier": Rule(">= 0 (0: no noise)", _v.non_negative, True),
+    "privacy.adaptive": _BOOL,
+    "privacy.target_quantile": Rule("in (0, 1)", lambda p, v: _v.hyperparameter(
+        p, v, low=0, high=1, low_open=True, high_open=True), True),
+    "privacy.delta": _optional(Rule("in (0, 1)", lambda p, v: _v.hyperparameter(
+        p, v, low=0, high=1, low_open=True, high_open=True), True)),
+    "sampler.cohort_size": _optional(_COUNT),
+    "sampler.q": _optional(Rule("in (0, 1]", lambda p, v: _v.hyperparameter(
+        p, v, low=0, high=1, low_open=True), True)),
+    "sampler.max_cohort_size": _optional(_COUNT),
+    "run.rounds": _COUNT,
+    "run.eval_every": _COUNT,
+    "run.seed": Rule("an int in [0, 2**32)", _v.seed),
+    "run.out_dir": _TEXT,
+    "run.checkpoint_every": _optional(_COUNT),
+    "run.progress": _BOOL,
+}
 
 
 def _text_hint(value) -> str:
@@ -165,31 +362,6 @@ def _text_hint(value) -> str:
     return (" (YAML reads a number without a dot, like 1e-5, as text: write 1.0e-5; "
             "a number in quotes is text too)")
   return ""
-
-
-def _positive(path: str, value, allow_none=False) -> None:
-  if value is None and allow_none:
-    return
-  if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
-      or not math.isfinite(value)):  # .inf would train to NaN (a learning rate) or never split
-    raise ConfigError(f"{path} must be a positive number; got {value!r}.{_text_hint(value)}")
-
-
-def _positive_int(path: str, value, allow_none=False) -> None:
-  if value is None and allow_none:
-    return
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ConfigError(f"{path} must be a positive integer; got {value!r}.")
-
-
-def _in_range(path: str, value, lo, hi, *, lo_open=True, hi_open=False, allow_none=False):
-  if value is None and allow_none:
-    return
-  ok = (not isinstance(value, bool) and isinstance(value, (int, float))
-        and (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi))
-  if not ok:
-    lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-    raise ConfigError(f"{path} must lie in {lb}{lo}, {hi}{rb}; got {value!r}.{_text_hint(value)}")
 
 
 def _check_data_file(name: str, path: str) -> None:
@@ -216,12 +388,16 @@ def _read_data_file(name: str, path: str, read):
 
 
 def validate(cfg: Config) -> Config:
-  """Checks names, ranges and combinations; raises :class:`ConfigError` naming the key."""
-  _choice("data.name", cfg.data.name, DATASETS)
-  _choice("data.partition", cfg.data.partition, PARTITIONS)
-  _choice("model.name", cfg.model.name, MODELS)
-  _choice("algorithm.name", cfg.algorithm.name, ALGORITHMS)
-  _choice("server.optimizer", cfg.server.optimizer, SERVER_OPTIMIZERS)
+  """Checks every key by its rule (:data:`RULES`), then the combinations; raises
+  :class:`ConfigError` naming the key."""
+  for key, rule in RULES.items():
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    try:
+      rule.check(key, value)
+    except (ValueError, TypeError) as e:
+      hint = _text_hint(value) if rule.numeric else ""
+      raise ConfigError(f"{e}{hint}") from None
   if cfg.data.name in FILE_DATASETS and not cfg.data.path:
     raise ConfigError(f"data.name={cfg.data.name!r} reads a file: set data.path (a TFF h5, "
                       "FedJAX SQLite or TFF SQLite file).")
@@ -229,36 +405,6 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"data.path={cfg.data.path!r} does not exist.")
   if cfg.data.name in FILE_DATASETS:
     _check_data_file(cfg.data.name, cfg.data.path)
-  for path, value, none_ok in [
-      ("data.num_clients", cfg.data.num_clients, False),
-      ("data.shards_per_client", cfg.data.shards_per_client, False),
-      ("data.max_clients", cfg.data.max_clients, True),
-      ("data.seq_len", cfg.data.seq_len, False),
-      ("algorithm.batch_size", cfg.algorithm.batch_size, False),
-      ("algorithm.local_epochs", cfg.algorithm.local_epochs, True),
-      ("algorithm.local_steps", cfg.algorithm.local_steps, True),
-      ("sampler.cohort_size", cfg.sampler.cohort_size, True),
-      ("sampler.max_cohort_size", cfg.sampler.max_cohort_size, True),
-      ("run.rounds", cfg.run.rounds, False),
-      ("run.eval_every", cfg.run.eval_every, False),
-      ("run.checkpoint_every", cfg.run.checkpoint_every, True)]:
-    _positive_int(path, value, none_ok)
-  if isinstance(cfg.run.seed, bool) or not isinstance(cfg.run.seed, int) or cfg.run.seed < 0:
-    raise ConfigError(f"run.seed must be an integer >= 0; got {cfg.run.seed!r}.")
-  _positive("data.alpha", cfg.data.alpha)
-  _positive("algorithm.client_lr", cfg.algorithm.client_lr)
-  _positive("server.lr", cfg.server.lr)
-  _in_range("server.momentum", cfg.server.momentum, 0, 1, lo_open=False, hi_open=True)
-  _positive("privacy.clip", cfg.privacy.clip, allow_none=True)
-  if (isinstance(cfg.privacy.noise_multiplier, bool)
-      or not isinstance(cfg.privacy.noise_multiplier, (int, float))
-      or not cfg.privacy.noise_multiplier >= 0 or not math.isfinite(cfg.privacy.noise_multiplier)):
-    raise ConfigError(f"privacy.noise_multiplier must be a number >= 0 (0: no noise); got "
-                      f"{cfg.privacy.noise_multiplier!r}.{_text_hint(cfg.privacy.noise_multiplier)}")
-  _in_range("privacy.target_quantile", cfg.privacy.target_quantile, 0, 1, hi_open=True)
-  _in_range("sampler.q", cfg.sampler.q, 0, 1, allow_none=True)
-  if not isinstance(cfg.run.out_dir, str) or not cfg.run.out_dir:
-    raise ConfigError(f"run.out_dir must be a directory path; got {cfg.run.out_dir!r}.")
   if (cfg.algorithm.local_epochs is None) == (cfg.algorithm.local_steps is None):
     raise ConfigError("set exactly one of algorithm.local_epochs and algorithm.local_steps "
                       "(set the other to null).")
@@ -267,9 +413,9 @@ def validate(cfg: Config) -> Config:
                       "(Poisson; set cohort_size: null).")
   if cfg.privacy.noise_multiplier and cfg.privacy.clip is None and not cfg.privacy.adaptive:
     raise ConfigError("privacy.noise_multiplier > 0 needs privacy.clip (or adaptive: true).")
-  _in_range("privacy.delta", cfg.privacy.delta, 0, 1, hi_open=True, allow_none=True)
-  if cfg.model.name == "char_lstm" and cfg.data.name != "shakespeare_h5":
-    raise ConfigError("model.name='char_lstm' needs text data (data.name='shakespeare_h5').")
+  if cfg.model.name in _TEXT_MODELS and cfg.data.name != "shakespeare_h5":
+    raise ConfigError(f"model.name={cfg.model.name!r} needs text data "
+                      "(data.name='shakespeare_h5').")
   return cfg
 
 
@@ -280,7 +426,6 @@ def _set(raw: dict, assignment: str) -> None:
     raise ConfigError(f"--set expects section.key=value; got {assignment!r}.")
   path, value = assignment.split("=", 1)
   keys = path.strip().split(".")
-  node = raw
   fields = {f.name: _NESTED.get((Config, f.name)) for f in dataclasses.fields(Config)}
   if keys[0] not in fields:
     raise ConfigError(f"--set {path}: unknown section {keys[0]!r}.{_suggest(keys[0], fields)}")
@@ -290,9 +435,38 @@ def _set(raw: dict, assignment: str) -> None:
   if keys[1] not in section_fields:
     raise ConfigError(f"--set {path}: unknown key {keys[1]!r} in {keys[0]!r}."
                       f"{_suggest(keys[1], section_fields)}")
+  if not isinstance(raw.get(keys[0]) or {}, dict):
+    raise ConfigError(f"{keys[0]} must be a mapping; got {raw[keys[0]]!r}.")
   node = raw.setdefault(keys[0], {}) or {}
   raw[keys[0]] = node
-  node[keys[1]] = yaml.safe_load(value)
+  try:
+    node[keys[1]] = yaml.load(value, Loader=_loader())
+  except yaml.YAMLError as e:
+    raise ConfigError(f"--set {path}: the value {value!r} is not valid YAML "
+                      f"({' '.join(str(e).split())}).") from None
+
+
+def _loader():
+  """A YAML SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+  import yaml
+
+  class Loader(yaml.SafeLoader):
+    pass
+
+  def mapping(loader, node, deep=False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+      key = loader.construct_object(key_node, deep=deep)
+      line = key_node.start_mark.line + 1
+      if key in seen:
+        raise ConfigError(
+            f"duplicate key {key!r} at line {line} (first at line {seen[key]}): YAML would keep "
+            "only the last value. Merge the two into one mapping.")
+      seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+  Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+  return Loader
 
 
 def load(path: str, overrides: list[str] = ()) -> Config:
@@ -303,11 +477,13 @@ def load(path: str, overrides: list[str] = ()) -> Config:
     raise ConfigError(f"config file {path!r} not found.")
   try:
     with open(path) as f:
-      raw = yaml.safe_load(f) or {}
+      raw = yaml.load(f, Loader=_loader()) or {}
   except yaml.MarkedYAMLError as e:
     mark = e.problem_mark
     where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
     raise ConfigError(f"{path}: YAML syntax error at {where}: {e.problem}.") from None
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None
   for assignment in overrides:
     _set(raw, assignment)
   return validate(_build(Config, raw, ""))
@@ -317,47 +493,22 @@ def load(path: str, overrides: list[str] = ()) -> Config:
 
 
 def build(cfg: Config):
-  """Turns a config into ``(simulation, params, eval_fn, loss_fn)`` with the Python API."""
+  """Turns a config into ``(simulation, params, eval_fn, loss_fn)`` with the Python API, each
+  name resolved through its registry."""
   import flax.linen as nn
   import jax
   import optax
 
   import fedjax_sim as fs
 
-  d = cfg.data
-  test = None
-  if d.name in ("digits", "iris", "wine", "breast_cancer"):
-    alpha = None if d.partition == "iid" else d.alpha
-    pop, test = fs.datasets.sklearn_dataset(d.name, d.num_clients, alpha=alpha, seed=cfg.run.seed)
-  elif d.name == "leaf_synthetic":
-    pop = fs.datasets.leaf_synthetic(d.alpha, d.alpha, num_clients=d.num_clients,
-                                     seed=cfg.run.seed)
-  elif d.name == "emnist_h5":
-    pop = _read_data_file(d.name, d.path,
-                          lambda: fs.datasets.emnist(d.path, max_clients=d.max_clients))
-  else:
-    pop = _read_data_file(d.name, d.path, lambda: fs.datasets.shakespeare(
-        d.path, seq_len=d.seq_len, max_clients=d.max_clients))
-  if d.partition == "shards" and test is not None:
-    x, y = np.asarray(pop.features["x"]), np.asarray(pop.features["y"])
-    ids = fs.partition.shards(y, d.num_clients, d.shards_per_client, seed=cfg.run.seed)
-    pop = fs.Population.from_arrays({"x": x, "y": y}, ids, num_clients=d.num_clients)
+  d, m, a, p, sm = cfg.data, cfg.model, cfg.algorithm, cfg.privacy, cfg.sampler
+  pop, test = DATASETS[d.name](cfg)
+  pop = PARTITIONS[d.partition](cfg, pop, test)
   labels = np.asarray(pop.features["y"])
   num_classes = int(labels.max()) + 1
-  m = cfg.model
-  module: nn.Module
-  if m.name == "logistic":
-    module = fs.zoo.LogisticRegression(num_classes)
-  elif m.name == "mlp":
-    module = fs.zoo.MLP(num_classes, tuple(m.hidden))
-  elif m.name == "emnist_cnn":
-    module = fs.zoo.EmnistCNN(num_classes)
-  elif m.name == "cifar_cnn":
-    module = fs.zoo.CifarCNN(num_classes)
-  else:
-    module = fs.zoo.CharLSTM(fs.datasets.SHAKESPEARE_VOCAB_SIZE, hidden=m.hidden[0])
+  module: nn.Module = MODELS[m.name](m, num_classes)
   x0 = np.asarray(pop.features["x"][:1])
-  if m.name in ("emnist_cnn", "cifar_cnn") and x0.ndim < 3:
+  if m.name in _IMAGE_MODELS and x0.ndim < 3:
     raise ConfigError(
         f"model.name={m.name!r} is a convolutional model for images; data.name={d.name!r} has "
         f"flat feature vectors (shape {x0.shape[1:]}). Use model.name='mlp' or 'logistic', or "
@@ -368,19 +519,11 @@ def build(cfg: Config):
     raise ConfigError(f"model.name={m.name!r} does not fit the features of data.name="
                       f"{d.name!r} (shape {x0.shape[1:]}): {type(e).__name__}: "
                       f"{' '.join(str(e).split())[:300]}") from None
-  make_loss = fs.models.sequence_loss if m.name == "char_lstm" else fs.models.classifier_loss
+  make_loss = fs.models.sequence_loss if m.name in _TEXT_MODELS else fs.models.classifier_loss
   loss_fn = make_loss(fs.models.linen_apply(module, train=True))
   eval_loss = make_loss(fs.models.linen_apply(module))
 
-  s = cfg.server
-  server = {
-      "sgd": lambda: optax.sgd(s.lr),
-      "momentum": lambda: optax.sgd(s.lr, s.momentum),
-      "adam": lambda: fs.algorithms.fedadam(s.lr),
-      "yogi": lambda: fs.algorithms.fedyogi(s.lr),
-      "adagrad": lambda: fs.algorithms.fedadagrad(s.lr),
-  }[s.optimizer]()
-  p = cfg.privacy
+  server = SERVER_OPTIMIZERS[cfg.server.optimizer](cfg.server)
   if p.adaptive:
     aggregator = fs.aggregators.adaptive_dp_mean(p.noise_multiplier,
                                                  target_quantile=p.target_quantile)
@@ -388,33 +531,11 @@ def build(cfg: Config):
     aggregator = fs.aggregators.dp_mean(p.clip, p.noise_multiplier)
   else:
     aggregator = None
-  a = cfg.algorithm
+  if aggregator is not None and a.name not in _DP_ALGORITHMS:
+    raise ConfigError(f"algorithm.name={a.name!r} cannot run with privacy settings: it sends "
+                      "values that bypass the DP aggregator. Use fedavg, fedprox or ditto.")
   work = dict(batch_size=a.batch_size, local_epochs=a.local_epochs, local_steps=a.local_steps)
-  opt = optax.sgd(a.client_lr)
-  if a.name == "fedavg":
-    algo = fs.algorithms.fedavg(loss_fn, client_optimizer=opt, server_optimizer=server,
-                                aggregator=aggregator, **work)
-  elif a.name == "fedprox":
-    algo = fs.algorithms.fedprox(loss_fn, mu=a.mu, client_optimizer=opt,
-                                 server_optimizer=server, aggregator=aggregator, **work)
-  elif a.name == "ditto":
-    algo = fs.algorithms.ditto(loss_fn, lam=a.lam, client_optimizer=opt,
-                               server_optimizer=server, aggregator=aggregator, **work)
-  else:
-    if aggregator is not None:
-      raise ConfigError(f"algorithm.name={a.name!r} cannot run with privacy settings: it sends "
-                        "values that bypass the DP aggregator. Use fedavg, fedprox or ditto.")
-    if a.name == "scaffold":
-      algo = fs.algorithms.scaffold(loss_fn, client_learning_rate=a.client_lr,
-                                    server_optimizer=server, **work)
-    elif a.name == "fednova":
-      algo = fs.algorithms.fednova(loss_fn, client_learning_rate=a.client_lr,
-                                   server_optimizer=server, **work)
-    elif a.name == "feddyn":
-      algo = fs.algorithms.feddyn(loss_fn, alpha=a.alpha, client_optimizer=opt, **work)
-    else:
-      algo = fs.algorithms.qffl(loss_fn, q=a.q, client_learning_rate=a.client_lr, **work)
-  sm = cfg.sampler
+  algo = ALGORITHMS[a.name](a, loss_fn, optax.sgd(a.client_lr), server, aggregator, work)
   if sm.cohort_size is not None and sm.cohort_size > pop.num_clients:
     raise ConfigError(
         f"sampler.cohort_size={sm.cohort_size} exceeds the {pop.num_clients} clients of the "

@@ -273,8 +273,35 @@ def load_pretrained(init_params: Params, pretrained: Params | str | os.PathLike,
 
 
 def _read_weights(path: str) -> Params:
+  """The params pytree in ``path``; a missing, unreadable, truncated or corrupt file, or one
+  that holds something other than a dict of arrays, is a ValueError naming the file."""
   if not os.path.exists(path):
     raise ValueError(f"load_pretrained: no file at {path!r}.")
+  if os.path.isdir(path):
+    raise ValueError(f"load_pretrained: {path!r} is a directory; pass the .msgpack or "
+                     ".safetensors file of the weights (an orbax checkpoint directory: restore "
+                     "it with orbax and pass the params pytree).")
+  if path.endswith(".safetensors"):
+    try:
+      import safetensors  # noqa: F401
+    except ImportError:
+      return _read_weights_file(path)  # its message: the optional package to install
+  try:
+    tree = _read_weights_file(path)
+  except Exception as e:  # noqa: BLE001 - msgpack / safetensors / OS errors, with the file named
+    raise ValueError(
+        f"load_pretrained: {path!r} cannot be read as "
+        f"{'safetensors' if path.endswith('.safetensors') else 'flax msgpack'} weights; the file "
+        f"is truncated or corrupt ({type(e).__name__}: {e}). Write it with "
+        "flax.serialization.msgpack_serialize(params) (or safetensors' save_file).") from None
+  if not isinstance(tree, dict) or not tree:
+    raise ValueError(
+        f"load_pretrained: {path!r} holds {type(tree).__name__} {tree!r:.60}, not a dict of "
+        "params; write it with flax.serialization.msgpack_serialize(params).")
+  return tree
+
+
+def _read_weights_file(path: str) -> Params:
   if path.endswith(".safetensors"):
     try:
       from safetensors.numpy import load_file

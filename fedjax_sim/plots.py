@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -165,15 +166,19 @@ def plot_run(run_dir: str, *, delta: float | None = None) -> list[str]:
   from fedjax_sim.runs.log import read_log
 
   metrics = read_log(run_dir)
+  if not metrics.get("round", np.zeros(0)).size:
+    raise ValueError(f"{os.path.join(run_dir, 'metrics.jsonl')} holds no rounds (empty, or its "
+                     "only row was cut short); nothing to plot yet.")
   if delta is None:
     for name in ("summary.json", "config.json"):
       p = os.path.join(run_dir, name)
-      if os.path.exists(p):
+      recorded = None
+      with contextlib.suppress(OSError, ValueError, AttributeError):  # absent or torn
         with open(p) as f:
           recorded = json.load(f).get("delta")
-        if recorded is not None:
-          delta = float(recorded)
-          break
+      if recorded is not None:
+        delta = float(recorded)
+        break
   paths = [learning_curves(metrics, os.path.join(run_dir, "learning_curves.png"),
                            os.path.basename(os.path.normpath(run_dir)), delta=delta)]
   return paths

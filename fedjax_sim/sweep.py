@@ -18,6 +18,7 @@ Integer-valued sweeps are refused for that reason.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim import core, programs
+from fedjax_sim import nonfinite as _nf
 from fedjax_sim import sharding as _sharding
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data.population import Population
@@ -99,6 +101,7 @@ def sweep(
     seeds: Sequence[int],
     num_rounds: int,
     hyperparameters: Mapping[str, Any] | None = None,
+    on_nonfinite: str = "raise",
     **simulation_kwargs,
 ) -> tuple[ServerState, dict[str, np.ndarray]]:
   """Runs ``len(seeds)`` simulations in ONE compiled program (vmapped over simulations).
@@ -118,6 +121,14 @@ def sweep(
     num_rounds: rounds per simulation.
     hyperparameters: ``{name: values}``, each a 1-D float array of length S, passed to
       ``build`` by name. Default: none (a sweep over seeds only).
+    on_nonfinite: a lane whose round goes non-finite (:mod:`fedjax_sim.nonfinite`) follows
+      :meth:`Simulation.run`'s policy, lane by lane: ``"raise"`` (default) stops that lane at
+      its first non-finite round (it keeps its last finite state; its later rounds' metrics
+      are NaN; the other lanes run to the end) and then raises
+      :class:`~fedjax_sim.nonfinite.NonFiniteError` naming each such lane (index, seed and
+      hyper-parameter values), its ``state`` / ``metrics`` holding every lane's;
+      ``"warn"`` skips such rounds (the lane keeps its state) and warns naming the lanes;
+      ``"ignore"`` skips them silently (``metrics["nonfinite"]`` marks them).
     **simulation_kwargs: the rest of :class:`Simulation`'s arguments (``cohort_size``,
       ``sampler``, ``chunk_size``, ``system``, ...), shared by every lane. ``mesh=`` splits
       the *simulations* along the mesh's ``clients`` axis (S must be a multiple of its size;
@@ -149,7 +160,8 @@ def sweep(
     ((3, 3, 2), (3, 5))
   """
   run = compile_sweep(build, population, params, seeds=seeds, num_rounds=num_rounds,
-                      hyperparameters=hyperparameters, **simulation_kwargs)
+                      hyperparameters=hyperparameters, on_nonfinite=on_nonfinite,
+                      **simulation_kwargs)
   return run()
 
 
@@ -161,6 +173,7 @@ def compile_sweep(
     seeds: Sequence[int],
     num_rounds: int,
     hyperparameters: Mapping[str, Any] | None = None,
+    on_nonfinite: str = "raise",
     **simulation_kwargs,
 ) -> CompiledSweep:
   """Builds :func:`sweep`'s program; ``run()`` executes it (compiled on the first call).
@@ -173,6 +186,7 @@ def compile_sweep(
   """
   if not callable(build):
     raise TypeError("build must be callable as build(**hyper_parameters) -> fs.Algorithm.")
+  _nf.check_policy(on_nonfinite)
   if simulation_kwargs.get("population_on", "device") != "device":
     raise ValueError(
         f"fs.sweep keeps the population on the device; population_on="
@@ -217,7 +231,8 @@ def compile_sweep(
   def lane(seed, values, population):
     plan = dataclasses.replace(plan0, algorithm=build(**values))  # traced hyper-parameters
     state = core.initial_state(plan, params, jax.random.key(seed))
-    return jax.lax.scan(lambda s, _: core.round_step(plan, s, population), state, None,
+    halt = jnp.bool_(on_nonfinite == "raise")  # the lane stops at its first non-finite round
+    return jax.lax.scan(lambda s, _: core.round_step(plan, s, population, halt), state, None,
                         length=num_rounds)
 
   vmapped = jax.vmap(lane, in_axes=(0, 0, None))
@@ -240,7 +255,9 @@ def compile_sweep(
     first = str(e).splitlines()[0]
     raise _shape_error(culprit, f"build() or the algorithm uses it as a Python value ({first})") \
         from None
-  return CompiledSweep(program, (seeds_dev, values_dev, pop))
+  names = [", ".join([f"seed={int(seeds_arr[i])}"] + [f"{k}={v:g}" for k, v in lanes[i].items()])
+           for i in range(num_sims)]
+  return CompiledSweep(program, (seeds_dev, values_dev, pop), on_nonfinite, names)
 
 
 class CompiledSweep:
@@ -251,8 +268,10 @@ class CompiledSweep:
       simulations (lanes) and hyper-parameter values the sweep holds.
   """
 
-  def __init__(self, program: programs.Program, args: tuple):
+  def __init__(self, program: programs.Program, args: tuple, on_nonfinite: str = "raise",
+               lane_names: Sequence[str] = ()):
     self._program, self._args = program, args
+    self._policy, self._names = on_nonfinite, list(lane_names)
 
   @property
   def num_compiles(self) -> int:
@@ -260,7 +279,37 @@ class CompiledSweep:
 
   def __call__(self) -> tuple[ServerState, dict[str, np.ndarray]]:
     states, metrics = self._program(*self._args)
-    return states, {k: np.asarray(v) for k, v in _sharding.fetch(metrics).items()}
+    metrics = {k: np.asarray(v) for k, v in _sharding.fetch(metrics).items()}
+    self._apply_policy(states, metrics)
+    return states, metrics
+
+  def _apply_policy(self, states, metrics: dict[str, np.ndarray]) -> None:
+    """``on_nonfinite`` lane by lane, as :meth:`Simulation.run` applies it to one run."""
+    col = metrics.get(_nf.NONFINITE)
+    if col is None or self._policy == "ignore" or not np.any(col > 0):
+      return
+    bad = [(i, int(np.flatnonzero(col[i] > 0)[0])) for i in range(col.shape[0])
+           if np.any(col[i] > 0)]
+    lines = []
+    for i, r in bad:
+      name = self._names[i] if i < len(self._names) else ""
+      why = _nf.describe(r + 1, {k: float(v[i, r]) for k, v in metrics.items()})
+      lines.append(f"simulation {i} ({name}): {why}")
+    if self._policy == "warn":
+      warnings.warn(f"{len(bad)} of {col.shape[0]} swept simulation(s) had non-finite rounds, "
+                    f"skipped (the lane kept its state): {'; '.join(lines)}.", RuntimeWarning,
+                    stacklevel=3)
+      return
+    for k, v in metrics.items():  # a halted lane repeated its failing round: not rounds
+      if np.issubdtype(v.dtype, np.floating):
+        metrics[k] = v = v.copy()
+        for i, r in bad:
+          v[i, r + 1:] = np.nan
+    raise _nf.NonFiniteError(
+        f"{len(bad)} of {col.shape[0]} swept simulation(s) went non-finite and stopped at "
+        f"their last finite state (the others ran to the end): {'; '.join(lines)}. Lower "
+        "their learning rates or clip, or pass on_nonfinite='warn' to skip such rounds.",
+        round=bad[0][1] + 1, state=states, metrics=metrics)
 
 
 def _find_static(lane, seed, lane0: dict[str, float], hps: dict[str, np.ndarray]) -> str:

@@ -39,18 +39,18 @@ def one_line_error(capsys, argv, *needles):
 
 
 RUN_ERRORS = [
-    ("privacy.noise_multiplier=-1", "privacy.noise_multiplier must be a number >= 0"),
-    ("privacy.clip=-1", "privacy.clip must be a positive number; got -1"),
+    ("privacy.noise_multiplier=-1", "privacy.noise_multiplier must be >= 0"),
+    ("privacy.clip=-1", "privacy.clip must be > 0 (a finite number); got -1"),
     ("model.name=emnist_cnn", "model.name='emnist_cnn' is a convolutional model"),
     ("sampler.cohort_size=50", "sampler.cohort_size=50 exceeds the 30 clients"),
-    ("algorithm.batch_size=2.5", "algorithm.batch_size must be a positive integer; got 2.5"),
-    ("run.seed=-1", "run.seed must be an integer >= 0"),
-    ("run.checkpoint_every=0", "run.checkpoint_every must be a positive integer"),
-    ("privacy.delta=1e-5", "privacy.delta must lie in (0, 1); got '1e-5'"),
+    ("algorithm.batch_size=2.5", "algorithm.batch_size must be a positive int; got 2.5"),
+    ("run.seed=-1", "run.seed must be an int in [0, 2**32); got -1"),
+    ("run.checkpoint_every=0", "run.checkpoint_every must be a positive int"),
+    ("privacy.delta=1e-5", "privacy.delta must lie in (0, 1); got the string '1e-5'"),
     ("algorithm.client_lr='0.1'", "write 1.0e-5"),
     ("privacy.target_quantile=1.5", "privacy.target_quantile must lie in (0, 1)"),
     ("server.momentum=1.5", "server.momentum must lie in [0, 1)"),
-    ("run.rounds=true", "run.rounds must be a positive integer; got True"),
+    ("run.rounds=true", "run.rounds must be a positive int; got True"),
 ]
 
 
@@ -169,7 +169,7 @@ def test_resume_with_other_hyper_parameters_is_refused(finished, capsys):
   tmp_path, path = finished
   before = (tmp_path / "run" / "metrics.jsonl").read_text()
   one_line_error(capsys, ["run", path, "--resume", "--set", "algorithm.client_lr=0.05"],
-                 "comes from another configuration (algorithm_digest")
+                 "was started with other settings (algorithm.client_lr: 0.1 -> 0.05)")
   assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 
 
@@ -200,8 +200,8 @@ def test_config_with_a_string_number_names_the_fix(tmp_path, capsys):
   path = tmp_path / "c.yaml"
   path.write_text(textwrap.dedent(CONFIG.replace("OUT", str(tmp_path / "r")).replace(
       "delta: 1.0e-5", "delta: 1e-5")))
-  one_line_error(capsys, ["run", str(path)], "privacy.delta must lie in (0, 1); got '1e-5'",
-                 "write 1.0e-5")
+  one_line_error(capsys, ["run", str(path)],
+                 "privacy.delta must lie in (0, 1); got the string '1e-5'", "write 1.0e-5")
 
 
 def test_diverged_training_is_one_line_and_exit_1(tmp_path, capsys):

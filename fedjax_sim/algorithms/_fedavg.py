@@ -14,7 +14,7 @@ from fedjax_sim import _validation as _v
 from fedjax_sim import partition_views as _views
 from fedjax_sim.aggregators import Process, as_process, weighted_mean
 from fedjax_sim.algorithms._base import Algorithm, check_loss, check_optimizer
-from fedjax_sim.client import make_client_update, make_shared_mix, proximal
+from fedjax_sim.client import make_client_update, make_shared_mix, proximal, shared_loss
 from fedjax_sim.types import LossFn
 
 
@@ -174,8 +174,8 @@ def _local_sgd_algorithm(
         local_steps=local_steps, regularizer=regularizer, shared=shared,
     )
     return Algorithm(
-        client_update, process, server_optimizer, None, name, loss_fn, client_optimizer,
-        batch_size,
+        client_update, process, server_optimizer, None, name, shared_loss(loss_fn, shared),
+        client_optimizer, batch_size,
     )
 
   return _views.partitioned(build, loss_fn, trainable)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from fedjax_sim import _validation
 from fedjax_sim.data import partition as _partition
 from fedjax_sim.data import sqlite as _sqlite
 from fedjax_sim.data.population import Population
@@ -63,6 +64,10 @@ def read_h5(
       )
     group = f["examples"]
     names = sorted(group.keys()) if client_names is None else [str(c) for c in client_names]
+    if len(set(names)) < len(names):
+      repeated = sorted({n for n in names if names.count(n) > 1})
+      raise ValueError(f"{path}: client_names list {repeated} more than once; a client read "
+                       "twice would be sampled and weighted twice. Pass each client once.")
     if max_clients is not None:
       names = names[: int(max_clients)]
     if not names:
@@ -102,13 +107,14 @@ def read_federated(
     client_names: read only these clients (in this order).
     max_clients: read at most this many clients.
     split: the split of a TFF SQLite file (``"train"`` / ``"test"``); h5 and FedJAX files hold
-      one split per file.
+      one split per file, so any split other than the default ``"train"`` is refused for them.
 
   Returns:
     ``(features, client_index, names)`` as :func:`read_h5`.
   """
   path = os.path.expanduser(os.fspath(path))
   if _sqlite.detect_format(path) == "h5":
+    _sqlite.check_split(path, "h5", split)
     return read_h5(path, features, client_names=client_names, max_clients=max_clients)
   return _sqlite.read_sqlite(path, features, client_names=client_names,
                              max_clients=max_clients, split=split)
@@ -204,9 +210,23 @@ def decode_text(ids) -> str:
   return "".join(inv.get(int(i), "") for i in ids)
 
 
+def _decode(s, path: str, client, feature: str) -> str:
+  """A text feature's value as ``str``; invalid UTF-8 names the file, client and feature."""
+  if not isinstance(s, bytes):
+    return str(s)
+  try:
+    return s.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise _sqlite.FederatedFileError(
+        f"{path}: client {client!r}: feature {feature!r} holds bytes that are not valid UTF-8 "
+        f"({e.reason} at byte {e.start} of {s[:40]!r}); the file is corrupt or not in the "
+        "dataset's encoding.") from None
+
+
 def text_population(client_texts: Sequence[Sequence[str]], seq_len: int = 80,
                     names: Sequence[str] | None = None) -> Population:
   """Population for next-character prediction from each client's list of text snippets."""
+  seq_len = _validation.positive_int("seq_len", seq_len)
   xs, ys, index = [], [], []
   for c, snippets in enumerate(client_texts):
     for s in snippets:
@@ -251,10 +271,11 @@ def shakespeare(path: str, *, seq_len: int = 80, **kwargs) -> Population:
   Next-character prediction: ``x``, ``y`` int32 ``[n, seq_len]`` with the character vocabulary
   above (``SHAKESPEARE_VOCAB_SIZE`` ids, PAD = 0).
   """
+  seq_len = _validation.positive_int("seq_len", seq_len)
   arrays, index, names = read_federated(path, ["snippets"], **kwargs)
   texts: list[list[str]] = [[] for _ in names]
   for s, c in zip(arrays["snippets"], index, strict=True):
-    texts[c].append(s.decode("utf-8") if isinstance(s, bytes) else str(s))
+    texts[c].append(_decode(s, path, names[c], "snippets"))
   return text_population(texts, seq_len, names)
 
 
@@ -281,23 +302,23 @@ def stackoverflow(
   from collections import Counter
 
   arrays, index, names = read_federated(path, ["tokens", "tags"], **kwargs)
+  arrays = {k: [_decode(s, path, names[c], k) for s, c in zip(arrays[k], index, strict=True)]
+            for k in ("tokens", "tags")}
   if vocab is None:
     counts = Counter(w for s in arrays["tokens"] for w in _split_words(s))
     vocab = [w for w, _ in counts.most_common(vocab_size)]
   if tags is None:
-    counts = Counter(
-        t for s in arrays["tags"]
-        for t in (s.decode() if isinstance(s, bytes) else str(s)).split("|") if t)
+    counts = Counter(t for s in arrays["tags"] for t in s.split("|") if t)
     tags = [t for t, _ in counts.most_common(num_tags)]
   word_id = {w: i + 2 for i, w in enumerate(vocab)}
   tag_id = {t: i for i, t in enumerate(tags)}
-  n = arrays["tokens"].shape[0]
+  n = len(arrays["tokens"])
   x = np.zeros((n, max_tokens), np.int32)
   y = np.zeros((n, len(tags)), np.float32)
   for i, (tok, tg) in enumerate(zip(arrays["tokens"], arrays["tags"], strict=True)):
     ids = [word_id.get(w, 1) for w in _split_words(tok)][:max_tokens]
     x[i, : len(ids)] = ids
-    for t in (tg.decode() if isinstance(tg, bytes) else str(tg)).split("|"):
+    for t in tg.split("|"):
       if t in tag_id:
         y[i, tag_id[t]] = 1.0
   return _population({"x": x, "y": y}, index, names), list(vocab), list(tags)

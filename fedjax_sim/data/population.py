@@ -15,13 +15,13 @@ _INT32 = np.iinfo(np.int32)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _to_device_dtype(name: str, a: np.ndarray) -> np.ndarray:
+def _to_device_dtype(name: str, a: np.ndarray, what: str = "features") -> np.ndarray:
   """float64 -> float32 and 64-bit ints -> int32, refusing values that would not survive."""
   if a.dtype == np.float64:
     finite = a[np.isfinite(a)]
     if finite.size and float(np.max(np.abs(finite))) > _FLOAT32_MAX:
       raise ValueError(
-          f"features[{name!r}] has float64 values up to {float(np.max(np.abs(finite))):.3g}, "
+          f"{what}[{name!r}] has float64 values up to {float(np.max(np.abs(finite))):.3g}, "
           f"beyond float32's largest ({_FLOAT32_MAX:.3g}); features are stored as float32, so "
           "rescale them (e.g. standardize or take a log) first."
       )
@@ -29,44 +29,48 @@ def _to_device_dtype(name: str, a: np.ndarray) -> np.ndarray:
   if a.dtype in (np.int64, np.uint64):
     if a.size and (int(a.min()) < _INT32.min or int(a.max()) > _INT32.max):
       raise ValueError(
-          f"features[{name!r}] ({a.dtype}) has values in [{int(a.min())}, {int(a.max())}], "
+          f"{what}[{name!r}] ({a.dtype}) has values in [{int(a.min())}, {int(a.max())}], "
           f"outside int32 [{_INT32.min}, {_INT32.max}]; features are stored as int32 and would "
           "wrap. Remap them (e.g. labels with np.unique(y, return_inverse=True)[1])."
       )
     return a.astype(np.int32)
   if a.dtype == object:
-    raise TypeError(f"features[{name!r}] has dtype object; pass a numeric NumPy array.")
+    raise TypeError(f"{what}[{name!r}] has dtype object; pass a numeric NumPy array.")
   return a
 
 
-def _check_features(features: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def _check_features(features: Mapping[str, Any], what: str = "features") -> dict[str, np.ndarray]:
+  """The Population's feature checks; ``what`` names the argument in the messages."""
   if not isinstance(features, Mapping) or not features:
     raise ValueError(
-        "features must be a non-empty dict mapping feature names to arrays, e.g. {'x': x, 'y': y}."
+        f"{what} must be a non-empty dict mapping feature names to arrays, e.g. "
+        "{'x': x, 'y': y}."
     )
   out = {}
   length = None
   for name, value in features.items():
     if not isinstance(name, str):
-      raise TypeError(f"feature names must be strings; got {name!r}.")
+      raise TypeError(f"{what}: feature names must be strings; got {name!r}.")
     if name == MASK_KEY:
-      raise ValueError(f"feature name {MASK_KEY!r} is reserved for the example mask; rename it.")
+      raise ValueError(
+          f"{what}: feature name {MASK_KEY!r} is reserved for the example mask; rename it.")
     a = np.asarray(value)
     if a.ndim == 0:
-      raise ValueError(f"features[{name!r}] is a scalar; it needs a leading examples dimension.")
-    a = _to_device_dtype(name, a)
+      raise ValueError(f"{what}[{name!r}] is a scalar; it needs a leading examples dimension.")
+    a = _to_device_dtype(name, a, what)
     if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
       bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
       raise ValueError(
-          f"features[{name!r}] has {bad} non-finite values (NaN or Inf); clean or impute them "
-          "before building the Population."
+          f"{what}[{name!r}] has {bad} non-finite values (NaN or Inf); clean or impute them "
+          "first."
       )
     if length is None:
       length = a.shape[0]
     elif a.shape[0] != length:
       lengths = {k: np.shape(v)[0] for k, v in features.items()}
       raise ValueError(
-          f"all features must have the same number of examples (leading dimension); got {lengths}."
+          f"{what}: all features must have the same number of examples (leading dimension); "
+          f"got {lengths}."
       )
     out[name] = a
   return out

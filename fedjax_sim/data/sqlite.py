@@ -370,6 +370,26 @@ class _Reader:
   def _key(self, client_id):
     raise NotImplementedError
 
+  def _add_client(self, client_id, num_examples, table: str) -> None:
+    """Records one metadata row; refuses a NULL id, a count that is not an int >= 0, and a
+    client listed twice (a table without its primary key): reading one of its rows and
+    dropping the other would be silent."""
+    if client_id is None:
+      raise FederatedFileError(f"{self.path}: a row of {table} has client_id NULL; the file is "
+                               "corrupt.")
+    if isinstance(client_id, memoryview):
+      client_id = bytes(client_id)
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
+      raise FederatedFileError(
+          f"{self.path}: client {client_id!r} has num_examples={num_examples!r} in {table}, "
+          "not an integer >= 0; the file is corrupt or was not written by FedJAX / TFF.")
+    if client_id in self._sizes:
+      raise FederatedFileError(
+          f"{self.path}: client {client_id!r} is listed more than once in {table} (the table "
+          "lacks its primary key); its rows cannot be told apart. Rebuild the file with each "
+          "client once.")
+    self._sizes[client_id] = num_examples
+
   def _check(self, client_id, examples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if not isinstance(examples, dict) or not examples:
       raise FederatedFileError(
@@ -410,6 +430,12 @@ class _Reader:
       raise TypeError(f"client_ids must be a sequence of client ids (e.g. [{client_ids!r}]), "
                       f"not one id: a string would be read as one id per character.")
     ids = self.client_ids() if client_ids is None else [self._key(c) for c in client_ids]
+    repeated = sorted({repr(c) for c in ids if ids.count(c) > 1}) if len(set(ids)) < len(ids) \
+        else []
+    if repeated:
+      raise ValueError(
+          f"{self.path}: client_ids list {', '.join(repeated)} more than once; a client read "
+          "twice would be sampled and weighted twice. Pass each client once.")
     max_clients = _validation.positive_int("max_clients", max_clients, allow_none=True)
     if max_clients is not None:
       ids = ids[:max_clients]
@@ -434,7 +460,7 @@ class FedjaxSQLite(_Reader):
     super().__init__(path)
     rows = self._query("SELECT client_id, num_examples FROM federated_data ORDER BY rowid")
     for cid, n in rows:
-      self._sizes[bytes(cid) if isinstance(cid, (bytes, memoryview)) else cid] = int(n)
+      self._add_client(cid, n, "federated_data")
 
   def _key(self, client_id):
     if isinstance(client_id, str) and client_id not in self._sizes:
@@ -479,7 +505,7 @@ class TFFSQLite(_Reader):
       splits = [r[0] for r in self._query("SELECT DISTINCT split_name FROM client_metadata")]
       raise FederatedFileError(f"{self.path} has no split {split!r}; its splits are {splits}.")
     for cid, n in rows:
-      self._sizes[cid] = int(n)
+      self._add_client(cid, n, f"client_metadata (split {split!r})")
 
   def _key(self, client_id):
     return client_id.decode() if isinstance(client_id, bytes) else client_id
@@ -541,17 +567,31 @@ class TFFSQLite(_Reader):
     return ids, [read.get(c, empty) for c in ids]
 
 
+def check_split(path: str, fmt: str, split: str) -> None:
+  """Refuses a ``split`` other than the default ``"train"`` for a file that holds one split
+  (FedJAX SQLite, TFF h5): reading the file's only split under another name would be silent.
+  """
+  if fmt != "tff_sqlite" and split != "train":
+    kind = {"fedjax_sqlite": "FedJAX SQLite", "h5": "TFF h5"}.get(fmt, fmt)
+    raise ValueError(
+        f"split={split!r} selects a split of a TFF SQLite file, which holds both; {path} is a "
+        f"{kind} file, which holds one split (its file name says which, e.g. "
+        "federated_emnist_test.sqlite). Open the file of that split and drop split=.")
+
+
 def open_federated(path: str, split: str = "train") -> FedjaxSQLite | TFFSQLite:
   """Opens a FedJAX or TFF SQLite federated dataset for lazy per-client reads.
 
   Args:
     path: the ``.sqlite`` file.
-    split: the TFF split (``"train"`` / ``"test"``); FedJAX files hold one split per file.
+    split: the TFF split (``"train"`` / ``"test"``); FedJAX files hold one split per file, so
+      any split other than the default ``"train"`` is refused for them (a ValueError).
 
   Returns:
     A :class:`FedjaxSQLite` or :class:`TFFSQLite` reader (close it, or use ``with``).
   """
   fmt = detect_format(path)
+  check_split(path, fmt, split)
   if fmt == "fedjax_sqlite":
     return FedjaxSQLite(path)
   if fmt == "tff_sqlite":
