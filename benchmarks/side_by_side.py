@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks.workloads import WORKLOADS
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEERS_DIR = os.path.join(HERE, "peers")
@@ -118,9 +120,7 @@ def peer_models(args, peer: Peer) -> tuple[str, ...]:
 def peer_argv(args, peer: Peer, model: str, cohort: int, num_clients: int,
               extra: tuple[str, ...]) -> list[str]:
   """The command line of one peer run (each script's own flag spelling)."""
-  from benchmarks import run
-
-  batch = str(run.WORKLOADS[model].batch_size)
+  batch = str(WORKLOADS[model].batch_size)
   common = [venv_python(args, peer.name), script_path(args, peer)]
   if peer.name == "pfl":  # dash-style flags; --model only where the script has one
     argv = common + ["--cohort", str(cohort), "--num-clients", str(num_clients),
@@ -260,8 +260,6 @@ def markdown(summaries: list[dict]) -> str:
 
 def main(args) -> int:
   """Runs the interleaved comparison described in the module docstring; the exit status."""
-  from benchmarks import run
-
   machine = args.machine or f"cpu-{os.cpu_count()}core"
   out = args.out or os.path.join(HERE, "results", machine, "peers.jsonl")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -287,7 +285,7 @@ def main(args) -> int:
     except PeerError as e:
       usable[p.name] = str(e)
   for model in args.workloads:
-    w = run.WORKLOADS[model]
+    w = WORKLOADS[model]
     for cohort in args.cohorts or w.default_cohorts:
       num_clients = args.num_clients or w.num_clients
       ours_params = None

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import gpu_suite, run
+from benchmarks import gpu_suite, run, workloads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,16 +31,18 @@ def _num_params(module, shape):
 def test_cifar_is_pfl_simple_cnn_and_cifar_small_is_zoo_cifarcnn():
   # pfl-research benchmarks/model/pytorch/cnn.py simple_cnn on 32x32x3, 10 classes: 896 + 18,496
   # (convs) + 12,544 * 128 + 128 + 128 * 10 + 10 (dense) = 1,626,442.
-  assert _num_params(run.WORKLOADS["cifar"].module(), (1, 32, 32, 3)) == 1_626_442
-  assert _num_params(run.WORKLOADS["cifar-small"].module(), (1, 32, 32, 3)) == 545_098
-  assert run.WORKLOADS["cifar"].train_kwargs == {"train": True}  # its dropout is on in training
+  assert _num_params(workloads.WORKLOADS["cifar"].module(), (1, 32, 32, 3)) == 1_626_442
+  assert _num_params(workloads.WORKLOADS["cifar-small"].module(), (1, 32, 32, 3)) == 545_098
+  # its dropout is on in training:
+  assert workloads.WORKLOADS["cifar"].train_kwargs == {"train": True}
 
 
 def test_pfl_peer_uses_the_same_data_and_refuses_bad_input(capsys):
   peer = _pfl_peer()
   # One generator file (benchmarks/peers/common.py) serves both (imported under two names).
-  assert os.path.samefile(peer.common.__file__, sys.modules[run.cifar_shaped.__module__].__file__)
-  for a, b in zip(peer.common.cifar_shaped(7, 50, 3), run.cifar_shaped(7, 50, 3)):
+  gen_module = sys.modules[workloads.cifar_shaped.__module__]
+  assert os.path.samefile(peer.common.__file__, gen_module.__file__)
+  for a, b in zip(peer.common.cifar_shaped(7, 50, 3), workloads.cifar_shaped(7, 50, 3)):
     np.testing.assert_array_equal(a, b)
   for argv, needle in [(["--rounds", "0"], "--rounds must be >= 1"),
                        (["--cohort", "60", "--num-clients", "50"], "exceeds --num-clients"),
@@ -60,7 +62,7 @@ def test_gpu_plan_has_the_issue_sizes_and_every_command_parses():
   assert parsed["cifar"].workloads == ["cifar"] and parsed["cifar"].rounds == 1500
   assert 0 < parsed["cifar"].max_seconds <= 90
   assert parsed["cnn"].workloads == ["cnn"] and parsed["cnn"].cohorts == [1000]
-  assert parsed["population"].cohorts == [10**4] and run.WORKLOADS["population"].dp_only
+  assert parsed["population"].cohorts == [10**4] and workloads.WORKLOADS["population"].dp_only
   assert parsed["dense"].cohorts == [10**4] and parsed["dense"].num_clients == 10**4
   assert not any(p.no_sequential for p in parsed.values())  # the sequential baseline runs
   pfl = _pfl_peer().parse_args(steps["pfl"]["cmd"][2:])
