@@ -57,6 +57,7 @@ from benchmarks.workloads import (  # noqa: F401 - re-exported for scripts that 
     emnist_shaped,
     flops_per_example,
     gemm_gflops,
+    xla_flops,
 )
 
 
@@ -259,7 +260,8 @@ def main(argv=None):
     params = module.init(jax.random.key(0), x1)["params"]
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     fpe = flops_per_example(w, module, params, x1)
-    loss_fn = fs.models.classifier_loss(fs.models.linen_apply(module, **w.train_kwargs))
+    xla_fpe = xla_flops(module, params, x1)  # backend-dependent; recorded for comparison
+    loss_fn = w.loss_fn(module)
     cohorts = args.cohorts or w.default_cohorts
     peers = {}  # cohort -> the FedJAX peer's result, measured in this run
     for cohort in cohorts:
@@ -319,7 +321,9 @@ def main(argv=None):
               "compile_plus_first_block_s": quick["first_block_seconds"],
               "compile_s_estimate": max(quick["first_block_seconds"] - quick["seconds"], 0.0),
               "gflops": flops / r["seconds"] / 1e9, "gemm_peak_gflops": peak,
-              "flops_per_example": fpe, "num_clients": pop.num_clients,
+              "flops_per_example": fpe, "flops_counting": "jaxpr forward x3",
+              "xla_flops_per_example": None if xla_fpe is None else 3.0 * xla_fpe,
+              "num_clients": pop.num_clients,
               "peak_rss_mb": peak_rss_mb(), "params": num_params,
               "load_avg_1min": os.getloadavg()[0],
               "jax": jax.__version__, "machine": machine, "time": time.time(),
