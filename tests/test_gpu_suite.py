@@ -64,11 +64,20 @@ def test_gpu_plan_has_the_issue_sizes_and_every_command_parses():
   assert parsed["cnn"].workloads == ["cnn"] and parsed["cnn"].cohorts == [1000]
   assert parsed["population"].cohorts == [10**4] and workloads.WORKLOADS["population"].dp_only
   assert parsed["dense"].cohorts == [10**4] and parsed["dense"].num_clients == 10**4
-  assert not any(p.no_sequential for p in parsed.values())  # the sequential baseline runs
+  # the sequential baseline runs (cifar_after only repeats the fedjax_sim figure)
+  assert not any(p.no_sequential for k, p in parsed.items() if k != "cifar_after")
   pfl = _pfl_peer().parse_args(steps["pfl"]["cmd"][2:])
   assert pfl.device == "cuda" and pfl.cohort == 50 and pfl.batch_size == 10
   assert (pfl.client_lr, pfl.server_lr) == (0.1, 1.0)
-  assert gpu_suite.parse_args([]).budget_seconds <= 480  # the suite fits 8 minutes
+  assert gpu_suite.parse_args([]).budget_seconds <= 540  # the suite fits 9 minutes
+  assert parsed["cnn"].chunk_sizes == [0, 20, 50, 150]  # the sweep includes the automatic chunk
+  assert parsed["stackoverflow"].workloads == ["stackoverflow"]
+  assert parsed["shakespeare"].workloads == ["shakespeare"]
+  assert parsed["cifar_after"].workloads == ["cifar"]
+  nproc = steps["pfl_nproc"]["cmd"]
+  assert nproc[1:3] == ["-m", "torch.distributed.run"]
+  assert f"--nproc_per_node={steps['pfl_nproc']['nproc']}" in nproc
+  assert steps["peaks"]["kind"] == steps["precision"]["kind"] == "code"
 
 
 def test_failed_and_timed_out_steps_are_recorded(tmp_path):
@@ -97,7 +106,7 @@ def test_missing_pfl_is_a_skipped_row_and_bad_steps_are_refused(tmp_path, capsys
   assert "pfl not installed" in (tmp_path / "r.jsonl.md").read_text()
   with pytest.raises(SystemExit):
     gpu_suite.parse_args(["--steps", "resnet"])
-  assert "valid steps: env, cifar, pfl" in capsys.readouterr().err
+  assert "valid steps: env, peaks, cifar, pfl" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -108,11 +117,16 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   status = {r["step"]: r for r in rows if r.get("kind") == "status"}
   assert set(status) == set(gpu_suite.STEPS)
-  assert status["pfl"]["status"] == "skipped" and "pfl not installed" in status["pfl"]["error"]
-  for step in ("env", "cifar", "cnn", "population", "dense"):
+  for step in ("pfl", "pfl_nproc"):  # a peer that cannot start: an error row, no ratio
+    assert status[step]["status"] == "skipped" and "pfl not installed" in status[step]["error"]
+  for step in ("env", "peaks", "cifar", "cifar_after", "cnn", "stackoverflow", "shakespeare",
+               "precision", "population", "dense"):
     assert status[step]["status"] == "ok", status[step]
   figures = {r["step"]: r for r in rows if r.get("engine") == "fedjax_sim"}
-  assert set(figures) == {"cifar", "cnn", "population", "dense"}
+  assert set(figures) == {"cifar", "cifar_after", "cnn", "stackoverflow", "shakespeare",
+                          "population", "dense"}
+  assert {r["precision"] for r in rows if r.get("engine") == "gemm_peak"} == {
+      "f32", "tf32_default", "bf16"}
   assert figures["cifar"]["rounds"] == 2 and figures["cifar"]["params"] == 1_626_442
   assert figures["population"]["dp"] is True
   for r in figures.values():
@@ -122,6 +136,7 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
   assert env and env[0]["jax_backend"] == "cpu"
   md = (tmp_path / "r.jsonl.md").read_text()
   assert "| cifar | fedjax_sim |" in md and "DRY RUN" in md
+  assert "measured GEMM peaks" in md and "precision rows:" in md and "x client-updates/s" not in md
 
 
 @pytest.mark.slow  # timed benchmark blocks
