@@ -70,6 +70,11 @@ STEPS = ("env", "peaks", "cifar", "pfl", "pfl_nproc", "cifar_after", "cnn", "sta
          "shakespeare", "precision", "population", "dense")
 #: pfl worker processes per GPU for the ``pfl_nproc`` step (pfl's docs: 1-5 per GPU is best).
 PFL_NPROC = 4
+#: How to make the pfl steps runnable (named in their error rows).
+PFL_SETUP = ("carry pfl's wheels in .whl/ (the WHEELS recipe in benchmarks/gpu_suite.py) and run "
+             "`bash benchmarks/gpu_suite.sh`; on a networked machine `bash benchmarks/peers/"
+             "setup.sh pfl`; pfl_nproc also needs torch.distributed (torchrun) and a compute "
+             "mode that lets N processes share the GPU")
 
 ENV_CODE = r"""
 import json, os, platform, subprocess
@@ -315,6 +320,9 @@ def run_step(name: str, step: dict, box: float, env: dict, log) -> tuple[list[di
     rows = []
   else:
     status["status"] = "ok"
+  if step["kind"] == "pfl" and status["status"] != "ok":
+    rows = []  # a peer that did not run gives no figure and no ratio
+    status["error"] += f" | setup: {PFL_SETUP}"
   for r in rows:
     r["step"] = name
   return rows, status

@@ -96,6 +96,19 @@ def test_failed_and_timed_out_steps_are_recorded(tmp_path):
     assert rows == [] and st["status"] == "failed" and "non-finite" in st["error"]
 
 
+def test_a_pfl_that_cannot_start_is_an_error_row_with_the_setup_and_no_ratio(tmp_path):
+  step = {"cmd": [sys.executable, "-c", "import sys; sys.exit('torchrun: rendezvous failed')"],
+          "kind": "pfl", "nproc": 4}
+  with open(tmp_path / "log", "w") as log:
+    rows, st = gpu_suite.run_step("pfl_nproc", step, 30, dict(os.environ), log)
+  assert rows == [] and st["status"] == "failed"
+  assert "rendezvous failed" in st["error"] and "setup.sh pfl" in st["error"]
+  ours = {"step": "cifar", "engine": "fedjax_sim", "model": "cifar", "cohort": 50, "rounds": 3,
+          "rounds_per_s": 1.0, "client_updates_per_s": 50.0}
+  md = gpu_suite.table([ours], [st])
+  assert "FAILED" in md and "setup.sh pfl" in md and "pfl at its best" not in md
+
+
 def test_missing_pfl_is_a_skipped_row_and_bad_steps_are_refused(tmp_path, capsys):
   out = tmp_path / "r.jsonl"
   assert gpu_suite.main(["--steps", "pfl", "--out", str(out),

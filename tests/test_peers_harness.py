@@ -138,3 +138,14 @@ def test_flower_peer_refuses_what_it_cannot_run(capsys):
   with pytest.raises(SystemExit):
     flwr_fedavg.parse_args(["--cohort", "20", "--num_clients", "10"])
   assert "--cohort 20 must be in [1, --num_clients=10]" in capsys.readouterr().err
+
+
+def test_lm_workloads_run_fedjax_own_models_and_a_missing_venv_names_the_setup(tmp_path):
+  args = run.parse_args(["--peers", "fedjax", "--workloads", "stackoverflow",
+                         "--peer-venvs", str(tmp_path)])
+  peer = side_by_side.PEERS["fedjax"]
+  assert {"stackoverflow", "shakespeare"} <= set(peer.models)
+  assert side_by_side.script_path(args, peer, "stackoverflow").endswith("peers/fedjax_lm.py")
+  assert side_by_side.script_path(args, peer, "cnn").endswith("peers/fedjax_fedavg.py")
+  with pytest.raises(side_by_side.PeerError, match="setup.sh fedjax"):
+    side_by_side.check_peer(args, peer)
