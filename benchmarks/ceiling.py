@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 import fedjax_sim as fs
-from benchmarks.run import WORKLOADS, flops_per_example, gemm_gflops
+from benchmarks.workloads import WORKLOADS, flops_per_example, gemm_gflops
 
 SHAPES = {"logistic": (28, 28, 1), "dense": (28, 28, 1), "cnn": (28, 28, 1),
           "cifar": (32, 32, 3), "population": (60,)}

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 import fedjax_sim as fs
-from benchmarks.run import WORKLOADS
+from benchmarks.workloads import WORKLOADS
 
 
 def main():

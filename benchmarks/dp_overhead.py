@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 import fedjax_sim as fs
-from benchmarks.run import MODELS, emnist_shaped
+from benchmarks.workloads import MODELS, emnist_shaped
 
 
 def main():

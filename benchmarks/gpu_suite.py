@@ -4,18 +4,32 @@ Each step is a time-boxed subprocess (``python -m benchmarks.run ...`` for fedja
 in-process sequential baseline, ``benchmarks/peers/pfl_fedavg.py`` for pfl-research); a step that
 fails or runs out of time is recorded with its error and the suite goes on. Steps, in order:
 
-  env         device name, python/jax/jaxlib/torch versions, nvidia-smi
-  cifar       pfl's CIFAR-10 setup (pfl's simple_cnn, cohort 50, batch 10), 1500 rounds timed
-              (in blocks of 100; stopped after 75 s, recording the rounds done, if slower)
-  pfl         pfl-research on the same workload on the same device (one process)
-  cnn         EMNIST-CNN, cohort 1000
-  population  10^6 clients x 10 examples, cohort 10^4, DP-FedAvg (clip 1, z 1)
-  dense       EMNIST dense MLP, cohort 10^4 (population 10^4 clients)
+  env           device, versions, nvidia-smi, the compute mode (``nvidia-smi -q``) and
+                ``jax.devices()[0].memory_stats()``
+  peaks         measured 8192^2 GEMM peaks: f32 (precision HIGHEST), TF32 (JAX's default
+                precision, what f32 rows run at on H100/H200) and bf16
+  cifar         pfl's CIFAR-10 setup (pfl's simple_cnn, cohort 50, batch 10), 1500 rounds timed
+                (in blocks of 100; stopped after 75 s, recording the rounds done, if slower)
+  pfl           pfl-research on the same workload on the same device, one process
+  pfl_nproc     pfl with PFL_NPROC worker processes on the GPU (``python -m torch.distributed.run
+                --nproc_per_node=N``, pfl's recommended 1-5 per GPU); skipped with the reason when
+                the compute mode is Exclusive_Process; a failed start is an error row, no ratio
+  cifar_after   fedjax_sim on CIFAR again, after the pfl rows (drift check)
+  cnn           EMNIST-CNN, cohort 1000: chunk sweep 20, 50, 150 and the automatic choice (0)
+  stackoverflow FedJAX's Stack Overflow LSTM next-word model, cohort 50
+  shakespeare   FedJAX/TFF's Shakespeare character LSTM, cohort 10
+  precision     whether ``precision=`` exists on this checkout (f32/bf16 rows when the harness
+                gains a flag for it; recorded as absent otherwise)
+  population    10^6 clients x 10 examples, cohort 10^4, DP-FedAvg (clip 1, z 1)
+  dense         EMNIST dense MLP, cohort 10^4 (population 10^4 clients)
 
-Every fedjax_sim step also runs the in-process sequential baseline (the same jitted one-client
-update called client by client: FedJAX's execution model) and records the speed-up over it.
-The pfl step is recorded as skipped ('pfl not installed') when ``--pfl-python`` cannot import
-pfl and torch. pfl's multi-process mode is not run (it does not fit the suite's time).
+Every fedjax_sim row records FLOPs counted from the jaxpr (``benchmarks.workloads.count_flops``:
+convolutions, matmuls, LSTM gates; training = 3 x forward), XLA's own cost-analysis figure beside
+it, and the summary gives each row's fraction of the default-precision GEMM peak measured in the
+same run. Every fedjax_sim step but cifar_after also runs the in-process sequential baseline.
+The pfl steps are recorded as skipped ('pfl not installed') when ``--pfl-python`` cannot import
+pfl and torch. The whole suite is held to ``--budget-seconds`` (530 s): a step's time box is cut
+to what is left and steps with under 10 s left are skipped (recorded as such).
 
 Results: one JSON line per figure (each with its ``step``) in ``--out``, a per-step log beside
 it (``<out>.log``), and a markdown table printed at the end and written to ``<out>.md``.
@@ -29,6 +43,11 @@ wrapt preinstalled; no network) lacks pfl and dp-accounting. From the repository
     -d .whl pfl==0.6.0 dp-accounting==0.5.1 prv-accountant==0.2.0 multiprocess==0.70.19 \
     dill==0.4.1 dm-tree==0.1.10
 (about 0.9 MB); the device call carries ``.whl`` and gpu_suite.sh installs it into /tmp/site.
+
+On the lent device (its tool copies the working tree, ``carry`` brings the ignored ``.whl``):
+  run(command="bash benchmarks/gpu_suite.sh && mkdir -p $OUT/gpu-h200 && cp $OUT/gpu_results* \
+      $OUT/gpu-h200/", carry=[".whl"], timeout_s=600)
+then copy the files back into ``benchmarks/results/gpu-<kind>/`` (kind: h100, h200).
 
 Usage (from the repository root):
   bash benchmarks/gpu_suite.sh                   # on the GPU machine; writes $OUT/gpu_results.jsonl
@@ -47,7 +66,15 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PFL_SCRIPT = os.path.join(ROOT, "benchmarks", "peers", "pfl_fedavg.py")
-STEPS = ("env", "cifar", "pfl", "cnn", "population", "dense")
+STEPS = ("env", "peaks", "cifar", "pfl", "pfl_nproc", "cifar_after", "cnn", "stackoverflow",
+         "shakespeare", "precision", "population", "dense")
+#: pfl worker processes per GPU for the ``pfl_nproc`` step (pfl's docs: 1-5 per GPU is best).
+PFL_NPROC = 4
+#: How to make the pfl steps runnable (named in their error rows).
+PFL_SETUP = ("carry pfl's wheels in .whl/ (the WHEELS recipe in benchmarks/gpu_suite.py) and run "
+             "`bash benchmarks/gpu_suite.sh`; on a networked machine `bash benchmarks/peers/"
+             "setup.sh pfl`; pfl_nproc also needs torch.distributed (torchrun) and a compute "
+             "mode that lets N processes share the GPU")
 
 ENV_CODE = r"""
 import json, os, platform, subprocess
@@ -71,6 +98,17 @@ for mod in ("flax", "optax", "pfl", "dp_accounting"):
   except Exception as e:
     row[mod] = "not installed: " + repr(e)
 try:
+  row["memory_stats"] = jax.devices()[0].memory_stats()
+except Exception as e:
+  row["memory_stats"] = "unavailable: " + repr(e)
+try:
+  q = subprocess.run(["nvidia-smi", "-q"], capture_output=True, text=True, timeout=20).stdout
+  modes = [ln.split(":", 1)[1].strip() for ln in q.splitlines() if "Compute Mode" in ln]
+  row["compute_mode"] = modes[0] if modes else "not reported"
+  row["mig_mode"] = [ln.strip() for ln in q.splitlines() if "Current" in ln and "MIG" in q][:1]
+except Exception as e:
+  row["compute_mode"] = "unavailable: " + repr(e)
+try:
   row["nvidia_smi"] = subprocess.run(
       ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
        "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
@@ -78,6 +116,49 @@ except Exception as e:
   row["nvidia_smi"] = "unavailable: " + repr(e)
 print(json.dumps(row))
 """
+
+PEAKS_CODE = r"""
+import json, sys, time
+import jax, jax.numpy as jnp
+n = int(sys.argv[1])
+for label, dtype, prec in (("f32", jnp.float32, "highest"), ("tf32_default", jnp.float32, None),
+                           ("bf16", jnp.bfloat16, None)):
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a: jnp.matmul(a, a, precision=prec))
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(5):
+    t = time.perf_counter(); f(a).block_until_ready(); best = min(best, time.perf_counter() - t)
+  print(json.dumps({"engine": "gemm_peak", "precision": label, "n": n,
+                    "gflops": 2 * n**3 / best / 1e9, "device_kind": jax.devices()[0].device_kind}))
+"""
+
+PRECISION_CODE = r"""
+import inspect, json
+import fedjax_sim as fs
+names = {"Simulation": fs.Simulation}
+plan = getattr(fs, "RoundPlan", None)
+if plan is not None:
+  names["RoundPlan"] = plan
+has = [k for k, v in names.items() if "precision" in inspect.signature(v).parameters]
+print(json.dumps({"engine": "precision_check", "precision_param": has,
+                  "note": ("precision= exists on " + ", ".join(has) + "; benchmarks.run has no "
+                           "--precision flag yet: no f32/bf16 rows") if has else
+                          "precision= is absent on this checkout: no f32/bf16 rows"}))
+"""
+
+
+def compute_mode_forbids_nproc() -> str | None:
+  """Why several processes cannot share the GPU (its compute mode), or None."""
+  try:
+    q = subprocess.run(["nvidia-smi", "-q"], capture_output=True, text=True, timeout=20).stdout
+  except (OSError, subprocess.TimeoutExpired) as e:
+    return f"nvidia-smi -q unavailable ({e!r}): the compute mode is unknown"
+  for line in q.splitlines():
+    if "Compute Mode" in line and "Exclusive_Process" in line:
+      return ("the GPU's compute mode is Exclusive_Process (nvidia-smi -q): one process per "
+              "GPU, so pfl cannot run several workers on it; not changed")
+  return None
 
 
 def plan(dry_run: bool, pfl_python: str) -> dict[str, dict]:
@@ -95,8 +176,19 @@ def plan(dry_run: bool, pfl_python: str) -> dict[str, dict]:
                        "--target-seconds", "0.1", "--seq-rounds", "1"],
         "dense": ["--workloads", "dense", "--num-clients", "20", "--cohorts", "20",
                   "--target-seconds", "0.1", "--seq-rounds", "1"],
+        "cifar_after": ["--workloads", "cifar", "--num-clients", "4", "--cohorts", "2",
+                        "--rounds", "2", "--no-sequential"],
+        "stackoverflow": ["--workloads", "stackoverflow", "--num-clients", "2", "--cohorts", "1",
+                          "--target-seconds", "0.1", "--no-sequential"],
+        "shakespeare": ["--workloads", "shakespeare", "--num-clients", "3", "--cohorts", "2",
+                        "--target-seconds", "0.1", "--no-sequential"],
+        "peaks": ["256"],
     }
-    boxes = {"env": 60, "cifar": 240, "pfl": 120, "cnn": 240, "population": 120, "dense": 120}
+    sizes["cnn"] += ["--chunk-sizes", "0", "1", "3"]
+    boxes = {"env": 60, "peaks": 60, "cifar": 240, "pfl": 120, "pfl_nproc": 120,
+             "cifar_after": 240, "cnn": 300, "stackoverflow": 300, "shakespeare": 240,
+             "precision": 60, "population": 120, "dense": 120}
+    nproc = 2
   else:
     sizes = {
         "cifar": ["--workloads", "cifar", "--rounds", "1500", "--max-seconds", "75"],
@@ -105,12 +197,34 @@ def plan(dry_run: bool, pfl_python: str) -> dict[str, dict]:
         "cnn": ["--workloads", "cnn", "--cohorts", "1000"],
         "population": ["--workloads", "population", "--cohorts", "10000"],
         "dense": ["--workloads", "dense", "--num-clients", "10000", "--cohorts", "10000"],
+        "cifar_after": ["--workloads", "cifar", "--rounds", "1500", "--max-seconds", "25",
+                        "--no-sequential"],
+        "stackoverflow": ["--workloads", "stackoverflow", "--cohorts", "50",
+                          "--target-seconds", "8", "--seq-rounds", "1"],
+        "shakespeare": ["--workloads", "shakespeare", "--cohorts", "10",
+                        "--target-seconds", "6", "--seq-rounds", "1"],
+        "peaks": ["8192"],
     }
-    boxes = {"env": 45, "cifar": 140, "pfl": 80, "cnn": 100, "population": 110, "dense": 100}
+    # the chunk sweep on the EMNIST CNN, the automatic choice (0) included
+    sizes["cnn"] += ["--chunk-sizes", "0", "20", "50", "150", "--seq-rounds", "1"]
+    # Time boxes; the whole suite is held to --budget-seconds (<= 9 min): a step's box is cut
+    # to what is left, the last steps are skipped when it is spent.
+    boxes = {"env": 30, "peaks": 30, "cifar": 80, "pfl": 55, "pfl_nproc": 60, "cifar_after": 45,
+             "cnn": 90, "stackoverflow": 60, "shakespeare": 45, "precision": 20,
+             "population": 50, "dense": 50}
+    nproc = PFL_NPROC
   steps = {"env": {"cmd": [sys.executable, "-c", ENV_CODE], "kind": "env"}}
-  for name in ("cifar", "cnn", "population", "dense"):
+  for name in ("cifar", "cifar_after", "cnn", "stackoverflow", "shakespeare", "population",
+               "dense"):
     steps[name] = {"cmd": run + sizes[name], "kind": "run"}
   steps["pfl"] = {"cmd": [pfl_python, PFL_SCRIPT] + sizes["pfl"], "kind": "pfl"}
+  # pfl's recommended multi-process mode: N worker processes sharing the GPU
+  # (docs/source/guides/simulation_distributed.rst: `torchrun --nproc_per_node=N`).
+  steps["pfl_nproc"] = {"cmd": [pfl_python, "-m", "torch.distributed.run",
+                                f"--nproc_per_node={nproc}", PFL_SCRIPT] + sizes["pfl"],
+                        "kind": "pfl", "nproc": nproc}
+  steps["peaks"] = {"cmd": [sys.executable, "-c", PEAKS_CODE] + sizes["peaks"], "kind": "code"}
+  steps["precision"] = {"cmd": [sys.executable, "-c", PRECISION_CODE], "kind": "code"}
   for name, s in steps.items():
     s["box"] = boxes[name]
   return {name: steps[name] for name in STEPS}
@@ -130,7 +244,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--steps", nargs="+", default=list(STEPS), metavar="STEP",
                   help=f"a subset of {', '.join(STEPS)} (always run in that order)")
   ap.add_argument("--budget-seconds", type=float, default=None,
-                  help="the whole suite's wall-clock budget (default 475 s; --dry-run: 1500 s, "
+                  help="the whole suite's wall-clock budget (default 530 s; --dry-run: 3000 s, "
                        "a loaded 2-core CPU is slow): a step's time box is cut to what is left; "
                        "steps with under 10 s left are skipped")
   args = ap.parse_args(argv)
@@ -192,7 +306,8 @@ def run_step(name: str, step: dict, box: float, env: dict, log) -> tuple[list[di
       rows = [json.loads(line) for line in f if line.strip()]
     os.remove(tmp)
   else:
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")][-1:]
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    rows = rows if step["kind"] == "code" else rows[-1:]
   if rc is None:
     status.update(status="timeout", error=f"step exceeded its {box:.0f} s time box; "
                   f"last output: {(err or out)[-600:]}")
@@ -205,6 +320,9 @@ def run_step(name: str, step: dict, box: float, env: dict, log) -> tuple[list[di
     rows = []
   else:
     status["status"] = "ok"
+  if step["kind"] == "pfl" and status["status"] != "ok":
+    rows = []  # a peer that did not run gives no figure and no ratio
+    status["error"] += f" | setup: {PFL_SETUP}"
   for r in rows:
     r["step"] = name
   return rows, status
@@ -228,15 +346,37 @@ def table(rows: list[dict], statuses: list[dict], dry_run: bool = False) -> str:
         f"| {'' if seq is None else format(seq, '.0f')} "
         f"| {'' if seq is None else format(r['speedup_vs_sequential'], '.1f') + 'x'} |")
   ours = [r for r in rows if r.get("step") == "cifar" and r.get("engine") == "fedjax_sim"]
-  pfl = [r for r in rows if r.get("step") == "pfl"]
+  after = [r for r in rows if r.get("step") == "cifar_after" and r.get("engine") == "fedjax_sim"]
+  pfl_all = [r for r in rows if r.get("step") in ("pfl", "pfl_nproc")]
+  pfl = sorted(pfl_all, key=lambda r: -r["client_updates_per_s"])[:1]  # pfl at its best
   notes = ["DRY RUN: tiny sizes on CPU, a smoke test; these are not figures"] if dry_run else []
+  peaks = {r["precision"]: r["gflops"] for r in rows if r.get("engine") == "gemm_peak"}
+  if peaks:
+    notes.append("measured GEMM peaks (GFLOP/s, this run): " + ", ".join(
+        f"{k} {v:.0f}" for k, v in peaks.items()))
+  ref = peaks.get("tf32_default")  # JAX's default precision: what the f32 rows ran at
+  for r in rows:
+    if r.get("engine") == "fedjax_sim" and ref:
+      notes.append(f"{r['step']} {r['model']} c{r['cohort']} chunk {r.get('chunk_size')}: "
+                   f"{r['gflops']:.0f} GFLOP/s counted ({r['flops_per_example'] / 1e6:.1f} "
+                   f"MFLOP/example, {r.get('flops_counting', 'xla')}) = "
+                   f"{100 * r['gflops'] / ref:.1f}% of the default-precision GEMM peak")
+  for r in rows:
+    if r.get("engine") == "precision_check":
+      notes.append("precision rows: " + r["note"])
   if ours:
     notes.append(f"fedjax_sim: pfl's 1500 rounds take {1500 / ours[0]['rounds_per_s']:.1f} s at "
                  f"the rate measured over {ours[0]['rounds']} timed rounds (compile excluded)")
   if ours and pfl:
-    notes.append(f"fedjax_sim / pfl on CIFAR, same device, this run: "
-                 f"{ours[0]['client_updates_per_s'] / pfl[0]['client_updates_per_s']:.1f}x "
-                 "client-updates/s")
+    best = pfl[0]
+    label = f"{best['step']}" + (f" ({best.get('nproc', 1)} processes)"
+                                 if best["step"] == "pfl_nproc" else " (1 process)")
+    for o, when in ((ours, "before"), (after, "after")):
+      if o:
+        notes.append(f"fedjax_sim ({when} the pfl rows) / pfl at its best measured process "
+                     f"count, {label}, CIFAR, same device, this run: "
+                     f"{o[0]['client_updates_per_s'] / best['client_updates_per_s']:.1f}x "
+                     "client-updates/s")
   env = [r for r in rows if r.get("step") == "env"]
   if env:
     e = env[0]
@@ -277,12 +417,17 @@ def main(argv=None) -> int:
         why = f"suite budget of {args.budget_seconds:.0f} s spent"
       elif step["kind"] == "pfl":
         why = pfl_available(args.pfl_python)
+        if why is None and name == "pfl_nproc" and not args.dry_run:
+          why = compute_mode_forbids_nproc()
       if why is not None:
         status = {"step": name, "kind": "status", "status": "skipped", "error": why,
                   "wall_s": 0.0, "time_box_s": 0.0}
         new = []
       else:
         new, status = run_step(name, step, min(step["box"], left), env, log)
+        for r in new:
+          if "nproc" in step:
+            r["nproc"] = step["nproc"]
       status["dry_run"] = args.dry_run
       for r in new + [status]:
         r.setdefault("time", time.time())

@@ -39,9 +39,9 @@ def child(workload: str, cohort: int, num_clients: int, target_seconds: float) -
   import optax
 
   import fedjax_sim as fs
-  from benchmarks import run
+  from benchmarks import workloads
 
-  w = run.WORKLOADS["cifar" if workload == "cifar-pfl" else workload]
+  w = workloads.WORKLOADS["cifar" if workload == "cifar-pfl" else workload]
   module = fs.zoo.EmnistCNN(10) if workload == "cifar-pfl" else w.module()
   train_kwargs = {"train": True} if workload == "cifar-pfl" else w.train_kwargs
   x, y, ids = w.data(num_clients)
@@ -56,7 +56,7 @@ def child(workload: str, cohort: int, num_clients: int, target_seconds: float) -
   state, quick = sim.benchmark(state, 1)
   rounds = max(1, min(200, int(target_seconds / max(quick["seconds"], 1e-4))))
   state, r = sim.benchmark(state, rounds)
-  run.check_finite(state.params, workload)
+  workloads.check_finite(state.params, workload)
   return {"client_updates_per_s": cohort * r["rounds_per_s"], "rounds": rounds,
           "chunk_size": sim.chunk_size,
           "mesh_devices": 1 if sim.mesh is None else fs.sharding.mesh_size(sim.mesh),

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 import fedjax_sim as fs
-from benchmarks.run import Dense, Logistic  # the workloads' own models
+from benchmarks.workloads import Dense, Logistic  # the workloads' own models
 
 #: name -> (module factory, input shape, classes, batch size)
 MODELS = {

@@ -1,7 +1,7 @@
 """A/B: the engine at two commits, interleaved in one sitting (same machine, same load).
 
 Runs ``Simulation.benchmark`` on the EMNIST-shaped logistic and dense workloads of
-``benchmarks.run`` at cohorts 10 and 100, alternating between two checkouts (each imported in
+``benchmarks.workloads`` at cohorts 10 and 100, alternating between two checkouts (each imported in
 its own subprocess), and prints each side's best rounds/s and the ratio new / old. Used to check
 that moving the round into ``fedjax_sim.core`` / ``fedjax_sim.programs`` cost no speed.
 
@@ -21,7 +21,10 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import jax, optax, numpy as np
 import fedjax_sim as fs
-from benchmarks.run import Dense, Logistic, emnist_shaped
+try:
+  from benchmarks.workloads import Dense, Logistic, emnist_shaped
+except ImportError:  # a checkout from before benchmarks/workloads.py
+  from benchmarks.run import Dense, Logistic, emnist_shaped
 model, cohort, rounds = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 x, y, ids = emnist_shaped(num_clients=400)
 pop = fs.Population.from_arrays({"x": x, "y": y}, ids)

@@ -31,140 +31,34 @@ average) and a markdown table is printed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
 import resource
 import subprocess
 import time
-from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import fedjax_sim as fs
-from benchmarks.peers.common import cifar_shaped, emnist_shaped  # noqa: F401 - the workloads' data
-
-
-class Logistic(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(62)(x.reshape(x.shape[0], -1))
-
-
-class Dense(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(200)(x))
-    x = nn.relu(nn.Dense(200)(x))
-    return nn.Dense(62)(x)
-
-
-MODELS = {"logistic": Logistic, "dense": Dense}
-
-
-def synthetic_population(num_clients=10**6, per_client=10, dim=60, classes=10, seed=0):
-  """LEAF Synthetic-style population: ``num_clients`` x 10 examples of 60 features, 10 classes."""
-  rng = np.random.default_rng(seed=seed)
-  total = num_clients * per_client
-  x = rng.standard_normal((total, dim), np.float32)
-  w = rng.standard_normal((dim, classes), np.float32)
-  y = np.argmax(x @ w + rng.standard_normal((total, classes), np.float32), -1).astype(np.int32)
-  return x, y, np.repeat(np.arange(num_clients), per_client)
-
-
-def pfl_simple_cnn(num_classes: int = 10) -> nn.Module:
-  """pfl-research's CIFAR-10 benchmark model ``simple_cnn`` (benchmarks/model/pytorch/cnn.py).
-
-  conv32-conv64 (3x3, valid padding), 2x2 max-pool, dropout 0.25, dense128, dropout 0.5,
-  dense(num_classes): on 32x32x3 inputs 1,626,442 parameters. That is exactly the layer stack of
-  ``fs.zoo.EmnistCNN``, so it is that module (its CPU conv path included); only the initialisers
-  differ (pfl: Glorot-uniform kernels), which does not change the work a round does.
-  """
-  return fs.zoo.EmnistCNN(num_classes)
-
-
-class PopLogistic(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(10)(x)
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-  """A fixed workload of ../shared/bench/WORKLOADS.md.
-
-  Attributes:
-    data: ``(num_clients) -> (x, y, client_ids)``.
-    module: ``() -> flax module`` called as ``module(x)`` (dropout, if any, is on in training).
-    train_kwargs: extra ``module.apply`` keyword arguments when training.
-    batch_size: the local minibatch size.
-    cohorts: the cohort sizes this workload defines.
-    default_cohorts: what runs when ``--cohorts`` is not given.
-    dp_only: the workload is defined with DP-FedAvg (clip 1, z 1) only.
-    dense_flops: model FLOPs per example = 6 x params (dense layers); else 3 x the forward
-      FLOPs from XLA's cost analysis (convolutions counted properly).
-    num_clients: the population size.
-  """
-
-  data: Callable[..., tuple]
-  module: Callable[[], nn.Module]
-  batch_size: int
-  cohorts: tuple[int, ...]
-  default_cohorts: tuple[int, ...]
-  train_kwargs: dict = dataclasses.field(default_factory=dict)
-  dp_only: bool = False
-  dense_flops: bool = True
-  num_clients: int = 3400
-
-
-WORKLOADS = {
-    "logistic": Workload(emnist_shaped, Logistic, 20, (10, 100, 1000), (10, 100, 1000)),
-    "dense": Workload(emnist_shaped, Dense, 20, (10, 100, 1000, 10**4), (10, 100, 1000)),
-    "cnn": Workload(emnist_shaped, lambda: fs.zoo.EmnistCNN(62), 20, (10, 100, 1000), (10, 100),
-                    train_kwargs={"train": True}, dense_flops=False),
-    "cifar": Workload(cifar_shaped, pfl_simple_cnn, 10, (50,), (50,),
-                      train_kwargs={"train": True}, dense_flops=False, num_clients=1000),
-    "population": Workload(synthetic_population, PopLogistic, 10, (100, 1000, 10**4), (10**4,),
-                           dp_only=True, num_clients=10**6),
-    "cifar-small": Workload(cifar_shaped, lambda: fs.zoo.CifarCNN(10), 10, (50,), (50,),
-                            dense_flops=False, num_clients=1000),
-}
-
-
-def flops_per_example(workload: Workload, module, params, x1) -> float:
-  """Training FLOPs per example (see :class:`Workload`)."""
-  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-  if workload.dense_flops:
-    return 6.0 * num_params
-  cost = jax.jit(lambda p, x: module.apply({"params": p}, x)).lower(params, x1).compile()
-  analysis = cost.cost_analysis()
-  if isinstance(analysis, list):
-    analysis = analysis[0]
-  return 3.0 * float(analysis["flops"]) / x1.shape[0]
-
-
-class BenchmarkError(SystemExit):
-  """A run that must not produce a figure (exits non-zero with the message)."""
-
-
-def check_finite(params, what: str, nonfinite_rounds: float = 0.0) -> None:
-  """Fails loudly if ``params`` holds a non-finite value, or if the engine skipped rounds whose
-  server step would have made them non-finite (``on_nonfinite``): a diverged run has no figure."""
-  bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-         if not bool(np.all(np.isfinite(np.asarray(leaf))))]
-  if bad:
-    raise BenchmarkError(f"benchmark error: {what} produced non-finite parameters in "
-                         f"{', '.join(bad)}; no figure is recorded.")
-  if nonfinite_rounds:
-    raise BenchmarkError(f"benchmark error: {what} produced non-finite parameters in "
-                         f"{int(nonfinite_rounds)} rounds (the engine skipped those server "
-                         "steps); no figure is recorded.")
+from benchmarks import side_by_side
+from benchmarks.workloads import (  # noqa: F401 - re-exported for scripts that used run's names
+    MODELS,
+    WORKLOADS,
+    BenchmarkError,
+    Dense,
+    Logistic,
+    Workload,
+    check_finite,
+    cifar_shaped,
+    emnist_shaped,
+    flops_per_example,
+    gemm_gflops,
+    xla_flops,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -220,9 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       ap.error("--peers runs FedJAX from <--peer-venvs>/fedjax; drop --peer-python")
     if args.repeats < 1:
       ap.error(f"--repeats must be >= 1; got {args.repeats}")
-    from benchmarks.side_by_side import PEERS
-
-    known = {label for p in args.peers for label, _ in PEERS[p].settings}
+    known = {label for p in args.peers for label, _ in side_by_side.PEERS[p].settings}
     unknown = sorted(set(args.peer_settings) - known)
     if unknown:
       ap.error(f"--peer-settings {', '.join(unknown)}: not a setting of {', '.join(args.peers)}; "
@@ -287,18 +179,6 @@ def run_peer(args, model: str, cohort: int, num_clients: int) -> dict:
   return peer
 
 
-def gemm_gflops(n=2048, repeats=5) -> float:
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best / 1e9
-
-
 def sequential_baseline(algo, pop, params, cohort, rounds, seed=0):
   """One jitted client update per client, a Python loop over the cohort (FedJAX's model)."""
   # The features are an argument, not a closure: a captured array becomes a compile-time constant
@@ -347,8 +227,6 @@ def peak_rss_mb() -> float:
 def main(argv=None):
   args = parse_args(argv)
   if args.peers is not None:
-    from benchmarks import side_by_side
-
     status = side_by_side.main(args)
     if status:
       raise BenchmarkError(status)
@@ -382,7 +260,8 @@ def main(argv=None):
     params = module.init(jax.random.key(0), x1)["params"]
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     fpe = flops_per_example(w, module, params, x1)
-    loss_fn = fs.models.classifier_loss(fs.models.linen_apply(module, **w.train_kwargs))
+    xla_fpe = xla_flops(module, params, x1)  # backend-dependent; recorded for comparison
+    loss_fn = w.loss_fn(module)
     cohorts = args.cohorts or w.default_cohorts
     peers = {}  # cohort -> the FedJAX peer's result, measured in this run
     for cohort in cohorts:
@@ -442,7 +321,9 @@ def main(argv=None):
               "compile_plus_first_block_s": quick["first_block_seconds"],
               "compile_s_estimate": max(quick["first_block_seconds"] - quick["seconds"], 0.0),
               "gflops": flops / r["seconds"] / 1e9, "gemm_peak_gflops": peak,
-              "flops_per_example": fpe, "num_clients": pop.num_clients,
+              "flops_per_example": fpe, "flops_counting": "jaxpr forward x3",
+              "xla_flops_per_example": None if xla_fpe is None else 3.0 * xla_fpe,
+              "num_clients": pop.num_clients,
               "peak_rss_mb": peak_rss_mb(), "params": num_params,
               "load_avg_1min": os.getloadavg()[0],
               "jax": jax.__version__, "machine": machine, "time": time.time(),

@@ -27,7 +27,7 @@ def worker(mode: str, rounds: int, cohort: int, num_clients: int) -> dict:
   import jax.numpy as jnp
 
   import fedjax_sim as fs
-  from benchmarks.run import Logistic, emnist_shaped
+  from benchmarks.workloads import Logistic, emnist_shaped
 
   x, y, ids = emnist_shaped(num_clients)
   pop = fs.Population.from_arrays({"x": x, "y": y}, ids)

@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks.workloads import WORKLOADS
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEERS_DIR = os.path.join(HERE, "peers")
@@ -47,17 +49,22 @@ class Peer:
     script: the peer script under ``benchmarks/peers/``.
     models: the workloads it defines (None: ask the script, see :func:`peer_models`).
     settings: ``(label, extra argv)`` per setting to try.
+    lm_script: the script for the language-model workloads (``stackoverflow``, ``shakespeare``)
+      where the peer defines those models; None: it has none.
   """
 
   name: str
   script: str
   models: tuple[str, ...] | None
   settings: tuple[tuple[str, tuple[str, ...]], ...]
+  lm_script: str | None = None
 
+
+LM_MODELS = ("stackoverflow", "shakespeare")
 
 PEERS = {
-    "fedjax": Peer("fedjax", "fedjax_fedavg.py", ("logistic", "dense", "cnn"),
-                   (("backend=jit", ("--backend", "jit")),)),
+    "fedjax": Peer("fedjax", "fedjax_fedavg.py", ("logistic", "dense", "cnn", *LM_MODELS),
+                   (("backend=jit", ("--backend", "jit")),), lm_script="fedjax_lm.py"),
     "pfl": Peer("pfl", "pfl_fedavg.py", None,
                 (("torch_threads=1", ("--torch-threads", "1")),
                  ("torch_threads=2", ("--torch-threads", "2")))),
@@ -84,7 +91,10 @@ def venv_python(args, peer: str) -> str:
   return os.path.join(args.peer_venvs, peer, "bin", "python")
 
 
-def script_path(args, peer: Peer) -> str:
+def script_path(args, peer: Peer, model: str | None = None) -> str:
+  """The peer's script (its language-model script for ``stackoverflow``/``shakespeare``)."""
+  if model in LM_MODELS and peer.lm_script and not (args.peer_scripts or {}).get(peer.name):
+    return os.path.join(PEERS_DIR, peer.lm_script)
   return (args.peer_scripts or {}).get(peer.name) or os.path.join(PEERS_DIR, peer.script)
 
 
@@ -118,10 +128,8 @@ def peer_models(args, peer: Peer) -> tuple[str, ...]:
 def peer_argv(args, peer: Peer, model: str, cohort: int, num_clients: int,
               extra: tuple[str, ...]) -> list[str]:
   """The command line of one peer run (each script's own flag spelling)."""
-  from benchmarks import run
-
-  batch = str(run.WORKLOADS[model].batch_size)
-  common = [venv_python(args, peer.name), script_path(args, peer)]
+  batch = str(WORKLOADS[model].batch_size)
+  common = [venv_python(args, peer.name), script_path(args, peer, model)]
   if peer.name == "pfl":  # dash-style flags; --model only where the script has one
     argv = common + ["--cohort", str(cohort), "--num-clients", str(num_clients),
                      "--batch-size", batch, "--client-lr", str(args.client_lr),
@@ -260,8 +268,6 @@ def markdown(summaries: list[dict]) -> str:
 
 def main(args) -> int:
   """Runs the interleaved comparison described in the module docstring; the exit status."""
-  from benchmarks import run
-
   machine = args.machine or f"cpu-{os.cpu_count()}core"
   out = args.out or os.path.join(HERE, "results", machine, "peers.jsonl")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -287,7 +293,7 @@ def main(args) -> int:
     except PeerError as e:
       usable[p.name] = str(e)
   for model in args.workloads:
-    w = run.WORKLOADS[model]
+    w = WORKLOADS[model]
     for cohort in args.cohorts or w.default_cohorts:
       num_clients = args.num_clients or w.num_clients
       ours_params = None

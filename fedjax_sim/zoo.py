@@ -299,6 +299,75 @@ class CharLSTM(nn.Module):
     return nn.Dense(self.vocab_size)(h)
 
 
+
+class StackOverflowLSTM(nn.Module):
+  """FedJAX's Stack Overflow next-word model (``fedjax.models.stackoverflow.create_lstm_model``).
+
+  Word embedding 96 over ``vocab_size + 4`` ids (PAD 0, BOS 1, EOS 2, OOV ``vocab_size + 3``),
+  one LSTM layer of 670, ``tanh``, a dense projection back to 96, and dense logits over the full
+  vocabulary: 4,050,748 parameters at the default 10,000 words. Input int32 ``[B, T]`` (FedJAX's
+  Stack Overflow sentences are ``T = 20`` tokens), output logits ``[B, T, vocab_size + 4]``.
+  Same layer stack as FedJAX 0.0.17 (which has no Stack Overflow transformer; pfl-research's
+  Stack Overflow benchmark uses a transformer instead). Train it with
+  :func:`fedjax_sim.models.sequence_loss` (pad id 0).
+
+  Reference: Reddi et al., "Adaptive Federated Optimization", ICLR 2021
+  (https://arxiv.org/abs/2003.00295), whose model FedJAX's defaults follow.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, fedjax_sim as fs
+    >>> m = fs.zoo.StackOverflowLSTM(vocab_size=50, hidden=8, embed_dim=4)
+    >>> v = m.init(jax.random.key(0), jnp.ones((2, 20), jnp.int32))
+    >>> m.apply(v, jnp.ones((2, 20), jnp.int32)).shape
+    (2, 20, 54)
+  """
+
+  vocab_size: int = 10000
+  embed_dim: int = 96
+  hidden: int = 670
+  num_layers: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Embed(self.vocab_size + 4, self.embed_dim)(x)
+    for _ in range(self.num_layers):
+      h = nn.RNN(nn.OptimizedLSTMCell(self.hidden))(h)
+      h = nn.Dense(self.embed_dim)(jnp.tanh(h))
+    return nn.Dense(self.vocab_size + 4)(h)
+
+
+class ShakespeareLSTM(nn.Module):
+  """FedJAX's Shakespeare next-character model (``fedjax.models.shakespeare.create_lstm_model``).
+
+  Character embedding 8 over ``vocab_size + 4`` ids (PAD 0, BOS/EOS/OOV after the 86 characters),
+  two LSTM layers of 256 each followed by ``tanh``, dense logits: 820,522 parameters at the
+  default 86 characters. Input int32 ``[B, T]`` (FedJAX/TFF: ``T = 80``), output logits
+  ``[B, T, vocab_size + 4]``. :class:`CharLSTM` is the same stack without the ``tanh`` after each
+  layer and with the vocabulary given whole. Train it with :func:`fedjax_sim.models.sequence_loss`.
+
+  Reference: McMahan et al., "Communication-Efficient Learning of Deep Networks from
+  Decentralized Data", AISTATS 2017 (https://arxiv.org/abs/1602.05629).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, fedjax_sim as fs
+    >>> m = fs.zoo.ShakespeareLSTM(hidden=8)
+    >>> v = m.init(jax.random.key(0), jnp.ones((2, 80), jnp.int32))
+    >>> m.apply(v, jnp.ones((2, 80), jnp.int32)).shape
+    (2, 80, 90)
+  """
+
+  vocab_size: int = 86
+  embed_dim: int = 8
+  hidden: int = 256
+  num_layers: int = 2
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Embed(self.vocab_size + 4, self.embed_dim)(x)
+    for _ in range(self.num_layers):
+      h = jnp.tanh(nn.RNN(nn.OptimizedLSTMCell(self.hidden))(h))
+    return nn.Dense(self.vocab_size + 4)(h)
+
 class DenseAutoencoder(nn.Module):
   """Dense autoencoder: encoder ``hidden``, mirrored decoder; reconstructs the flattened input."""
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import gpu_suite, run
+from benchmarks import gpu_suite, run, workloads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,16 +31,18 @@ def _num_params(module, shape):
 def test_cifar_is_pfl_simple_cnn_and_cifar_small_is_zoo_cifarcnn():
   # pfl-research benchmarks/model/pytorch/cnn.py simple_cnn on 32x32x3, 10 classes: 896 + 18,496
   # (convs) + 12,544 * 128 + 128 + 128 * 10 + 10 (dense) = 1,626,442.
-  assert _num_params(run.WORKLOADS["cifar"].module(), (1, 32, 32, 3)) == 1_626_442
-  assert _num_params(run.WORKLOADS["cifar-small"].module(), (1, 32, 32, 3)) == 545_098
-  assert run.WORKLOADS["cifar"].train_kwargs == {"train": True}  # its dropout is on in training
+  assert _num_params(workloads.WORKLOADS["cifar"].module(), (1, 32, 32, 3)) == 1_626_442
+  assert _num_params(workloads.WORKLOADS["cifar-small"].module(), (1, 32, 32, 3)) == 545_098
+  # its dropout is on in training:
+  assert workloads.WORKLOADS["cifar"].train_kwargs == {"train": True}
 
 
 def test_pfl_peer_uses_the_same_data_and_refuses_bad_input(capsys):
   peer = _pfl_peer()
   # One generator file (benchmarks/peers/common.py) serves both (imported under two names).
-  assert os.path.samefile(peer.common.__file__, sys.modules[run.cifar_shaped.__module__].__file__)
-  for a, b in zip(peer.common.cifar_shaped(7, 50, 3), run.cifar_shaped(7, 50, 3)):
+  gen_module = sys.modules[workloads.cifar_shaped.__module__]
+  assert os.path.samefile(peer.common.__file__, gen_module.__file__)
+  for a, b in zip(peer.common.cifar_shaped(7, 50, 3), workloads.cifar_shaped(7, 50, 3)):
     np.testing.assert_array_equal(a, b)
   for argv, needle in [(["--rounds", "0"], "--rounds must be >= 1"),
                        (["--cohort", "60", "--num-clients", "50"], "exceeds --num-clients"),
@@ -60,13 +62,22 @@ def test_gpu_plan_has_the_issue_sizes_and_every_command_parses():
   assert parsed["cifar"].workloads == ["cifar"] and parsed["cifar"].rounds == 1500
   assert 0 < parsed["cifar"].max_seconds <= 90
   assert parsed["cnn"].workloads == ["cnn"] and parsed["cnn"].cohorts == [1000]
-  assert parsed["population"].cohorts == [10**4] and run.WORKLOADS["population"].dp_only
+  assert parsed["population"].cohorts == [10**4] and workloads.WORKLOADS["population"].dp_only
   assert parsed["dense"].cohorts == [10**4] and parsed["dense"].num_clients == 10**4
-  assert not any(p.no_sequential for p in parsed.values())  # the sequential baseline runs
+  # the sequential baseline runs (cifar_after only repeats the fedjax_sim figure)
+  assert not any(p.no_sequential for k, p in parsed.items() if k != "cifar_after")
   pfl = _pfl_peer().parse_args(steps["pfl"]["cmd"][2:])
   assert pfl.device == "cuda" and pfl.cohort == 50 and pfl.batch_size == 10
   assert (pfl.client_lr, pfl.server_lr) == (0.1, 1.0)
-  assert gpu_suite.parse_args([]).budget_seconds <= 480  # the suite fits 8 minutes
+  assert gpu_suite.parse_args([]).budget_seconds <= 540  # the suite fits 9 minutes
+  assert parsed["cnn"].chunk_sizes == [0, 20, 50, 150]  # the sweep includes the automatic chunk
+  assert parsed["stackoverflow"].workloads == ["stackoverflow"]
+  assert parsed["shakespeare"].workloads == ["shakespeare"]
+  assert parsed["cifar_after"].workloads == ["cifar"]
+  nproc = steps["pfl_nproc"]["cmd"]
+  assert nproc[1:3] == ["-m", "torch.distributed.run"]
+  assert f"--nproc_per_node={steps['pfl_nproc']['nproc']}" in nproc
+  assert steps["peaks"]["kind"] == steps["precision"]["kind"] == "code"
 
 
 def test_failed_and_timed_out_steps_are_recorded(tmp_path):
@@ -85,6 +96,19 @@ def test_failed_and_timed_out_steps_are_recorded(tmp_path):
     assert rows == [] and st["status"] == "failed" and "non-finite" in st["error"]
 
 
+def test_a_pfl_that_cannot_start_is_an_error_row_with_the_setup_and_no_ratio(tmp_path):
+  step = {"cmd": [sys.executable, "-c", "import sys; sys.exit('torchrun: rendezvous failed')"],
+          "kind": "pfl", "nproc": 4}
+  with open(tmp_path / "log", "w") as log:
+    rows, st = gpu_suite.run_step("pfl_nproc", step, 30, dict(os.environ), log)
+  assert rows == [] and st["status"] == "failed"
+  assert "rendezvous failed" in st["error"] and "setup.sh pfl" in st["error"]
+  ours = {"step": "cifar", "engine": "fedjax_sim", "model": "cifar", "cohort": 50, "rounds": 3,
+          "rounds_per_s": 1.0, "client_updates_per_s": 50.0}
+  md = gpu_suite.table([ours], [st])
+  assert "FAILED" in md and "setup.sh pfl" in md and "pfl at its best" not in md
+
+
 def test_missing_pfl_is_a_skipped_row_and_bad_steps_are_refused(tmp_path, capsys):
   out = tmp_path / "r.jsonl"
   assert gpu_suite.main(["--steps", "pfl", "--out", str(out),
@@ -95,7 +119,7 @@ def test_missing_pfl_is_a_skipped_row_and_bad_steps_are_refused(tmp_path, capsys
   assert "pfl not installed" in (tmp_path / "r.jsonl.md").read_text()
   with pytest.raises(SystemExit):
     gpu_suite.parse_args(["--steps", "resnet"])
-  assert "valid steps: env, cifar, pfl" in capsys.readouterr().err
+  assert "valid steps: env, peaks, cifar, pfl" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -106,11 +130,16 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   status = {r["step"]: r for r in rows if r.get("kind") == "status"}
   assert set(status) == set(gpu_suite.STEPS)
-  assert status["pfl"]["status"] == "skipped" and "pfl not installed" in status["pfl"]["error"]
-  for step in ("env", "cifar", "cnn", "population", "dense"):
+  for step in ("pfl", "pfl_nproc"):  # a peer that cannot start: an error row, no ratio
+    assert status[step]["status"] == "skipped" and "pfl not installed" in status[step]["error"]
+  for step in ("env", "peaks", "cifar", "cifar_after", "cnn", "stackoverflow", "shakespeare",
+               "precision", "population", "dense"):
     assert status[step]["status"] == "ok", status[step]
   figures = {r["step"]: r for r in rows if r.get("engine") == "fedjax_sim"}
-  assert set(figures) == {"cifar", "cnn", "population", "dense"}
+  assert set(figures) == {"cifar", "cifar_after", "cnn", "stackoverflow", "shakespeare",
+                          "population", "dense"}
+  assert {r["precision"] for r in rows if r.get("engine") == "gemm_peak"} == {
+      "f32", "tf32_default", "bf16"}
   assert figures["cifar"]["rounds"] == 2 and figures["cifar"]["params"] == 1_626_442
   assert figures["population"]["dp"] is True
   for r in figures.values():
@@ -120,6 +149,7 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
   assert env and env[0]["jax_backend"] == "cpu"
   md = (tmp_path / "r.jsonl.md").read_text()
   assert "| cifar | fedjax_sim |" in md and "DRY RUN" in md
+  assert "measured GEMM peaks" in md and "precision rows:" in md and "x client-updates/s" not in md
 
 
 @pytest.mark.slow  # timed benchmark blocks

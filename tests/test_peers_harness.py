@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import run, side_by_side
+from benchmarks import run, side_by_side, workloads
 from benchmarks.peers import common
 
 FAKE_PEER = '''
@@ -120,14 +120,14 @@ def test_peers_bad_input(capsys, tmp_path):
 @pytest.mark.parametrize("model", ["logistic", "cifar"])
 def test_peers_train_on_the_same_data(model):
   """Peers import benchmarks/peers/common.py (numpy only); it must match benchmarks.run."""
-  gen = run.WORKLOADS[model].data
+  gen = workloads.WORKLOADS[model].data
   for ours, theirs in zip(gen(30), common.workload_data(model, 30)):
     np.testing.assert_array_equal(ours, theirs)
-  assert common.WORKLOADS[model][1] == run.WORKLOADS[model].batch_size
+  assert common.WORKLOADS[model][1] == workloads.WORKLOADS[model].batch_size
 
 
 def test_flower_peer_refuses_what_it_cannot_run(capsys):
-  sys.path.insert(0, os.path.join(os.path.dirname(run.__file__), "peers"))
+  sys.path.insert(0, os.path.join(os.path.dirname(workloads.__file__), "peers"))
   from benchmarks.peers import flwr_fedavg
 
   a = flwr_fedavg.parse_args(["--model", "cifar", "--cohort", "50"])
@@ -138,3 +138,14 @@ def test_flower_peer_refuses_what_it_cannot_run(capsys):
   with pytest.raises(SystemExit):
     flwr_fedavg.parse_args(["--cohort", "20", "--num_clients", "10"])
   assert "--cohort 20 must be in [1, --num_clients=10]" in capsys.readouterr().err
+
+
+def test_lm_workloads_run_fedjax_own_models_and_a_missing_venv_names_the_setup(tmp_path):
+  args = run.parse_args(["--peers", "fedjax", "--workloads", "stackoverflow",
+                         "--peer-venvs", str(tmp_path)])
+  peer = side_by_side.PEERS["fedjax"]
+  assert {"stackoverflow", "shakespeare"} <= set(peer.models)
+  assert side_by_side.script_path(args, peer, "stackoverflow").endswith("peers/fedjax_lm.py")
+  assert side_by_side.script_path(args, peer, "cnn").endswith("peers/fedjax_fedavg.py")
+  with pytest.raises(side_by_side.PeerError, match="setup.sh fedjax"):
+    side_by_side.check_peer(args, peer)

@@ -1,0 +1,275 @@
+"""The fixed benchmark workloads of ../shared/bench/WORKLOADS.md: models, data, FLOP counting.
+
+The library every benchmark imports (``benchmarks.run``, ``benchmarks.side_by_side``,
+``benchmarks.gpu_suite`` and the single-purpose scripts); it imports nothing of ``benchmarks``
+but ``benchmarks.peers.common`` (the NumPy-only data generators the peer scripts share), so the
+scripts stay leaves. See ``benchmarks.run`` for what each workload is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fedjax_sim as fs
+from benchmarks.peers.common import (  # noqa: F401 - the workloads' data
+    cifar_shaped,
+    emnist_shaped,
+    shakespeare_shaped,
+    stackoverflow_shaped,
+)
+
+
+class Logistic(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(62)(x.reshape(x.shape[0], -1))
+
+
+class Dense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(200)(x))
+    x = nn.relu(nn.Dense(200)(x))
+    return nn.Dense(62)(x)
+
+
+MODELS = {"logistic": Logistic, "dense": Dense}
+
+
+def synthetic_population(num_clients=10**6, per_client=10, dim=60, classes=10, seed=0):
+  """LEAF Synthetic-style population: ``num_clients`` x 10 examples of 60 features, 10 classes."""
+  rng = np.random.default_rng(seed=seed)
+  total = num_clients * per_client
+  x = rng.standard_normal((total, dim), np.float32)
+  w = rng.standard_normal((dim, classes), np.float32)
+  y = np.argmax(x @ w + rng.standard_normal((total, classes), np.float32), -1).astype(np.int32)
+  return x, y, np.repeat(np.arange(num_clients), per_client)
+
+
+def pfl_simple_cnn(num_classes: int = 10) -> nn.Module:
+  """pfl-research's CIFAR-10 benchmark model ``simple_cnn`` (benchmarks/model/pytorch/cnn.py).
+
+  conv32-conv64 (3x3, valid padding), 2x2 max-pool, dropout 0.25, dense128, dropout 0.5,
+  dense(num_classes): on 32x32x3 inputs 1,626,442 parameters. That is exactly the layer stack of
+  ``fs.zoo.EmnistCNN``, so it is that module (its CPU conv path included); only the initialisers
+  differ (pfl: Glorot-uniform kernels), which does not change the work a round does.
+  """
+  return fs.zoo.EmnistCNN(num_classes)
+
+
+class PopLogistic(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(10)(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """A fixed workload of ../shared/bench/WORKLOADS.md.
+
+  Attributes:
+    data: ``(num_clients) -> (x, y, client_ids)``.
+    module: ``() -> flax module`` called as ``module(x)`` (dropout, if any, is on in training).
+    train_kwargs: extra ``module.apply`` keyword arguments when training.
+    batch_size: the local minibatch size.
+    cohorts: the cohort sizes this workload defines.
+    default_cohorts: what runs when ``--cohorts`` is not given.
+    dp_only: the workload is defined with DP-FedAvg (clip 1, z 1) only.
+    dense_flops: kept for old callers; FLOPs are always counted by :func:`count_flops`.
+    num_clients: the population size.
+    loss: ``"classifier"`` (``fs.models.classifier_loss``) or ``"sequence"``
+      (``fs.models.sequence_loss``, pad id 0: next-token prediction).
+  """
+
+  data: Callable[..., tuple]
+  module: Callable[[], nn.Module]
+  batch_size: int
+  cohorts: tuple[int, ...]
+  default_cohorts: tuple[int, ...]
+  train_kwargs: dict = dataclasses.field(default_factory=dict)
+  dp_only: bool = False
+  dense_flops: bool = True
+  num_clients: int = 3400
+  loss: str = "classifier"
+
+  def loss_fn(self, module):
+    """The workload's training loss for ``module`` (dropout on where the model has it)."""
+    apply = fs.models.linen_apply(module, **self.train_kwargs)
+    if self.loss == "sequence":
+      return fs.models.sequence_loss(apply)
+    return fs.models.classifier_loss(apply)
+
+
+WORKLOADS = {
+    "logistic": Workload(emnist_shaped, Logistic, 20, (10, 100, 1000), (10, 100, 1000)),
+    "dense": Workload(emnist_shaped, Dense, 20, (10, 100, 1000, 10**4), (10, 100, 1000)),
+    "cnn": Workload(emnist_shaped, lambda: fs.zoo.EmnistCNN(62), 20, (10, 100, 1000), (10, 100),
+                    train_kwargs={"train": True}, dense_flops=False),
+    "cifar": Workload(cifar_shaped, pfl_simple_cnn, 10, (50,), (50,),
+                      train_kwargs={"train": True}, dense_flops=False, num_clients=1000),
+    "population": Workload(synthetic_population, PopLogistic, 10, (100, 1000, 10**4), (10**4,),
+                           dp_only=True, num_clients=10**6),
+    "cifar-small": Workload(cifar_shaped, lambda: fs.zoo.CifarCNN(10), 10, (50,), (50,),
+                            dense_flops=False, num_clients=1000),
+    # FedJAX's Stack Overflow next-word LSTM (fs.zoo.StackOverflowLSTM, 4,050,748 parameters) on
+    # 20-token sentences; client sizes as Stack Overflow's (benchmarks/peers/common.py: LM_DATA),
+    # 3400 of its 342,477 clients (the per-round work depends on the size distribution, not on
+    # the population); batch 16 and cohort 50 as Reddi et al. 2021.
+    "stackoverflow": Workload(stackoverflow_shaped, fs.zoo.StackOverflowLSTM, 16, (10, 50),
+                              (50,), dense_flops=False, loss="sequence"),
+    # FedJAX/TFF's Shakespeare character LSTM (fs.zoo.ShakespeareLSTM, 820,522 parameters) on
+    # 80-character snippets, its 715 clients; batch 4 and cohort 10 as Reddi et al. 2021.
+    "shakespeare": Workload(shakespeare_shaped, fs.zoo.ShakespeareLSTM, 4, (10, 50), (10,),
+                            dense_flops=False, num_clients=715, loss="sequence"),
+}
+
+
+#: Elementwise primitives counted as one FLOP per output element.
+_ELEMENTWISE = frozenset({
+    "add", "sub", "mul", "div", "neg", "max", "min", "exp", "exp2", "log", "log1p", "tanh",
+    "logistic", "sqrt", "rsqrt", "pow", "integer_pow", "abs", "sign", "erf", "select_n",
+})
+#: Reductions counted as one FLOP per input element.
+_REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin",
+                         "reduce_precision", "cumsum", "cumlogsumexp", "cummax"})
+
+
+def _size(aval) -> int:
+  return int(np.prod(aval.shape)) if hasattr(aval, "shape") else 1
+
+
+def _count_jaxpr(jaxpr) -> dict:
+  """FLOPs of a jaxpr by kind: ``matmul`` (dot_general), ``conv``, ``elementwise``, ``reduce``."""
+  out = {"matmul": 0.0, "conv": 0.0, "elementwise": 0.0, "reduce": 0.0}
+
+  def add(counts, times=1.0):
+    for k, v in counts.items():
+      out[k] += times * v
+
+  for e in jaxpr.eqns:
+    name = e.primitive.name
+    if name == "dot_general":
+      (lc, _), (lb, _) = e.params["dimension_numbers"]
+      lhs = e.invars[0].aval.shape
+      contract = int(np.prod([lhs[i] for i in lc])) if lc else 1
+      out["matmul"] += 2.0 * _size(e.outvars[0].aval) * contract
+    elif name == "conv_general_dilated":
+      rhs = e.invars[1].aval.shape
+      dn = e.params["dimension_numbers"]
+      out_feat = rhs[dn.rhs_spec[0]]
+      per_out = int(np.prod(rhs)) // out_feat  # kernel window x input features per group
+      out["conv"] += 2.0 * _size(e.outvars[0].aval) * per_out
+    elif name in _ELEMENTWISE:
+      out["elementwise"] += _size(e.outvars[0].aval)
+    elif name in _REDUCTIONS or name.startswith("reduce_window"):
+      out["reduce"] += _size(e.invars[0].aval)
+    elif name == "while":
+      raise ValueError("count_flops: a while loop has no static trip count; count by hand")
+    sub = [p for p in e.params.values() if hasattr(p, "eqns") or hasattr(p, "jaxpr")]
+    if name == "cond":
+      branches = [_count_jaxpr(b.jaxpr) for b in e.params["branches"]]
+      add(max(branches, key=lambda c: sum(c.values())))
+      continue
+    for p in sub:
+      inner = p if hasattr(p, "eqns") else p.jaxpr
+      inner = inner if hasattr(inner, "eqns") else inner.jaxpr
+      add(_count_jaxpr(inner), float(e.params.get("length", 1)) if name == "scan" else 1.0)
+  return out
+
+
+def count_flops(fn, *args) -> dict:
+  """Counts the FLOPs of ``fn(*args)`` from its jaxpr, the same on every backend.
+
+  A multiply-add is 2 FLOPs: ``dot_general`` (matmuls, attention, LSTM gate projections)
+  ``2 x output size x contracted size``; ``conv_general_dilated`` ``2 x output size x kernel
+  window x input features per group``; elementwise arithmetic (bias adds, activations, LSTM gate
+  nonlinearities and products, softmax) 1 per output element; reductions (sums, max-pool windows)
+  1 per input element. ``scan`` bodies count ``length`` times; ``cond`` its costliest branch.
+  Data movement (gather, transpose, concatenate) counts 0.
+
+  Returns:
+    ``{"matmul", "conv", "elementwise", "reduce", "total"}`` in FLOPs.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> count_flops(lambda a, b: a @ b, jnp.ones((4, 3)), jnp.ones((3, 5)))["total"]
+    120.0
+  """
+  counts = _count_jaxpr(jax.make_jaxpr(fn)(*args).jaxpr)
+  counts["total"] = sum(counts.values())
+  return counts
+
+
+#: Training FLOPs = this many times the forward FLOPs (the backward pass costs about twice the
+#: forward: one product for the input gradient and one for the weight gradient per layer).
+TRAIN_FLOPS_PER_FORWARD = 3.0
+
+
+def forward_flops(module, params, x1) -> dict:
+  """:func:`count_flops` of the module's forward pass on ``x1`` (one example)."""
+  return count_flops(lambda p, x: module.apply({"params": p}, x), params, x1)
+
+
+def xla_flops(module, params, x1) -> float | None:
+  """The ``flops`` of XLA's cost analysis of the compiled forward pass on ``x1`` (or None).
+
+  Backend-dependent: on GPU the figure misses convolutions lowered to cuDNN custom calls (9.75
+  instead of 101.6 MFLOP per ``cifar`` training example in the H100 run), so it is recorded
+  for comparison only; :func:`flops_per_example` counts the jaxpr.
+  """
+  try:
+    analysis = jax.jit(lambda p, x: module.apply({"params": p}, x)).lower(
+        params, x1).compile().cost_analysis()
+  except Exception:  # noqa: BLE001 - some backends have no cost analysis
+    return None
+  if isinstance(analysis, list):
+    analysis = analysis[0] if analysis else {}
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def flops_per_example(workload: Workload, module, params, x1) -> float:
+  """Training FLOPs per example: 3 x the forward FLOPs counted by :func:`count_flops`.
+
+  Every workload on every backend the same way (the ``dense_flops`` attribute no longer
+  changes it; ``6 x params`` undercounts sequence models by the sequence length).
+  """
+  del workload
+  return TRAIN_FLOPS_PER_FORWARD * forward_flops(module, params, x1)["total"] / x1.shape[0]
+
+
+class BenchmarkError(SystemExit):
+  """A run that must not produce a figure (exits non-zero with the message)."""
+
+
+def check_finite(params, what: str, nonfinite_rounds: float = 0.0) -> None:
+  """Fails loudly if ``params`` holds a non-finite value, or if the engine skipped rounds whose
+  server step would have made them non-finite (``on_nonfinite``): a diverged run has no figure."""
+  bad = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+         if not bool(np.all(np.isfinite(np.asarray(leaf))))]
+  if bad:
+    raise BenchmarkError(f"benchmark error: {what} produced non-finite parameters in "
+                         f"{', '.join(bad)}; no figure is recorded.")
+  if nonfinite_rounds:
+    raise BenchmarkError(f"benchmark error: {what} produced non-finite parameters in "
+                         f"{int(nonfinite_rounds)} rounds (the engine skipped those server "
+                         "steps); no figure is recorded.")
+
+
+def gemm_gflops(n=2048, repeats=5) -> float:
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best / 1e9
