@@ -209,6 +209,7 @@ def main(argv=None):
              "vs_scan_canonical": (base / dt) if base else None,
              "compile_s": fns[name][2], "max_param_diff_vs_first": fns[name][3],
              "load_avg_1min": os.getloadavg()[0], "jax": jax.__version__,
+             "zoo_conv_vmap_rule": hasattr(fs.zoo, "_map_on_vmap"),
              "time": time.time()}
       print(json.dumps(row), flush=True)
       if args.out:
