@@ -97,3 +97,13 @@ def test_cache_key_has_version_and_device():
   k = autotune.cache_key("sig", device_kind="NVIDIA H200")
   assert k.endswith(f"|NVIDIA H200|jax{jax.__version__}")
   assert autotune.cache_key("sig2", "x") != autotune.cache_key("sig", "x")
+
+
+@pytest.mark.parametrize("params,batch,example_bytes", [(1_206_590, 20, 4 * 784),
+                                                        (1_626_442, 10, 4 * 3072)])
+def test_cpu_automatic_chunk_is_the_scan_for_the_cnns(params, batch, example_bytes):
+  """benchmarks/results/cpu-2core/client_kernels.jsonl: on CPU every vmapped conv option lost to
+  a scan over clients for the EMNIST CNN and pfl's simple_cnn, so the automatic chunk is 1."""
+  from fedjax_sim.memory import CPU_BUDGET_BYTES, auto_chunk_size
+  for cohort in (10, 50, 100, 1000):
+    assert auto_chunk_size(cohort, params, example_bytes, batch, CPU_BUDGET_BYTES, "cpu") == 1
