@@ -35,28 +35,62 @@ from jax import lax
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-@jax.custom_vjp
-def _conv_valid(x: jax.Array, k: jax.Array) -> jax.Array:
-  """VALID, stride-1 2-D convolution, NHWC x HWIO -> NHWC, with canonical-layout gradients."""
+def _map_on_vmap(f):
+  """``f`` with a ``jax.custom_batching.custom_vmap`` rule: under ``vmap`` (several clients per
+  chunk, each with its own kernel) it runs ``f`` in a ``lax.map`` over the batch axis instead of
+  JAX's default rule (a grouped convolution, which XLA:CPU runs slowly). Unbatched it is ``f``.
+  Measured in ``benchmarks/client_kernels.py`` (``vmap_loopconv`` vs ``vmap_canonical``)."""
+  g = jax.custom_batching.custom_vmap(f)
+
+  @g.def_vmap
+  def rule(axis_size, in_batched, *args):
+    del axis_size
+    mapped = [a for a, b in zip(args, in_batched, strict=True) if b]
+
+    def one(ms):
+      it = iter(ms)
+      return g(*[next(it) if b else a for a, b in zip(args, in_batched, strict=True)])
+
+    return lax.map(one, mapped), True
+
+  return g
+
+
+@_map_on_vmap
+def _fwd_conv(x, k):
   return lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=_NHWC)
 
 
+@_map_on_vmap
+def _dx_conv(dy, k):
+  # dx = full correlation of dy with the spatially flipped kernel, as an NHWC/HWIO conv.
+  kh, kw = k.shape[0], k.shape[1]
+  k_flip = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)
+  return lax.conv_general_dilated(dy, k_flip, (1, 1), [(kh - 1, kh - 1), (kw - 1, kw - 1)],
+                                  dimension_numbers=_NHWC)
+
+
+@_map_on_vmap
+def _dk_conv(x, dy):
+  # dk[a, b, i, o] = sum_{n,h,w} x[n, h+a, w+b, i] dy[n, h, w, o]: a conv with the input
+  # channels as the batch and the examples as the features, again NHWC/HWIO.
+  return lax.conv_general_dilated(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1),
+                                  "VALID", dimension_numbers=_NHWC).transpose(1, 2, 0, 3)
+
+
+@jax.custom_vjp
+def _conv_valid(x: jax.Array, k: jax.Array) -> jax.Array:
+  """VALID, stride-1 2-D convolution, NHWC x HWIO -> NHWC, with canonical-layout gradients."""
+  return _fwd_conv(x, k)
+
+
 def _conv_valid_fwd(x, k):
-  return lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=_NHWC), (x, k)
+  return _fwd_conv(x, k), (x, k)
 
 
 def _conv_valid_bwd(res, dy):
   x, k = res
-  kh, kw = k.shape[0], k.shape[1]
-  # dx = full correlation of dy with the spatially flipped kernel, as an NHWC/HWIO conv.
-  k_flip = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)
-  dx = lax.conv_general_dilated(dy, k_flip, (1, 1), [(kh - 1, kh - 1), (kw - 1, kw - 1)],
-                                dimension_numbers=_NHWC)
-  # dk[a, b, i, o] = sum_{n,h,w} x[n, h+a, w+b, i] dy[n, h, w, o]: a conv with the input
-  # channels as the batch and the examples as the features, again NHWC/HWIO.
-  dk = lax.conv_general_dilated(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1),
-                                "VALID", dimension_numbers=_NHWC)
-  return dx, dk.transpose(1, 2, 0, 3).astype(k.dtype)
+  return _dx_conv(dy, k), _dk_conv(x, dy).astype(k.dtype)
 
 
 _conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)
@@ -80,8 +114,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   The canonical path is a ``jax.custom_vjp``: reverse mode (``grad``) only. Forward-mode
   transforms (``jax.jvp``, ``jacfwd``, ``hessian``) raise a TypeError on it; use
   ``impl="lax"`` (``EmnistCNN(conv_impl="lax")``) for them. Under ``vmap`` (several clients per
-  chunk) its kernel gradient becomes a grouped convolution, which XLA:CPU runs slowly again; the
-  automatic CPU chunk for convolutional models is one client.
+  chunk) its three convolutions (forward, input and kernel gradient) carry a
+  ``jax.custom_batching.custom_vmap`` rule that loops over the clients (``lax.map``) instead of
+  JAX's grouped convolution, which XLA:CPU runs slowly (``benchmarks/client_kernels.py``); the
+  automatic CPU chunk for convolutional models is still one client (a scan over clients), which
+  measured faster than any vmapped option on CPU.
   """
   if impl not in ("auto", "lax", "canonical"):
     raise ValueError(f"impl must be 'auto', 'lax' or 'canonical'; got {impl!r}.")

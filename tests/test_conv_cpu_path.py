@@ -116,3 +116,28 @@ def test_single_client_chunks_run_unbatched_with_same_results():
     state, metrics = sim.round(sim.init(params, jax.random.key(0)))
     out[flag] = (state.params, metrics["clients"], metrics["client_steps"])
   _close(out[True], out[False], 1e-5)
+
+
+@pytest.mark.parametrize("batched", ["both", "x_only", "k_only", "nested"])
+def test_conv_under_vmap_matches_plain_vmap(batched):
+  """The canonical conv's custom_vmap rule (a loop over clients) equals plain vmap of lax's conv:
+  values and both gradients, per-client kernels, partly batched and nested vmaps."""
+  rng = np.random.default_rng(1)
+  dn = ("NHWC", "HWIO", "NHWC")
+  x = jnp.asarray(rng.normal(size=(2, 3, 2, 7, 6, 2)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(2, 3, 3, 2, 2, 4)), jnp.float32)
+
+  def f(impl):
+    def loss(x, k):
+      y = fs.zoo.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn, impl=impl)
+      return jnp.sum(jnp.sin(y))
+    g = jax.value_and_grad(loss, argnums=(0, 1))
+    if batched == "both":
+      return jax.vmap(g)(x[0], k[0])
+    if batched == "x_only":
+      return jax.vmap(g, in_axes=(0, None))(x[0], k[0, 0])
+    if batched == "k_only":
+      return jax.vmap(g, in_axes=(None, 0))(x[0, 0], k[0])
+    return jax.vmap(jax.vmap(g))(x, k)
+
+  _close(f("canonical"), f("lax"), 1e-4)

@@ -12,6 +12,7 @@ import optax
 
 from fedjax_sim import _validation as _v
 from fedjax_sim import partition_views as _views
+from fedjax_sim import precision as _precision
 from fedjax_sim.aggregators import Process, as_process, weighted_mean
 from fedjax_sim.algorithms._base import Algorithm, check_loss, check_optimizer
 from fedjax_sim.client import make_client_update, make_shared_mix, proximal, shared_loss
@@ -31,6 +32,7 @@ def fedavg(
     trainable: _views.TrainableSpec = None,
     shared_data: dict | None = None,
     shared_fraction: float = 0.0,
+    precision: str = "f32",
 ) -> Algorithm:
   """Federated Averaging (generalised: any client and server optax optimizer).
 
@@ -59,6 +61,10 @@ def fedavg(
       data, not the shared set).
     shared_fraction: fraction in [0, 1) of each local batch drawn from ``shared_data`` (with
       the client's key, in-jit); the rest comes from the client's own examples.
+    precision: the client's compute precision (:mod:`fedjax_sim.precision`): ``"f32"``
+      (default) or ``"bf16"`` (bfloat16 forward/backward on float32 master params; the delta,
+      clipping, aggregation, DP noise and server step stay float32). It changes results, so
+      it is part of the algorithm.
 
   Returns:
     an :class:`Algorithm` for :class:`fedjax_sim.Simulation`.
@@ -81,7 +87,7 @@ def fedavg(
   algo = _local_sgd_algorithm(
       "fedavg", loss_fn, client_optimizer, server_optimizer, batch_size, local_epochs,
       local_steps, aggregator, regularizer=None, trainable=trainable, shared_data=shared_data,
-      shared_fraction=shared_fraction,
+      shared_fraction=shared_fraction, precision=precision,
   )
   if weight_fn is not None and not callable(weight_fn):
     raise TypeError("weight_fn must be callable as weight_fn(num_examples, metrics, client_id).")
@@ -160,8 +166,10 @@ def fedsgd(
 def _local_sgd_algorithm(
     name, loss_fn, client_optimizer, server_optimizer, batch_size, local_epochs, local_steps,
     aggregator, regularizer, trainable=None, shared_data=None, shared_fraction=0.0,
+    precision="f32",
 ) -> Algorithm:
   check_loss(loss_fn)
+  precision = _precision.check_precision(precision)
   check_optimizer("client_optimizer", client_optimizer)
   server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
   check_optimizer("server_optimizer", server_optimizer)
@@ -170,8 +178,8 @@ def _local_sgd_algorithm(
 
   def build(loss):
     client_update = make_client_update(
-        loss, client_optimizer, batch_size=batch_size, local_epochs=local_epochs,
-        local_steps=local_steps, regularizer=regularizer, shared=shared,
+        _precision.with_precision(loss, precision), client_optimizer, batch_size=batch_size,
+        local_epochs=local_epochs, local_steps=local_steps, regularizer=regularizer, shared=shared,
     )
     return Algorithm(
         client_update, process, server_optimizer, None, name, shared_loss(loss_fn, shared),
