@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim import _validation as _v
-from fedjax_sim.data.population import _check_features
+from fedjax_sim.data.population import check_features
 from fedjax_sim.types import MASK_KEY, ClientOutput, LossFn, Params, PRNGKey, PyTree
 
 
@@ -145,7 +145,7 @@ def make_shared_mix(shared_data, shared_fraction) -> SharedMix | None:
   # The Population's own checks and messages (non-finite values, dtypes that would not survive
   # float32 / int32, scalars, lengths), naming shared_data; the labels are checked against the
   # model's classes with the population's, before compiling (shared_loss below).
-  checked = _check_features(shared_data, "shared_data")
+  checked = check_features(shared_data, "shared_data")
   if not next(iter(checked.values())).shape[0]:
     raise ValueError("shared_data holds no examples; pass at least one, or shared_data=None.")
   features = {k: jnp.asarray(v) for k, v in checked.items()}

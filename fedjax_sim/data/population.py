@@ -39,7 +39,7 @@ def _to_device_dtype(name: str, a: np.ndarray, what: str = "features") -> np.nda
   return a
 
 
-def _check_features(features: Mapping[str, Any], what: str = "features") -> dict[str, np.ndarray]:
+def check_features(features: Mapping[str, Any], what: str = "features") -> dict[str, np.ndarray]:
   """The Population's feature checks; ``what`` names the argument in the messages."""
   if not isinstance(features, Mapping) or not features:
     raise ValueError(
@@ -155,7 +155,7 @@ class Population:
       ValueError / TypeError: on empty or mismatched features, non-finite values, or client ids
         of the wrong length, dtype or range.
     """
-    feats = _check_features(features)
+    feats = check_features(features)
     length = next(iter(feats.values())).shape[0]
     if length == 0:
       raise ValueError("the population is empty: features have 0 examples; pass at least one.")
