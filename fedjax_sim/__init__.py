@@ -11,6 +11,7 @@ from fedjax_sim import host_cpu  # noqa: I001
 from fedjax_sim import (
     aggregators,
     algorithms,
+    asynchronous,
     attacks,
     checkpoint,
     core,
@@ -30,6 +31,7 @@ from fedjax_sim import (
     zoo,
 )
 from fedjax_sim.algorithms import Algorithm
+from fedjax_sim.asynchronous import AsyncSimulation
 from fedjax_sim.client import ClientData, make_client_update
 from fedjax_sim.data import datasets, partition, sampling
 from fedjax_sim.data.population import Population
@@ -43,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MASK_KEY",
     "Algorithm",
+    "AsyncSimulation",
     "ClientData",
     "ClientOutput",
     "Population",
@@ -53,6 +56,7 @@ __all__ = [
     "WeightedUpdate",
     "aggregators",
     "algorithms",
+    "asynchronous",
     "attacks",
     "checkpoint",
     "core",
