@@ -171,7 +171,7 @@ def _staleness(value) -> Staleness:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Availability:
-  """When each client can start: active intervals ``[start, end)`` in seconds, per client.
+  """When each client can start: active intervals ``[start, end]`` in seconds, per client.
 
   A client is available at time ``t`` when ``t mod period`` (``t`` itself without a period)
   lies in one of its intervals. A client that started finishes (availability governs starts).
@@ -180,15 +180,16 @@ class Availability:
     client: int ``[M]``, the client of each interval (ids of the population).
     start, end: float ``[M]`` seconds.
     num_clients: the population size the ids refer to.
-    period: optional period in seconds (FedScale's behaviour traces repeat with each client's
-      ``finish_time``; :func:`fedjax_sim.systems.load_fedscale_behavior` unrolls them).
+    period: optional period in seconds, one for all or one per interval (FedScale's behaviour
+      traces repeat with each client's ``finish_time``:
+      :func:`fedjax_sim.systems.load_fedscale_behavior`).
   """
 
   client: np.ndarray
   start: np.ndarray
   end: np.ndarray
   num_clients: int
-  period: float | None = None
+  period: Any = None
 
   def __post_init__(self):
     c = np.asarray(self.client, np.int64).reshape(-1)
@@ -202,16 +203,20 @@ class Availability:
                        f"{n}; the trace's client ids must match the population (0..{n - 1}).")
     if not (np.isfinite(s).all() and np.isfinite(e).all()) or (e < s).any():
       raise ValueError("Availability: every interval needs finite start <= end.")
-    if self.period is not None:
-      _v.positive("Availability period (seconds)", self.period)
+    period = self.period
+    if period is not None:
+      period = np.broadcast_to(np.asarray(period, np.float64), s.shape).copy()
+      if not (np.isfinite(period).all() and (period > 0).all()):
+        raise ValueError("Availability period must be finite and > 0 (seconds).")
     object.__setattr__(self, "client", c)
     object.__setattr__(self, "start", s)
     object.__setattr__(self, "end", e)
+    object.__setattr__(self, "period", period)
 
   def active(self, t: float) -> np.ndarray:
     """bool ``[num_clients]``: who may start at virtual time ``t``."""
-    tt = t % self.period if self.period is not None else t
-    hit = (self.start <= tt) & (tt < self.end)
+    tt = t if self.period is None else np.mod(t, self.period)
+    hit = (self.start <= tt) & (tt <= self.end)  # FedScale's is_active: both ends inclusive
     out = np.zeros(self.num_clients, bool)
     out[self.client[hit]] = True
     return out
@@ -821,7 +826,8 @@ class AsyncSimulation:
         "availability_digest": None if self.timing.availability is None else _digest(
             np.concatenate([self.timing.availability.client.astype(np.float64),
                             self.timing.availability.start, self.timing.availability.end,
-                            [self.timing.availability.period or 0.0]])),
+                            np.ravel(0.0 if self.timing.availability.period is None
+                                     else self.timing.availability.period)])),
         "sort_by_size": self.sort_by_size,
     }
 
