@@ -755,22 +755,37 @@ class AsyncSimulation:
                                               self.staleness.is_constant)
     return self._programs[length]
 
-  def run(self, state: AsyncState, num_steps: int) -> tuple[AsyncState, dict[str, np.ndarray]]:
+  def run(self, state: AsyncState, num_steps: int, *, log_dir: str | None = None,
+          progress: bool = False) -> tuple[AsyncState, dict[str, np.ndarray]]:
     """Runs ``num_steps`` server steps in blocks of ``block_size`` (one ``lax.scan`` each).
+
+    Args:
+      state: from :meth:`init`, :meth:`run` or :meth:`restore`.
+      num_steps: server steps to run.
+      log_dir: append one JSON row per server step to ``<log_dir>/metrics.jsonl``
+        (:class:`fedjax_sim.checkpoint.MetricsLog`; the histogram as ``staleness_hist_<bin>``
+        columns). A log of another run there is refused.
+      progress: a progress bar / line per block.
 
     Returns:
       ``(state, metrics)``: metrics are NumPy arrays with a leading ``[num_steps]`` axis.
     """
+    from fedjax_sim.progress import Progress
+
     _v.non_negative_int("num_steps", num_steps)
     if self._plan is None:
       raise RuntimeError("call init(params, key) (or restore) before run().")
     if not isinstance(state, AsyncState):
       raise TypeError(f"state must be the AsyncState of init()/run(); got {type(state).__name__}.")
     sched = self._sync_scheduler(state)
+    log = None if log_dir is None else self._log(log_dir, state)
+    bar = Progress(num_steps, self.buffer_size, enabled=progress)
     rows: list[dict] = []
     done = 0
+    bins = staleness_bins(self.max_staleness)
     while done < num_steps:
       length = min(self.block_size, num_steps - done)
+      first = int(state.server.round)
       s = sched.next_steps(length)
       state, m = self._program(length)(state, self.population, s.ids, s.versions, s.weights)
       m = {k: np.asarray(v) for k, v in m.items()}
@@ -779,11 +794,35 @@ class AsyncSimulation:
                dropped_stale=s.dropped_stale.astype(np.float32),
                staleness_mean=stale.mean(axis=1), staleness_max=stale.max(axis=1).astype(float),
                staleness_hist=_histogram(stale, self.max_staleness))
+      if log is not None:
+        flat = {k: v for k, v in m.items() if v.ndim == 1}
+        flat.update({f"staleness_hist_{b}": m["staleness_hist"][:, i]
+                     for i, b in enumerate(bins)})
+        log.write(first, flat)
+      if "loss" in m:
+        bar.update(first + length, length, m, None)
       rows.append(m)
       done += length
+    bar.close()
     if not rows:
       return state, {}
     return state, {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+  def _log(self, log_dir: str, state: AsyncState):
+    from fedjax_sim.checkpoint import MetricsLog, config_hash
+
+    fp = {**self.fingerprint(),
+          "run_key": [int(w) for w in np.asarray(jax.random.key_data(state.server.key)).ravel()]}
+    existing = None
+    path = os.path.join(log_dir, "config.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        existing = json.load(f)
+      if existing.get("config_hash") != config_hash(fp):
+        raise ValueError(f"log_dir {log_dir!r} holds the log of another run (other settings or "
+                         "run key); use another log_dir.")
+    return MetricsLog(log_dir, fp, existing=existing,
+                      session={"start_step": int(state.server.round)})
 
   def memory(self, state: AsyncState) -> dict[str, int]:
     """Bytes: the ring of versions, the server state, and XLA's analysis of one block.

@@ -153,12 +153,16 @@ def test_checkpoint_resumes_bit_identically_with_clients_in_flight(setup, tmp_pa
   sim = make()
   state, full = sim.run(sim.init(params, key), 8)
   sim2 = make()
-  half, _ = sim2.run(sim2.init(params, key), 5)
+  half, _ = sim2.run(sim2.init(params, key), 5, log_dir=str(tmp_path / "log"))
   sim2.save(half, str(tmp_path))
   sim3 = make()  # a fresh process's view: the clock is replayed, not restarted
   resumed = sim3.restore(str(tmp_path), params, jax.random.key(0))
   assert int(resumed.server.round) == 5
-  resumed, rest = sim3.run(resumed, 3)
+  resumed, rest = sim3.run(resumed, 3, log_dir=str(tmp_path / "log"))
+  log = fs.checkpoint.read_log(str(tmp_path / "log"))
+  np.testing.assert_array_equal(log["round"], np.arange(1, 9))
+  np.testing.assert_allclose(log["virtual_time"], full["virtual_time"])
+  assert "staleness_hist_0" in log
   chex.assert_trees_all_equal(resumed.server.params, state.server.params)
   np.testing.assert_array_equal(rest["virtual_time"], full["virtual_time"][5:])
   other = fs.AsyncSimulation(algo, pop, concurrency=8, buffer_size=3, timing=timing,
