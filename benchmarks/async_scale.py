@@ -11,7 +11,7 @@ server steps after a compile run, interleaved sync/async ``--repeats`` times; th
 includes the host's clock (the schedule is computed inside ``run``). Client-updates/s counts the
 clients whose updates were applied.
 
-  python -m benchmarks.async_scale            # writes benchmarks/results/cpu-2core/async_scale.jsonl
+  python -m benchmarks.async_scale   # appends to benchmarks/results/cpu-2core/async_scale.jsonl
 """
 
 from __future__ import annotations
