@@ -396,6 +396,13 @@ class Scheduler:
     self._launched[cand] = True
     missing = m - len(cand)
     if missing:
+      a = self._availability
+      if (not self._in_flight.any() and a is not None and a.period is None
+          and (not len(a.end) or t > a.end.max())):
+        raise RuntimeError(
+            f"at virtual time {t:g} no client is training and the availability trace (no "
+            "period) has no interval left: no client can ever start again. Give the "
+            "Availability a period or a longer trace.")
       self._pending += missing
       if not self._retry_set:
         heapq.heappush(self._heap, (t + self._retry, self._seq, -1, -1))

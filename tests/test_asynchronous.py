@@ -219,6 +219,11 @@ def test_scheduler_availability_and_histogram():
   np.testing.assert_array_equal(h, [[1, 1, 2, 2]])
   np.testing.assert_allclose(fa.hinge(1.0, 2.0)(np.arange(5)), [1, 1, 1, 0.5, 1 / 3])
   np.testing.assert_allclose(fa.polynomial(1.0)(np.arange(3)), [1, 0.5, 1 / 3])
+  ended = fa.Availability(np.arange(n), np.zeros(n), np.full(n, 1.5), n)  # no period
+  sched = fa.Scheduler(jax.random.key(0), np.ones(n), concurrency=4, buffer_size=4,
+                       max_staleness=1, staleness=fa.constant(), availability=ended)
+  with pytest.raises(RuntimeError, match="no client can ever start again"):
+    sched.next_steps(5)
 
 
 def test_fedscale_traces_written_in_its_pickle_format(tmp_path):
