@@ -357,6 +357,7 @@ class Scheduler:
     self._in_flight = np.zeros(self.num_clients, bool)
     self._launched = np.zeros(self.num_clients, bool)  # started on the current version
     self._cache_version = -1
+    self._free_version, self._free, self._freed = -1, [], []
     self._pending = 0
     self._retry_set = False
     self._buffer: list = []
@@ -376,12 +377,32 @@ class Scheduler:
         self._durations = self._seconds
     return self._scores, self._durations
 
+  def _free_clients(self, scores) -> list:
+    """Without availability: a heap of ``(-score, id)`` over the clients free to start (not in
+    flight, not started on this version), rebuilt per version and fed with arrivals: a start
+    costs O(log N) instead of a pass over the population."""
+    if self._free_version != self.version:
+      self._free_version = self.version
+      ids = np.flatnonzero(~self._in_flight & ~self._launched)
+      self._free = list(zip((-scores[ids]).tolist(), ids.tolist(), strict=True))
+      heapq.heapify(self._free)
+      self._freed = []
+    for cid in self._freed:
+      if not self._launched[cid]:
+        heapq.heappush(self._free, (-float(scores[cid]), cid))
+    self._freed = []
+    return self._free
+
   def _launch(self, m: int, t: float, first: bool = False) -> None:
     scores, durations = self._version_draws()
-    eligible = ~self._in_flight & ~self._launched
-    if self._availability is not None:
-      eligible &= self._availability.active(t)
-    cand = np.flatnonzero(eligible)
+    if self._availability is None and not first:
+      free = self._free_clients(scores)  # pops in the order below: highest score, lowest id
+      cand = np.asarray([heapq.heappop(free)[1] for _ in range(min(m, len(free)))], np.int64)
+    else:
+      eligible = ~self._in_flight & ~self._launched
+      if self._availability is not None:
+        eligible &= self._availability.active(t)
+      cand = np.flatnonzero(eligible)
     if first and len(cand) < m:
       raise ValueError(
           f"concurrency={m} but only {len(cand)} clients are available at virtual time 0; "
@@ -419,6 +440,7 @@ class Scheduler:
         self._retry_set = False
         continue
       self._in_flight[cid] = False
+      self._freed.append(cid)
       started += 1
       if self.version - v > self.max_staleness:
         self._dropped += 1
@@ -790,11 +812,16 @@ class AsyncSimulation:
     rows: list[dict] = []
     done = 0
     bins = staleness_bins(self.max_staleness)
+    length = min(self.block_size, num_steps)
+    s = sched.next_steps(length) if num_steps else None
+    start = int(state.server.round)
     while done < num_steps:
-      length = min(self.block_size, num_steps - done)
-      first = int(state.server.round)
-      s = sched.next_steps(length)
+      first = start + done
       state, m = self._program(length)(state, self.population, s.ids, s.versions, s.weights)
+      done += length
+      # The next block's schedule is computed while this block runs (dispatch is asynchronous).
+      next_length = min(self.block_size, num_steps - done)
+      next_s = sched.next_steps(next_length) if next_length else None
       m = {k: np.asarray(v) for k, v in m.items()}
       stale = s.staleness
       m.update(virtual_time=s.time, in_flight=s.in_flight.astype(np.float32),
@@ -809,7 +836,7 @@ class AsyncSimulation:
       if "loss" in m:
         bar.update(first + length, length, m, None)
       rows.append(m)
-      done += length
+      s, length = next_s, next_length
     bar.close()
     if not rows:
       return state, {}
