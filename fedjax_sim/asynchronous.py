@@ -17,7 +17,8 @@ compiled: one server step trains its K arrivals vmapped (in chunks, ``core.clien
 same one-client function as the synchronous round), each from the model version it started on,
 read from a ring buffer of the last ``S = max_staleness + 1`` versions, and many server steps run
 in one ``lax.scan``. Memory: ``S x |params|`` for the ring (no ring at all when
-``max_staleness=0``) plus one chunk's training, independent of C. Clients dropped as too stale
+``max_staleness=0``) plus one chunk's training (with ``chunk x |params|`` for its clients' start
+versions), independent of C. Clients dropped as too stale
 are never trained (they cost the host a heap entry, nothing else).
 
 **Tie convention.** Events at the same virtual time are processed together: every arrival at
@@ -866,13 +867,11 @@ class AsyncSimulation:
     """
     from fedjax_sim import memory as _memory
 
-    s = self._scheduler
     k = self.buffer_size
     ids = np.zeros((1, k), np.int32)
     lowered = self._program(1).lower(state, self.population, ids, ids,
                                      np.ones((1, k), np.float32))
     analysis = lowered.compile().memory_analysis()
-    del s
     out = {"ring_bytes": _memory.tree_bytes(state.ring),
            "state_bytes": _memory.tree_bytes(state)}
     for name in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes"):
