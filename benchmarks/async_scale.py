@@ -12,6 +12,11 @@ includes the host's clock (the schedule is computed inside ``run``). Client-upda
 clients whose updates were applied.
 
   python -m benchmarks.async_scale   # appends to benchmarks/results/cpu-2core/async_scale.jsonl
+
+``--ring-ab``: the cost of per-client start versions alone. C = K = 1000 with equal durations
+(every update has staleness 0, the same work either way), ``max_staleness=0`` (one broadcast
+model, as the synchronous round) vs ``max_staleness=1`` (a ring of 2: every client of a chunk
+trains from its own gathered copy), interleaved 3 times, printed (not written).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ def main():
   ap.add_argument("--chunk", type=int, default=100)
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--ring-ab", action="store_true")
   ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu-2core",
                                                 "async_scale.jsonl"))
   args = ap.parse_args()
@@ -59,6 +65,23 @@ def main():
                               client_optimizer=optax.sgd(0.1), batch_size=args.batch,
                               local_epochs=1)
   speeds = rng.lognormal(0.0, 1.0, args.clients)
+  if args.ring_ab:
+    sims = {ms: fs.AsyncSimulation(algo, pop, concurrency=1000, buffer_size=1000,
+                                   chunk_size=args.chunk, max_staleness=ms,
+                                   block_size=args.steps) for ms in (0, 1)}
+    states = {ms: s.run(s.init(params, jax.random.key(1)), args.steps)[0]
+              for ms, s in sims.items()}
+    res = {0: [], 1: []}
+    for _ in range(args.repeats):
+      for ms, s in sims.items():
+        t0 = time.perf_counter()
+        states[ms], m = s.run(states[ms], args.steps)
+        jax.block_until_ready(states[ms].server.params)
+        res[ms].append(float(np.sum(m["clients"])) / (time.perf_counter() - t0))
+    print(json.dumps({"benchmark": "async_ring_ab", "broadcast_client_updates_per_s": res[0],
+                      "per_client_versions_client_updates_per_s": res[1],
+                      "load_avg_1m": os.getloadavg()[0]}))
+    return
   rows = []
   for k in args.buffer:
     sync = fs.Simulation(algo, pop, cohort_size=k, chunk_size=args.chunk)
