@@ -16,6 +16,7 @@ from fedjax_sim import host_cpu  # noqa: I001
 from fedjax_sim import (
     aggregators,
     algorithms,
+    asynchronous,
     attacks,
     autotune,
     core,
@@ -35,6 +36,7 @@ from fedjax_sim import (
 )
 from fedjax_sim._version import __version__
 from fedjax_sim.algorithms import Algorithm
+from fedjax_sim.asynchronous import AsyncSimulation
 from fedjax_sim.client import ClientData, make_client_update
 from fedjax_sim.data import datasets, partition, sampling
 from fedjax_sim.data.population import Population
@@ -51,6 +53,7 @@ from fedjax_sim import checkpoint, checks, programs, round, run_dir  # noqa: E40
 __all__ = [
     "MASK_KEY",
     "Algorithm",
+    "AsyncSimulation",
     "ClientData",
     "ClientOutput",
     "Performance",
@@ -64,6 +67,7 @@ __all__ = [
     "__version__",
     "aggregators",
     "algorithms",
+    "asynchronous",
     "attacks",
     "autotune",
     "core",

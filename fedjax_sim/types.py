@@ -45,6 +45,9 @@ OUTCOME_SALT = 1
 STACK_SALT = 0x57AC
 ATTACK_SALT = 0
 ROBUST_SALT = 1
+#: Asynchronous runs (:mod:`fedjax_sim.asynchronous`): the host seeds the duration jitter of the
+#: clients that start on model version ``v`` from ``(run key data, DURATION_SALT, v)``.
+DURATION_SALT = 0xD0A7
 #: ``fold_in(client_key, LOSS_EVAL_SALT)``: q-FFL's evaluation of the client's loss.
 LOSS_EVAL_SALT = 0x51FF1
 #: ``fold_in(client_key, PERSONAL_SALT)``: Ditto's personal model training.
