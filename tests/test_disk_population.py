@@ -34,7 +34,8 @@ def test_cohort_reader_equals_gather(pop, native):
   got = disk.open_native(native)
   reader = disk.CohortReader(got.features, got.labels)
   offsets, sizes = np.asarray(pop.offsets), np.asarray(pop.num_examples)
-  ids = np.array([3, 0, 7, 1, 5]); mask = np.array([True, False, True, True, True])
+  ids = np.array([3, 0, 7, 1, 5])
+  mask = np.array([True, False, True, True, True])
   for k, v in pop.features.items():
     out = np.zeros((sizes.sum(), *v.shape[1:]), v.dtype)
     reader.read(k, out, offsets, sizes, ids, mask)
@@ -46,30 +47,36 @@ def test_cohort_reader_equals_gather(pop, native):
 
 def test_truncated_corrupt_missing(native, tmp_path):
   import shutil
-  d = str(tmp_path / "copy"); shutil.copytree(native, d)
+  d = str(tmp_path / "copy")
+  shutil.copytree(native, d)
   with open(os.path.join(d, "x.bin"), "r+b") as f:
     f.truncate(os.path.getsize(os.path.join(d, "x.bin")) - 8)
   with pytest.raises(disk.DiskDataError, match=r"x\.bin.*truncated.*client"):
     disk.open_native(d)
-  shutil.rmtree(d); shutil.copytree(native, d)
+  shutil.rmtree(d)
+  shutil.copytree(native, d)
   with open(os.path.join(d, "x.bin"), "r+b") as f:
-    f.seek(4); f.write(b"\xff\xff\xff\xff")
-  disk.open_native(d)  # lengths agree; only the checksum can tell
+    f.seek(4)
+    f.write(b"\xff\xff\xff\xff")
+  disk.open_native(d)  # lengths agree: only the checksum can tell
   with pytest.raises(disk.DiskDataError, match=r"x\.bin.*corrupt.*CRC"):
     disk.open_native(d, verify=True)
   os.remove(os.path.join(d, "manifest.json"))
   with pytest.raises(disk.DiskDataError, match="manifest.json is missing"):
     disk.open_native(d)
-  shutil.rmtree(d); shutil.copytree(native, d)
+  shutil.rmtree(d)
+  shutil.copytree(native, d)
   with open(os.path.join(d, "num_examples.npy"), "r+b") as f:
-    f.seek(-1, 2); f.write(b"\x07")
+    f.seek(-1, 2)
+    f.write(b"\x07")
   with pytest.raises(disk.DiskDataError, match=r"num_examples\.npy is corrupt"):
     disk.open_native(d)
 
 
 def test_truncated_during_run_names_file_and_client(native, tmp_path):
   import shutil
-  d = str(tmp_path / "copy"); shutil.copytree(native, d)
+  d = str(tmp_path / "copy")
+  shutil.copytree(native, d)
   got = disk.open_native(d)
   reader = disk.CohortReader(got.features, got.labels)
   os.remove(os.path.join(d, "y.bin"))  # deleted: the open file is still read (POSIX)
@@ -125,7 +132,7 @@ def test_disk_full_leaves_nothing(tmp_path, monkeypatch):
   with pytest.raises(disk.DiskDataError, match=r"disk full .*x\.bin for client 'c2'") as e:
     disk.write_native(str(tmp_path / "p"), clients)
   assert e.value.errno == errno.ENOSPC
-  assert os.listdir(tmp_path) == []  # the partial directory is gone; nothing looks complete
+  assert os.listdir(tmp_path) == []  # the partial directory is gone: nothing looks complete
 
 
 def test_manifest_records_sizes(native):
@@ -143,7 +150,7 @@ def _run(algo, pop, sampler, population_on, init_params, rounds=3):
 
 
 def _check_same(a, b):
-  (_, want, want_m), (sim, got, got_m) = a, b
+  (_, want, want_m), (_, got, got_m) = a, b
   chex.assert_trees_all_equal((want.params, want.client_states, want.server_extra),
                               (got.params, got.client_states, got.server_extra))
   for k in want_m:

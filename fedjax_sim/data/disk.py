@@ -137,7 +137,8 @@ def write_native(
     >>> import tempfile, os, numpy as np
     >>> from fedjax_sim.data import disk
     >>> d = os.path.join(tempfile.mkdtemp(), "pop")
-    >>> clients = [("a", {"x": np.ones((3, 2), np.float32)}), ("b", {"x": np.zeros((1, 2), np.float32)})]
+    >>> clients = [("a", {"x": np.ones((3, 2), np.float32)}),
+    ...            ("b", {"x": np.zeros((1, 2), np.float32)})]
     >>> pop = disk.open_native(disk.write_native(d, clients))
     >>> pop.num_examples.tolist(), pop.labels.tolist()
     ([3, 1], ['a', 'b'])
