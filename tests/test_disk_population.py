@@ -186,3 +186,27 @@ def test_disk_equals_device(name, pop, native, loss_fn, init_params):
   want = _run(algo, pop, sampler, "device", init_params, rounds=5)
   got = _run(algo, disk.open_native(native), sampler, "host", init_params, rounds=5)
   _check_same(want, got)
+
+
+def test_cli_convert_sqlite_and_h5(tmp_path, capsys):
+  from fedjax_sim import cli
+  from fedjax_sim.data import sqlite
+
+  src = os.path.join(os.path.dirname(__file__), "fixtures", "federated", "tff_emnist.sqlite")
+  out = str(tmp_path / "emnist")
+  assert cli.main(["data", "convert", src, out, "--quiet"]) == 0
+  assert "3 clients" in capsys.readouterr().out
+  got = disk.open_native(out, verify=True)
+  with sqlite.open_federated(src) as reader:
+    for i, cid in enumerate(reader.client_ids()):
+      chex.assert_trees_all_equal(got.client(i), {k: np.asarray(v, got.features[k].dtype)
+                                                  for k, v in reader.client(cid).items()})
+  assert cli.main(["data", "convert", src, out, "--quiet"]) == 2  # exists
+  assert "--overwrite" in capsys.readouterr().err
+  h5py = pytest.importorskip("h5py")
+  h5 = str(tmp_path / "t.h5")
+  with h5py.File(h5, "w") as f:
+    for cid, n in (("u1", 2), ("u2", 3)):
+      f.create_dataset(f"examples/{cid}/x", data=np.arange(n * 2, dtype=np.float32).reshape(n, 2))
+  got = disk.open_native(disk.convert(h5, str(tmp_path / "h5native")))
+  assert got.labels.tolist() == ["u1", "u2"] and got.num_examples.tolist() == [2, 3]

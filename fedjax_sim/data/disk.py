@@ -56,7 +56,7 @@ _LABELS = "labels.npy"
 _CHUNK = 1 << 22
 
 
-class DiskDataError(OSError):
+class DiskDataError(OSError, ValueError):
   """A native population directory (or a conversion into one) is unusable; says which file."""
 
 
@@ -161,7 +161,13 @@ def write_native(
   try:
     for cid, feats in clients:
       current = (cid, None)
-      feats = _check_features(feats) if feats else {}
+      try:
+        feats = _check_features(feats) if feats else {}
+      except (TypeError, ValueError) as e:
+        raise type(e)(
+            f"client {cid!r}: {e} Text features (Shakespeare snippets, Stack Overflow tokens) "
+            "are tokenized first: build the Population with fs.datasets and convert that, or "
+            "keep only numeric features (features=[...], --features a,b).") from None
       n = {k: v.shape[0] for k, v in feats.items()}
       if not specs:
         if not feats:
@@ -483,3 +489,28 @@ def convert(source: str | Population, path: str, *, split: str = "train", featur
              else sqlite_clients(source, split, features))
   return write_native(path, it, num_clients=n, empty_clients=empty_clients,
                       overwrite=overwrite, progress=progress)
+
+
+def add_convert_command(data_sub) -> None:
+  """Registers ``fedjax-sim data convert`` on the ``data`` subcommand's subparsers."""
+  conv = data_sub.add_parser(
+      "convert", help="convert a federated dataset (SQLite, h5) to the native disk format")
+  conv.add_argument("source", help="a FedJAX / TFF SQLite file or a TFF h5 file")
+  conv.add_argument("out", help="the native population directory to write")
+  conv.add_argument("--split", default="train", help="TFF SQLite split")
+  conv.add_argument("--features", default=None, help="comma-separated features to keep")
+  conv.add_argument("--empty-clients", default="keep", choices=["keep", "drop", "error"])
+  conv.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+  conv.add_argument("--quiet", action="store_true", help="no progress")
+  conv.set_defaults(func=_convert_command)
+
+
+def _convert_command(args) -> int:
+  feats = None if args.features is None else [f for f in args.features.split(",") if f]
+  out = convert(args.source, args.out, split=args.split, features=feats,
+                empty_clients=args.empty_clients, overwrite=args.overwrite,
+                progress=not args.quiet)
+  pop = open_native(out)
+  print(f"wrote {out}: {pop.num_clients} clients, {pop.total_examples} examples, "
+        f"features {sorted(pop.features)}")
+  return 0
