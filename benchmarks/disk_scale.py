@@ -111,7 +111,7 @@ def read(args):
   cap = int(np.sort(sizes[:n])[-args.cohort:].sum())
   bufs = {k: np.zeros((cap, SEQ), np.int32) for k in pop.features}
   res = {"native": [], "sqlite": []}
-  for rep in range(args.reps):  # interleaved
+  for _ in range(args.reps):  # interleaved
     t = time.perf_counter()
     for ids in cohorts:
       for k in bufs:
@@ -127,7 +127,8 @@ def read(args):
   rows = sum(int(sizes[ids].sum()) for ids in cohorts)
   best = {k: min(v) for k, v in res.items()}
   _row(step="read", cohort=args.cohort, cohorts=args.cohorts, rows=rows,
-       native_rows_per_s=round(rows / best["native"]), sqlite_rows_per_s=round(rows / best["sqlite"]),
+       native_rows_per_s=round(rows / best["native"]),
+       sqlite_rows_per_s=round(rows / best["sqlite"]),
        native_over_sqlite=round(best["sqlite"] / best["native"], 2), warm_page_cache=True)
   os.remove(sq)
 
