@@ -127,8 +127,8 @@ def summarize(path=RESULTS):
   out = ["| experiment | data | method / q | stragglers | rounds | seeds | train loss | "
          "test acc | device acc var | worst-10% acc |", "|" + "---|" * 10]
   for (exp, data, method, strag, q, rounds), rs in sorted(groups.items(), key=str):
-    f = lambda k, s=1: (f"{np.mean([r[k] for r in rs]) * s:.3g} ± "
-                        f"{np.std([r[k] for r in rs]) * s:.2g}")
+    f = lambda k, s=1, rs=rs: (f"{np.mean([r[k] for r in rs]) * s:.3g} ± "
+                               f"{np.std([r[k] for r in rs]) * s:.2g}")
     out.append(f"| {exp} | {data} | {method if q is None else f'q={q}'} | "
                f"{'' if strag is None else f'{strag:.0%}'} | {rounds} | "
                f"{sorted(r['seed'] for r in rs)} | {f('train_loss')} | "
