@@ -15,6 +15,10 @@ round step, so results equal the device-resident run exactly. The gather and tra
 ``b + 1`` run in a background thread while block ``b`` computes (double buffering: at most two
 blocks of cohort examples are held). ``block_size`` in :meth:`Simulation.run` bounds the buffer:
 ``2 * block_size * capacity`` examples.
+
+A population opened with :func:`fedjax_sim.data.disk.open_native` (features memory-mapped from
+disk) is read the same way, with one ``pread`` per client and feature into the buffer: host
+memory stays bounded by the two blocks, never by the dataset (docs/disk.md).
 """
 
 from __future__ import annotations
