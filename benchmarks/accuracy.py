@@ -119,11 +119,12 @@ def _write(row):
 def summarize(path=RESULTS):
   """Mean +- std over seeds of each configuration's final metrics, as Markdown rows."""
   rows = [json.loads(line) for line in open(path)]
-  groups: dict[tuple, list] = {}
-  for r in rows:
+  groups: dict[tuple, dict] = {}
+  for r in rows:  # one row per (configuration, seed): the latest
     key = ((r["experiment"], r["data"], r.get("method"), r.get("stragglers"), r.get("q"),
             r["rounds"]))
-    groups.setdefault(key, []).append(r)
+    groups.setdefault(key, {})[r["seed"]] = r
+  groups = {k: list(v.values()) for k, v in groups.items()}
   out = ["| experiment | data | method / q | stragglers | rounds | seeds | train loss | "
          "test acc | device acc var | worst-10% acc |", "|" + "---|" * 10]
   for (exp, data, method, strag, q, rounds), rs in sorted(groups.items(), key=str):
