@@ -210,3 +210,14 @@ def test_cli_convert_sqlite_and_h5(tmp_path, capsys):
       f.create_dataset(f"examples/{cid}/x", data=np.arange(n * 2, dtype=np.float32).reshape(n, 2))
   got = disk.open_native(disk.convert(h5, str(tmp_path / "h5native")))
   assert got.labels.tolist() == ["u1", "u2"] and got.num_examples.tolist() == [2, 3]
+
+
+def test_disk_population_needs_host_or_load(pop, native, loss_fn):
+  algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=4,
+                              local_epochs=1)
+  on_disk = disk.open_native(native)
+  with pytest.raises(ValueError, match="population_on='host' to stream"):
+    fs.Simulation(algo, on_disk, cohort_size=3)
+  loaded = disk.load(on_disk)
+  assert not disk.on_disk(loaded)
+  chex.assert_trees_all_equal(loaded.features, pop.features)

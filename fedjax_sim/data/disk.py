@@ -344,6 +344,17 @@ def is_native(path: str) -> bool:
   return os.path.isfile(os.path.join(os.fspath(path), MANIFEST))
 
 
+def load(population: Population) -> Population:
+  """A disk population's examples read into an in-memory (device) :class:`Population`.
+
+  Returns:
+    The same population with its features as device arrays (for data that fits).
+  """
+  return Population({k: jnp.asarray(np.asarray(v)) for k, v in population.features.items()},
+                    population.offsets, population.num_examples, population.max_examples,
+                    population.labels)
+
+
 # -- readers: the cohort's rows straight from the files ---------------------------------------
 
 class CohortReader:
