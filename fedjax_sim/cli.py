@@ -467,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
   desc.add_argument("--seed", type=int, default=0)
   desc.add_argument("--plot", default=None, help="PNG path for the histograms")
   desc.set_defaults(func=_describe)
+  from fedjax_sim.data import disk as _disk  # fedjax-sim data convert
+
+  _disk.add_convert_command(data_sub)
   try:
     args = parser.parse_args(argv)
   except SystemExit as e:  # --help, --version, or a one-line usage error (code 2)

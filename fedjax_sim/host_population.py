@@ -15,6 +15,10 @@ round step, so results equal the device-resident run exactly. The gather and tra
 ``b + 1`` run in a background thread while block ``b`` computes (double buffering: at most two
 blocks of cohort examples are held). ``block_size`` in :meth:`Simulation.run` bounds the buffer:
 ``2 * block_size * capacity`` examples.
+
+A population opened with :func:`fedjax_sim.data.disk.open_native` (features memory-mapped from
+disk) is read the same way, with one ``pread`` per client and feature into the buffer: host
+memory stays bounded by the two blocks, never by the dataset (docs/disk.md).
 """
 
 from __future__ import annotations
@@ -28,13 +32,15 @@ import numpy as np
 
 from fedjax_sim import core, programs
 from fedjax_sim import sharding as _sharding
+from fedjax_sim.data import disk as _disk
 from fedjax_sim.data.population import Population
 
 
 def to_host(population: Population) -> Population:
   """The same population with its features as host NumPy arrays (offsets stay on device)."""
   return Population(
-      {k: np.asarray(v) for k, v in population.features.items()},
+      {k: v if isinstance(v, np.memmap) else np.asarray(v)  # a disk population stays on disk
+       for k, v in population.features.items()},
       population.offsets,
       population.num_examples,
       population.max_examples,
@@ -105,6 +111,8 @@ class HostFeeder:
     self.num_examples = np.asarray(pop.num_examples)
     self.capacity = cohort_capacity(self.num_examples, plan.cohort_size)
     self.meta = Population({}, pop.offsets, pop.num_examples, pop.max_examples)
+    # A native disk population (fedjax_sim.data.disk): cohorts are read with pread, not paged in.
+    self.reader = _disk.CohortReader(pop.features, pop.labels) if _disk.on_disk(pop) else None
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     self._pending: tuple[int, Any, concurrent.futures.Future] | None = None
     rounds = 1 if block is None else block
@@ -137,6 +145,9 @@ class HostFeeder:
     for name, values in self.features.items():
       buf = np.zeros((ids.shape[0], self.capacity, *values.shape[1:]), values.dtype)
       for r in range(ids.shape[0]):  # rounds of the block; the clients are gathered at once
+        if self.reader is not None:
+          self.reader.read(name, buf[r], self.offsets, self.num_examples, ids[r], mask[r])
+          continue
         rows = gather_rows(self.offsets, self.num_examples, ids[r], mask[r])
         buf[r, : rows.size] = values[rows]
       out[name] = buf

@@ -26,6 +26,7 @@ from fedjax_sim import partition_views as _views
 from fedjax_sim import sharding
 from fedjax_sim.aggregators import ADDS_NOISE, CAPS_WEIGHTS, LOCAL_NOISE
 from fedjax_sim.algorithms import Algorithm
+from fedjax_sim.data import disk as _disk
 from fedjax_sim.data.population import Population
 from fedjax_sim.data.sampling import PoissonSampler, UniformSampler
 from fedjax_sim.plan import Performance, RoundPlan, base_context, check_sampler, initial_state
@@ -74,6 +75,12 @@ def simulation_args(algorithm, population, *, cohort_size, sampler, chunk_size, 
   if population_on not in ("device", "sharded", "host"):
     raise ValueError(
         f"population_on must be 'device', 'sharded' or 'host'; got {population_on!r}.")
+  if population_on != "host" and _disk.on_disk(population):
+    raise ValueError(
+        f"population is a disk population (fedjax_sim.data.disk.open_native); with "
+        f"population_on={population_on!r} every round would read the whole dataset. Pass "
+        "population_on='host' to stream each round's cohort from disk, or load it into memory "
+        "with fs.data.disk.load(population).")
   if population_on == "sharded" and mesh is None:
     raise ValueError(
         "population_on='sharded' splits the examples over the devices of a mesh's 'clients' "
