@@ -19,7 +19,7 @@ from fedjax_sim import core, sharding
 from fedjax_sim.aggregators import ADDS_NOISE, CAPS_WEIGHTS, LOCAL_NOISE
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data.population import Population
-from fedjax_sim.data.sampling import PoissonSampler, UniformSampler
+from fedjax_sim.data.sampling import CyclicPoissonSampler, PoissonSampler, UniformSampler
 from fedjax_sim.systems import SystemModel
 from fedjax_sim.types import MASK_KEY, RoundContext
 
@@ -55,7 +55,7 @@ def simulation_args(algorithm, population, *, cohort_size, sampler, chunk_size, 
     )
   if sampler is None:
     sampler = UniformSampler(cohort_size)
-  if not isinstance(sampler, (UniformSampler, PoissonSampler)):
+  if not isinstance(sampler, (UniformSampler, PoissonSampler, CyclicPoissonSampler)):
     raise TypeError(f"sampler must be fs.sampling.uniform(...) or poisson(...); got {sampler!r}.")
   if chunk_size is not None and (
       not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)

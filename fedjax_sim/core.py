@@ -44,18 +44,19 @@ from fedjax_sim.aggregators import ADDS_NOISE, global_norm
 from fedjax_sim.algorithms import Algorithm, _partition
 from fedjax_sim.client import LATE, NUM_STEPS, ClientData
 from fedjax_sim.data.population import Population
-from fedjax_sim.data.sampling import Cohort, PoissonSampler, UniformSampler
+from fedjax_sim.data.sampling import Cohort, CyclicPoissonSampler, PoissonSampler, UniformSampler
 from fedjax_sim.systems import SystemModel
 from fedjax_sim.types import (
-    ATTACK_SALT,
-    AVAILABILITY_SALT,
-    OUTCOME_SALT,
-    ROBUST_SALT,
-    SHARED_SALT,
-    STACK_SALT,
-    SYSTEM_SALT,
-    RoundContext,
-    WeightedUpdate,
+  ATTACK_SALT,
+  AVAILABILITY_SALT,
+  OUTCOME_SALT,
+  PARTITION_SALT,
+  ROBUST_SALT,
+  SHARED_SALT,
+  STACK_SALT,
+  SYSTEM_SALT,
+  RoundContext,
+  WeightedUpdate,
 )
 
 
@@ -120,7 +121,7 @@ class RoundPlan:
     if not isinstance(self.algorithm, Algorithm):
       raise TypeError(f"RoundPlan.algorithm must be an fs.algorithms.Algorithm; got "
                       f"{type(self.algorithm).__name__}.")
-    if not isinstance(self.sampler, (UniformSampler, PoissonSampler)):
+    if not isinstance(self.sampler, (UniformSampler, PoissonSampler, CyclicPoissonSampler)):
       raise TypeError(f"RoundPlan.sampler must be fs.sampling.uniform(...) or poisson(...); "
                       f"got {self.sampler!r}.")
     if (not isinstance(self.chunk_size, (int, np.integer)) or isinstance(self.chunk_size, bool)
@@ -151,7 +152,7 @@ class RoundPlan:
 
 def base_context(sampler, population: Population) -> RoundContext:
   """The population's facts for the aggregator stages (no params template yet)."""
-  if not isinstance(sampler, (UniformSampler, PoissonSampler)):
+  if not isinstance(sampler, (UniformSampler, PoissonSampler, CyclicPoissonSampler)):
     raise TypeError(f"RoundPlan.sampler must be fs.sampling.uniform(...) or poisson(...); "
                     f"got {sampler!r}.")
   return RoundContext(
@@ -267,6 +268,10 @@ def sample_cohort(plan: RoundPlan, key: jax.Array, round_: jax.Array):
   if plan.system is not None:
     available = plan.system.available(
         jax.random.fold_in(keys.system, AVAILABILITY_SALT), round_, num_clients)
+  if getattr(plan.sampler, "needs_round", False):  # participation schedules (cyclic, min-sep)
+    cohort = plan.sampler.sample(keys.cohort, num_clients, available, round_=round_,
+                                 partition_key=jax.random.fold_in(key, PARTITION_SALT))
+    return cohort, available
   return plan.sampler.sample(keys.cohort, num_clients, available), available
 
 

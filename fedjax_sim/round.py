@@ -276,7 +276,8 @@ class Simulation:
     program = self._program(block_size)
     epsilons = None if delta is None else privacy.epsilon_column(
         self.sampler, self.population.num_clients, self.algorithm.aggregator.noise_multiplier,
-        self.system, int(state.round), num_rounds, delta, accountant)
+        self.system, int(state.round), num_rounds, delta, accountant,
+        num_bands=getattr(self.algorithm.aggregator, "num_bands", 1))
     records = _run_dir.RunRecorder(
         self, state, num_rounds, block_size=block_size, eval_every=eval_every, eval_fn=eval_fn,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, log_dir=log_dir,

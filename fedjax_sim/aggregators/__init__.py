@@ -37,6 +37,12 @@ from fedjax_sim.aggregators._dp import (
     local_gaussian_noise,
     split_noise_multiplier,
 )
+from fedjax_sim.aggregators._mf import (
+    BandedNoiseState,
+    band_mf_mean,
+    band_mf_strategy,
+    banded_noise,
+)
 from fedjax_sim.aggregators._robust import (
     centered_clip,
     centered_clip_reducer,
@@ -75,6 +81,10 @@ from fedjax_sim.aggregators._stages import (
 )
 
 __all__ = [
+    "BandedNoiseState",
+    "band_mf_mean",
+    "band_mf_strategy",
+    "banded_noise",
     "SecurePayload",
     "SkellamParams",
     "distributed_dp_mean",

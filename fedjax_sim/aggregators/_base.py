@@ -105,6 +105,12 @@ class Process(NamedTuple):
   post: Aggregator
   noise_multiplier: float | None = None
   check: Callable[[RoundContext], None] | None = None
+  #: bands of the correlated-noise mechanism (1: independent noise each round; BandMF: b), for
+  #: the accountant, which needs a participation schedule with min-separation >= num_bands.
+  num_bands: int = 1
+  #: for a strategy matrix of fixed size T (``band_mf_mean(strategy=[T, T] matrix)``): T, the
+  #: most rounds a run may reach; None when any length works.
+  horizon: int | None = None
 
   @property
   def tags(self) -> frozenset:
@@ -224,6 +230,8 @@ def process(
     *,
     noise_multiplier: float | None = None,
     check: Callable[[RoundContext], None] | None = None,
+    num_bands: int = 1,
+    horizon: int | None = None,
 ) -> Process:
   """Assembles an aggregation pipeline; missing slots are identities / an unweighted sum.
 
@@ -269,7 +277,7 @@ def process(
           "(one client's weight is unbounded). Use dp_mean (unweighted sum, fixed denominator) "
           "or dp_mean(..., weight_cap=w) (weights min(n_k / w, 1))."
       )
-  return Process(per_client, reduce, post, noise_multiplier, check)
+  return Process(per_client, reduce, post, noise_multiplier, check, int(num_bands), horizon)
 
 
 def as_process(aggregator: Any) -> Process:
