@@ -273,6 +273,12 @@ class Simulation:
         num_rounds, block_size=block_size, eval_every=eval_every, eval_fn=eval_fn,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, log_dir=log_dir,
         tensorboard=tensorboard, accountant=accountant, on_nonfinite=on_nonfinite)
+    horizon = getattr(self.algorithm.aggregator, "horizon", None)
+    if horizon is not None and int(state.round) + num_rounds > horizon:
+      raise ValueError(
+          f"num_rounds={num_rounds} from round {int(state.round)} runs past the aggregator's "
+          f"strategy matrix ({horizon} rounds): pass band_mf_mean(strategy=...) a matrix of the "
+          "run's length, or Toeplitz coefficients (any length).")
     program = self._program(block_size)
     epsilons = None if delta is None else privacy.epsilon_column(
         self.sampler, self.population.num_clients, self.algorithm.aggregator.noise_multiplier,

@@ -281,16 +281,17 @@ class CyclicPoissonSampler:
     return float(self.q) * num_clients / int(self.cycle_length)
 
   def validate(self, num_clients: int) -> None:
-    """Refuses a schedule the population cannot satisfy, and a cap below the expected cohort."""
+    """Refuses a schedule the population cannot satisfy, and a cap below the expected cohort.
+
+    Every client is in exactly one of the b bins, so the expected cohort ``q N / b`` times b never
+    exceeds N; what the population cannot satisfy is more bins than clients (empty bins).
+    """
     b = int(self.cycle_length)
     if b > num_clients:
       raise ValueError(
           f"cycle_length={b} exceeds the number of clients ({num_clients}): some bins are "
           "empty. Lower cycle_length (the min-separation b).")
     mean = self.expected_cohort_size(num_clients)
-    if self.max_cohort_size * b > num_clients and self.max_cohort_size > num_clients:
-      raise ValueError(
-          f"max_cohort_size={self.max_cohort_size} exceeds the number of clients ({num_clients}).")
     if self.max_cohort_size < mean:
       raise ValueError(
           f"max_cohort_size={self.max_cohort_size} is below the expected cohort "
