@@ -254,6 +254,12 @@ def epsilon(
     return float(acc.get_epsilon(delta))
   eps = float(acc.get_epsilon(delta / 2))
   slack = (1.0 + math.exp(min(eps, 700.0))) * num_rounds * p_trunc
+  if slack > delta / 2 and isinstance(sampler, CyclicPoissonSampler):
+    raise ValueError(
+        f"truncated cyclic Poisson sampling: max_cohort_size={sampler.max_cohort_size} is "
+        f"truncated with probability {p_trunc:.3g} per round, too often to bound within "
+        f"delta={delta} under RDP. Raise max_cohort_size to at least "
+        f"{_cap_needed(sampler, num_clients, num_rounds, delta, eps)}.")
   if slack > delta / 2:
     raise ValueError(
         f"truncated Poisson sampling: max_cohort_size={sampler.max_cohort_size} is truncated "

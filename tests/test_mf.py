@@ -1,5 +1,6 @@
 """BandMF correlated noise (DP-FTRL family), participation schedules and their accounting."""
 
+import chex
 import dp_accounting as dpa
 import jax
 import jax.numpy as jnp
@@ -200,3 +201,19 @@ def test_bad_input_named():
   sim = fs.Simulation(_algorithm(agg), _population(16), sampler=fs.sampling.balls_in_bins(2, 8))
   with pytest.raises(ValueError, match="runs past the aggregator's strategy matrix"):
     sim.run(sim.init({"w": jnp.zeros(DIM)}, jax.random.key(0)), num_rounds=4, progress=False)
+
+
+@pytest.mark.slow
+def test_resume_with_another_mechanism_state_is_refused(tmp_path):
+  sampler = fs.sampling.balls_in_bins(4, 32)
+  sim = fs.Simulation(_algorithm(fs.aggregators.band_mf_mean(1.0, 1.0, bands=4)), _population(64),
+                      sampler=sampler, chunk_size=8)
+  state, _ = sim.run(sim.init({"w": jnp.zeros(DIM)}, jax.random.key(0)), num_rounds=4,
+                     checkpoint_dir=str(tmp_path), checkpoint_every=2, progress=False)
+  restored = sim.restore(str(tmp_path), {"w": jnp.zeros(DIM)})
+  chex.assert_trees_all_equal(restored.agg_state, state.agg_state)
+  assert int(restored.agg_state[1][0].round) == 4
+  other = fs.Simulation(_algorithm(fs.aggregators.band_mf_mean(1.0, 1.0, bands=3)),
+                        _population(64), sampler=sampler, chunk_size=8)
+  with pytest.raises(ValueError, match="another configuration.*history"):
+    other.restore(str(tmp_path), {"w": jnp.zeros(DIM)})
