@@ -217,3 +217,18 @@ def test_resume_with_another_mechanism_state_is_refused(tmp_path):
                         _population(64), sampler=sampler, chunk_size=8)
   with pytest.raises(ValueError, match="another configuration.*history"):
     other.restore(str(tmp_path), {"w": jnp.zeros(DIM)})
+
+
+def test_cli_privacy_min_separation_and_bands(capsys):
+  from fedjax_sim import cli
+
+  cli.main(["privacy", "--num-clients", "1000", "--q", "0.5", "--min-separation", "4",
+            "--bands", "4", "--noise-multiplier", "1.0", "--rounds", "40"])
+  out = capsys.readouterr().out
+  ours = fs.privacy.epsilon(fs.sampling.cyclic_poisson(0.5, 4, 1000), 1000, 1.0, 40, 1e-5,
+                            num_bands=4)
+  assert "min-separation 4" in out and "BandMF with 4 bands" in out
+  assert f"RDP: epsilon = {ours:.4f}" in out
+  cli.main(["privacy", "--num-clients", "1000", "--q", "0.5", "--bands", "4",
+            "--noise-multiplier", "1.0", "--rounds", "40"])
+  assert "not available: no valid accountant" in capsys.readouterr().out
