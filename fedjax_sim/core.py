@@ -541,6 +541,8 @@ def round_metrics(plan: RoundPlan, cohort: Cohort, available, passed: ChunkPass,
       "examples": stats["examples"],
       "nan_clients": stats["nan_clients"],
       "truncated": cohort.truncated.astype(jnp.float32),
+      **({} if cohort.schedule_violations is None else {
+          "schedule_violations": cohort.schedule_violations.astype(jnp.float32)}),
       **({} if plan.system is None else {
           "available": jnp.sum(available).astype(jnp.float32),
           "dropped": stats["dropped"], "stragglers": stats["stragglers"],

@@ -163,6 +163,7 @@ def test_min_separation_over_ten_thousand_rounds():
       last[who] = r
       count += len(who)
     assert not np.asarray(cohorts.truncated).any()
+    assert not np.asarray(cohorts.schedule_violations).any()
     assert count > 0.5 * rounds * sampler.expected_cohort_size(n)
     bins = np.asarray(sampler.bins(jax.random.fold_in(key, PARTITION_SALT), n))
     assert stats.chisquare(np.bincount(bins, minlength=b)).pvalue > 1e-4
@@ -173,6 +174,9 @@ def test_chunk_size_invariance_and_resume_exact():
   sampler = fs.sampling.cyclic_poisson(0.75, 3, 24)
   a = _run(agg, sampler, 5, chunk_size=4)
   b = _run(agg, sampler, 5, chunk_size=8)
+  sim = fs.Simulation(_algorithm(agg), _population(64), sampler=sampler, chunk_size=4)
+  _, m = sim.run(sim.init({"w": jnp.zeros(DIM)}, jax.random.key(1)), 6, progress=False)
+  assert np.all(np.asarray(m["schedule_violations"]) == 0) and m["clients"].sum() > 0
   np.testing.assert_allclose(np.asarray(a.params["w"]), np.asarray(b.params["w"]), atol=1e-5)
   sim = fs.Simulation(_algorithm(agg), _population(64), sampler=sampler, chunk_size=4)
   s0 = sim.init({"w": jnp.zeros(DIM)}, jax.random.key(0))

@@ -26,11 +26,15 @@ class Cohort(NamedTuple):
     ids: int32 ``[K]`` client indices; padded slots hold 0 and are masked out.
     mask: bool ``[K]``, True for a real (sampled) client.
     truncated: int32 scalar: clients that were drawn but did not fit in ``K`` (Poisson only).
+    schedule_violations: for participation schedules (:class:`CyclicPoissonSampler`), int32
+      count of cohort clients that the schedule did not allow this round, re-checked from the
+      bins (0 by construction; reported as ``metrics["schedule_violations"]``); None otherwise.
   """
 
   ids: jax.Array
   mask: jax.Array
   truncated: jax.Array
+  schedule_violations: jax.Array | None = None
 
 
 def _top_k_ids(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -310,8 +314,9 @@ class CyclicPoissonSampler:
       raise ValueError("CyclicPoissonSampler.sample needs partition_key (the run's bin key).")
     k = min(self.max_cohort_size, num_clients)
     join_key, order_key = jax.random.split(key)
-    eligible = self.bins(partition_key, num_clients) == (
-        jnp.asarray(round_, jnp.int32) % int(self.cycle_length))
+    bins = self.bins(partition_key, num_clients)
+    this_bin = jnp.asarray(round_, jnp.int32) % int(self.cycle_length)
+    eligible = bins == this_bin
     joined = eligible & (jax.random.uniform(join_key, (num_clients,)) < jnp.float32(self.q))
     if available is not None:
       joined = joined & available
@@ -324,7 +329,8 @@ class CyclicPoissonSampler:
       ids = jnp.concatenate([ids, jnp.zeros((pad,), jnp.int32)])
       mask = jnp.concatenate([mask, jnp.zeros((pad,), bool)])
     truncated = jnp.maximum(joined.sum() - k, 0).astype(jnp.int32)
-    return Cohort(ids, mask, truncated)
+    violations = jnp.sum(mask & (bins[ids] != this_bin)).astype(jnp.int32)
+    return Cohort(ids, mask, truncated, violations)
 
 
 def cyclic_poisson(q: float, cycle_length: int, max_cohort_size: int) -> CyclicPoissonSampler:
