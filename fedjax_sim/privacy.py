@@ -121,6 +121,32 @@ def _check_mechanism(sampler: Any, num_bands: int) -> None:
         "participations would share bands. Use cycle_length >= num_bands.")
 
 
+def tree_sensitivity(strategy_gram: Any, sampler: Any, num_rounds: int) -> float:
+  """L2 sensitivity (in units of the clip) of a whole run of a strategy given by its ``CᵀC``.
+
+  jax_privacy's ``get_min_sep_sensitivity_upper_bound_for_X`` (Choquette-Choo et al. 2023,
+  Algorithm 4) under the sampler's participation schema: min-separation ``cycle_length`` and
+  ``ceil(T / b)`` participations for a cyclic sampler, any rounds (min-separation 1, up to T)
+  otherwise; doubled for fixed-size cohorts (replace-one adjacency).
+  """
+  from jax_privacy.matrix_factorization import sensitivity
+
+  sep = int(sampler.cycle_length) if isinstance(sampler, CyclicPoissonSampler) else 1
+  x = np.asarray(strategy_gram(int(num_rounds)), np.float64)
+  d = float(sensitivity.get_min_sep_sensitivity_upper_bound_for_X(
+      x, min_sep=sep, max_participations=-(-int(num_rounds) // sep)))
+  return 2 * d if isinstance(sampler, UniformSampler) else d
+
+
+def _tree_epsilon(sampler, noise_multiplier, num_rounds, delta, accountant, strategy_gram):
+  dpa = _dpa()
+  d = tree_sensitivity(strategy_gram, sampler, num_rounds)
+  rel = dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
+  acc = _accountant(accountant, rel)
+  acc.compose(dpa.GaussianDpEvent(float(noise_multiplier) / d))
+  return float(acc.get_epsilon(delta))
+
+
 def _compositions(sampler: Any, num_rounds: int) -> int:
   """How many sampled-Gaussian events T rounds compose (``ceil(T / b)`` for a cyclic sampler)."""
   if isinstance(sampler, CyclicPoissonSampler):
@@ -211,12 +237,15 @@ def epsilon(
     *,
     accountant: str = "rdp",
     num_bands: int = 1,
+    strategy_gram: Any = None,
 ) -> float:
   """User-level ε after ``num_rounds`` rounds of DP-FedAvg (or BandMF) with ``sampler``.
 
   ``num_bands``: the mechanism's bands (``Process.num_bands``; 1 for independent noise). A
   mechanism with more than one band is accounted only under a
   :class:`~fedjax_sim.sampling.CyclicPoissonSampler` whose ``cycle_length >= num_bands``.
+  ``strategy_gram`` (``Process.strategy_gram``, tree aggregation): the run is accounted as one
+  Gaussian mechanism with the sensitivity of :func:`tree_sensitivity`, without amplification.
 
   Examples:
     >>> import fedjax_sim as fs
@@ -228,6 +257,9 @@ def epsilon(
   _check(noise_multiplier, num_rounds, delta, accountant)
   _check_sampler(sampler, num_clients)
   _check_mechanism(sampler, num_bands)
+  if strategy_gram is not None:
+    return 0.0 if num_rounds == 0 else _tree_epsilon(
+        sampler, noise_multiplier, num_rounds, delta, accountant, strategy_gram)
   if isinstance(sampler, UniformSampler) and accountant == "pld":
     raise ValueError(
         "the PLD accountant (dp-accounting 0.6) has no event for fixed-size sampling without "
@@ -393,7 +425,7 @@ def epsilon_per_round(
 
 def epsilon_column(sampler: Any, num_clients: int, noise_multiplier: float | None,
                    system: Any, start: int, num_rounds: int, delta: float,
-                   accountant: str = "rdp", *, num_bands: int = 1):
+                   accountant: str = "rdp", *, num_bands: int = 1, strategy_gram=None):
   """The ε column of a run: ``column(lo, hi)`` gives ε after rounds ``start+lo+1 .. start+hi``.
 
   This is what :meth:`fedjax_sim.Simulation.run` reports as ``metrics["epsilon"]`` with
@@ -447,6 +479,13 @@ def epsilon_column(sampler: Any, num_clients: int, noise_multiplier: float | Non
     return lambda lo, hi: np.full(hi - lo, np.inf)
   truncated = (isinstance(sampler, (PoissonSampler, CyclicPoissonSampler))
                and sampler.max_cohort_size < num_clients)
+  if strategy_gram is not None:  # one Gaussian release over the run: ε at block ends
+    def tree_ends(lo, hi):
+      col = np.full(hi - lo, np.nan)
+      col[-1] = epsilon(sampler, num_clients, z, start + hi, delta, accountant=accountant,
+                        strategy_gram=strategy_gram)
+      return col
+    return tree_ends
   if truncated or accountant != "rdp":  # the full epsilon() (block ends only)
     def at_ends(lo, hi):
       col = np.full(hi - lo, np.nan)

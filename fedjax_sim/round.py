@@ -277,13 +277,15 @@ class Simulation:
     if horizon is not None and int(state.round) + num_rounds > horizon:
       raise ValueError(
           f"num_rounds={num_rounds} from round {int(state.round)} runs past the aggregator's "
-          f"strategy matrix ({horizon} rounds): pass band_mf_mean(strategy=...) a matrix of the "
-          "run's length, or Toeplitz coefficients (any length).")
+          f"strategy matrix ({horizon} rounds): build it for the run's length "
+          "(dp_ftrl_mean(num_rounds=...), band_mf_mean(strategy=[T, T] matrix)), or use "
+          "band_mf_mean's Toeplitz coefficients (any length).")
     program = self._program(block_size)
     epsilons = None if delta is None else privacy.epsilon_column(
         self.sampler, self.population.num_clients, self.algorithm.aggregator.noise_multiplier,
         self.system, int(state.round), num_rounds, delta, accountant,
-        num_bands=getattr(self.algorithm.aggregator, "num_bands", 1))
+        num_bands=getattr(self.algorithm.aggregator, "num_bands", 1),
+        strategy_gram=getattr(self.algorithm.aggregator, "strategy_gram", None))
     records = _run_dir.RunRecorder(
         self, state, num_rounds, block_size=block_size, eval_every=eval_every, eval_fn=eval_fn,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, log_dir=log_dir,

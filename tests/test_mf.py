@@ -129,6 +129,7 @@ def test_epsilon_equals_jax_privacy(accountant):
   assert len(settings) >= (20 if accountant == "rdp" else 4)
 
 
+@pytest.mark.slow  # a compile / calibration searches (CPU budget of the default tier)
 def test_calibrate_reaches_target_and_bad_pairs_refused():
   s = fs.sampling.cyclic_poisson(0.5, 4, 400)
   z = fs.privacy.calibrate_noise_multiplier(4.0, 1e-5, 80, s, 400, num_bands=4)
@@ -236,3 +237,48 @@ def test_cli_privacy_min_separation_and_bands(capsys):
   cli.main(["privacy", "--num-clients", "1000", "--q", "0.5", "--bands", "4",
             "--noise-multiplier", "1.0", "--rounds", "40"])
   assert "not available: no valid accountant" in capsys.readouterr().out
+
+
+def test_tree_noise_prefix_sums_are_the_tree_nodes():
+  """Oracle: the running sum of the noise after round t is Σ over t's dyadic nodes of the node
+  draws (node at level l of prefix t is drawn in round (t >> l) << l)."""
+  t_max, d = 13, 50
+  draws = _noise_sequence([1.0], t_max, d)  # the same keys: round t's fresh node
+  stage = fs.aggregators.tree_noise(1.0, 1.0, t_max)
+  zero = fs.WeightedUpdate({"w": jnp.zeros(d)}, jnp.float32(1))
+
+  def body(state, t):
+    out, state, _ = stage.aggregate(zero, state, jax.random.fold_in(jax.random.key(7), t), None)
+    return state, out.delta["w"]
+
+  _, xs = jax.lax.scan(body, stage.init(zero.delta), jnp.arange(t_max))
+  prefix = np.cumsum(np.asarray(xs, np.float64), axis=0)
+  for t in range(1, t_max + 1):
+    nodes = [((t >> lv) << lv) for lv in range(t.bit_length()) if t >> lv & 1]
+    np.testing.assert_allclose(prefix[t - 1], sum(draws[e - 1] for e in nodes), atol=1e-5)
+
+
+@pytest.mark.slow  # a compile / calibration searches (CPU budget of the default tier)
+def test_tree_accounting_is_jax_privacy_sensitivity_with_dp_accounting():
+  from jax_privacy.matrix_factorization import sensitivity
+
+  gram = fs.aggregators.tree_gram
+  one = fs.sampling.cyclic_poisson(1.0, 16, 100)  # 16 rounds, min-sep 16: one participation
+  assert fs.privacy.tree_sensitivity(gram, one, 16) == pytest.approx(np.sqrt(5))  # 5 levels
+  for sampler, t, z in ((fs.sampling.cyclic_poisson(0.5, 4, 100), 32, 3.0),
+                        (fs.sampling.poisson(0.1, 100), 20, 5.0)):
+    sep = getattr(sampler, "cycle_length", 1)
+    d = sensitivity.get_min_sep_sensitivity_upper_bound_for_X(gram(t), sep, -(-t // sep))
+    acc = dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    acc.compose(dpa.GaussianDpEvent(z / d))
+    ours = fs.privacy.epsilon(sampler, 100, z, t, 1e-5, strategy_gram=gram)
+    assert ours == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+  agg = fs.aggregators.dp_ftrl_mean(1.0, 4.0, num_rounds=8)
+  sampler = fs.sampling.cyclic_poisson(0.5, 2, 32)
+  sim = fs.Simulation(_algorithm(agg), _population(64), sampler=sampler, chunk_size=8)
+  _, m = sim.run(sim.init({"w": jnp.zeros(DIM)}, jax.random.key(0)), 8, delta=1e-5,
+                 progress=False)
+  assert m["epsilon"][-1] == pytest.approx(
+      fs.privacy.epsilon(sampler, 64, 4.0, 8, 1e-5, strategy_gram=agg.strategy_gram))
+  with pytest.raises(ValueError, match="strategy matrix"):
+    sim.run(sim.init({"w": jnp.zeros(DIM)}, jax.random.key(0)), 9, progress=False)

@@ -39,9 +39,13 @@ from fedjax_sim.aggregators._dp import (
 )
 from fedjax_sim.aggregators._mf import (
     BandedNoiseState,
+    TreeNoiseState,
     band_mf_mean,
     band_mf_strategy,
     banded_noise,
+    dp_ftrl_mean,
+    tree_gram,
+    tree_noise,
 )
 from fedjax_sim.aggregators._robust import (
     centered_clip,
@@ -85,6 +89,10 @@ __all__ = [
     "band_mf_mean",
     "band_mf_strategy",
     "banded_noise",
+    "TreeNoiseState",
+    "dp_ftrl_mean",
+    "tree_gram",
+    "tree_noise",
     "SecurePayload",
     "SkellamParams",
     "distributed_dp_mean",

@@ -224,3 +224,111 @@ def band_mf_mean(clip, noise_multiplier, *, bands: int = 1, strategy=None,
   return process(clip_l2(clip), sum_reducer(), chain(stage, divide_by(denominator)),
                  noise_multiplier=z, num_bands=table.shape[1], horizon=horizon)
 
+
+
+# -- tree aggregation (the original DP-FTRL) ------------------------------------------------------
+
+
+class TreeNoiseState(NamedTuple):
+  """State of :func:`tree_noise`.
+
+  Attributes:
+    round: int32, rounds noised so far.
+    nodes: per parameter leaf, float32 ``[L, *leaf.shape]``: for each level l of the binary tree,
+      the noise of the level-l node in the current prefix (``L = bit_length(num_rounds)``).
+  """
+
+  round: jax.Array
+  nodes: tuple
+
+
+def tree_gram(num_rounds: int) -> np.ndarray:
+  """``CᵀC`` of the binary-tree strategy over ``num_rounds`` rounds (C: one row per tree node).
+
+  ``(CᵀC)[i, j]`` is the number of tree levels l at which rounds i and j fall in the same node
+  (``i >> l == j >> l``, 0-indexed rounds); every node of every level is counted, so the
+  sensitivity computed from it is an upper bound for the online tree.
+
+  Returns:
+    float64 ``[T, T]``.
+  """
+  t = _v.positive_int("num_rounds", num_rounds)
+  levels = max(int(t).bit_length(), 1)
+  r = np.arange(t)
+  return sum((r[:, None] >> lv == r[None, :] >> lv).astype(np.float64) for lv in range(levels))
+
+
+def tree_noise(noise_multiplier, clip, num_rounds: int) -> Aggregator:
+  """Post stage: tree-aggregation noise (DP-FTRL, Kairouz et al. 2021), online.
+
+  Each node of a binary tree over the rounds gets an independent ``N(0, σ²)`` vector
+  (σ = z · clip); the noise of the running sum after round t is the sum of the nodes of t's
+  dyadic decomposition, so the noise added in round t is the difference of consecutive prefix
+  noises: ``new node at level r − Σ_{l<r} current node at level l`` with r the number of
+  trailing zeros of t (1-indexed). State: one node per level, ``L × params`` floats with
+  ``L = bit_length(num_rounds)``; the new node is the very draw ``gaussian_noise`` makes.
+
+  Args:
+    noise_multiplier: z >= 0.
+    clip: the per-client L2 bound S > 0.
+    num_rounds: T, the rounds the tree covers (a run may not go past it).
+
+  Returns:
+    a ``post`` :class:`Aggregator` stage (tagged ``ADDS_NOISE``) with a :class:`TreeNoiseState`.
+
+  References:
+    Kairouz, McMahan, Song, Thakkar, Thakurta, Xu, "Practical and Private (Deep) Learning
+    without Sampling or Shuffling", ICML 2021 (arXiv:2103.00039).
+  """
+  t_max = _v.positive_int("num_rounds", num_rounds)
+  levels = max(int(t_max).bit_length(), 1)
+  stddev = _non_negative("noise_multiplier", noise_multiplier) * _positive("clip", clip)
+
+  def init(params):
+    nodes = tuple(jnp.zeros((levels, *jnp.shape(x)), jnp.float32)
+                  for x in jax.tree.leaves(params))
+    return TreeNoiseState(jnp.zeros((), jnp.int32), nodes)
+
+  def aggregate(update, state, key, context):
+    del context
+    t = state.round + 1
+    r = jnp.minimum(jax.lax.population_count((t & -t) - 1), levels - 1)  # trailing zeros
+    below = (jnp.arange(levels) < r).astype(jnp.float32)
+    at = jnp.arange(levels) == r
+    leaves, treedef = jax.tree.flatten(update.delta)
+    keys = jax.random.split(key, len(leaves))
+    out, nodes = [], []
+    for x, k, nd in zip(leaves, keys, state.nodes, strict=True):
+      new = stddev * jax.random.normal(k, x.shape, jnp.float32)
+      noise = new - jnp.tensordot(below, nd, axes=1)
+      shape = (levels,) + (1,) * x.ndim
+      nodes.append(jnp.where(at.reshape(shape), new[None], nd))
+      out.append(x + noise.astype(x.dtype))
+    return (update._replace(delta=jax.tree.unflatten(treedef, out)),
+            TreeNoiseState(t, tuple(nodes)), {})
+
+  return Aggregator(init, aggregate, frozenset({ADDS_NOISE}))
+
+
+def dp_ftrl_mean(clip, noise_multiplier, *, num_rounds: int, denominator=None) -> Process:
+  """DP-FTRL with tree aggregation: clip, sum, tree noise (:func:`tree_noise`), divide.
+
+  Accounted without amplification: the whole run is one Gaussian mechanism whose L2
+  sensitivity is jax_privacy's ``get_min_sep_sensitivity_upper_bound_for_X`` of the tree's
+  ``CᵀC`` under the sampler's participation schema (min-separation b and ``ceil(T/b)``
+  participations for ``cyclic_poisson``; any round, up to T times, for other samplers).
+
+  Returns:
+    a :class:`Process` whose ``strategy_gram`` gives the accountant the tree's ``CᵀC``.
+
+  Examples:
+    >>> import fedjax_sim as fs
+    >>> agg = fs.aggregators.dp_ftrl_mean(clip=1.0, noise_multiplier=2.0, num_rounds=16)
+    >>> agg.horizon
+    16
+  """
+  z = float(_non_negative("noise_multiplier", noise_multiplier))
+  t = _v.positive_int("num_rounds", num_rounds)
+  return process(clip_l2(clip), sum_reducer(),
+                 chain(tree_noise(z, clip, t), divide_by(denominator)),
+                 noise_multiplier=z, horizon=t, strategy_gram=tree_gram)
