@@ -128,6 +128,9 @@ def tree_sensitivity(strategy_gram: Any, sampler: Any, num_rounds: int) -> float
   Algorithm 4) under the sampler's participation schema: min-separation ``cycle_length`` and
   ``ceil(T / b)`` participations for a cyclic sampler, any rounds (min-separation 1, up to T)
   otherwise; doubled for fixed-size cohorts (replace-one adjacency).
+
+  Returns:
+    Δ, the sensitivity of the whole run's release in units of the clip.
   """
   from jax_privacy.matrix_factorization import sensitivity
 

@@ -303,13 +303,21 @@ class CyclicPoissonSampler:
           "drop sampled clients. Raise max_cohort_size or lower q.")
 
   def bins(self, partition_key: jax.Array, num_clients: int) -> jax.Array:
-    """Every client's bin (int32 ``[N]``), fixed for the run."""
+    """Every client's bin, fixed for the run.
+
+    Returns:
+      int32 ``[N]`` bins in ``[0, cycle_length)``.
+    """
     return jax.random.randint(partition_key, (num_clients,), 0, int(self.cycle_length),
                               dtype=jnp.int32)
 
   def sample(self, key: jax.Array, num_clients: int, available: jax.Array | None = None, *,
              round_=0, partition_key: jax.Array | None = None) -> Cohort:
-    """Round ``round_``'s cohort; ``available`` (bool ``[N]``) restricts it."""
+    """Round ``round_``'s cohort; ``available`` (bool ``[N]``) restricts it.
+
+    Returns:
+      a :class:`Cohort` (with ``schedule_violations``).
+    """
     if partition_key is None:
       raise ValueError("CyclicPoissonSampler.sample needs partition_key (the run's bin key).")
     k = min(self.max_cohort_size, num_clients)
