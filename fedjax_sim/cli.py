@@ -181,7 +181,8 @@ def _privacy(args: argparse.Namespace) -> int:
 
   _check_flags(args, {"num_clients": "pos", "cohort_size": "pos", "q": "prob",
                       "max_cohort_size": "pos", "noise_multiplier": "nonneg",
-                      "target_epsilon": "pos", "rounds": "pos", "delta": "open01"})
+                      "target_epsilon": "pos", "rounds": "pos", "delta": "open01",
+                      "min_separation": "pos", "bands": "pos"})
   n = args.num_clients
   if (args.cohort_size is None) == (args.q is None):
     raise UsageError("pass exactly one of --cohort-size K (fixed-size) or --q Q (Poisson).")
@@ -189,7 +190,16 @@ def _privacy(args: argparse.Namespace) -> int:
     raise UsageError(f"--cohort-size {args.cohort_size} exceeds --num-clients {n}; lower it.")
   if (args.noise_multiplier is None) == (args.target_epsilon is None):
     raise UsageError("pass exactly one of --noise-multiplier Z or --target-epsilon EPS.")
-  if args.cohort_size is not None:
+  bands = args.bands or 1
+  if args.min_separation is not None and args.cohort_size is not None:
+    raise UsageError("--min-separation B samples with --q Q within one of B bins (cyclic Poisson); "
+                     "it does not combine with --cohort-size.")
+  if args.min_separation is not None:
+    cap = args.max_cohort_size or n
+    sampler = sampling.cyclic_poisson(args.q, args.min_separation, max_cohort_size=cap)
+    what = (f"cyclic Poisson q={args.q}, min-separation {args.min_separation} (add/remove-one)"
+            + (f", truncated at {cap}" if cap < n else ""))
+  elif args.cohort_size is not None:
     sampler = sampling.uniform(args.cohort_size)
     what = f"fixed-size cohorts of {args.cohort_size} (replace-one, sensitivity 2S)"
   else:
@@ -197,18 +207,22 @@ def _privacy(args: argparse.Namespace) -> int:
     sampler = sampling.poisson(args.q, max_cohort_size=cap)
     what = f"Poisson sampling q={args.q} (add/remove-one)" + (
         f", truncated at {cap}" if cap < n else "")
+  if bands > 1:
+    what += f", BandMF with {bands} bands"
   print(f"population {n}, {what}, {args.rounds} rounds, delta={args.delta}")
   failed = []
   for accountant in privacy.ACCOUNTANTS:
     try:
       if args.noise_multiplier is not None:
         eps = privacy.epsilon(sampler, n, args.noise_multiplier, args.rounds, args.delta,
-                              accountant=accountant)
+                              accountant=accountant, num_bands=bands)
         print(f"  {accountant.upper():3s}: epsilon = {eps:.4f} at z = {args.noise_multiplier}")
       else:
         z = privacy.calibrate_noise_multiplier(args.target_epsilon, args.delta, args.rounds,
-                                               sampler, n, accountant=accountant)
-        eps = privacy.epsilon(sampler, n, z, args.rounds, args.delta, accountant=accountant)
+                                               sampler, n, accountant=accountant,
+                                               num_bands=bands)
+        eps = privacy.epsilon(sampler, n, z, args.rounds, args.delta, accountant=accountant,
+                              num_bands=bands)
         print(f"  {accountant.upper():3s}: noise multiplier z = {z:.4f} "
               f"(epsilon = {eps:.4f} <= {args.target_epsilon})")
     except ValueError as e:
@@ -439,6 +453,12 @@ def main(argv: list[str] | None = None) -> int:
   priv.add_argument("--target-epsilon", type=float)
   priv.add_argument("--rounds", type=int, required=True)
   priv.add_argument("--delta", type=float, default=1e-5)
+  priv.add_argument("--min-separation", type=int,
+                    help="cyclic Poisson sampling: B bins, each client in one, --q within the bin "
+                         "(a client participates at most once every B rounds)")
+  priv.add_argument("--bands", type=int,
+                    help="BandMF correlated noise with this many bands (needs --min-separation "
+                         ">= bands); default 1 (independent noise, DP-FedAvg)")
   priv.set_defaults(func=_privacy)
   run = sub.add_parser("run", help="run a simulation from a YAML config")
   run.add_argument("config")

@@ -59,6 +59,7 @@ from fedjax_sim.types import (
   ATTACK_SALT,
   AVAILABILITY_SALT,
   OUTCOME_SALT,
+  PARTITION_SALT,
   ROBUST_SALT,
   SHARED_SALT,
   STACK_SALT,
@@ -106,6 +107,10 @@ def sample_cohort(plan: RoundPlan, key: jax.Array, round_: jax.Array):
   if plan.system is not None:
     available = plan.system.available(
         jax.random.fold_in(keys.system, AVAILABILITY_SALT), round_, num_clients)
+  if getattr(plan.sampler, "needs_round", False):  # participation schedules (cyclic, min-sep)
+    cohort = plan.sampler.sample(keys.cohort, num_clients, available, round_=round_,
+                                 partition_key=jax.random.fold_in(key, PARTITION_SALT))
+    return cohort, available
   return plan.sampler.sample(keys.cohort, num_clients, available), available
 
 
@@ -375,6 +380,8 @@ def round_metrics(plan: RoundPlan, cohort: Cohort, available, passed: ChunkPass,
       "examples": stats["examples"],
       "nan_clients": stats["nan_clients"],
       "truncated": cohort.truncated.astype(jnp.float32),
+      **({} if cohort.schedule_violations is None else {
+          "schedule_violations": cohort.schedule_violations.astype(jnp.float32)}),
       **({} if plan.system is None else {
           "available": jnp.sum(available).astype(jnp.float32),
           "dropped": stats["dropped"], "stragglers": stats["stragglers"],

@@ -21,7 +21,7 @@ from fedjax_sim import partition_views as _views
 from fedjax_sim import sharding as _sharding
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data.population import Population
-from fedjax_sim.data.sampling import PoissonSampler, UniformSampler
+from fedjax_sim.data.sampling import CyclicPoissonSampler, PoissonSampler, UniformSampler
 from fedjax_sim.systems import SystemModel
 from fedjax_sim.types import RoundContext
 
@@ -162,7 +162,7 @@ class RoundPlan:
 
 def check_sampler(sampler, name: str = "RoundPlan.sampler") -> None:
   """The one sampler check (``Simulation``, :func:`base_context` and :class:`RoundPlan`)."""
-  if not isinstance(sampler, (UniformSampler, PoissonSampler)):
+  if not isinstance(sampler, (UniformSampler, PoissonSampler, CyclicPoissonSampler)):
     raise TypeError(f"{name} must be fs.sampling.uniform(...) or poisson(...); got {sampler!r}.")
 
 

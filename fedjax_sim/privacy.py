@@ -15,6 +15,14 @@ matches the sampling:
   so ``(ε, δ_rdp)`` becomes ``(ε, δ_rdp + (1 + e^ε) T p)``; half of δ is reserved for that term
   and an error names the ``max_cohort_size`` needed if it does not fit.
 
+* :class:`~fedjax_sim.sampling.CyclicPoissonSampler` (min-separation b: clients in b random bins,
+  round t samples bin ``t mod b`` with probability q), alone or with a correlated-noise mechanism of
+  at most b bands (``fs.aggregators.band_mf_mean``): jax_privacy's ``amplified_bandmf_event``
+  (Choquette-Choo et al. 2023; the column-normalised banded strategy makes each of a client's
+  ``ceil(T / b)`` participations a Poisson-subsampled Gaussian), add-or-remove-one adjacency. A
+  mechanism with b > 1 bands under any other sampler, or under a cycle shorter than b, has no
+  valid accountant here and is refused.
+
 All T rounds are composed at once (``SelfComposedDpEvent``), never one ``compose`` per round.
 
 References:
@@ -31,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_sim.data.sampling import PoissonSampler, UniformSampler
+from fedjax_sim.data.sampling import CyclicPoissonSampler, PoissonSampler, UniformSampler
 
 ACCOUNTANTS = ("rdp", "pld")
 
@@ -85,17 +93,83 @@ def _check_sampler(sampler: Any, num_clients: int) -> None:
           "cannot account a PoissonSampler with per-client availability: clients then join with "
           "different probabilities, and the accountant needs one q. Use availability=None."
       )
-  else:
+  elif not isinstance(sampler, CyclicPoissonSampler):
     raise TypeError(
-        f"cannot account sampler {sampler!r}: pass fs.sampling.poisson(...) or "
-        "fs.sampling.uniform(K)."
+        f"cannot account sampler {sampler!r}: pass fs.sampling.poisson(...), "
+        "fs.sampling.uniform(K) or fs.sampling.cyclic_poisson(q, b, ...)."
     )
   if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
     raise ValueError(f"num_clients must be a positive int; got {num_clients!r}.")
 
 
+def _check_mechanism(sampler: Any, num_bands: int) -> None:
+  """Refuses a (mechanism, schedule) pair without a valid accountant."""
+  if isinstance(num_bands, bool) or not isinstance(num_bands, (int, np.integer)) or num_bands < 1:
+    raise ValueError(f"num_bands must be an int >= 1; got {num_bands!r}.")
+  if num_bands == 1:
+    return
+  if not isinstance(sampler, CyclicPoissonSampler):
+    raise ValueError(
+        f"no valid accountant for a correlated-noise mechanism with num_bands={num_bands} under "
+        f"{type(sampler).__name__}: its sensitivity needs each client to participate at most once "
+        f"in any {num_bands} consecutive rounds. Use sampler=fs.sampling.cyclic_poisson(q, "
+        f"cycle_length={num_bands}, ...) (min-separation b), or bands=1 (dp_mean).")
+  if sampler.cycle_length < num_bands:
+    raise ValueError(
+        f"no valid accountant: the mechanism has num_bands={num_bands} but the sampler's "
+        f"cycle_length={sampler.cycle_length} (min-separation) is smaller; a client's "
+        "participations would share bands. Use cycle_length >= num_bands.")
+
+
+def tree_sensitivity(strategy_gram: Any, sampler: Any, num_rounds: int) -> float:
+  """L2 sensitivity (in units of the clip) of a whole run of a strategy given by its ``CᵀC``.
+
+  jax_privacy's ``get_min_sep_sensitivity_upper_bound_for_X`` (Choquette-Choo et al. 2023,
+  Algorithm 4) under the sampler's participation schema: min-separation ``cycle_length`` and
+  ``ceil(T / b)`` participations for a cyclic sampler, any rounds (min-separation 1, up to T)
+  otherwise; doubled for fixed-size cohorts (replace-one adjacency).
+
+  Returns:
+    Δ, the sensitivity of the whole run's release in units of the clip.
+  """
+  from jax_privacy.matrix_factorization import sensitivity
+
+  sep = int(sampler.cycle_length) if isinstance(sampler, CyclicPoissonSampler) else 1
+  x = np.asarray(strategy_gram(int(num_rounds)), np.float64)
+  d = float(sensitivity.get_min_sep_sensitivity_upper_bound_for_X(
+      x, min_sep=sep, max_participations=-(-int(num_rounds) // sep)))
+  return 2 * d if isinstance(sampler, UniformSampler) else d
+
+
+def _tree_epsilon(sampler, noise_multiplier, num_rounds, delta, accountant, strategy_gram):
+  dpa = _dpa()
+  d = tree_sensitivity(strategy_gram, sampler, num_rounds)
+  rel = dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
+  acc = _accountant(accountant, rel)
+  acc.compose(dpa.GaussianDpEvent(float(noise_multiplier) / d))
+  return float(acc.get_epsilon(delta))
+
+
+def _compositions(sampler: Any, num_rounds: int) -> int:
+  """How many sampled-Gaussian events T rounds compose (``ceil(T / b)`` for a cyclic sampler)."""
+  if isinstance(sampler, CyclicPoissonSampler):
+    return -(-int(num_rounds) // int(sampler.cycle_length))
+  return int(num_rounds)
+
+
 def truncation_probability(sampler: PoissonSampler, num_clients: int) -> float:
-  """P[Binomial(N, q) > max_cohort_size]: the chance a round's Poisson cohort is truncated."""
+  """P[Binomial(N, q) > max_cohort_size]: the chance a round's Poisson cohort is truncated.
+
+  For a :class:`CyclicPoissonSampler` a client joins a round with probability ``q / b`` over
+  the random bins and the sampling, so the count is Binomial(N, q / b).
+  """
+  if isinstance(sampler, CyclicPoissonSampler):
+    from scipy import stats
+
+    if sampler.max_cohort_size >= num_clients:
+      return 0.0
+    return float(stats.binom.sf(sampler.max_cohort_size, num_clients,
+                                sampler.q / sampler.cycle_length))
   from scipy import stats
 
   if sampler.max_cohort_size >= num_clients:
@@ -123,6 +197,13 @@ def dp_event(
   _check(noise_multiplier, num_rounds, None, accountant)
   _check_sampler(sampler, num_clients)
   rel = dpa.NeighboringRelation
+  if isinstance(sampler, CyclicPoissonSampler):
+    from jax_privacy.experimental import accounting as jpa
+
+    event = jpa.amplified_bandmf_event(
+        float(noise_multiplier), int(num_rounds), num_bands=int(sampler.cycle_length),
+        sampling_prob=float(sampler.q))
+    return event, rel.ADD_OR_REMOVE_ONE
   if isinstance(sampler, UniformSampler):
     one = dpa.SampledWithoutReplacementDpEvent(
         source_dataset_size=int(num_clients), sample_size=int(sampler.cohort_size),
@@ -158,8 +239,16 @@ def epsilon(
     delta: float,
     *,
     accountant: str = "rdp",
+    num_bands: int = 1,
+    strategy_gram: Any = None,
 ) -> float:
-  """User-level ε after ``num_rounds`` rounds of DP-FedAvg with ``sampler``.
+  """User-level ε after ``num_rounds`` rounds of DP-FedAvg (or BandMF) with ``sampler``.
+
+  ``num_bands``: the mechanism's bands (``Process.num_bands``; 1 for independent noise). A
+  mechanism with more than one band is accounted only under a
+  :class:`~fedjax_sim.sampling.CyclicPoissonSampler` whose ``cycle_length >= num_bands``.
+  ``strategy_gram`` (``Process.strategy_gram``, tree aggregation): the run is accounted as one
+  Gaussian mechanism with the sensitivity of :func:`tree_sensitivity`, without amplification.
 
   Examples:
     >>> import fedjax_sim as fs
@@ -170,6 +259,10 @@ def epsilon(
   """
   _check(noise_multiplier, num_rounds, delta, accountant)
   _check_sampler(sampler, num_clients)
+  _check_mechanism(sampler, num_bands)
+  if strategy_gram is not None:
+    return 0.0 if num_rounds == 0 else _tree_epsilon(
+        sampler, noise_multiplier, num_rounds, delta, accountant, strategy_gram)
   if isinstance(sampler, UniformSampler) and accountant == "pld":
     raise ValueError(
         "the PLD accountant (dp-accounting 0.6) has no event for fixed-size sampling without "
@@ -179,9 +272,16 @@ def epsilon(
     return 0.0
   event, relation = dp_event(sampler, num_clients, noise_multiplier, num_rounds,
                              accountant=accountant)
+  if (isinstance(sampler, CyclicPoissonSampler) and accountant == "pld"
+      and truncation_probability(sampler, num_clients) > 0):
+    raise ValueError(
+        f"cyclic_poisson with max_cohort_size={sampler.max_cohort_size} < num_clients can "
+        "truncate a round; the PLD accountant has no truncated cyclic event here. Use "
+        "accountant='rdp' (bounds truncation explicitly) or max_cohort_size=num_clients.")
   p_trunc = (
       truncation_probability(sampler, num_clients)
-      if isinstance(sampler, PoissonSampler) and accountant == "rdp" else 0.0
+      if isinstance(sampler, (PoissonSampler, CyclicPoissonSampler)) and accountant == "rdp"
+      else 0.0
   )
   acc = _accountant(accountant, relation)
   acc.compose(event)
@@ -189,6 +289,12 @@ def epsilon(
     return float(acc.get_epsilon(delta))
   eps = float(acc.get_epsilon(delta / 2))
   slack = (1.0 + math.exp(min(eps, 700.0))) * num_rounds * p_trunc
+  if slack > delta / 2 and isinstance(sampler, CyclicPoissonSampler):
+    raise ValueError(
+        f"truncated cyclic Poisson sampling: max_cohort_size={sampler.max_cohort_size} is "
+        f"truncated with probability {p_trunc:.3g} per round, too often to bound within "
+        f"delta={delta} under RDP. Raise max_cohort_size to at least "
+        f"{_cap_needed(sampler, num_clients, num_rounds, delta, eps)}.")
   if slack > delta / 2:
     raise ValueError(
         f"truncated Poisson sampling: max_cohort_size={sampler.max_cohort_size} is truncated "
@@ -205,7 +311,8 @@ def _cap_needed(sampler, n, t, delta, eps) -> int:
 
   target = delta / 2 / ((1.0 + math.exp(min(eps, 700.0))) * t)
   # A cap of N never truncates (a cohort has at most N clients): always achievable.
-  return min(int(stats.binom.isf(target, n, sampler.q)) + 1, n)
+  q = sampler.q / sampler.cycle_length if isinstance(sampler, CyclicPoissonSampler) else sampler.q
+  return min(int(stats.binom.isf(target, n, q)) + 1, n)
 
 
 def calibrate_noise_multiplier(
@@ -216,6 +323,7 @@ def calibrate_noise_multiplier(
     num_clients: int,
     *,
     accountant: str = "rdp",
+    num_bands: int = 1,
 ) -> float:
   """The smallest noise multiplier z whose ``num_rounds``-round ε is at most ``target_epsilon``.
 
@@ -232,6 +340,7 @@ def calibrate_noise_multiplier(
     raise ValueError(f"target_epsilon must be > 0; got {target_epsilon!r}.")
   _check(None, num_rounds, delta, accountant)
   _check_sampler(sampler, num_clients)
+  _check_mechanism(sampler, num_bands)
   if num_rounds < 1:
     raise ValueError("num_rounds must be >= 1 to calibrate.")
   from scipy import optimize
@@ -241,7 +350,7 @@ def calibrate_noise_multiplier(
 
   def excess(log_z: float) -> float:
     return epsilon(sampler, num_clients, float(np.exp(log_z)), num_rounds, delta,
-                   accountant=accountant) - target_epsilon
+                   accountant=accountant, num_bands=num_bands) - target_epsilon
 
   lo, hi = np.log(1e-2), np.log(1.0)
   while excess(hi) > 0:
@@ -271,8 +380,12 @@ def _calibrate_pld(target_epsilon, delta, num_rounds, sampler, num_clients) -> f
   from scipy import optimize
 
   n = int(num_clients)
-  untruncated = (sampler if isinstance(sampler, UniformSampler)
-                 else PoissonSampler(sampler.q, n))
+  if isinstance(sampler, UniformSampler):
+    untruncated = sampler
+  elif isinstance(sampler, CyclicPoissonSampler):
+    untruncated = CyclicPoissonSampler(sampler.q, sampler.cycle_length, n)
+  else:
+    untruncated = PoissonSampler(sampler.q, n)
   hi = calibrate_noise_multiplier(target_epsilon, delta, num_rounds, untruncated, n,
                                   accountant="rdp")
 
@@ -309,13 +422,13 @@ def epsilon_per_round(
   compute = dpa.rdp.rdp_privacy_accountant.compute_epsilon
   out = np.empty(num_rounds)
   for t in range(1, num_rounds + 1):
-    out[t - 1] = compute(orders, rdp * t, delta)[0]
+    out[t - 1] = compute(orders, rdp * _compositions(sampler, t), delta)[0]
   return out
 
 
 def epsilon_column(sampler: Any, num_clients: int, noise_multiplier: float | None,
                    system: Any, start: int, num_rounds: int, delta: float,
-                   accountant: str = "rdp"):
+                   accountant: str = "rdp", *, num_bands: int = 1, strategy_gram=None):
   """The ε column of a run: ``column(lo, hi)`` gives ε after rounds ``start+lo+1 .. start+hi``.
 
   This is what :meth:`fedjax_sim.Simulation.run` reports as ``metrics["epsilon"]`` with
@@ -361,16 +474,30 @@ def epsilon_column(sampler: Any, num_clients: int, noise_multiplier: float | Non
         "would under-report epsilon. Drop delta (or the availability model); dropout, "
         "stragglers and deadlines alone keep the accounting valid (conservative)."
     )
+  _check_mechanism(sampler, num_bands)
+  if num_bands > start + num_rounds:
+    raise ValueError(f"num_bands={num_bands} (the mechanism's bands b) is larger than the number "
+                     f"of rounds ({start + num_rounds}); use bands <= num_rounds.")
   if z == 0:
     return lambda lo, hi: np.full(hi - lo, np.inf)
-  truncated = isinstance(sampler, PoissonSampler) and sampler.max_cohort_size < num_clients
+  truncated = (isinstance(sampler, (PoissonSampler, CyclicPoissonSampler))
+               and sampler.max_cohort_size < num_clients)
+  if strategy_gram is not None:  # one Gaussian release over the run: ε at block ends
+    def tree_ends(lo, hi):
+      col = np.full(hi - lo, np.nan)
+      col[-1] = epsilon(sampler, num_clients, z, start + hi, delta, accountant=accountant,
+                        strategy_gram=strategy_gram)
+      return col
+    return tree_ends
   if truncated or accountant != "rdp":  # the full epsilon() (block ends only)
     def at_ends(lo, hi):
       col = np.full(hi - lo, np.nan)
-      col[-1] = epsilon(sampler, num_clients, z, start + hi, delta, accountant=accountant)
+      col[-1] = epsilon(sampler, num_clients, z, start + hi, delta, accountant=accountant,
+                        num_bands=num_bands)
       return col
     # Fail early if unbounded (the message names the cap, or accountant="pld").
-    epsilon(sampler, num_clients, z, start + num_rounds, delta, accountant=accountant)
+    epsilon(sampler, num_clients, z, start + num_rounds, delta, accountant=accountant,
+            num_bands=num_bands)
     return at_ends
   table = epsilon_per_round(sampler, num_clients, z, start + num_rounds, delta)
   return lambda lo, hi: table[start + lo : start + hi]

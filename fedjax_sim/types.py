@@ -36,6 +36,13 @@ MASK_KEY = "__mask__"
 SHARED_SALT = 0x5EED
 #: ``fold_in(round_key, SYSTEM_SALT)``: the system model's draws (availability, dropout, ...).
 SYSTEM_SALT = 0x5157E
+#: ``fold_in(run_key, PARTITION_SALT)``: the cyclic / balls-in-bins sampler's fixed assignment of
+#: clients to bins (drawn once per run, the same every round).
+PARTITION_SALT = 0xB1175
+#: ``fold_in(aggregator_key, MF_NOISE_SALT)``: the i.i.d. Gaussian draw that a correlated-noise
+#: mechanism (BandMF) turns into this round's noise. Only used when the strategy has > 1 band (the
+#: identity strategy draws from the aggregator key itself, exactly as ``gaussian_noise``).
+MF_NOISE_SALT = 0xBA4D
 #: ``fold_in(system_key, AVAILABILITY_SALT)``: who is available this round.
 AVAILABILITY_SALT = 0
 #: ``fold_in(system_key, OUTCOME_SALT)``: each selected client's dropout / straggler outcome.

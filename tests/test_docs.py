@@ -18,7 +18,7 @@ PAGES = sorted(f for f in os.listdir(DOCS) if f.endswith(".md"))
 SKIP = "<!-- skip -->"
 #: Pages whose blocks compile several simulations or run privacy calibrations (~30 s or more of
 #: CPU each on 2 cores): they run in the slow tier (`pytest -m slow`).
-SLOW_PAGES = ("privacy.md", "scale-out.md", "aggregation.md", "finetuning.md")
+SLOW_PAGES = ("privacy.md", "scale-out.md", "aggregation.md", "finetuning.md", "dp-ftrl.md")
 
 
 def python_blocks(path):

@@ -89,3 +89,9 @@ def test_federated_ssd_example_quick(run_with_package, tmp_path):
   assert np.all((vals[:, 6] >= 0) & (vals[:, 6] <= 4.0 + 1e-6))  # alignment on the sphere
   assert np.all((vals[:, 5] > 0.1) & (vals[:, 5] <= 1))
   assert out.exists() and out.stat().st_size > 10_000
+
+
+def test_dp_ftrl_vs_dpsgd_example(run_with_package):
+  text = run_with_package("dp_ftrl_vs_dpsgd", "--rounds", "8", "--seeds", "1",
+                          "--num-clients", "100")
+  assert "| DP-FedAvg, Poisson |" in text and "| BandMF b=8, min-sep 8 |" in text

@@ -40,6 +40,16 @@ from fedjax_sim.aggregators._dp import (
     local_gaussian_noise,
     split_noise_multiplier,
 )
+from fedjax_sim.aggregators._mf import (
+    BandedNoiseState,
+    TreeNoiseState,
+    band_mf_mean,
+    band_mf_strategy,
+    banded_noise,
+    dp_ftrl_mean,
+    tree_gram,
+    tree_noise,
+)
 from fedjax_sim.aggregators._robust import (
     centered_clip,
     centered_clip_reducer,
@@ -79,6 +89,14 @@ from fedjax_sim.aggregators._stages import (
 )
 
 __all__ = [
+    "BandedNoiseState",
+    "band_mf_mean",
+    "band_mf_strategy",
+    "banded_noise",
+    "TreeNoiseState",
+    "dp_ftrl_mean",
+    "tree_gram",
+    "tree_noise",
     "SecurePayload",
     "SkellamParams",
     "distributed_dp_mean",

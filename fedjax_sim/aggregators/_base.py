@@ -112,6 +112,15 @@ class AggregationProcess(NamedTuple):
   post: Stage
   noise_multiplier: float | None = None
   check: Callable[[RoundContext], None] | None = None
+  #: bands of the correlated-noise mechanism (1: independent noise each round; BandMF: b), for
+  #: the accountant, which needs a participation schedule with min-separation >= num_bands.
+  num_bands: int = 1
+  #: for a strategy matrix of fixed size T (``band_mf_mean(strategy=[T, T] matrix)``): T, the
+  #: most rounds a run may reach; None when any length works.
+  horizon: int | None = None
+  #: for mechanisms accounted without amplification (tree aggregation): ``T -> CᵀC`` of the
+  #: strategy over T rounds, from which ``fs.privacy`` computes the min-separation sensitivity.
+  strategy_gram: Callable[[int], Any] | None = None
 
   @property
   def tags(self) -> frozenset:
@@ -236,6 +245,9 @@ def process(
     *,
     noise_multiplier: float | None = None,
     check: Callable[[RoundContext], None] | None = None,
+    num_bands: int = 1,
+    horizon: int | None = None,
+    strategy_gram: Callable[[int], Any] | None = None,
 ) -> AggregationProcess:
   """Assembles an aggregation pipeline; missing slots are identities / an unweighted sum.
 
@@ -281,7 +293,8 @@ def process(
           "(one client's weight is unbounded). Use dp_mean (unweighted sum, fixed denominator) "
           "or dp_mean(..., weight_cap=w) (weights min(n_k / w, 1))."
       )
-  return AggregationProcess(per_client, reduce, post, noise_multiplier, check)
+  return AggregationProcess(per_client, reduce, post, noise_multiplier, check, int(num_bands),
+                            horizon, strategy_gram)
 
 
 def as_process(aggregator: Any) -> AggregationProcess:

@@ -26,11 +26,15 @@ class Cohort(NamedTuple):
     ids: int32 ``[K]`` client indices; padded slots hold 0 and are masked out.
     mask: bool ``[K]``, True for a real (sampled) client.
     truncated: int32 scalar: clients that were drawn but did not fit in ``K`` (Poisson only).
+    schedule_violations: for participation schedules (:class:`CyclicPoissonSampler`), int32
+      count of cohort clients that the schedule did not allow this round, re-checked from the
+      bins (0 by construction; reported as ``metrics["schedule_violations"]``); None otherwise.
   """
 
   ids: jax.Array
   mask: jax.Array
   truncated: jax.Array
+  schedule_violations: jax.Array | None = None
 
 
 def _top_k_ids(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -227,3 +231,129 @@ def poisson(q: float, max_cohort_size: int, availability=None) -> PoissonSampler
     a :class:`PoissonSampler` (``Simulation(..., sampler=...)``).
   """
   return PoissonSampler(q, max_cohort_size, availability)
+
+
+@dataclasses.dataclass(frozen=True)
+class CyclicPoissonSampler:
+  """A participation schedule with min-separation ``cycle_length``: cyclic Poisson sampling.
+
+  Each client is assigned once per run to one of ``cycle_length`` bins, uniformly and
+  independently (balls in bins, drawn from ``fold_in(run_key, PARTITION_SALT)``). In round ``t``
+  only the clients of bin ``t mod cycle_length`` may participate, each independently with
+  probability ``q``. So by construction a client participates at most once in any
+  ``cycle_length`` consecutive rounds (min-separation b) and at most ``ceil(T / b)`` times in T
+  rounds. ``q = 1`` is jax_privacy's ``BallsInBinsSampling`` (every client of the bin); ``q < 1``
+  is its ``CyclicPoissonSampling`` with ``PartitionType.INDEPENDENT`` (the partition that is
+  valid under add/remove-one adjacency). ``cycle_length = 1`` is plain Poisson sampling.
+
+  Accounted (``fs.privacy``) by jax_privacy's ``amplified_bandmf_event`` (Choquette-Choo et al.
+  2023): valid for a correlated-noise mechanism with at most ``cycle_length`` bands
+  (``fs.aggregators.band_mf_mean``) and for independent noise (``dp_mean``).
+  With a system model, an unavailable client does not join (availability composes; ε is then
+  not reported, as for every sampler).
+
+  Args:
+    q: sampling probability within the round's bin, in (0, 1].
+    cycle_length: b >= 1, the min-separation.
+    max_cohort_size: static cap K_max (choose it above ``q N / b + 4 sd``).
+
+  References:
+    Choquette-Choo, Ganesh, McKenna, McMahan, Rush, Thakurta, Xu, "(Amplified) Banded Matrix
+    Factorization: A unified approach to private training", NeurIPS 2023 (arXiv:2306.08153).
+
+  Examples:
+    >>> import jax, fedjax_sim as fs
+    >>> s = fs.sampling.cyclic_poisson(q=0.5, cycle_length=4, max_cohort_size=40)
+    >>> c = s.sample(jax.random.key(0), 200, round_=0, partition_key=jax.random.key(1))
+    >>> c.ids.shape
+    (40,)
+  """
+
+  q: float
+  cycle_length: int
+  max_cohort_size: int
+
+  needs_round = True
+
+  def __post_init__(self):
+    if _v.probability("q", self.q) == 0:
+      raise ValueError(f"q must be a probability in (0, 1]; got {self.q!r}.")
+    _v.positive_int("cycle_length", self.cycle_length)
+    _v.positive_int("max_cohort_size", self.max_cohort_size)
+
+  def expected_cohort_size(self, num_clients: int) -> float:
+    return float(self.q) * num_clients / int(self.cycle_length)
+
+  def validate(self, num_clients: int) -> None:
+    """Refuses a schedule the population cannot satisfy, and a cap below the expected cohort.
+
+    Every client is in exactly one of the b bins, so the expected cohort ``q N / b`` times b never
+    exceeds N; what the population cannot satisfy is more bins than clients (empty bins).
+    """
+    b = int(self.cycle_length)
+    if b > num_clients:
+      raise ValueError(
+          f"cycle_length={b} exceeds the number of clients ({num_clients}): some bins are "
+          "empty. Lower cycle_length (the min-separation b).")
+    mean = self.expected_cohort_size(num_clients)
+    if self.max_cohort_size < mean:
+      raise ValueError(
+          f"max_cohort_size={self.max_cohort_size} is below the expected cohort "
+          f"q*N/b = {mean:.1f} (q={self.q}, N={num_clients}, cycle_length={b}): most rounds would "
+          "drop sampled clients. Raise max_cohort_size or lower q.")
+
+  def bins(self, partition_key: jax.Array, num_clients: int) -> jax.Array:
+    """Every client's bin, fixed for the run.
+
+    Returns:
+      int32 ``[N]`` bins in ``[0, cycle_length)``.
+    """
+    return jax.random.randint(partition_key, (num_clients,), 0, int(self.cycle_length),
+                              dtype=jnp.int32)
+
+  def sample(self, key: jax.Array, num_clients: int, available: jax.Array | None = None, *,
+             round_=0, partition_key: jax.Array | None = None) -> Cohort:
+    """Round ``round_``'s cohort; ``available`` (bool ``[N]``) restricts it.
+
+    Returns:
+      a :class:`Cohort` (with ``schedule_violations``).
+    """
+    if partition_key is None:
+      raise ValueError("CyclicPoissonSampler.sample needs partition_key (the run's bin key).")
+    k = min(self.max_cohort_size, num_clients)
+    join_key, order_key = jax.random.split(key)
+    bins = self.bins(partition_key, num_clients)
+    this_bin = jnp.asarray(round_, jnp.int32) % int(self.cycle_length)
+    eligible = bins == this_bin
+    joined = eligible & (jax.random.uniform(join_key, (num_clients,)) < jnp.float32(self.q))
+    if available is not None:
+      joined = joined & available
+    scores = jnp.where(joined, jax.random.uniform(order_key, (num_clients,)), -1.0)
+    ids, values = _top_k_ids(scores, k)
+    mask = values >= 0
+    ids = jnp.where(mask, ids, 0)
+    if k < self.max_cohort_size:
+      pad = self.max_cohort_size - k
+      ids = jnp.concatenate([ids, jnp.zeros((pad,), jnp.int32)])
+      mask = jnp.concatenate([mask, jnp.zeros((pad,), bool)])
+    truncated = jnp.maximum(joined.sum() - k, 0).astype(jnp.int32)
+    violations = jnp.sum(mask & (bins[ids] != this_bin)).astype(jnp.int32)
+    return Cohort(ids, mask, truncated, violations)
+
+
+def cyclic_poisson(q: float, cycle_length: int, max_cohort_size: int) -> CyclicPoissonSampler:
+  """Cyclic Poisson sampling with min-separation ``cycle_length`` (:class:`CyclicPoissonSampler`).
+
+  Returns:
+    a :class:`CyclicPoissonSampler` (``Simulation(..., sampler=...)``).
+  """
+  return CyclicPoissonSampler(q, cycle_length, max_cohort_size)
+
+
+def balls_in_bins(cycle_length: int, max_cohort_size: int) -> CyclicPoissonSampler:
+  """Balls-in-bins: every client of bin ``t mod b`` participates in round t (q = 1).
+
+  Returns:
+    a :class:`CyclicPoissonSampler` with ``q = 1``.
+  """
+  return CyclicPoissonSampler(1.0, cycle_length, max_cohort_size)

@@ -444,3 +444,14 @@ def plan(algorithm: Algorithm, sampler, population: Population, params: Any, key
       performance.mesh, performance.chunk_size)
   return Planned(dataclasses.replace(
       draft, performance=dataclasses.replace(performance, chunk_size=chunk)), spec, budget)
+
+
+def check_horizon(algorithm: Algorithm, start: int, num_rounds: int) -> None:
+  """Refuses a run past the aggregator's strategy matrix (a fixed-size BandMF / tree)."""
+  horizon = getattr(algorithm.aggregator, "horizon", None)
+  if horizon is not None and start + num_rounds > horizon:
+    raise ValueError(
+        f"num_rounds={num_rounds} from round {start} runs past the aggregator's "
+        f"strategy matrix ({horizon} rounds): build it for the run's length "
+        "(dp_ftrl_mean(num_rounds=...), band_mf_mean(strategy=[T, T] matrix)), or use "
+        "band_mf_mean's Toeplitz coefficients (any length).")

@@ -128,7 +128,9 @@ class RunRecorder:
     self.stop = SignalFlag() if checkpoint_dir is not None else None
     self.epsilons = None if o.delta is None else privacy.epsilon_column(  # ε on the host
         plan.sampler, population.num_clients, plan.algorithm.aggregator.noise_multiplier,
-        plan.system, self.start, num_rounds, o.delta, o.accountant)
+        plan.system, self.start, num_rounds, o.delta, o.accountant,
+        num_bands=getattr(plan.algorithm.aggregator, "num_bands", 1),
+        strategy_gram=getattr(plan.algorithm.aggregator, "strategy_gram", None))
 
   @property
   def rounds_done(self) -> int:
