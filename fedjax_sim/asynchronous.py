@@ -75,6 +75,7 @@ import numpy as np
 from fedjax_sim import _validation as _v
 from fedjax_sim import core
 from fedjax_sim import nonfinite as _nf
+from fedjax_sim import systems as _systems
 from fedjax_sim.aggregators import ADDS_NOISE, SECURE
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data.population import Population
@@ -91,7 +92,9 @@ __all__ = [
     "Timing",
     "async_step",
     "constant",
+    "fedscale_timing",
     "hinge",
+    "load_fedscale_behavior",
     "polynomial",
     "version_scores",
 ]
@@ -183,7 +186,7 @@ class Availability:
     num_clients: the population size the ids refer to.
     period: optional period in seconds, one for all or one per interval (FedScale's behaviour
       traces repeat with each client's ``finish_time``:
-      :func:`fedjax_sim.systems.load_fedscale_behavior`).
+      :func:`fedjax_sim.asynchronous.load_fedscale_behavior`).
   """
 
   client: np.ndarray
@@ -979,3 +982,61 @@ def _digest(a: np.ndarray) -> str:
   import hashlib
 
   return hashlib.sha256(np.ascontiguousarray(a, np.float64).tobytes()).hexdigest()[:16]
+
+
+# -- FedScale traces (its pickle formats, read by fedjax_sim.systems) ------------------------------
+def fedscale_timing(capacity: dict, *, batch_size: int, local_steps, model_kbits: float,
+                    augmentation_factor: float = 3.0, **timing):
+  """An asynchronous :class:`fedjax_sim.asynchronous.Timing` from FedScale capacities.
+
+  FedScale's completion time: ``augmentation_factor * batch_size * local_steps * ms / 1000``
+  seconds of compute (forward latency x 3 for the backward pass) plus
+  ``(upload + download) / kbps`` of communication.
+
+  Args:
+    capacity: from :func:`fedjax_sim.systems.load_fedscale_capacity`.
+    batch_size: examples per local step.
+    local_steps: local steps (an int or per client).
+    model_kbits: the model's size in kbit (one download and one upload).
+    augmentation_factor: FedScale's 3.0.
+    **timing: other ``Timing`` fields (``jitter``, ``availability``, ``retry_seconds``).
+
+  Returns:
+    the :class:`~fedjax_sim.asynchronous.Timing`.
+  """
+  _v.positive_int("batch_size", batch_size)
+  _v.positive("model_kbits", model_kbits)
+  steps_per_second = 1000.0 / (augmentation_factor * batch_size * capacity["ms_per_sample"])
+  return Timing(steps_per_second=steps_per_second, local_steps=local_steps,
+                comm_seconds=2.0 * model_kbits / capacity["kbps"], **timing)
+
+
+def load_fedscale_behavior(path: str, num_clients: int, *, client_ids=None):
+  """Reads FedScale's ``client_behave_trace`` pickle into an availability model.
+
+  Args:
+    path: the pickle.
+    num_clients: the population size (client ``i`` gets the trace's ``i``-th smallest key).
+    client_ids: optional trace key per population client.
+
+  Returns:
+    a :class:`fedjax_sim.asynchronous.Availability`: client ``i`` may start at ``t`` when
+    ``active[j] <= t % finish_time <= inactive[j]`` for some ``j`` (FedScale's ``is_active``).
+  """
+  rows = _systems.fedscale_rows(path, num_clients, client_ids, "behaviour")
+  client, start, end, period = [], [], [], []
+  for i, r in enumerate(rows):
+    try:
+      a, b, fin = list(r["active"]), list(r["inactive"]), float(r["finish_time"])
+    except (KeyError, TypeError) as e:
+      raise ValueError(f"{path}: every entry needs 'active', 'inactive' and 'finish_time' "
+                       f"({e}).") from e
+    if len(a) != len(b):
+      raise ValueError(f"{path}: client {i} has {len(a)} active but {len(b)} inactive times.")
+    client += [i] * len(a)
+    start += a
+    end += b
+    period += [fin] * len(a)
+  return Availability(np.asarray(client, np.int64), np.asarray(start, np.float64),
+                      np.asarray(end, np.float64), num_clients,
+                      period=np.asarray(period, np.float64))

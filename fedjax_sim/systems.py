@@ -198,7 +198,7 @@ def _header_rows(path: str) -> int:
 # "finish_time": s, ...}}`` (active while ``active[i] <= t % finish_time <= inactive[i]``).
 
 
-def _fedscale_rows(path: str, num_clients: int, client_ids, what: str) -> list:
+def fedscale_rows(path: str, num_clients: int, client_ids, what: str) -> list:
   import pickle
 
   with open(path, "rb") as f:
@@ -238,7 +238,7 @@ def load_fedscale_capacity(path: str, num_clients: int, *, client_ids=None) -> d
     ``{"ms_per_sample": float64 [N], "kbps": float64 [N]}`` (FedScale's ``computation`` and
     ``communication``); :func:`fedscale_timing` turns them into durations.
   """
-  rows = _fedscale_rows(path, num_clients, client_ids, "device-capacity")
+  rows = fedscale_rows(path, num_clients, client_ids, "device-capacity")
   try:
     ms = np.asarray([float(r["computation"]) for r in rows])
     kbps = np.asarray([float(r["communication"]) for r in rows])
@@ -249,63 +249,3 @@ def load_fedscale_capacity(path: str, num_clients: int, *, client_ids=None) -> d
     raise ValueError(f"{path}: computation and communication must be finite and > 0.")
   return {"ms_per_sample": ms, "kbps": kbps}
 
-
-def fedscale_timing(capacity: dict, *, batch_size: int, local_steps, model_kbits: float,
-                    augmentation_factor: float = 3.0, **timing):
-  """An asynchronous :class:`fedjax_sim.asynchronous.Timing` from FedScale capacities.
-
-  FedScale's completion time: ``augmentation_factor * batch_size * local_steps * ms / 1000``
-  seconds of compute (forward latency x 3 for the backward pass) plus
-  ``(upload + download) / kbps`` of communication.
-
-  Args:
-    capacity: from :func:`load_fedscale_capacity`.
-    batch_size: examples per local step.
-    local_steps: local steps (an int or per client).
-    model_kbits: the model's size in kbit (one download and one upload).
-    augmentation_factor: FedScale's 3.0.
-    **timing: other ``Timing`` fields (``jitter``, ``availability``, ``retry_seconds``).
-
-  Returns:
-    the :class:`~fedjax_sim.asynchronous.Timing`.
-  """
-  from fedjax_sim.asynchronous import Timing
-
-  _v.positive_int("batch_size", batch_size)
-  _v.positive("model_kbits", model_kbits)
-  steps_per_second = 1000.0 / (augmentation_factor * batch_size * capacity["ms_per_sample"])
-  return Timing(steps_per_second=steps_per_second, local_steps=local_steps,
-                comm_seconds=2.0 * model_kbits / capacity["kbps"], **timing)
-
-
-def load_fedscale_behavior(path: str, num_clients: int, *, client_ids=None):
-  """Reads FedScale's ``client_behave_trace`` pickle into an availability model.
-
-  Args:
-    path: the pickle.
-    num_clients: the population size (client ``i`` gets the trace's ``i``-th smallest key).
-    client_ids: optional trace key per population client.
-
-  Returns:
-    a :class:`fedjax_sim.asynchronous.Availability`: client ``i`` may start at ``t`` when
-    ``active[j] <= t % finish_time <= inactive[j]`` for some ``j`` (FedScale's ``is_active``).
-  """
-  from fedjax_sim.asynchronous import Availability
-
-  rows = _fedscale_rows(path, num_clients, client_ids, "behaviour")
-  client, start, end, period = [], [], [], []
-  for i, r in enumerate(rows):
-    try:
-      a, b, fin = list(r["active"]), list(r["inactive"]), float(r["finish_time"])
-    except (KeyError, TypeError) as e:
-      raise ValueError(f"{path}: every entry needs 'active', 'inactive' and 'finish_time' "
-                       f"({e}).") from e
-    if len(a) != len(b):
-      raise ValueError(f"{path}: client {i} has {len(a)} active but {len(b)} inactive times.")
-    client += [i] * len(a)
-    start += a
-    end += b
-    period += [fin] * len(a)
-  return Availability(np.asarray(client, np.int64), np.asarray(start, np.float64),
-                      np.asarray(end, np.float64), num_clients,
-                      period=np.asarray(period, np.float64))

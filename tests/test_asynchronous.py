@@ -238,17 +238,17 @@ def test_fedscale_traces_written_in_its_pickle_format(tmp_path):
       pickle.dump(table, f)
   c = fs.systems.load_fedscale_capacity(str(tmp_path / "client_device_capacity"), n)
   np.testing.assert_allclose(c["ms_per_sample"], [10, 20, 30, 40])
-  timing = fs.systems.fedscale_timing(c, batch_size=5, local_steps=2, model_kbits=500.0)
+  timing = fs.asynchronous.fedscale_timing(c, batch_size=5, local_steps=2, model_kbits=500.0)
   # FedScale: 3 * batch * steps * ms / 1000 s compute + (up + down) / kbps communication.
   np.testing.assert_allclose(timing.seconds(n), 3 * 5 * 2 * np.array([10, 20, 30, 40]) / 1000
                              + 1000.0 / 1000.0)
-  avail = fs.systems.load_fedscale_behavior(str(tmp_path / "client_behave_trace"), n)
+  avail = fs.asynchronous.load_fedscale_behavior(str(tmp_path / "client_behave_trace"), n)
   np.testing.assert_array_equal(avail.active(15.0), [False, True, True, True])
   np.testing.assert_array_equal(avail.active(115.0), [False, True, True, True])  # periodic
   np.testing.assert_array_equal(avail.active(55.0), [True] * 4)
   np.testing.assert_array_equal(avail.active(45.0), [False] * 4)
   with pytest.raises(ValueError, match="trace's client ids must match the population"):
-    fs.systems.load_fedscale_behavior(str(tmp_path / "client_behave_trace"), n + 1)
+    fs.asynchronous.load_fedscale_behavior(str(tmp_path / "client_behave_trace"), n + 1)
   with pytest.raises(ValueError, match="not in the"):
     fs.systems.load_fedscale_capacity(str(tmp_path / "client_device_capacity"), 2,
                                       client_ids=[1, 9])

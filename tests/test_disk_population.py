@@ -163,7 +163,8 @@ def test_fedavg_disk_equals_memory(pop, native, loss_fn, init_params):
   sampler = fs.sampling.uniform(4)
   want = _run(algo, pop, sampler, "host", init_params)
   got = _run(algo, disk.open_native(native), sampler, "host", init_params)
-  assert got[0]._program(2).reader is not None  # streamed with pread from the files
+  feeder = fs.host_population.HostFeeder(got[0].plan, got[0].population, 2)
+  assert feeder.reader is not None  # streamed with pread from the files
   _check_same(want, got)
 
 

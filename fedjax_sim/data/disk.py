@@ -47,7 +47,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim.data.population import Population, _check_features
+from fedjax_sim.data.population import Population, check_features
 
 FORMAT = "fedjax_sim.native/1"
 MANIFEST = "manifest.json"
@@ -162,7 +162,7 @@ def write_native(
     for cid, feats in clients:
       current = (cid, None)
       try:
-        feats = _check_features(feats) if feats else {}
+        feats = check_features(feats) if feats else {}
       except (TypeError, ValueError) as e:
         raise type(e)(
             f"client {cid!r}: {e} Text features (Shakespeare snippets, Stack Overflow tokens) "
