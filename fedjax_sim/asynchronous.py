@@ -485,12 +485,12 @@ class AsyncState:
   """An asynchronous run's device state (a pytree).
 
   Attributes:
-    server: the :class:`~fedjax_sim.core.ServerState` (``round`` counts server steps).
+    server: the server state (``fedjax_sim.ServerState``) (``round`` counts server steps).
     ring: the last ``S`` model versions as broadcast to clients (leading dim ``S``; version
       ``v`` in slot ``v % S``), or ``()`` when ``S = 1`` (``max_staleness=0``).
   """
 
-  server: core.ServerState
+  server: Any  # fedjax_sim.ServerState (a plain name: the API page lists it twice)
   ring: Any = ()
 
 

@@ -242,10 +242,10 @@ def test_pld_calibration_evaluates_few_accountants_near_the_answer(monkeypatch):
   calls = []
   real = privacy.epsilon
 
-  def counting(sampler, n, z, t, delta, *, accountant="rdp"):
+  def counting(sampler, n, z, t, delta, *, accountant="rdp", **mechanism):
     if accountant == "pld":
       calls.append(z)
-    return real(sampler, n, z, t, delta, accountant=accountant)
+    return real(sampler, n, z, t, delta, accountant=accountant, **mechanism)
 
   monkeypatch.setattr(privacy, "epsilon", counting)
   sampler = fs.sampling.poisson(0.01, 10_000)
