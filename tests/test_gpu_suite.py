@@ -142,9 +142,11 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
       "f32", "tf32_default", "bf16"}
   assert figures["cifar"]["rounds"] == 2 and figures["cifar"]["params"] == 1_626_442
   assert figures["population"]["dp"] is True
-  for r in figures.values():
+  for step, r in figures.items():
     assert np.isfinite(r["client_updates_per_s"]) and r["client_updates_per_s"] > 0
-    assert r["speedup_vs_sequential"] > 0
+    # cifar_after repeats cifar and the LM rows skip the sequential loop (time budget).
+    if step not in ("cifar_after", "stackoverflow", "shakespeare"):
+      assert r["speedup_vs_sequential"] > 0
   env = [r for r in rows if r["step"] == "env" and "kind" not in r]
   assert env and env[0]["jax_backend"] == "cpu"
   md = (tmp_path / "r.jsonl.md").read_text()
