@@ -11,12 +11,15 @@ process (best of ``--repeats``):
   ``vmap_lax``        ``vmap`` over clients, plain conv: JAX's batching rule makes the forward a
                       ``feature_group_count=C`` grouped conv and the kernel gradient a
                       ``batch_group_count`` conv;
-  ``vmap_canonical``  ``vmap`` of ``fs.zoo``'s canonical conv (custom VJP, grouped under vmap);
+  ``vmap_canonical``  ``vmap`` of ``fs.zoo``'s canonical conv (custom VJP; grouped under vmap before
+                      88f2d5f, since then with ``fs.zoo.map_on_vmap``'s loop rule);
   ``vmap_patches``    ``vmap`` of conv-as-patches (``lax.conv_general_dilated_patches``) + dot:
                       under vmap a batched dot per layer, gradients by autodiff;
   ``vmap_loopconv``   ``vmap`` of a conv whose ``jax.custom_batching.custom_vmap`` rule runs the
                       canonical conv (and its two gradient convs) in a ``lax.map`` over clients;
-                      the rest of the model (dense layers, pooling) stays batched.
+                      the rest of the model (dense layers, pooling) stays batched. Since
+                      88f2d5f this is ``fs.zoo``'s own canonical conv (the same computation as
+                      ``vmap_canonical``; kept so older rows stay comparable).
 
 Rows (one per workload x option) go to ``--out`` as JSON lines with the load average.
 
@@ -57,57 +60,6 @@ def patches_conv(lhs, rhs, window_strides, padding, **kw):
   return patches @ jnp.transpose(rhs, (2, 0, 1, 3)).reshape(i * kh * kw_, o)
 
 
-def map_on_vmap(f):
-  """``f`` with a ``custom_vmap`` rule: a vmapped call runs ``lax.map`` over the batch axis."""
-  g = jax.custom_batching.custom_vmap(f)
-
-  @g.def_vmap
-  def rule(axis_size, in_batched, *args):
-    del axis_size
-    mapped = [a for a, b in zip(args, in_batched, strict=True) if b]
-
-    def one(ms):
-      it = iter(ms)
-      return g(*[next(it) if b else a for a, b in zip(args, in_batched, strict=True)])
-
-    return lax.map(one, mapped), True
-
-  return g
-
-
-def _fwd_conv(x, k):
-  return lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=_DN)
-
-
-def _dx_conv(dy, k):
-  kh, kw = k.shape[:2]
-  k_flip = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)
-  return lax.conv_general_dilated(dy, k_flip, (1, 1), [(kh - 1, kh - 1), (kw - 1, kw - 1)],
-                                  dimension_numbers=_DN)
-
-
-def _dk_conv(x, dy):
-  return lax.conv_general_dilated(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1),
-                                  "VALID", dimension_numbers=_DN).transpose(1, 2, 0, 3)
-
-
-_fwd_m, _dx_m, _dk_m = map_on_vmap(_fwd_conv), map_on_vmap(_dx_conv), map_on_vmap(_dk_conv)
-
-
-@jax.custom_vjp
-def _loop_conv(x, k):
-  return _fwd_m(x, k)
-
-
-_loop_conv.defvjp(lambda x, k: (_fwd_m(x, k), (x, k)),
-                  lambda res, dy: (_dx_m(dy, res[1]), _dk_m(res[0], dy)))
-
-
-def loop_conv(lhs, rhs, window_strides, padding, **kw):
-  del window_strides, padding, kw
-  return _loop_conv(lhs, rhs)
-
-
 class Cnn(nn.Module):
   conv: str
   classes: int
@@ -116,8 +68,8 @@ class Cnn(nn.Module):
   def __call__(self, x):
     if self.conv == "patches":
       conv = functools.partial(nn.Conv, conv_general_dilated=patches_conv)
-    elif self.conv == "loopconv":
-      conv = functools.partial(nn.Conv, conv_general_dilated=loop_conv)
+    elif self.conv == "loopconv":  # since 88f2d5f the zoo's canonical conv carries this rule
+      conv = functools.partial(fs.zoo.Conv, impl="canonical")
     else:
       conv = functools.partial(fs.zoo.Conv, impl=self.conv)
     x = nn.relu(conv(32, (3, 3), padding="VALID")(x))
@@ -209,7 +161,7 @@ def main(argv=None):
              "vs_scan_canonical": (base / dt) if base else None,
              "compile_s": fns[name][2], "max_param_diff_vs_first": fns[name][3],
              "load_avg_1min": os.getloadavg()[0], "jax": jax.__version__,
-             "zoo_conv_vmap_rule": hasattr(fs.zoo, "_map_on_vmap"),
+             "zoo_conv_vmap_rule": hasattr(fs.zoo, "map_on_vmap"),
              "time": time.time()}
       print(json.dumps(row), flush=True)
       if args.out:
