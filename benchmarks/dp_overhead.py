@@ -10,10 +10,9 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import fedjax_sim as fs
-from benchmarks.workloads import MODELS, emnist_shaped
+from benchmarks.workloads import MODELS, emnist_shaped, interleaved_aggregator_seconds
 
 
 def main():
@@ -28,20 +27,9 @@ def main():
   module = MODELS[args.model]()
   params = module.init(jax.random.key(0), jnp.ones((1, 28, 28, 1)))["params"]
   loss_fn = fs.models.classifier_loss(fs.models.linen_apply(module))
-  sims = {}
-  for name, agg in (("fedavg", None), ("dp_fedavg", fs.aggregators.dp_mean(1.0, 1.0))):
-    algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=20,
-                                local_epochs=1, aggregator=agg)
-    sim = fs.Simulation(algo, pop, cohort_size=args.cohort)
-    state = sim.init(params, jax.random.key(0))
-    state, _ = sim.benchmark(state, args.rounds)  # compile
-    sims[name] = (sim, state)
-  times = {name: [] for name in sims}
-  for _ in range(args.repeats):
-    for name, (sim, state) in sims.items():
-      state, r = sim.benchmark(state, args.rounds)
-      sims[name] = (sim, state)
-      times[name].append(r["seconds"] / args.rounds)
+  times = interleaved_aggregator_seconds(
+      {"fedavg": None, "dp_fedavg": fs.aggregators.dp_mean(1.0, 1.0)}, loss_fn, pop, params,
+      cohort=args.cohort, rounds=args.rounds, repeats=args.repeats)
   base, dp = np.median(times["fedavg"]), np.median(times["dp_fedavg"])
   print(f"{args.model} cohort {args.cohort}: FedAvg {base:.3f} s/round, DP-FedAvg {dp:.3f} "
         f"s/round (medians of {args.repeats} interleaved blocks of {args.rounds} rounds): DP "

@@ -16,10 +16,9 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import fedjax_sim as fs
-from benchmarks.run import MODELS, emnist_shaped
+from benchmarks.workloads import MODELS, emnist_shaped, interleaved_aggregator_seconds
 
 
 def main():
@@ -43,20 +42,9 @@ def main():
   loss_fn = fs.models.classifier_loss(fs.models.linen_apply(module))
   arms = [("dp_fedavg", fs.aggregators.dp_mean(1.0, 1.0), 1)] + [
       (f"band_mf_{b}", fs.aggregators.band_mf_mean(1.0, 1.0, bands=b), b) for b in args.bands]
-  sims = {}
-  for name, agg, _ in arms:
-    algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=20,
-                                local_epochs=1, aggregator=agg)
-    sim = fs.Simulation(algo, pop, cohort_size=args.cohort)
-    state = sim.init(params, jax.random.key(0))
-    state, _ = sim.benchmark(state, args.rounds)  # compile
-    sims[name] = (sim, state)
-  times = {name: [] for name in sims}
-  for _ in range(args.repeats):
-    for name, (sim, state) in sims.items():
-      state, r = sim.benchmark(state, args.rounds)
-      sims[name] = (sim, state)
-      times[name].append(r["seconds"] / args.rounds)
+  times = interleaved_aggregator_seconds(
+      {name: agg for name, agg, _ in arms}, loss_fn, pop, params, cohort=args.cohort,
+      rounds=args.rounds, repeats=args.repeats)
   base = float(np.median(times["dp_fedavg"]))
   load = os.getloadavg()[0]
   for name, _, b in arms:

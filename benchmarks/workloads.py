@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import fedjax_sim as fs
 from benchmarks.peers.common import (  # noqa: F401 - the workloads' data
@@ -273,3 +274,27 @@ def gemm_gflops(n=2048, repeats=5) -> float:
     f(a).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2 * n**3 / best / 1e9
+
+
+def interleaved_aggregator_seconds(aggregators: dict, loss_fn, population, params, *,
+                                   cohort: int, rounds: int, repeats: int) -> dict[str, list]:
+  """Seconds per round of FedAvg under each aggregator, timed interleaved (arm by arm, block
+  by block) so that load drifts hit every arm alike; the compile round is excluded.
+
+  Returns:
+    ``{name: [seconds per round of each repeat's block]}`` for ``aggregators`` ``{name: agg}``.
+  """
+  sims = {}
+  for name, agg in aggregators.items():
+    algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=20,
+                                local_epochs=1, aggregator=agg)
+    sim = fs.Simulation(algo, population, cohort_size=cohort)
+    state, _ = sim.benchmark(sim.init(params, jax.random.key(0)), rounds)  # compile
+    sims[name] = (sim, state)
+  times = {name: [] for name in sims}
+  for _ in range(repeats):
+    for name, (sim, state) in sims.items():
+      state, r = sim.benchmark(state, rounds)
+      sims[name] = (sim, state)
+      times[name].append(r["seconds"] / rounds)
+  return times
