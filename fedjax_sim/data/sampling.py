@@ -43,6 +43,23 @@ def _top_k_ids(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return ids.astype(jnp.int32), values
 
 
+def _pick_joined(joined, order_key, max_cohort_size: int):
+  """``(ids, mask, truncated)``: up to ``max_cohort_size`` of the ``joined`` clients in uniformly
+  random order (scores in (0, 1) for joined clients, -1 for the rest), padded to the static size
+  when there are fewer clients than that; ``truncated`` counts joined clients left out."""
+  num_clients = joined.shape[0]
+  k = min(max_cohort_size, num_clients)
+  scores = jnp.where(joined, jax.random.uniform(order_key, (num_clients,)), -1.0)
+  ids, values = _top_k_ids(scores, k)
+  mask = values >= 0
+  ids = jnp.where(mask, ids, 0)
+  if k < max_cohort_size:  # N < K_max: pad to the static size.
+    pad = max_cohort_size - k
+    ids = jnp.concatenate([ids, jnp.zeros((pad,), jnp.int32)])
+    mask = jnp.concatenate([mask, jnp.zeros((pad,), bool)])
+  return ids, mask, jnp.maximum(joined.sum() - k, 0).astype(jnp.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class UniformSampler:
   """Fixed-size cohorts: ``cohort_size`` distinct clients drawn uniformly without replacement.
@@ -193,7 +210,6 @@ class PoissonSampler:
   def sample(self, key: jax.Array, num_clients: int, available: jax.Array | None = None
              ) -> Cohort:
     """Draws the cohort; ``available`` (bool ``[N]``) restricts it to available clients."""
-    k = min(self.max_cohort_size, num_clients)
     join_key, order_key = jax.random.split(key)
     p = jnp.float32(self.q)
     if self.availability is not None:
@@ -201,18 +217,7 @@ class PoissonSampler:
     joined = jax.random.uniform(join_key, (num_clients,)) < p
     if available is not None:
       joined = joined & available
-    # Among the joined clients pick (up to) k in uniformly random order: scores in (0, 1) for
-    # joined clients, -1 for the rest.
-    scores = jnp.where(joined, jax.random.uniform(order_key, (num_clients,)), -1.0)
-    ids, values = _top_k_ids(scores, k)
-    mask = values >= 0
-    ids = jnp.where(mask, ids, 0)
-    if k < self.max_cohort_size:  # N < K_max: pad to the static size.
-      pad = self.max_cohort_size - k
-      ids = jnp.concatenate([ids, jnp.zeros((pad,), jnp.int32)])
-      mask = jnp.concatenate([mask, jnp.zeros((pad,), bool)])
-    truncated = jnp.maximum(joined.sum() - k, 0).astype(jnp.int32)
-    return Cohort(ids, mask, truncated)
+    return Cohort(*_pick_joined(joined, order_key, self.max_cohort_size))
 
 
 def uniform(cohort_size: int, weights=None) -> UniformSampler:
@@ -320,7 +325,6 @@ class CyclicPoissonSampler:
     """
     if partition_key is None:
       raise ValueError("CyclicPoissonSampler.sample needs partition_key (the run's bin key).")
-    k = min(self.max_cohort_size, num_clients)
     join_key, order_key = jax.random.split(key)
     bins = self.bins(partition_key, num_clients)
     this_bin = jnp.asarray(round_, jnp.int32) % int(self.cycle_length)
@@ -328,15 +332,7 @@ class CyclicPoissonSampler:
     joined = eligible & (jax.random.uniform(join_key, (num_clients,)) < jnp.float32(self.q))
     if available is not None:
       joined = joined & available
-    scores = jnp.where(joined, jax.random.uniform(order_key, (num_clients,)), -1.0)
-    ids, values = _top_k_ids(scores, k)
-    mask = values >= 0
-    ids = jnp.where(mask, ids, 0)
-    if k < self.max_cohort_size:
-      pad = self.max_cohort_size - k
-      ids = jnp.concatenate([ids, jnp.zeros((pad,), jnp.int32)])
-      mask = jnp.concatenate([mask, jnp.zeros((pad,), bool)])
-    truncated = jnp.maximum(joined.sum() - k, 0).astype(jnp.int32)
+    ids, mask, truncated = _pick_joined(joined, order_key, self.max_cohort_size)
     violations = jnp.sum(mask & (bins[ids] != this_bin)).astype(jnp.int32)
     return Cohort(ids, mask, truncated, violations)
 
