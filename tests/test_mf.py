@@ -165,6 +165,11 @@ def test_min_separation_over_ten_thousand_rounds():
       count += len(who)
     assert not np.asarray(cohorts.truncated).any()
     assert not np.asarray(cohorts.schedule_violations).any()
+    # The counter itself counts: a cohort holding a client of another bin is reported.
+    bins_j = sampler.bins(jax.random.fold_in(key, PARTITION_SALT), n)
+    other = int(np.flatnonzero(np.asarray(bins_j) != 0)[0])
+    bad = sampler.violations(jnp.array([other, 0]), jnp.array([True, False]), bins_j, 0)
+    assert int(bad) == 1
     assert count > 0.5 * rounds * sampler.expected_cohort_size(n)
     bins = np.asarray(sampler.bins(jax.random.fold_in(key, PARTITION_SALT), n))
     assert stats.chisquare(np.bincount(bins, minlength=b)).pvalue > 1e-4

@@ -333,8 +333,17 @@ class CyclicPoissonSampler:
     if available is not None:
       joined = joined & available
     ids, mask, truncated = _pick_joined(joined, order_key, self.max_cohort_size)
-    violations = jnp.sum(mask & (bins[ids] != this_bin)).astype(jnp.int32)
-    return Cohort(ids, mask, truncated, violations)
+    return Cohort(ids, mask, truncated, self.violations(ids, mask, bins, round_))
+
+  def violations(self, ids: jax.Array, mask: jax.Array, bins: jax.Array, round_) -> jax.Array:
+    """Cohort clients (``ids`` where ``mask``) whose bin is not round ``round_``'s: what
+    ``metrics["schedule_violations"]`` reports (0 for this sampler's own cohorts).
+
+    Returns:
+      an int32 count.
+    """
+    this_bin = jnp.asarray(round_, jnp.int32) % int(self.cycle_length)
+    return jnp.sum(mask & (bins[ids] != this_bin)).astype(jnp.int32)
 
 
 def cyclic_poisson(q: float, cycle_length: int, max_cohort_size: int) -> CyclicPoissonSampler:
