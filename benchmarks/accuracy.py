@@ -11,7 +11,10 @@ regression; 0 / 50 / 90 % stragglers. Three methods, as in the paper:
 * ``fedprox1``: FedProx with mu = 1, the same partial work.
 
 q-FFL (Li et al., ICLR 2020, Section 5, Table 1 "Synthetic"): q = 0 vs q = 1 (q-FedAvg),
-fairness across devices: the variance of the devices' test accuracies, the worst 10 %.
+fairness across devices: the variance of the devices' test accuracies, the worst 10 %. Two
+settings: ``--qffl`` (30 devices, uniform sampling, batch 10: our choice) and ``--qffl-paper``
+(q-FFL's own, read from ``litian96/fair_flearn``: 100 devices, 80/10/10 split, sampling
+proportional to size, batch 64, lr 0.01, one local epoch; see docs/accuracy.md).
 
 Writes ``benchmarks/results/cpu-2core/accuracy.jsonl`` (one row per run) and prints the
 aggregate (mean +- std over seeds) used in ``docs/accuracy.md``. Full setting (slow on CPU):
