@@ -41,11 +41,15 @@ from fedjax_sim import _validation as _v
 
 #: Datasets read from ``data.path``, and the features each needs in the file.
 FILE_DATASETS = {"emnist_h5": ("EMNIST-62", ["pixels", "label"]),
-                 "shakespeare_h5": ("Shakespeare", ["snippets"])}
+                 "shakespeare_h5": ("Shakespeare", ["snippets"]),
+                 "stackoverflow_nwp": ("Stack Overflow", ["tokens"])}
+#: Stack Overflow next-word prediction: FedJAX's vocabulary size and train sequence length.
+SO_VOCAB_SIZE, SO_SEQ_LEN = 10_000, 20
 #: Notes on keys for the generated config reference (docs/cli.md).
 KEY_NOTES = {
-    "data.path": "for `emnist_h5` / `shakespeare_h5`: a TFF h5, FedJAX SQLite or TFF SQLite "
-                 "file (detected from the file; of TFF SQLite the `train` split)",
+    "data.path": "for `emnist_h5` / `shakespeare_h5` / `stackoverflow_nwp`: a TFF h5, FedJAX "
+                 "SQLite or TFF SQLite file (detected from the file; of TFF SQLite the `train` "
+                 "split); for `cifar10_pfl`: pfl-research's `cifar10_train.p` pickle",
 }
 
 
@@ -190,11 +194,36 @@ def _shakespeare_data(cfg: Config):
       d.path, seq_len=d.seq_len, max_clients=d.max_clients)), None
 
 
+def _stackoverflow_nwp_data(cfg: Config):
+  import fedjax_sim as fs
+
+  d = cfg.data
+  return _read_data_file(d.name, d.path, lambda: fs.datasets.stackoverflow_nwp(
+      d.path, vocab_size=SO_VOCAB_SIZE, seq_len=SO_SEQ_LEN, max_clients=d.max_clients)[0]), None
+
+
+def _cifar10_pfl_data(cfg: Config):
+  import fedjax_sim as fs
+
+  d = cfg.data
+  try:
+    pop, stats = fs.datasets.cifar10_pfl(d.path, seed=cfg.run.seed)
+    test_path = os.path.join(os.path.dirname(d.path), "cifar10_test.p")
+    test = None
+    if os.path.exists(test_path) and os.path.abspath(test_path) != os.path.abspath(d.path):
+      t, _ = fs.datasets.cifar10_pfl(test_path, channel_stats=stats)
+      test = {k: np.asarray(v) for k, v in t.features.items()}
+  except ValueError as e:
+    raise ConfigError(f"data.name='cifar10_pfl': {e}") from None
+  return pop, test
+
+
 #: ``data.name`` -> ``builder(cfg) -> (population, test_data or None)``.
 DATASETS: dict[str, Callable] = {
     "digits": _sklearn_data, "iris": _sklearn_data, "wine": _sklearn_data,
     "breast_cancer": _sklearn_data, "leaf_synthetic": _leaf_data, "emnist_h5": _emnist_data,
-    "shakespeare_h5": _shakespeare_data}
+    "shakespeare_h5": _shakespeare_data, "stackoverflow_nwp": _stackoverflow_nwp_data,
+    "cifar10_pfl": _cifar10_pfl_data}
 
 
 def _as_loaded(cfg: Config, pop, test):
@@ -223,9 +252,12 @@ MODELS: dict[str, Callable] = {
     "emnist_cnn": lambda m, n: _zoo().EmnistCNN(n),
     "cifar_cnn": lambda m, n: _zoo().CifarCNN(n),
     "char_lstm": lambda m, n: _zoo().CharLSTM(_vocab(), hidden=m.hidden[0]),
+    "stackoverflow_lstm": lambda m, n: _zoo().StackOverflowLSTM(SO_VOCAB_SIZE),
 }
 _IMAGE_MODELS = ("emnist_cnn", "cifar_cnn")
-_TEXT_MODELS = ("char_lstm",)
+#: text model -> the data it reads.
+_TEXT_DATA = {"char_lstm": "shakespeare_h5", "stackoverflow_lstm": "stackoverflow_nwp"}
+_TEXT_MODELS = tuple(_TEXT_DATA)
 
 
 def _zoo():
@@ -398,6 +430,9 @@ def validate(cfg: Config) -> Config:
     except (ValueError, TypeError) as e:
       hint = _text_hint(value) if rule.numeric else ""
       raise ConfigError(f"{e}{hint}") from None
+  if cfg.data.name == "cifar10_pfl" and not cfg.data.path:
+    raise ConfigError("data.name='cifar10_pfl' reads a file: set data.path to pfl-research's "
+                      "cifar10_train.p (its `python -m dataset.cifar10.download_preprocess`).")
   if cfg.data.name in FILE_DATASETS and not cfg.data.path:
     raise ConfigError(f"data.name={cfg.data.name!r} reads a file: set data.path (a TFF h5, "
                       "FedJAX SQLite or TFF SQLite file).")
@@ -413,9 +448,12 @@ def validate(cfg: Config) -> Config:
                       "(Poisson; set cohort_size: null).")
   if cfg.privacy.noise_multiplier and cfg.privacy.clip is None and not cfg.privacy.adaptive:
     raise ConfigError("privacy.noise_multiplier > 0 needs privacy.clip (or adaptive: true).")
-  if cfg.model.name in _TEXT_MODELS and cfg.data.name != "shakespeare_h5":
+  if cfg.model.name in _TEXT_MODELS and cfg.data.name != _TEXT_DATA[cfg.model.name]:
     raise ConfigError(f"model.name={cfg.model.name!r} needs text data "
-                      "(data.name='shakespeare_h5').")
+                      f"(data.name={_TEXT_DATA[cfg.model.name]!r}).")
+  if cfg.data.name == "stackoverflow_nwp" and cfg.model.name != "stackoverflow_lstm":
+    raise ConfigError("data.name='stackoverflow_nwp' is next-word text: set "
+                      "model.name='stackoverflow_lstm'.")
   return cfg
 
 

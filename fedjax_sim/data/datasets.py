@@ -324,6 +324,113 @@ def stackoverflow(
   return _population({"x": x, "y": y}, index, names), list(vocab), list(tags)
 
 
+def stackoverflow_nwp(
+    path: str, *, vocab: Sequence[str] | None = None, vocab_size: int = 10_000,
+    seq_len: int = 20, **kwargs,
+) -> tuple[Population, list[str]]:
+  """Federated Stack Overflow next-word prediction, tokenized as FedJAX does.
+
+  Reads TFF h5, FedJAX SQLite or TFF SQLite alike (the ``tokens`` feature). Each sentence
+  becomes ``[BOS] + word ids + [EOS]``, split into ``x = ids[:-1]`` and ``y = ids[1:]`` and
+  padded / truncated to ``seq_len`` (20, as FedJAX's ``STACKOVERFLOW_WORD`` task and Reddi et
+  al. 2021): PAD 0, BOS 1, EOS 2, the i-th vocabulary word ``i + 3``, out of vocabulary
+  ``vocab_size + 3`` (FedJAX's ``DefaultWordTokenizer`` with one OOV bucket), so the ids fit
+  :class:`fedjax_sim.zoo.StackOverflowLSTM` ``(vocab_size)``. The vocabulary defaults to the
+  file's most frequent words (pass FedJAX's published ``stackoverflow.word_count`` list for
+  comparability).
+
+  Args:
+    path: the file.
+    vocab: the word list (without special tokens); None: the ``vocab_size`` most frequent.
+    vocab_size: words in the vocabulary when ``vocab`` is None.
+    seq_len: length of ``x`` and ``y``.
+    **kwargs: passed to :func:`read_federated` (``client_ids``, ``max_clients``, ``split``).
+
+  Returns:
+    ``(population, vocab)``; features ``x``, ``y`` int32 ``[n, seq_len]``.
+
+  References:
+    Reddi et al., "Adaptive Federated Optimization", ICLR 2021; FedJAX
+    ``fedjax/datasets/stackoverflow.py``.
+  """
+  from collections import Counter
+
+  seq_len = _validation.positive_int("seq_len", seq_len)
+  arrays, index, names = read_federated(path, ["tokens"], **kwargs)
+  sentences = [_decode(s, path, names[c], "tokens") for s, c in zip(arrays["tokens"], index,
+                                                                     strict=True)]
+  if vocab is None:
+    counts = Counter(w for s in sentences for w in _split_words(s))
+    vocab = [w for w, _ in counts.most_common(vocab_size)]
+  vocab = list(vocab)
+  word_id = {w: i + 3 for i, w in enumerate(vocab)}
+  oov = len(vocab) + 3
+  n = len(sentences)
+  x = np.zeros((n, seq_len), np.int32)
+  y = np.zeros((n, seq_len), np.int32)
+  for i, s in enumerate(sentences):
+    ids = [1] + [word_id.get(w, oov) for w in _split_words(s)] + [2]
+    xs, ys = ids[:-1][:seq_len], ids[1:][:seq_len]
+    x[i, : len(xs)] = xs
+    y[i, : len(ys)] = ys
+  return _population({"x": x, "y": y}, index, names), vocab
+
+
+def cifar10_pfl(
+    path: str, *, examples_per_user: int = 50, seed: int = 0, channel_stats=None,
+) -> tuple[Population, tuple[np.ndarray, np.ndarray]]:
+  """CIFAR-10 split into IID users as pfl-research's ``cifar10_iid`` benchmark does.
+
+  Reads one of pfl-research's pickles (``benchmarks/dataset/cifar10/download_preprocess.py``
+  writes ``cifar10_train.p`` / ``cifar10_test.p``: a pickled ``(images, labels)`` pair, images
+  ``[n, 32, 32, 3]``), normalizes each channel by the training set's mean and standard
+  deviation (``load_and_preprocess``), shuffles the examples and cuts them into users of
+  ``examples_per_user`` (``mean_datapoints_per_user: 50``,
+  ``datapoints_per_user_distribution: constant``; the last user keeps the remainder). Only
+  open pickles you trust: unpickling runs code.
+
+  Args:
+    path: the pickle.
+    examples_per_user: examples of each user (50 in pfl's ``baseline.yaml``).
+    seed: seed of the shuffle.
+    channel_stats: ``(means, stds)`` to normalize with (the training set's, for a test file);
+      None: this file's own.
+
+  Returns:
+    ``(population, (means, stds))``: ``x`` float32 ``[n, 32, 32, 3]``, ``y`` int32.
+
+  References:
+    Granqvist et al., "pfl-research: simulation framework for accelerating research in Private
+    Federated Learning", 2024 (``benchmarks/image_classification/configs/baseline.yaml``).
+  """
+  import pickle
+
+  examples_per_user = _validation.positive_int("examples_per_user", examples_per_user)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path!r} does not exist: pfl-research's cifar10_train.p (run "
+                            "its `python -m dataset.cifar10.download_preprocess`).")
+  with open(path, "rb") as f:
+    try:
+      images, labels = pickle.load(f)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a wrong file
+      raise ValueError(f"{path!r} is not pfl-research's (images, labels) pickle: "
+                       f"{type(e).__name__}: {e}") from None
+  images = np.asarray(images, np.float32)
+  labels = np.asarray(labels).reshape(-1).astype(np.int32)
+  if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or len(labels) != len(images):
+    raise ValueError(f"{path!r}: expected images [n, 32, 32, 3] and n labels; got "
+                     f"{images.shape} and {labels.shape}.")
+  if channel_stats is None:
+    channel_stats = (images.mean(axis=(0, 1, 2), dtype=np.float64),
+                     images.std(axis=(0, 1, 2), dtype=np.float64))
+  means, stds = (np.asarray(v, np.float64) for v in channel_stats)
+  x = ((images - means) / stds).astype(np.float32)
+  order = np.random.default_rng(seed).permutation(len(labels))
+  ids = np.arange(len(labels)) // examples_per_user
+  return (Population.from_arrays({"x": x[order], "y": labels[order]}, ids,
+                                 num_clients=int(ids[-1]) + 1), (means, stds))
+
+
 def from_fedjax_sqlite(
     path: str, client_ids: Sequence | None = None, max_clients: int | None = None, *,
     split: str = "train", **kwargs,
