@@ -106,7 +106,10 @@ def test_fedprox_mu0_equals_fedavg(pop, loss_fn, init_params):
 
 @pytest.mark.parametrize("make_aggregator", [
     pytest.param(fs.aggregators.weighted_mean, marks=pytest.mark.slow),  # dp_mean includes it
-    lambda: fs.aggregators.dp_mean(clip=0.1, noise_multiplier=1.0),
+    # Five compiles (~13 s at load): slow. Chunk invariance stays in the default tier in
+    # test_systems.py (dropouts) and test_mf.py (chunk size and resume).
+    pytest.param(lambda: fs.aggregators.dp_mean(clip=0.1, noise_multiplier=1.0),
+                 marks=pytest.mark.slow),
 ], ids=["mean", "dp"])
 def test_invariant_to_chunk_size_and_cohort_order(pop, loss_fn, make_aggregator, init_params):
   agg = make_aggregator()
