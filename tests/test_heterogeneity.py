@@ -125,8 +125,6 @@ def test_qffl_q0_is_fedavg_with_unweighted_mean(pop, loss_fn, init_params):
   close(sa.params, sb.params)
 
 
-# Slow (default tier budget): the q-FFL oracle run (~10 s at load); the other oracles stay.
-@pytest.mark.slow
 def test_qffl_matches_oracle(pop, loss_fn, init_params):
   q, lr, key = 2.0, 0.2, jax.random.key(6)
   algo = fs.algorithms.qffl(loss_fn, q=q, client_learning_rate=lr, batch_size=4, local_epochs=1)

@@ -54,9 +54,6 @@ def test_masked_equals_modular_bit_for_bit(pop, loss_fn, dropout, run_rounds):
   assert np.all(np.asarray(out["masked"][1]["secagg_wrapped"]) == 0)
 
 
-# Slow (default tier budget): two masked runs; test_weighted_secure_mean_matches_weighted_mean
-# stays.
-@pytest.mark.slow
 def test_masked_with_system_dropouts_and_padding(pop, loss_fn, init_params):
   system = fs.systems.SystemModel(dropout=0.3)
   res = []

@@ -186,8 +186,6 @@ def test_ssd_with_zero_weights_equals_the_base():
   np.testing.assert_array_equal(m_base["loss"], m_zero["loss"])
 
 
-# Slow (default tier budget): several compiles; the loss terms' oracles stay in the default tier.
-@pytest.mark.slow
 def test_vmapped_round_equals_loop_over_clients():
   pop, params = _setup()
   algo = ssl.ssd(ssl.mlp_apply, ssl.mlp_apply, dim=6, num_clients=4, **KW)
