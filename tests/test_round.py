@@ -95,6 +95,9 @@ def test_fedavg_sgd1_is_weighted_mean_of_client_models(pop, loss_fn, init_params
   assert_trees_close(state.params, expected)
 
 
+# Slow (default tier budget): fedavg and fedprox (mu=0.3) each match the Python-loop oracle in
+# test_matches_python_loop_oracle, which stays in the default tier.
+@pytest.mark.slow
 def test_fedprox_mu0_equals_fedavg(pop, loss_fn, init_params):
   kw = dict(client_optimizer=optax.sgd(0.2), batch_size=4, local_epochs=2)
   a = fs.Simulation(fs.algorithms.fedavg(loss_fn, **kw), pop, cohort_size=6)
@@ -138,6 +141,10 @@ def test_masked_padding_examples_change_nothing(loss_fn, init_params):
   assert_trees_close(g1, g2, rtol=1e-6, atol=1e-7)
 
 
+# Slow (default tier budget): test_inputs.py's
+# test_empty_clients_do_not_participate_under_any_reducer[median] (an oracle without the empty
+# clients) stays in the default tier.
+@pytest.mark.slow
 def test_empty_client_changes_nothing(clients, loss_fn, init_params):
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
                               local_epochs=1)
@@ -206,6 +213,10 @@ def test_nan_client_is_zeroed_and_counted(init_params, linear_apply, make_popula
   assert_trees_close(state.params, state2.params)
 
 
+# Slow (default tier budget): Poisson rounds stay in the default tier in test_client_state.py and
+# test_run_integrity.py, an empty cohort keeping the server in test_systems.py
+# (test_dropout_all_keeps_server_and_counts).
+@pytest.mark.slow
 def test_poisson_sampler_round_and_empty_cohort_keeps_server(pop, loss_fn, init_params):
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
                               local_epochs=1, server_optimizer=fs.algorithms.fedadam(0.1))
