@@ -206,9 +206,10 @@ def test_labels_out_of_range_and_shape_mismatch_are_clear():
                               client_optimizer=optax.sgd(0.1), batch_size=4, local_epochs=1)
   with pytest.raises(ValueError, match=r"labels 'y' span \[0, 2\] but the model outputs 2"):
     fs.Simulation(algo, pop, cohort_size=2).init(params, jax.random.key(0))
-  cnn = fs.zoo.CifarCNN()
-  cnn_params = cnn.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))["params"]
-  algo = fs.algorithms.fedavg(fs.models.classifier_loss(fs.models.linen_apply(cnn)),
+  # A model built for 7 features (iris has 4); a small one, so the test compiles little.
+  wide = fs.zoo.LogisticRegression(3)
+  wide_params = wide.init(jax.random.key(0), jnp.ones((1, 7)))["params"]
+  algo = fs.algorithms.fedavg(fs.models.classifier_loss(fs.models.linen_apply(wide)),
                               client_optimizer=optax.sgd(0.1), batch_size=4, local_epochs=1)
   with pytest.raises(ValueError, match="loss_fn.*failed"):
-    fs.Simulation(algo, pop, cohort_size=2).init(cnn_params, jax.random.key(0))
+    fs.Simulation(algo, pop, cohort_size=2).init(wide_params, jax.random.key(0))

@@ -178,6 +178,8 @@ def test_ci_builds_the_site_strictly_and_not_quietly():
   assert not any(re.search(r"\s(--quiet|-q)\b", ln) for ln in lines), lines
 
 
+# Slow (default tier budget): a full mkdocs build; .ci/run also runs mkdocs build --strict.
+@pytest.mark.slow
 def test_site_builds_strictly(tmp_path):
   pytest.importorskip("mkdocs")
   pytest.importorskip("mkdocstrings")

@@ -64,7 +64,9 @@ def test_everything_trainable_equals_no_partition_bit_for_bit(name, pop, loss_fn
   chex.assert_trees_all_equal(m_base, m_all)
 
 
-@pytest.mark.parametrize("dp", [pytest.param(None, marks=pytest.mark.slow), (0.05, 0.7)])
+# Both slow (~25 s at load): the trainable / frozen checks below stay in the default tier.
+@pytest.mark.parametrize("dp", [pytest.param(None, marks=pytest.mark.slow),
+                                pytest.param((0.05, 0.7), marks=pytest.mark.slow)])
 def test_frozen_part_matches_oracle_that_trains_only_the_head(dp, pop, loss_fn):
   """The oracle trains a model whose frozen body is a closed-over constant: the same clip norm,
   noise draws and server step on the head alone. Frozen leaves stay bit-identical."""
@@ -114,6 +116,8 @@ def test_result_invariant_to_chunk_size(pop, loss_fn):
   chex.assert_trees_all_close(a.client_states, b.client_states, rtol=RTOL, atol=ATOL)
 
 
+# Slow (default tier budget): two DP runs; the partition checks below stay.
+@pytest.mark.slow
 def test_dp_accounting_does_not_depend_on_the_partition(pop, loss_fn):
   params = two_layer_params()
   eps = []
@@ -203,6 +207,9 @@ def test_lora_starts_equal_and_merge_equals_adapted_outputs():
   chex.assert_trees_all_close(merged["Dense_0"]["kernel"], want, rtol=1e-6)
 
 
+# Slow (default tier budget): three LoRA/FFA runs;
+# test_lora_starts_equal_and_merge_equals_adapted_outputs stays.
+@pytest.mark.slow
 def test_lora_trainable_and_ffa_train_only_the_adapters():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(120, 6)).astype(np.float32)

@@ -31,6 +31,8 @@ def small_pop(make_population):
 # -- item 7: non-finite training ------------------------------------------------------------
 
 
+# Slow (default tier budget): three compiles; test_warn_and_ignore_skip_nonfinite_rounds stays.
+@pytest.mark.slow
 def test_server_step_to_nan_raises_naming_the_round_with_the_last_finite_state(small_pop,
                                                                                init_params):
   # A server learning rate that is 1 for two rounds and then, by schedule, overflows float32.
@@ -224,7 +226,8 @@ def test_reusing_a_donated_state_is_named(small_pop, init_params):
 
 def test_state_runs_on_a_rebuilt_identical_simulation(small_pop, init_params):
   sim = fs.Simulation(_algo(), small_pop, cohort_size=3)
-  state, _ = sim.run(sim.init(init_params(), jax.random.key(0)), 1)
+  # Two rounds, then two more: one block program compiled for both runs.
+  state, _ = sim.run(sim.init(init_params(), jax.random.key(0)), 2)
   want, want_m = sim.run(jax.tree.map(jnp.copy, state), 2)
   rebuilt = fs.Simulation(_algo(), small_pop, cohort_size=3)
   got, got_m = rebuilt.run(state, 2)

@@ -65,6 +65,9 @@ def analysis(cohort, chunk, algo="fedavg"):
   return fs.memory.round_memory(sim, state)
 
 
+# Slow (default tier budget): compiles a round and a block twice; round_memory's doctest stays in
+# the default tier.
+@pytest.mark.slow
 def test_round_memory_matches_compiled_analysis_and_leaves_state():
   sim, state = make_sim(20, 4)
   def host(s):
@@ -129,6 +132,9 @@ def test_temp_memory_grows_linearly_with_the_chunk():
   assert PARAM_BYTES <= per_client <= estimate, (per_client, estimate)
 
 
+# Slow (default tier budget): two stateful compiles;
+# test_temp_memory_does_not_grow_with_the_cohort stays.
+@pytest.mark.slow
 def test_stateful_round_holds_at_most_the_cohort_states():
   # SCAFFOLD keeps a params-sized control variate per client for the whole population (an
   # argument, aliased to the output). The round gathers the cohort's states once, streams them

@@ -9,9 +9,14 @@ from fedjax_sim import privacy
 
 GRID = [(q, z, t, d) for q in (0.001, 0.01, 0.1) for z in (0.7, 1.0, 2.5)
         for t in (10, 1000) for d in (1e-5,)][:18] + [(0.05, 1.2, 300, 1e-6), (0.2, 3.0, 50, 1e-3)]
+# The same check at every grid point: the corners and the two other deltas run in the default
+# tier, the rest are slow (default tier budget).
+FAST_GRID = [(0.001, 0.7, 10, 1e-5), (0.1, 2.5, 1000, 1e-5), (0.05, 1.2, 300, 1e-6),
+             (0.2, 3.0, 50, 1e-3)]
 
 
-@pytest.mark.parametrize("q,z,t,delta", GRID)
+@pytest.mark.parametrize("q,z,t,delta", [
+    g if g in FAST_GRID else pytest.param(*g, marks=pytest.mark.slow) for g in GRID])
 def test_poisson_epsilon_equals_dp_accounting(q, z, t, delta):
   n = 100_000
   ours = privacy.epsilon(fs.sampling.poisson(q, max_cohort_size=n), n, z, t, delta)
@@ -20,7 +25,8 @@ def test_poisson_epsilon_equals_dp_accounting(q, z, t, delta):
   assert ours == pytest.approx(acc.get_epsilon(delta), rel=1e-12)
 
 
-@pytest.mark.parametrize("k,z,t", [(10, 1.0, 100), (100, 1.5, 500), (1000, 0.8, 50)])
+@pytest.mark.parametrize("k,z,t", [(10, 1.0, 100), (100, 1.5, 500),  # the same check: one slow
+                                   pytest.param(1000, 0.8, 50, marks=pytest.mark.slow)])
 def test_fixed_size_uses_replace_one_with_half_noise(k, z, t):
   n = 10_000
   ours = privacy.epsilon(fs.sampling.uniform(k), n, z, t, 1e-5)
@@ -59,7 +65,8 @@ def test_tf_privacy_tutorial_table(z, epochs, published):
   assert modern < published
 
 
-@pytest.mark.parametrize("target", [0.5, 2.0, 8.0])
+@pytest.mark.parametrize("target", [0.5, 2.0,  # the same check at a third target: slow
+                                    pytest.param(8.0, marks=pytest.mark.slow)])
 def test_calibration_round_trips(target):
   n, t = 50_000, 500
   s = fs.sampling.poisson(0.02, max_cohort_size=n)

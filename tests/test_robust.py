@@ -137,6 +137,8 @@ def median_oracle_round(pop, params, run_key, r, ids, loss_fn):
   return jax.tree.map(lambda p, d: np.asarray(p) - d, params, agg)
 
 
+# Slow (default tier budget): several chunkings compiled; test_robust_rules_resist_outliers stays.
+@pytest.mark.slow
 def test_median_round_matches_oracle_and_chunking(pop, loss_fn, init_params):
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
                               local_epochs=1, aggregator=fs.aggregators.median())

@@ -95,6 +95,9 @@ def test_fedavg_sgd1_is_weighted_mean_of_client_models(pop, loss_fn, init_params
   assert_trees_close(state.params, expected)
 
 
+# Slow (default tier budget): fedavg and fedprox (mu=0.3) each match the Python-loop oracle in
+# test_matches_python_loop_oracle, which stays in the default tier.
+@pytest.mark.slow
 def test_fedprox_mu0_equals_fedavg(pop, loss_fn, init_params):
   kw = dict(client_optimizer=optax.sgd(0.2), batch_size=4, local_epochs=2)
   a = fs.Simulation(fs.algorithms.fedavg(loss_fn, **kw), pop, cohort_size=6)
@@ -106,7 +109,10 @@ def test_fedprox_mu0_equals_fedavg(pop, loss_fn, init_params):
 
 @pytest.mark.parametrize("make_aggregator", [
     pytest.param(fs.aggregators.weighted_mean, marks=pytest.mark.slow),  # dp_mean includes it
-    lambda: fs.aggregators.dp_mean(clip=0.1, noise_multiplier=1.0),
+    # Five compiles (~13 s at load): slow. Chunk invariance stays in the default tier in
+    # test_systems.py (dropouts) and test_mf.py (chunk size and resume).
+    pytest.param(lambda: fs.aggregators.dp_mean(clip=0.1, noise_multiplier=1.0),
+                 marks=pytest.mark.slow),
 ], ids=["mean", "dp"])
 def test_invariant_to_chunk_size_and_cohort_order(pop, loss_fn, make_aggregator, init_params):
   agg = make_aggregator()
@@ -135,6 +141,10 @@ def test_masked_padding_examples_change_nothing(loss_fn, init_params):
   assert_trees_close(g1, g2, rtol=1e-6, atol=1e-7)
 
 
+# Slow (default tier budget): test_inputs.py's
+# test_empty_clients_do_not_participate_under_any_reducer[median] (an oracle without the empty
+# clients) stays in the default tier.
+@pytest.mark.slow
 def test_empty_client_changes_nothing(clients, loss_fn, init_params):
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
                               local_epochs=1)
@@ -203,6 +213,10 @@ def test_nan_client_is_zeroed_and_counted(init_params, linear_apply, make_popula
   assert_trees_close(state.params, state2.params)
 
 
+# Slow (default tier budget): Poisson rounds stay in the default tier in test_client_state.py and
+# test_run_integrity.py, an empty cohort keeping the server in test_systems.py
+# (test_dropout_all_keeps_server_and_counts).
+@pytest.mark.slow
 def test_poisson_sampler_round_and_empty_cohort_keeps_server(pop, loss_fn, init_params):
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
                               local_epochs=1, server_optimizer=fs.algorithms.fedadam(0.1))

@@ -67,6 +67,9 @@ def test_masked_with_system_dropouts_and_padding(pop, loss_fn, init_params):
   chex.assert_trees_all_equal(res[0], res[1])
 
 
+# Slow (default tier budget): several bit widths compiled;
+# test_skellam_without_noise_is_the_clipped_mean stays.
+@pytest.mark.slow
 def test_enough_bits_recover_the_mean_within_the_quantisation_bound(pop, loss_fn, run_rounds):
   k = 6
   plain, _ = run_rounds(pop, loss_fn, fs.aggregators.mean(), rounds=1, cohort=k, lr=0.05)
