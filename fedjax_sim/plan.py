@@ -71,12 +71,16 @@ class Performance:
     unbatched_single_client: a chunk of one client runs without vmap (a size-1 vmap still
       batches every op, which XLA:CPU runs slower).
     mesh: a mesh with a ``clients`` axis that each chunk is split along, or None.
+    autotune: an :class:`fedjax_sim.autotune.AutoChunk` request (``chunk_size="auto"``); then
+      ``tuning`` is the measured :class:`fedjax_sim.autotune.ChunkChoice`, recorded in config.json.
   """
 
   chunk_size: int | None = None
   sort_by_size: bool = True
   unbatched_single_client: bool = True
   mesh: jax.sharding.Mesh | None = None
+  autotune: Any = None
+  tuning: Any = None
 
   def __post_init__(self):  # bad values fail here, not inside a trace
     if self.chunk_size is not None and (
