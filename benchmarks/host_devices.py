@@ -30,7 +30,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = {"1dev-default": ("1", "0"), "1dev-fast": ("1", "1"), "Ndev-default": ("N", "0"),
          "Ndev-fast": ("N", "1")}
-COHORTS = {"cnn": 10, "cifar-pfl": 50, "dense": 100, "logistic": 100}
+COHORTS = {"cnn": 10, "cifar": 50, "cifar-pfl": 50, "dense": 100, "logistic": 100}
 
 
 def child(workload: str, cohort: int, num_clients: int, target_seconds: float) -> dict:
@@ -60,6 +60,7 @@ def child(workload: str, cohort: int, num_clients: int, target_seconds: float) -
   return {"client_updates_per_s": cohort * r["rounds_per_s"], "rounds": rounds,
           "chunk_size": sim.chunk_size,
           "mesh_devices": 1 if sim.mesh is None else fs.sharding.mesh_size(sim.mesh),
+          "per_device_scan": bool(getattr(sim.plan, "per_device_scan", False)),
           "devices": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "compile_plus_first_s": quick["first_block_seconds"]}
 
@@ -99,7 +100,9 @@ def main(argv=None):
         lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
         row = {"workload": workload, "cohort": COHORTS[workload], "mode": mode, "repeat": rep,
                "load_avg_1min_before": load0, "load_avg_1min": os.getloadavg()[0],
-               "num_clients": args.num_clients, "time": time.time()}
+               "num_clients": args.num_clients, "time": time.time(),
+               "command": "python -m benchmarks.host_devices " + " ".join(
+                   sys.argv[1:] if argv is None else argv)}
         if res.returncode or not lines:
           row["error"] = res.stderr[-1500:]
         else:
