@@ -4,8 +4,8 @@ Each measurement is a fresh process (the device count and XLA flags are fixed wh
 its CPU backend), configured through ``fs.host_cpu``'s environment switches:
 
   * ``devices=1``: ``FEDJAX_SIM_HOST_DEVICES=1`` (one CPU device; the engine vmaps chunks);
-  * ``devices=N``: ``FEDJAX_SIM_HOST_DEVICES=N`` (N host devices; the engine splits every chunk
-    over them, one client per device at chunk N);
+  * ``devices=N``: ``FEDJAX_SIM_HOST_DEVICES=N`` (N host devices; each scans its share of every
+    chunk inside a ``shard_map``, one client per device at chunk N, ``per_device_scan``);
   * ``flags=default`` / ``flags=fast``: ``FEDJAX_SIM_XLA_FLAGS=0`` / ``1``.
 
 Modes run interleaved (A-B-C-D, ``--repeats`` times) on the fixed workloads of
@@ -14,8 +14,9 @@ smaller population than the fixed one by default, which leaves a round's work un
 Client-updates/s per run, with the 1-min load average, go to
 ``benchmarks/results/<machine>/host_devices.jsonl``.
 
-Usage:
-  python -m benchmarks.host_devices --workloads cnn cifar-pfl dense logistic --repeats 2
+Usage (the issue 22 figures in docs/benchmarks.md):
+  python -m benchmarks.host_devices --workloads cifar cnn dense --modes 1dev-fast Ndev-fast \
+      --repeats 3 --num-clients 200 --target-seconds 4
 """
 
 from __future__ import annotations
