@@ -82,12 +82,15 @@ class Simulation:
     self.sort_by_size, self.unbatched_single_client = sort_by_size, unbatched_single_client
     self._context = core.base_context(self.sampler, population)
     planning.composition(algorithm, self._context)
+    per_device_scan = False
     if mesh is None and chunk_size is None and population_on == "device":
       mesh = _host_cpu.default_mesh()  # one client per host CPU device (fedjax_sim/host_cpu.py)
+      per_device_scan = mesh is not None  # each device scans its clients (core.per_device_pass)
     self.mesh = mesh
     self.performance = Performance(  # as requested; init() fixes an automatic chunk size
         chunk_size=None if chunk_size is None else int(chunk_size), sort_by_size=sort_by_size,
-        unbatched_single_client=unbatched_single_client, mesh=mesh)
+        unbatched_single_client=unbatched_single_client, mesh=mesh,
+        per_device_scan=per_device_scan)
     population = _host.to_host(population) if population_on == "host" else population
     self.population = (population if mesh is None
                        else _sharding.place_population(population, mesh, population_on))
