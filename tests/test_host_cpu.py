@@ -225,3 +225,28 @@ def test_per_device_scan_on_two_host_devices_equals_one_device():
   code = ("import json, sys; sys.path.insert(0, 'tests'); from test_host_cpu import "
           "per_device_runs; print(json.dumps(per_device_runs()))")
   _check_per_device(last_json(run_py(code, FEDJAX_SIM_HOST_DEVICES="2")), 2, 2)
+
+
+def test_per_device_scan_refuses_a_population_not_replicated():
+  """per_device_scan with a sharded/host population (or no mesh) would gather the whole
+  population on every device each round: refused before compiling, naming the setting."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from fedjax_sim.plan import Performance
+  from fedjax_sim.runs import planning
+
+  pop = fs.Population.from_arrays(
+      {"x": np.zeros((8, 3), np.float32), "y": np.zeros(8, np.int32)}, np.repeat(np.arange(4), 2))
+  algo = fs.algorithms.fedavg(fs.models.classifier_loss(lambda p, x: x @ p),
+                              client_optimizer=optax.sgd(0.1), batch_size=2, local_epochs=1)
+  params = jnp.zeros((3, 2))
+  mesh = fs.sharding.clients_mesh()
+  for perf, where in ((Performance(per_device_scan=True), "device"),
+                      (Performance(per_device_scan=True, mesh=mesh), "sharded"),
+                      (Performance(per_device_scan=True, mesh=mesh), "host")):
+    with pytest.raises(ValueError, match=r"per_device_scan=True\) needs a mesh"):
+      planning.plan(algo, fs.sampling.uniform(2), pop, params, jax.random.key(0),
+                    performance=perf, population_on=where)
