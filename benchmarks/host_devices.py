@@ -4,8 +4,8 @@ Each measurement is a fresh process (the device count and XLA flags are fixed wh
 its CPU backend), configured through ``fs.host_cpu``'s environment switches:
 
   * ``devices=1``: ``FEDJAX_SIM_HOST_DEVICES=1`` (one CPU device; the engine vmaps chunks);
-  * ``devices=N``: ``FEDJAX_SIM_HOST_DEVICES=N`` (N host devices; the engine splits every chunk
-    over them, one client per device at chunk N);
+  * ``devices=N``: ``FEDJAX_SIM_HOST_DEVICES=N`` (N host devices; each scans its share of every
+    chunk inside a ``shard_map``, one client per device at chunk N, ``per_device_scan``);
   * ``flags=default`` / ``flags=fast``: ``FEDJAX_SIM_XLA_FLAGS=0`` / ``1``.
 
 Modes run interleaved (A-B-C-D, ``--repeats`` times) on the fixed workloads of
@@ -14,8 +14,9 @@ smaller population than the fixed one by default, which leaves a round's work un
 Client-updates/s per run, with the 1-min load average, go to
 ``benchmarks/results/<machine>/host_devices.jsonl``.
 
-Usage:
-  python -m benchmarks.host_devices --workloads cnn cifar-pfl dense logistic --repeats 2
+Usage (the issue 22 figures in docs/benchmarks.md):
+  python -m benchmarks.host_devices --workloads cifar cnn dense --modes 1dev-fast Ndev-fast \
+      --repeats 3 --num-clients 200 --target-seconds 4
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = {"1dev-default": ("1", "0"), "1dev-fast": ("1", "1"), "Ndev-default": ("N", "0"),
          "Ndev-fast": ("N", "1")}
-COHORTS = {"cnn": 10, "cifar-pfl": 50, "dense": 100, "logistic": 100}
+COHORTS = {"cnn": 10, "cifar": 50, "cifar-pfl": 50, "dense": 100, "logistic": 100}
 
 
 def child(workload: str, cohort: int, num_clients: int, target_seconds: float) -> dict:
@@ -60,6 +61,7 @@ def child(workload: str, cohort: int, num_clients: int, target_seconds: float) -
   return {"client_updates_per_s": cohort * r["rounds_per_s"], "rounds": rounds,
           "chunk_size": sim.chunk_size,
           "mesh_devices": 1 if sim.mesh is None else fs.sharding.mesh_size(sim.mesh),
+          "per_device_scan": bool(getattr(sim.plan, "per_device_scan", False)),
           "devices": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "compile_plus_first_s": quick["first_block_seconds"]}
 
@@ -99,7 +101,9 @@ def main(argv=None):
         lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
         row = {"workload": workload, "cohort": COHORTS[workload], "mode": mode, "repeat": rep,
                "load_avg_1min_before": load0, "load_avg_1min": os.getloadavg()[0],
-               "num_clients": args.num_clients, "time": time.time()}
+               "num_clients": args.num_clients, "time": time.time(),
+               "command": "python -m benchmarks.host_devices " + " ".join(
+                   sys.argv[1:] if argv is None else argv)}
         if res.returncode or not lines:
           row["error"] = res.stderr[-1500:]
         else:

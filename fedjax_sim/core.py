@@ -259,14 +259,37 @@ def chunk_pass(plan: RoundPlan, keys: RoundKeys, context: RoundContext, populati
   The cohort's persistent states are gathered once (O(K x state)) by the caller, streamed
   through the loop as inputs / outputs and scattered back once: carrying the whole
   population's state through the loop would copy it per chunk.
+
+  With a mesh and ``plan.per_device_scan`` the scan runs inside a ``jax.shard_map`` over the
+  ``clients`` axis (:func:`per_device_pass`); with a mesh otherwise, every chunk is split over
+  the devices by the partitioner (a sharding constraint on the chunk).
   """
-  stacked = plan.algorithm.aggregator.reduce.needs_stack
   chunk = plan.chunk_size
   ids = slots.ids.reshape(plan.num_chunks, chunk)
   real = slots.real.reshape(plan.num_chunks, chunk)
+  if plan.mesh is not None and plan.per_device_scan:
+    sums, steps, states, kept, stack = per_device_pass(
+        plan, keys, context, population, per_client_state, ids, real, cohort_states, broadcast)
+  else:
+    sums, steps, states, kept, stack = scan_chunks(
+        plan, keys, context, population, per_client_state, ids, real, cohort_states, broadcast,
+        chunk_sharding(plan))
+  # The work the chunk schedule pays for: every slot of a chunk runs its largest client's steps.
+  return ChunkPass(sums, chunk * jnp.sum(steps), states, kept, stack)
+
+
+def scan_chunks(plan: RoundPlan, keys: RoundKeys, context: RoundContext, population: Population,
+                per_client_state, ids, real, cohort_states, broadcast, sharding=None):
+  """The scan over chunks ``ids``/``real`` ``[num_chunks, chunk]`` (``chunk`` from their shape).
+
+  Returns:
+    ``(sums, steps, states, kept, stack)``: the summed :class:`Contribution`, every chunk's
+    largest ``client_steps`` ``[num_chunks]``, and :class:`ChunkPass`'s per-slot outputs.
+  """
+  stacked = plan.algorithm.aggregator.reduce.needs_stack
   one = lambda cid, is_real, states, broadcast: client_result(
       plan, keys, context, population, per_client_state, cid, is_real, states, broadcast)
-  if chunk == 1 and plan.unbatched_single_client:
+  if ids.shape[1] == 1 and plan.unbatched_single_client:
     # A vmap over ONE client still batches every op (size-1 batch dimension: batched GEMMs,
     # grouped convolutions), which XLA:CPU runs slower (benchmarks/chunk1.py); run it plain.
     def clients(cids, creal, cstates, broadcast):
@@ -282,20 +305,56 @@ def chunk_pass(plan: RoundPlan, keys: RoundKeys, context: RoundContext, populati
     return result.contribution._replace(update=()) if stacked else result.contribution
 
   def body(acc, xs):
-    cids, creal, cstates = _sharding.constrain(xs, chunk_sharding(plan))  # split over devices
+    cids, creal, cstates = _sharding.constrain(xs, sharding)  # split over devices
     result = clients(cids, creal, cstates, broadcast)
     summed = jax.tree.map(lambda x: jnp.sum(x, axis=0), summable(result))
-    slots_run = chunk * jnp.max(result.contribution.stats["client_steps"])
-    ys = (result.states, result.kept, result.contribution.update if stacked else ())
-    return jax.tree.map(jnp.add, acc, (summed, slots_run)), ys
+    steps = jnp.max(result.contribution.stats["client_steps"])
+    ys = (steps, result.states, result.kept, result.contribution.update if stacked else ())
+    return jax.tree.map(jnp.add, acc, summed), ys
 
   first = jax.eval_shape(
       clients, ids[0], real[0], jax.tree.map(lambda s: s[0], cohort_states), broadcast)
-  acc0 = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype),
-                      (summable(first), jax.ShapeDtypeStruct((1,), jnp.float32)))
-  (sums, step_slots), (states, kept, stack) = jax.lax.scan(
-      body, acc0, (ids, real, cohort_states))
-  return ChunkPass(sums, step_slots, states, kept, stack)
+  acc0 = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), summable(first))
+  sums, (steps, states, kept, stack) = jax.lax.scan(body, acc0, (ids, real, cohort_states))
+  return sums, steps, states, kept, stack
+
+
+def per_device_pass(plan: RoundPlan, keys: RoundKeys, context: RoundContext,
+                    population: Population, per_client_state, ids, real, cohort_states,
+                    broadcast):
+  """:func:`scan_chunks` inside a ``jax.shard_map`` over the mesh's ``clients`` axis.
+
+  Each device gets its ``chunk / n`` slots of every chunk (one client per device at chunk
+  ``n``) and scans them with the one-client function itself: no batch dimension, so a CNN
+  runs the plain convolution of a single client. The sums are added across devices with one
+  ``psum``, each chunk's step count with a ``pmax``; the per-slot outputs stay split along
+  ``clients``. Everything else (population, broadcast, keys, aggregator state) is replicated,
+  so no example moves between devices. A client's randomness depends on its id only, so the
+  result equals the single-device one up to the float summation order.
+
+  Returns:
+    :func:`scan_chunks`'s tuple.
+  """
+  mesh = plan.mesh
+  split, whole = jax.sharding.PartitionSpec(None, _sharding.CLIENTS), jax.sharding.PartitionSpec()
+  shared = (keys, context, population, per_client_state, broadcast)
+  leaves, treedef = jax.tree.flatten(shared)
+  traced = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]  # the rest is static
+
+  def local(ids, real, cohort_states, arrays):
+    full = list(leaves)
+    for i, x in zip(traced, arrays, strict=True):
+      full[i] = x
+    sums, steps, states, kept, stack = scan_chunks(
+        plan, *jax.tree.unflatten(treedef, full)[:4], ids, real, cohort_states,
+        jax.tree.unflatten(treedef, full)[4])
+    return (jax.lax.psum(sums, _sharding.CLIENTS), jax.lax.pmax(steps, _sharding.CLIENTS),
+            states, kept, stack)
+
+  return jax.shard_map(
+      local, mesh=mesh, in_specs=(split, split, split, whole),
+      out_specs=(whole, whole, split, split, split), check_vma=False,
+  )(ids, real, cohort_states, [leaves[i] for i in traced])
 
 
 def chunk_sharding(plan: RoundPlan):

@@ -4,17 +4,24 @@ Step-only (issue 14), one client per *host device* (``jax_num_cpu_devices``, a `
 over 2 devices) was the fastest way to run a CNN on 2 cores, and two XLA:CPU flags sped a
 single-device step up. Both the device count and the flags are read once, when jax initialises
 its CPU backend (the first ``jax.devices()``, array or compile), so they must be set before it.
-In the engine (chunks split by the partitioner, :mod:`fedjax_sim.sharding`), the split was
-measured slower than one device on the loaded CI machine (docs/benchmarks.md), so the flags are
-on by default and the host devices are opt-in:
+In the engine, a :class:`~fedjax_sim.Simulation` on several host devices runs the chunk pass
+inside a ``jax.shard_map`` over them (``Performance.per_device_scan``,
+:func:`fedjax_sim.core.per_device_pass`): each device scans its own clients with the one-client
+function (no batch dimension, so a CNN runs a single client's plain convolution) and the sums
+are reduced with one ``psum``. (The partitioner's split of a vmapped chunk, used before, gathered
+both clients' kernels, inputs and gradients on every device at every local step and ran them
+twice: ``python -m benchmarks.host_devices_hlo``.) The flags are on by default; the host devices
+stay opt-in until a quiet re-measure shows the split ahead on every workload
+(docs/benchmarks.md):
 
 * ``import fedjax_sim`` does it automatically when jax's backend has not started yet: it appends
   :data:`FAST_XLA_FLAGS` to ``XLA_FLAGS`` and, when ``FEDJAX_SIM_HOST_DEVICES`` asks for it
   (``auto`` or a number; the default is ``1``, see :data:`DEFAULT_DEVICES`), sets
   ``jax_num_cpu_devices``. With more than one such device a :class:`~fedjax_sim.Simulation`
-  without a ``mesh`` (and with an automatic ``chunk_size``) on CPU splits every chunk over them
-  (:func:`default_mesh`). Results equal the single-device ones up to the float summation order
-  (clients' randomness depends on their ids only).
+  without a ``mesh`` (and with an automatic ``chunk_size``) on CPU runs each device's share of
+  every chunk there (:func:`default_mesh`, ``per_device_scan``). Results equal the
+  single-device ones up to the float summation order (clients' randomness depends on their ids
+  only).
 * Nothing is overridden: a flag already named in ``XLA_FLAGS`` keeps the user's value; a device
   count the user chose (``--xla_force_host_platform_device_count`` or ``jax_num_cpu_devices``)
   is kept, and then no mesh is added for them. Flags are only added on the jaxlib versions they
@@ -26,8 +33,9 @@ on by default and the host devices are opt-in:
   ``FEDJAX_SIM_XLA_FLAGS`` = ``1`` (default) or ``0``. Or call :func:`configure` yourself,
   right after ``import jax``.
 
-Figures: ``python -m benchmarks.host_devices`` (engine end to end, interleaved) and
-``benchmarks/ceiling.py`` (step-only); see docs/benchmarks.md.
+Figures: ``python -m benchmarks.host_devices --workloads cifar cnn dense --modes 1dev-fast
+Ndev-fast --repeats 3 --num-clients 200 --target-seconds 4`` (engine end to end, interleaved)
+and ``benchmarks/ceiling.py`` (step-only); see docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -49,8 +57,9 @@ FAST_XLA_FLAGS = (
 )
 #: jaxlib versions on which :data:`FAST_XLA_FLAGS` exist (XLA aborts on an unknown flag).
 FLAGS_TESTED_ON = ("0.10.2",)
-#: ``FEDJAX_SIM_HOST_DEVICES`` when unset. "1" (one device) because the measured engine figures
-#: (benchmarks/host_devices.py, docs/benchmarks.md) do not show the split chunk faster yet.
+#: ``FEDJAX_SIM_HOST_DEVICES`` when unset. "1" (one device) because the engine figures measured
+#: so far (benchmarks/host_devices.py at load 5-11, docs/benchmarks.md) do not show the
+#: per-device scan ahead on every workload; "auto" once a quiet re-measure does.
 DEFAULT_DEVICES = "1"
 #: Most host devices set automatically.
 MAX_AUTO_DEVICES = 8

@@ -71,6 +71,13 @@ class Performance:
     unbatched_single_client: a chunk of one client runs without vmap (a size-1 vmap still
       batches every op, which XLA:CPU runs slower).
     mesh: a mesh with a ``clients`` axis that each chunk is split along, or None.
+    per_device_scan: with a ``mesh``, run the chunk pass inside a ``jax.shard_map`` over the
+      ``clients`` axis: each device scans its share of every chunk (one client at a time, no
+      batch dimension, when the share is one client and ``unbatched_single_client``) and the
+      sums are reduced with one ``psum``, instead of letting the partitioner split the vmapped
+      chunk. Needs the population replicated on the mesh (``population_on="device"``). What a
+      :class:`~fedjax_sim.Simulation` on several host CPU devices uses
+      (:mod:`fedjax_sim.host_cpu`).
     autotune: an :class:`fedjax_sim.autotune.AutoChunk` request (``chunk_size="auto"``); then
       ``tuning`` is the measured :class:`fedjax_sim.autotune.ChunkChoice`, recorded in config.json.
   """
@@ -79,6 +86,7 @@ class Performance:
   sort_by_size: bool = True
   unbatched_single_client: bool = True
   mesh: jax.sharding.Mesh | None = None
+  per_device_scan: bool = False
   autotune: Any = None
   tuning: Any = None
 
@@ -88,7 +96,7 @@ class Performance:
         or self.chunk_size < 1):
       raise ValueError(f"chunk_size must be a positive int or None; got "
                        f"{self.chunk_size!r}.")
-    for name in ("sort_by_size", "unbatched_single_client"):
+    for name in ("sort_by_size", "unbatched_single_client", "per_device_scan"):
       if not isinstance(getattr(self, name), (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}.")
 
@@ -139,6 +147,8 @@ class RoundPlan:
                                      doc="A one-client chunk skips vmap (:class:`Performance`).")
   mesh = property(lambda self: self.performance.mesh,
                   doc="The ``clients`` mesh, or None (:class:`Performance`).")
+  per_device_scan = property(lambda self: self.performance.per_device_scan,
+                             doc="Scan each device's share in a shard_map (:class:`Performance`).")
 
   def with_performance(self, **changes) -> RoundPlan:
     """This plan with some speed-only settings changed (``chunk_size=``, ``mesh=``, ...).

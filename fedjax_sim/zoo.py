@@ -417,6 +417,73 @@ class ShakespeareLSTM(nn.Module):
       h = jnp.tanh(nn.RNN(nn.OptimizedLSTMCell(self.hidden))(h))
     return nn.Dense(self.vocab_size + 4)(h)
 
+
+def _sinusoid(length: int, dim: int) -> jnp.ndarray:
+  pos = jnp.arange(length)[:, None]
+  i = jnp.arange(dim)[None, :]
+  angle = pos / jnp.power(10000.0, (2 * (i // 2)) / dim)
+  return jnp.where(i % 2 == 0, jnp.sin(angle), jnp.cos(angle))
+
+
+class StackOverflowTransformer(nn.Module):
+  """pfl-research's Stack Overflow next-word transformer (``lm_transformer``), layer for layer.
+
+  Ported from apple/pfl-research ``benchmarks/model/pytorch/transformer.py`` (``LMTransformer``)
+  with the sizes of ``benchmarks/lm/configs/baseline.yaml``: word embedding 96 (scaled by
+  ``sqrt(96)``), a fixed sinusoidal positional encoding (no parameters), three post-norm
+  encoder layers as in ``torch.nn.TransformerEncoderLayer`` (8 heads, width 96, ReLU feed-forward
+  1536, dropout 0.1, LayerNorm eps 1e-5) under a causal mask, and logits tied to the embedding
+  (no output layer). ``embed_dim != hidden`` adds pfl's input/output projections.
+  ``vocab_size`` words plus 4 specials as in :class:`StackOverflowLSTM`: 1,962,912 parameters at
+  the defaults, equal to the PyTorch module's count (measured with torch in pfl's venv).
+
+  Reference: Wang et al., "A Field Guide to Federated Optimization", 2021
+  (https://arxiv.org/abs/2107.06917), whose Stack Overflow transformer pfl follows.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, fedjax_sim as fs
+    >>> m = fs.zoo.StackOverflowTransformer(vocab_size=50, embed_dim=8, hidden=8, heads=2,
+    ...                                     feedforward=16, num_layers=1)
+    >>> v = m.init(jax.random.key(0), jnp.ones((2, 20), jnp.int32))
+    >>> m.apply(v, jnp.ones((2, 20), jnp.int32)).shape
+    (2, 20, 54)
+
+  Returns:
+    Logits ``[B, T, vocab_size + 4]`` for int32 tokens ``[B, T]``.
+  """
+
+  vocab_size: int = 10000
+  embed_dim: int = 96
+  hidden: int = 96
+  heads: int = 8
+  feedforward: int = 1536
+  num_layers: int = 3
+  dropout: float = 0.1
+  max_len: int = 20
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    emb = nn.Embed(self.vocab_size + 4, self.embed_dim,  # pfl: uniform(-0.05, 0.05)
+                   embedding_init=lambda k, s, d=jnp.float32: jax.random.uniform(
+                       k, s, d, -0.05, 0.05))
+    t = x.shape[-1]
+    h = emb(x) * jnp.sqrt(float(self.embed_dim)) + _sinusoid(t, self.embed_dim)
+    if self.embed_dim != self.hidden:
+      h = nn.Dense(self.hidden)(h)
+    mask = nn.make_causal_mask(x)
+    for _ in range(self.num_layers):
+      a = nn.MultiHeadDotProductAttention(self.heads, dropout_rate=self.dropout,
+                                          deterministic=not train)(h, h, mask=mask)
+      h = nn.LayerNorm(epsilon=1e-5)(h + nn.Dropout(self.dropout, deterministic=not train)(a))
+      f = nn.Dense(self.feedforward)(h)
+      f = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(f))
+      f = nn.Dense(self.hidden)(f)
+      h = nn.LayerNorm(epsilon=1e-5)(h + nn.Dropout(self.dropout, deterministic=not train)(f))
+    if self.embed_dim != self.hidden:
+      h = nn.Dense(self.embed_dim)(h)
+    return emb.attend(h)
+
+
 class DenseAutoencoder(nn.Module):
   """Dense autoencoder: encoder ``hidden``, mirrored decoder; reconstructs the flattened input."""
 

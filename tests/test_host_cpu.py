@@ -95,3 +95,158 @@ def test_too_late_and_bad_switches_are_clear_errors():
 def test_default_is_one_device_and_no_mesh():
   assert fs.host_cpu.DEFAULT_DEVICES == "1"
   assert fs.host_cpu._state["devices"] is None and fs.host_cpu.default_mesh() is None
+
+
+
+def _conv_setup():
+  """A tiny conv model (a plain ``nn.Conv``), a population with an empty client, algorithms."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  import optax
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(3, (3, 3), padding="VALID")(x)
+      return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+  rng = np.random.default_rng(0)
+  sizes = rng.integers(0, 7, 10)  # an empty client too
+  pop = fs.Population.from_clients([{"x": rng.normal(size=(n, 6, 6, 1)).astype(np.float32),
+                                     "y": rng.integers(0, 3, n).astype(np.int32)} for n in sizes])
+  loss = fs.models.classifier_loss(fs.models.linen_apply(Net()))
+  params = Net().init(jax.random.key(0), np.zeros((1, 6, 6, 1), np.float32))["params"]
+  builders = {
+      "fedavg": lambda: fs.algorithms.fedavg(loss, client_optimizer=optax.sgd(0.1), batch_size=2,
+                                             local_epochs=1),
+      "scaffold": lambda: fs.algorithms.scaffold(loss, client_learning_rate=0.1, batch_size=2,
+                                                 local_epochs=1)}
+  return pop, params, builders
+
+
+def per_device_runs(chunks_per_device=(1,), algos=("fedavg", "scaffold"), rounds=2):
+  """The shard_map pass (``per_device_scan``) on every device of this process vs the oracle.
+
+  The oracle is the plain round on one device, clients one at a time (``chunk_size=1``). The
+  model is a plain ``nn.Conv`` (``lax.conv_general_dilated``): under vmap its kernel gets a
+  batch dimension and XLA runs a grouped convolution (``feature_group_count`` or
+  ``batch_group_count`` > 1 in the compiled HLO), which one client per device must not have.
+
+  Returns:
+    ``{"devices": n, "runs": {f"{algo}/{chunk}": {"err", "groups", ...}}, "vmapped_groups"}``.
+  """
+  import re
+
+  import jax
+  import numpy as np
+
+  from fedjax_sim import core
+
+  pop, params, builders = _conv_setup()
+  mesh = fs.sharding.clients_mesh()
+  n = mesh.shape["clients"]
+
+  def run(algo, **perf):
+    plan = core.plan_for(algo, fs.sampling.uniform(5), pop, params, **perf)
+    step = jax.jit(lambda s, p: core.round_step(plan, s, p))
+    state = core.initial_state(plan, params, jax.random.key(3))
+    for _ in range(rounds):
+      state, metrics = step(state, pop)
+    hlo = step.lower(state, pop).compile().as_text()
+    groups = [int(g) for g in re.findall(r"(?:feature|batch)_group_count=(\d+)", hlo)]
+    return (jax.tree.map(np.asarray, (state.params, state.client_states)),
+            {k: float(v) for k, v in metrics.items()}, max(groups, default=1))
+
+  out = {"devices": n, "runs": {}}
+  for name in algos:
+    algo = builders[name]()
+    want, want_m, _ = run(algo, chunk_size=1)
+    for k in chunks_per_device:
+      got, got_m, groups = run(algo, chunk_size=k * n, mesh=mesh, per_device_scan=True)
+      err = max(float(np.max(np.abs(a - b)))
+                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
+      out["runs"][f"{name}/{k * n}"] = {
+          "err": err, "groups": groups, "loss": [got_m["loss"], want_m["loss"]],
+          "steps": [got_m["client_steps"], want_m["client_steps"]]}
+  # The check can fail: two clients vmapped on one device do run a grouped convolution.
+  out["vmapped_groups"] = run(builders["fedavg"](), chunk_size=2, unbatched_single_client=True)[2]
+  return out
+
+
+def _check_per_device(out, devices, runs):
+  assert out["devices"] == devices and len(out["runs"]) == runs
+  assert out["vmapped_groups"] > 1
+  for name, r in out["runs"].items():
+    assert r["err"] < 1e-5, (name, r)  # params and SCAFFOLD's client states
+    assert abs(r["loss"][0] - r["loss"][1]) < 1e-5 and r["steps"][0] == r["steps"][1], (name, r)
+    assert r["groups"] == 1, (name, r)  # no grouped convolution: no batch dim over clients
+
+
+def _conv_groups(jaxpr) -> list[int]:
+  """Every convolution's ``feature_group_count`` and ``batch_group_count`` in ``jaxpr``."""
+  import jax.extend
+
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      out += [eqn.params["feature_group_count"], eqn.params["batch_group_count"]]
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out += _conv_groups(sub)
+  return out
+
+
+def test_per_device_scan_traces_one_client_per_device_without_a_batch_dim():
+  """Trace only (cheap): inside the shard_map every conv is a single client's (no grouped
+  conv); the same round vmapped over 2 clients on one device does group (the check can fail)."""
+  import jax
+
+  from fedjax_sim import core
+
+  pop, params, builders = _conv_setup()
+  algo = builders["fedavg"]()
+
+  def groups(**perf):
+    plan = core.plan_for(algo, fs.sampling.uniform(5), pop, params, **perf)
+    state = core.initial_state(plan, params, jax.random.key(3))
+    jaxpr = jax.make_jaxpr(lambda s, p: core.round_step(plan, s, p))(state, pop)
+    assert ("shard_map" in str(jaxpr)) == bool(perf.get("per_device_scan"))
+    return _conv_groups(jaxpr.jaxpr)
+
+  mesh = fs.sharding.clients_mesh()
+  n = mesh.shape["clients"]
+  per_device = groups(chunk_size=n, mesh=mesh, per_device_scan=True)
+  assert per_device and max(per_device) == 1
+  assert max(groups(chunk_size=2)) > 1
+
+
+@pytest.mark.slow  # a fresh 2-device interpreter compiling 7 rounds (~15 s of CPU)
+def test_per_device_scan_on_two_host_devices_equals_one_device():
+  code = ("import json, sys; sys.path.insert(0, 'tests'); from test_host_cpu import "
+          "per_device_runs; print(json.dumps(per_device_runs()))")
+  _check_per_device(last_json(run_py(code, FEDJAX_SIM_HOST_DEVICES="2")), 2, 2)
+
+
+def test_per_device_scan_refuses_a_population_not_replicated():
+  """per_device_scan with a sharded/host population (or no mesh) would gather the whole
+  population on every device each round: refused before compiling, naming the setting."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from fedjax_sim.plan import Performance
+  from fedjax_sim.runs import planning
+
+  pop = fs.Population.from_arrays(
+      {"x": np.zeros((8, 3), np.float32), "y": np.zeros(8, np.int32)}, np.repeat(np.arange(4), 2))
+  algo = fs.algorithms.fedavg(fs.models.classifier_loss(lambda p, x: x @ p),
+                              client_optimizer=optax.sgd(0.1), batch_size=2, local_epochs=1)
+  params = jnp.zeros((3, 2))
+  mesh = fs.sharding.clients_mesh()
+  for perf, where in ((Performance(per_device_scan=True), "device"),
+                      (Performance(per_device_scan=True, mesh=mesh), "sharded"),
+                      (Performance(per_device_scan=True, mesh=mesh), "host")):
+    with pytest.raises(ValueError, match=r"per_device_scan=True\) needs a mesh"):
+      planning.plan(algo, fs.sampling.uniform(2), pop, params, jax.random.key(0),
+                    performance=perf, population_on=where)

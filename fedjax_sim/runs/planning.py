@@ -438,6 +438,13 @@ def plan(algorithm: Algorithm, sampler, population: Population, params: Any, key
     ValueError: a state piece does not fit the params or memory (named).
   """
   performance = Performance() if performance is None else performance
+  if performance.per_device_scan and (performance.mesh is None or population_on != "device"):
+    raise ValueError(
+        f"Performance(per_device_scan=True) needs a mesh and the population replicated on it "
+        f"(population_on='device'); got mesh={performance.mesh!r}, "
+        f"population_on={population_on!r}. Each device would gather the whole population "
+        "every round: use per_device_scan=False (the partitioner's split) with a sharded or "
+        "host population.")
   draft = _assemble(algorithm, sampler, population, params, system,
                     dataclasses.replace(performance, chunk_size=1, mesh=None))
   where = dict(mesh=performance.mesh, population_on=population_on)

@@ -39,17 +39,14 @@ class Simulation:
   Args:
     algorithm: what to run (``fs.algorithms.fedavg(...)``, ...).
     population: the clients' data.
-    cohort_size: K for uniform sampling without replacement (``fs.sampling.uniform(K)``);
-      exactly one of ``cohort_size`` and ``sampler``.
+    cohort_size: K, uniform sampling without replacement; exactly one of this and ``sampler``.
     sampler: ``fs.sampling.uniform(K)`` or ``fs.sampling.poisson(q, max_cohort_size)``.
-    chunk_size, sort_by_size, mesh, unbatched_single_client: speed only
-      (:class:`fedjax_sim.core.Performance`; they never change results beyond float
-      tolerance). Default chunk: from ``memory_budget`` and the model size; ``"auto"`` (or
-      candidates ``[1, 8]``, ``fs.autotune.AutoChunk(budget_s=)``): timed at :meth:`init`;
-      default mesh: the default device (or the host CPU devices, :mod:`fedjax_sim.host_cpu`).
+    chunk_size, sort_by_size, mesh, unbatched_single_client: speed only (``fs.core.Performance``:
+      never a change beyond float tolerance). Default chunk: from ``memory_budget`` and the model
+      size; ``"auto"`` (or candidates ``[1, 8]``, ``fs.autotune.AutoChunk(budget_s=)``): timed at
+      :meth:`init`; default mesh: the default device (or the host CPU devices, ``fs.host_cpu``).
     memory_budget: bytes per device for the client pass when ``chunk_size`` is None.
-    system: a :class:`fedjax_sim.systems.SystemModel` (availability, dropout, stragglers,
-      deadlines), applied in-jit each round.
+    system: an ``fs.systems.SystemModel`` (availability, dropout, stragglers, deadlines), in-jit.
     population_on: ``"device"`` (default); ``"sharded"``: the examples split along the mesh's
       ``clients`` axis; ``"host"``: in host memory, each round's cohort gathered ahead of time
       (:mod:`fedjax_sim.host_population`). All give the same results.
@@ -83,12 +80,15 @@ class Simulation:
     self.sort_by_size, self.unbatched_single_client = sort_by_size, unbatched_single_client
     self._context = core.base_context(self.sampler, population)
     planning.composition(algorithm, self._context)
+    per_device_scan = False
     if mesh is None and chunk_size is None and population_on == "device":
       mesh = _host_cpu.default_mesh()  # one client per host CPU device (fedjax_sim/host_cpu.py)
+      per_device_scan = mesh is not None  # each device scans its clients (core.per_device_pass)
     self.mesh = mesh
     self.performance = Performance(  # as requested; init() fixes an automatic chunk size
         **_autotune.chunk_request(chunk_size), sort_by_size=sort_by_size,
-        unbatched_single_client=unbatched_single_client, mesh=mesh)
+        unbatched_single_client=unbatched_single_client, mesh=mesh,
+        per_device_scan=per_device_scan)
     population = _host.to_host(population) if population_on == "host" else population
     self.population = (population if mesh is None
                        else _sharding.place_population(population, mesh, population_on))
