@@ -71,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="cohort sizes (default: each workload's own); each must be one the "
                        "workload defines: " + "; ".join(
                            f"{k}: {', '.join(map(str, w.cohorts))}" for k, w in WORKLOADS.items()))
-  ap.add_argument("--chunk-sizes", nargs="+", type=int, default=[0], help="0 = automatic")
+  ap.add_argument("--chunk-sizes", nargs="+", type=int, default=[0],
+                  help="0 = automatic (model), -1 = measured (chunk_size='auto')")
   ap.add_argument("--dp", action="store_true", help="also run DP-FedAvg (clip 1, z 1)")
   ap.add_argument("--no-sequential", action="store_true")
   ap.add_argument("--seq-rounds", type=int, default=0, help="0: 2 rounds, 1 at cohort >= 1000")
@@ -141,8 +142,9 @@ def parse_args(argv=None) -> argparse.Namespace:
       if bad:
         ap.error(f"cohort(s) {', '.join(map(str, bad))} not defined for workload {w!r}; valid "
                  f"cohorts for {w}: {', '.join(map(str, WORKLOADS[w].cohorts))}")
-  if any(c < 0 for c in args.chunk_sizes):
-    ap.error(f"--chunk-sizes must be >= 0 (0 = automatic); got {args.chunk_sizes}")
+  if any(c < -1 for c in args.chunk_sizes):
+    ap.error(f"--chunk-sizes must be >= -1 (0 = automatic, -1 = measured); got "
+             f"{args.chunk_sizes}")
   if args.cohorts is not None and any(c < 1 for c in args.cohorts):
     ap.error(f"--cohorts must be >= 1; got {args.cohorts}")
   if args.rounds < 0:
@@ -276,8 +278,11 @@ def main(argv=None):
                                     batch_size=w.batch_size, local_epochs=1, aggregator=agg)
         seq = None
         for chunk in args.chunk_sizes:
-          sim = fs.Simulation(algo, pop, cohort_size=cohort, chunk_size=chunk or None)
+          request = {0: None, -1: "auto"}.get(chunk, chunk)
+          sim = fs.Simulation(algo, pop, cohort_size=cohort, chunk_size=request)
+          t_init = time.perf_counter()
           state = sim.init(params, jax.random.key(0))
+          t_init = time.perf_counter() - t_init  # with chunk_size="auto": the tuning
           # Size the timed block to ~target seconds using one round's time; a slow round that
           # already took half the target is itself the (steady-state, post-compile) figure.
           state, quick = sim.benchmark(state, 1)
@@ -314,6 +319,8 @@ def main(argv=None):
           row = {
               "engine": "fedjax_sim", "model": name, "cohort": cohort, "dp": dp,
               "chunk_size": sim.chunk_size, "rounds": rounds,
+              "chunk_request": request if request is not None else "automatic",
+              "init_s": t_init,
               "rounds_per_s": r["rounds_per_s"],
               "client_updates_per_s": cohort * r["rounds_per_s"],
               "examples_per_s": r["examples"] / r["seconds"],
@@ -330,6 +337,8 @@ def main(argv=None):
               "device_kind": jax.devices()[0].device_kind,
           }
           row["fraction_of_peak"] = row["gflops"] / peak
+          if sim.plan.performance.tuning is not None:
+            row["chunk_tuning"] = sim.plan.performance.tuning.as_dict()
           if not args.no_sequential and seq is None and (not dp or w.dp_only):
             seq_rounds = args.seq_rounds or (1 if cohort >= 1000 else 2)
             s = sequential_baseline(algo, pop, params, cohort, seq_rounds)

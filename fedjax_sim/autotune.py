@@ -38,7 +38,8 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["ChunkChoice", "cache_key", "padding_factor", "tune_chunk_size", "tune_simulation"]
+__all__ = ["AutoChunk", "ChunkChoice", "cache_key", "cache_path", "candidates_for", "chunk_request",
+           "cohort_steps", "padding_factor", "tune_chunk_size", "tune_simulation"]
 
 #: The most candidates one tuning may time (each is a compile).
 MAX_CANDIDATES = 8
@@ -246,3 +247,137 @@ def tune_simulation(make: Callable[[int], Any], params: Any, candidates: Sequenc
       return fig
     return run
   return tune_chunk_size(candidates, build, **kwargs)
+
+
+# -- Simulation(chunk_size="auto") ------------------------------------------------------------
+
+#: The environment variable naming the cache directory ("off": no cache).
+CACHE_ENV = "FEDJAX_SIM_AUTOTUNE_CACHE"
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoChunk:
+  """A request for a measured chunk size: ``Simulation(..., chunk_size=AutoChunk(...))``.
+
+  ``chunk_size="auto"`` is ``AutoChunk()``; a list of ints is ``AutoChunk(candidates=...)``.
+  ``Simulation.init`` builds, compiles and times each candidate
+  (:func:`fedjax_sim.runs.tuning.tune_plan`) and runs the fastest; chunk size is speed only,
+  so the run's identity and results do not change.
+
+  Attributes:
+    candidates: chunk sizes to time (1 to :data:`MAX_CANDIDATES`, each at most the cohort and
+      the memory-bound chunk), or None: powers of two and the cohort up to the memory bound
+      (:func:`candidates_for`).
+    budget_s: seconds for the whole tuning; once spent, the remaining candidates are skipped
+      (at least one is always timed).
+    cache_dir: where the choice is cached (``chunk_size.json``); None:
+      ``$FEDJAX_SIM_AUTOTUNE_CACHE`` or ``$XDG_CACHE_HOME/fedjax_sim`` or
+      ``~/.cache/fedjax_sim``; ``"off"``: no cache.
+    timed_calls: timed one-round calls per candidate after its compile + first call.
+
+  Example:
+    >>> import fedjax_sim as fs
+    >>> fs.autotune.AutoChunk(candidates=[1, 4], budget_s=30).candidates
+    (1, 4)
+  """
+
+  candidates: tuple[int, ...] | None = None
+  budget_s: float = 60.0
+  cache_dir: str | None = None
+  timed_calls: int = 2
+  memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+  def __post_init__(self):  # bad values fail here, before anything compiles
+    if self.candidates is not None:
+      cands = self.candidates
+      if isinstance(cands, (str, bytes)) or not hasattr(cands, "__len__") or not len(cands):
+        raise ValueError(f"chunk_size: the candidate list {cands!r} is empty or not a list; "
+                         "pass chunk sizes to time, e.g. chunk_size=[1, 8, 32], or 'auto'.")
+      if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1
+             for c in cands):
+        raise ValueError(f"chunk_size: candidates must be positive ints; got {list(cands)!r}. "
+                         "Pass e.g. chunk_size=[1, 8, 32], or 'auto'.")
+      if len(cands) > MAX_CANDIDATES:
+        raise ValueError(f"chunk_size: {len(cands)} candidates; at most {MAX_CANDIDATES} are "
+                         "timed (each is a compile): pass fewer.")
+      object.__setattr__(self, "candidates", tuple(int(c) for c in cands))
+    if (isinstance(self.budget_s, bool) or not isinstance(self.budget_s, (int, float))
+        or not self.budget_s > 0):
+      raise ValueError(f"AutoChunk.budget_s must be a positive number of seconds; got "
+                       f"{self.budget_s!r}.")
+    if isinstance(self.timed_calls, bool) or not isinstance(self.timed_calls, int) or (
+        self.timed_calls < 1):
+      raise ValueError(f"AutoChunk.timed_calls must be an int >= 1; got {self.timed_calls!r}.")
+
+
+def chunk_request(chunk_size: Any) -> dict[str, Any]:
+  """Splits a ``Simulation(chunk_size=...)`` value into :class:`~fedjax_sim.core.Performance`
+  fields: a fixed ``chunk_size`` (int or None) and an ``autotune`` request (or None).
+
+  Returns:
+    ``{"chunk_size": int | None, "autotune": AutoChunk | None}``.
+
+  Raises:
+    ValueError: a string other than ``"auto"``, or a bad candidate list.
+
+  Example:
+    >>> chunk_request("auto")["autotune"].candidates is None
+    True
+  """
+  if isinstance(chunk_size, str):
+    if chunk_size != "auto":
+      raise ValueError(f"chunk_size must be a positive int, None (automatic from memory), "
+                       f"'auto' (measured) or a list of candidates to time; got {chunk_size!r}.")
+    return {"chunk_size": None, "autotune": AutoChunk()}
+  if isinstance(chunk_size, AutoChunk):
+    return {"chunk_size": None, "autotune": chunk_size}
+  if isinstance(chunk_size, (list, tuple, np.ndarray)):
+    return {"chunk_size": None, "autotune": AutoChunk(candidates=chunk_size)}
+  return {"chunk_size": chunk_size, "autotune": None}  # checked by Performance
+
+
+def cache_path(cache_dir: str | None = None) -> str | None:
+  """The cache file: ``<dir>/chunk_size.json``, the directory ``cache_dir`` or
+  ``$FEDJAX_SIM_AUTOTUNE_CACHE`` or ``$XDG_CACHE_HOME/fedjax_sim`` or ``~/.cache/fedjax_sim``.
+
+  Returns:
+    The path, or None when the directory is ``"off"`` (no cache).
+  """
+  d = cache_dir or os.environ.get(CACHE_ENV) or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+      "fedjax_sim")
+  return None if d == "off" else os.path.join(d, "chunk_size.json")
+
+
+def candidates_for(cohort_size: int, max_chunk: int, multiple_of: int = 1) -> tuple[int, ...]:
+  """Powers of two and the cohort itself, up to ``max_chunk`` (multiples of ``multiple_of``,
+  the mesh size), thinned evenly in log scale to at most :data:`MAX_CANDIDATES`.
+
+  Returns:
+    The candidates, ascending (never empty).
+
+  Example:
+    >>> candidates_for(100, 100)
+    (1, 2, 4, 8, 16, 32, 64, 100)
+  """
+  top = max(multiple_of, min(cohort_size, max_chunk))
+  cands = {c for c in (2 ** i for i in range(top.bit_length())) if c % multiple_of == 0}
+  cands.add(top - top % multiple_of)
+  cands = sorted(cands)
+  if len(cands) > MAX_CANDIDATES:
+    idx = np.unique(np.round(np.linspace(0, len(cands) - 1, MAX_CANDIDATES)).astype(int))
+    cands = [cands[i] for i in idx]
+  return tuple(cands)
+
+
+def cohort_steps(num_examples: Sequence[int], cohort_size: int, batch_size: int,
+                 seed: int = 0) -> np.ndarray:
+  """Local steps per client (``ceil(n / batch_size)``, one epoch: a constant number of epochs
+  cancels in :func:`padding_factor`) of one cohort sampled uniformly (``seed``).
+
+  Returns:
+    int64 ``[min(cohort_size, num_clients)]``.
+  """
+  n = np.asarray(num_examples, np.int64)
+  pick = np.random.default_rng(seed).choice(len(n), min(cohort_size, len(n)), replace=False)
+  return -(-n[pick] // max(int(batch_size), 1))

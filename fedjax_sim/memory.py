@@ -72,14 +72,30 @@ def auto_chunk_size(
     >>> auto_chunk_size(1000, 10_000, 4 * 784, 32, 2**30, "cpu")  # ~1 MFLOP per vmapped step
     1
   """
-  per_client = 8 * 4 * (num_params - frozen_params) + 4 * example_bytes * batch_size
-  budget = max(memory_budget - 4 * frozen_params, 0)
-  chunk = max(1, min(cohort_size, budget // max(per_client, 1)))
+  chunk = min(cohort_size, memory_bound_chunk(num_params, example_bytes, batch_size,
+                                              memory_budget, frozen_params))
   if platform == "cpu":
     step_flops = 6.0 * num_params * batch_size
     chunk = max(1, min(chunk, int(round(CPU_STEP_FLOPS / max(step_flops, 1.0)))))
   num_chunks = math.ceil(cohort_size / chunk)
   return math.ceil(cohort_size / num_chunks)
+
+
+def memory_bound_chunk(num_params: int, example_bytes: int, batch_size: int,
+                       memory_budget: int, frozen_params: int = 0) -> int:
+  """The most clients in flight that fit ``memory_budget`` (:func:`auto_chunk_size`'s memory
+  bound, before the CPU rule and the balancing of chunks).
+
+  Returns:
+    An int >= 1.
+
+  Example:
+    >>> memory_bound_chunk(10_000, 4 * 784, 32, 2**30)
+    1488
+  """
+  per_client = 8 * 4 * (num_params - frozen_params) + 4 * example_bytes * batch_size
+  budget = max(memory_budget - 4 * frozen_params, 0)
+  return max(1, budget // max(per_client, 1))
 
 
 def chunk_size_for(cohort_size: int, params: Any, frozen: Any, batch_spec: dict,

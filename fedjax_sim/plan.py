@@ -78,6 +78,8 @@ class Performance:
       chunk. Needs the population replicated on the mesh (``population_on="device"``). What a
       :class:`~fedjax_sim.Simulation` on several host CPU devices uses
       (:mod:`fedjax_sim.host_cpu`).
+    autotune: an :class:`fedjax_sim.autotune.AutoChunk` request (``chunk_size="auto"``); then
+      ``tuning`` is the measured :class:`fedjax_sim.autotune.ChunkChoice`, recorded in config.json.
   """
 
   chunk_size: int | None = None
@@ -85,6 +87,8 @@ class Performance:
   unbatched_single_client: bool = True
   mesh: jax.sharding.Mesh | None = None
   per_device_scan: bool = False
+  autotune: Any = None
+  tuning: Any = None
 
   def __post_init__(self):  # bad values fail here, not inside a trace
     if self.chunk_size is not None and (

@@ -10,7 +10,7 @@ from benchmarks import run
     (["--workloads", "resnet"], "valid workloads: logistic, dense, cnn, cifar, population"),
     (["--models", "dense", "--cohorts", "100", "7"], "valid cohorts for dense: 10, 100, 1000"),
     (["--workloads", "cifar", "--cohorts", "100"], "valid cohorts for cifar: 50"),
-    (["--chunk-sizes", "-1"], "--chunk-sizes"),
+    (["--chunk-sizes", "-2"], "--chunk-sizes"),
 ])
 def test_refuses_unknown_workloads_and_cohorts(argv, needle, capsys):
   with pytest.raises(SystemExit) as e:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim import _validation as _v
+from fedjax_sim import autotune as _autotune
 from fedjax_sim import memory as _memory
 from fedjax_sim import nonfinite as _nf
 from fedjax_sim import partition_views as _views
@@ -66,8 +67,14 @@ def simulation_args(algorithm, population, *, cohort_size, sampler, chunk_size, 
   if sampler is None:
     sampler = UniformSampler(cohort_size)
   check_sampler(sampler, "sampler")
-  Performance(chunk_size=chunk_size, sort_by_size=sort_by_size,  # the speed settings' checks
+  request = _autotune.chunk_request(chunk_size)  # "auto" / candidates: a measured chunk
+  Performance(**request, sort_by_size=sort_by_size,  # the speed settings' checks
               unbatched_single_client=unbatched_single_client)
+  chunk_size, tune = request["chunk_size"], request["autotune"]
+  if tune is not None and tune.candidates and max(tune.candidates) > sampler.max_cohort_size:
+    raise ValueError(
+        f"chunk_size: candidate {max(tune.candidates)} exceeds the cohort size "
+        f"{sampler.max_cohort_size}; drop it (a chunk holds at most the cohort) or pass 'auto'.")
   if system is not None:
     if not isinstance(system, SystemModel):
       raise TypeError(f"system must be an fs.systems.SystemModel; got {type(system).__name__}.")
@@ -86,8 +93,9 @@ def simulation_args(algorithm, population, *, cohort_size, sampler, chunk_size, 
         "population_on='sharded' splits the examples over the devices of a mesh's 'clients' "
         "axis; pass mesh=fs.sharding.clients_mesh() (or use 'device' / 'host').")
   if mesh is not None:  # a requested chunk must split evenly over the mesh's devices
-    sharding.fit_chunk(1, sampler.max_cohort_size, sharding.mesh_size(mesh),
-                       None if chunk_size is None else int(chunk_size))
+    for c in (tune.candidates or ()) if tune is not None else (chunk_size,):
+      sharding.fit_chunk(1, sampler.max_cohort_size, sharding.mesh_size(mesh),
+                         None if c is None else int(c))
   return sampler
 
 
@@ -402,7 +410,7 @@ def memory_budget(budget: int | None, population, state_spec=None, *, mesh=None,
 
 def plan(algorithm: Algorithm, sampler, population: Population, params: Any, key: jax.Array, *,
          system: SystemModel | None = None, performance: Performance | None = None,
-         budget: int | None = None, population_on: str = "device") -> Planned:
+         budget: int | None = None, population_on: str = "device", tuner=None) -> Planned:
   """The whole plan of a run in one pass, with every check that needs the params.
 
   Resolves the trainable view, traces the initial state's shapes, checks the state pieces
@@ -420,6 +428,8 @@ def plan(algorithm: Algorithm, sampler, population: Population, params: Any, key
       ``Performance()``.
     budget: bytes per device for the client pass; None: from the device's free memory.
     population_on: where the population lives (``"device"``, ``"sharded"``, ``"host"``).
+    tuner: times candidate chunks for ``performance.autotune`` (``chunk_size="auto"``):
+      :func:`fedjax_sim.runs.tuning.tune_plan`.
 
   Returns:
     A :class:`Planned`.
@@ -449,8 +459,42 @@ def plan(algorithm: Algorithm, sampler, population: Population, params: Any, key
   chunk = _memory.chunk_size_for(
       sampler.max_cohort_size, params, draft.views(params)[1], batch, bsz, budget,
       performance.mesh, performance.chunk_size)
-  return Planned(dataclasses.replace(
-      draft, performance=dataclasses.replace(performance, chunk_size=chunk)), spec, budget)
+  planned = dataclasses.replace(
+      draft, performance=dataclasses.replace(performance, chunk_size=chunk))
+  if performance.autotune is not None:
+    if tuner is None:
+      raise ValueError("chunk_size='auto' is measured by Simulation.init; plan() needs "
+                       "tuner=fedjax_sim.runs.tuning.tune_plan to time the candidates.")
+    planned = _tuned(planned, population, params, key, batch, bsz, budget, population_on, tuner)
+  return Planned(planned, spec, budget)
+
+
+def _tuned(plan: RoundPlan, population, params, key, batch, bsz: int, budget: int,
+           population_on: str, tuner) -> RoundPlan:
+  """``plan`` at the measured chunk of its ``performance.autotune`` request
+  (:func:`fedjax_sim.autotune.tune_plan`); candidates are checked against the memory-bound
+  chunk before anything compiles."""
+  request, k = plan.performance.autotune, plan.cohort_size
+  n = 1 if plan.mesh is None else sharding.mesh_size(plan.mesh)
+  frozen = param_count(plan.views(params)[1])
+  example_bytes = sum(int(np.prod(v.shape[1:])) * np.dtype(v.dtype).itemsize
+                      for v in batch.values())
+  bound = min(k, n * _memory.memory_bound_chunk(param_count(params), example_bytes, bsz, budget,
+                                                frozen))
+  candidates = request.candidates or _autotune.candidates_for(k, bound, n)
+  if max(candidates) > bound:
+    raise ValueError(
+        f"chunk_size: candidate {max(candidates)} exceeds {bound}, the largest chunk that fits "
+        f"memory_budget={budget} bytes for this model; drop it, pass a larger memory_budget, or "
+        "pass chunk_size='auto' (candidates up to the memory bound).")
+  signature = ("chunk_size", plan.algorithm.name, str(plan.context.params_template),
+               {name: (v.shape, str(v.dtype)) for name, v in batch.items()}, k, n,
+               np.asarray(population.num_examples).tolist(), population_on,
+               plan.sort_by_size, plan.unbatched_single_client, candidates)
+  steps = _autotune.cohort_steps(np.asarray(population.num_examples), k, bsz)
+  choice = tuner(plan, population, params, key, request, candidates, signature=signature,
+                 steps=steps, population_on=population_on)
+  return plan.with_performance(chunk_size=choice.choice, tuning=choice)
 
 
 def check_horizon(algorithm: Algorithm, start: int, num_rounds: int) -> None:

@@ -122,7 +122,9 @@ class RunRecorder:
                    "start_round": self.start}
       session = {"num_rounds": num_rounds, "block_size": block_size, "eval_every": eval_every,
                  "checkpoint_every": checkpoint_every, "delta": o.delta,
-                 "accountant": o.accountant}
+                 "accountant": o.accountant, "chunk_size": plan.chunk_size}
+      if plan.performance.tuning is not None:  # chunk_size="auto": what was measured
+        session["chunk_tuning"] = plan.performance.tuning.as_dict()
       self.log = MetricsLog(log_dir, self.fp, seed_info, tensorboard=o.tensorboard,
                             existing=existing, settings=o.settings, session=session)
     self.stop = SignalFlag() if checkpoint_dir is not None else None

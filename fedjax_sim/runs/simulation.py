@@ -20,13 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim import _validation as _v
+from fedjax_sim import autotune as _autotune
 from fedjax_sim import core, programs
 from fedjax_sim import host_cpu as _host_cpu
 from fedjax_sim import host_population as _host
 from fedjax_sim import sharding as _sharding
 from fedjax_sim.core import Performance, ServerState
 from fedjax_sim.progress import Progress
-from fedjax_sim.runs import identity, ownership, planning, store
+from fedjax_sim.runs import identity, ownership, planning, store, tuning
 from fedjax_sim.runs.recorder import RunOptions, RunRecorder
 
 __all__ = ["RunOptions", "ServerState", "Simulation"]
@@ -38,17 +39,14 @@ class Simulation:
   Args:
     algorithm: what to run (``fs.algorithms.fedavg(...)``, ...).
     population: the clients' data.
-    cohort_size: K for uniform sampling without replacement (``fs.sampling.uniform(K)``);
-      exactly one of ``cohort_size`` and ``sampler``.
+    cohort_size: K, uniform sampling without replacement; exactly one of this and ``sampler``.
     sampler: ``fs.sampling.uniform(K)`` or ``fs.sampling.poisson(q, max_cohort_size)``.
-    chunk_size, sort_by_size, mesh, unbatched_single_client: speed only
-      (:class:`fedjax_sim.core.Performance`; they never change results beyond float
-      tolerance). Default chunk: from ``memory_budget`` and the model size
-      (:func:`fedjax_sim.memory.chunk_size_for`); default mesh: the default device (or the host
-      CPU devices, :mod:`fedjax_sim.host_cpu`).
+    chunk_size, sort_by_size, mesh, unbatched_single_client: speed only (``fs.core.Performance``:
+      never a change beyond float tolerance). Default chunk: from ``memory_budget`` and the model
+      size; ``"auto"`` (or candidates ``[1, 8]``, ``fs.autotune.AutoChunk(budget_s=)``): timed at
+      :meth:`init`; default mesh: the default device (or the host CPU devices, ``fs.host_cpu``).
     memory_budget: bytes per device for the client pass when ``chunk_size`` is None.
-    system: a :class:`fedjax_sim.systems.SystemModel` (availability, dropout, stragglers,
-      deadlines), applied in-jit each round.
+    system: an ``fs.systems.SystemModel`` (availability, dropout, stragglers, deadlines), in-jit.
     population_on: ``"device"`` (default); ``"sharded"``: the examples split along the mesh's
       ``clients`` axis; ``"host"``: in host memory, each round's cohort gathered ahead of time
       (:mod:`fedjax_sim.host_population`). All give the same results.
@@ -69,7 +67,7 @@ class Simulation:
   """
 
   def __init__(self, algorithm, population, *, cohort_size: int | None = None, sampler=None,
-               chunk_size: int | None = None, memory_budget: int | None = None,
+               chunk_size: int | str | None = None, memory_budget: int | None = None,
                sort_by_size: bool = True, system=None, mesh: jax.sharding.Mesh | None = None,
                population_on: str = "device", unbatched_single_client: bool = True):
     self.sampler = planning.simulation_args(
@@ -88,7 +86,7 @@ class Simulation:
       per_device_scan = mesh is not None  # each device scans its clients (core.per_device_pass)
     self.mesh = mesh
     self.performance = Performance(  # as requested; init() fixes an automatic chunk size
-        chunk_size=None if chunk_size is None else int(chunk_size), sort_by_size=sort_by_size,
+        **_autotune.chunk_request(chunk_size), sort_by_size=sort_by_size,
         unbatched_single_client=unbatched_single_client, mesh=mesh,
         per_device_scan=per_device_scan)
     population = _host.to_host(population) if population_on == "host" else population
@@ -138,7 +136,7 @@ class Simulation:
     planned = planning.plan(
         self.algorithm, self.sampler, self.population, params, key, system=self.system,
         performance=self.performance, budget=None if self._auto_budget else self.memory_budget,
-        population_on=self.population_on)
+        population_on=self.population_on, tuner=tuning.tune_plan)
     self.memory_budget, plan = planned.memory_budget, planned.plan
     program_of = lambda p: (p.chunk_size, p.trainable_mask, str(p.context.params_template))
     if self.plan is None or program_of(plan) != program_of(self.plan):
