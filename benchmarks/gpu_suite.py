@@ -15,7 +15,8 @@ fails or runs out of time is recorded with its error and the suite goes on. Step
                 --nproc_per_node=N``, pfl's recommended 1-5 per GPU); skipped with the reason when
                 the compute mode is Exclusive_Process; a failed start is an error row, no ratio
   cifar_after   fedjax_sim on CIFAR again, after the pfl rows (drift check)
-  cnn           EMNIST-CNN, cohort 1000: chunk sweep 20, 50, 150 and the automatic choice (0)
+  cnn           EMNIST-CNN, cohort 1000: chunk sweep 20, 50, 150, the automatic choice (0) and
+                the measured one (-1, chunk_size="auto"); the summary gives auto / best fixed
   stackoverflow FedJAX's Stack Overflow LSTM next-word model, cohort 50
   shakespeare   FedJAX/TFF's Shakespeare character LSTM, cohort 10
   precision     whether ``precision=`` exists on this checkout (f32/bf16 rows when the harness
@@ -184,7 +185,7 @@ def plan(dry_run: bool, pfl_python: str) -> dict[str, dict]:
                         "--target-seconds", "0.1", "--no-sequential"],
         "peaks": ["256"],
     }
-    sizes["cnn"] += ["--chunk-sizes", "0", "1", "3"]
+    sizes["cnn"] += ["--chunk-sizes", "0", "-1", "1", "3"]
     boxes = {"env": 60, "peaks": 60, "cifar": 240, "pfl": 120, "pfl_nproc": 120,
              "cifar_after": 240, "cnn": 300, "stackoverflow": 300, "shakespeare": 240,
              "precision": 60, "population": 120, "dense": 120}
@@ -205,8 +206,9 @@ def plan(dry_run: bool, pfl_python: str) -> dict[str, dict]:
                         "--target-seconds", "6", "--seq-rounds", "1"],
         "peaks": ["8192"],
     }
-    # the chunk sweep on the EMNIST CNN, the automatic choice (0) included
-    sizes["cnn"] += ["--chunk-sizes", "0", "20", "50", "150", "--seq-rounds", "1"]
+    # the chunk sweep on the EMNIST CNN: the model's automatic chunk (0), the measured one
+    # (-1: chunk_size="auto", fs.autotune) and fixed chunks
+    sizes["cnn"] += ["--chunk-sizes", "0", "-1", "20", "50", "150", "--seq-rounds", "1"]
     # Time boxes; the whole suite is held to --budget-seconds (<= 9 min): a step's box is cut
     # to what is left, the last steps are skipped when it is spent.
     boxes = {"env": 30, "peaks": 30, "cifar": 80, "pfl": 55, "pfl_nproc": 60, "cifar_after": 45,
@@ -361,6 +363,17 @@ def table(rows: list[dict], statuses: list[dict], dry_run: bool = False) -> str:
                    f"{r['gflops']:.0f} GFLOP/s counted ({r['flops_per_example'] / 1e6:.1f} "
                    f"MFLOP/example, {r.get('flops_counting', 'xla')}) = "
                    f"{100 * r['gflops'] / ref:.1f}% of the default-precision GEMM peak")
+  sweep = [r for r in rows if r.get("step") == "cnn" and r.get("engine") == "fedjax_sim"]
+  tuned = [r for r in sweep if r.get("chunk_request") == "auto"]
+  fixed = [r for r in sweep if isinstance(r.get("chunk_request"), int)]
+  if tuned and fixed:
+    best = max(fixed, key=lambda r: r["client_updates_per_s"])
+    notes.append(f"cnn sweep: chunk_size='auto' chose {tuned[0]['chunk_size']} "
+                 f"({tuned[0]['client_updates_per_s']:.0f} client-updates/s, tuning "
+                 f"{tuned[0].get('init_s', 0):.1f} s) = "
+                 f"{tuned[0]['client_updates_per_s'] / best['client_updates_per_s']:.2f}x the "
+                 f"best fixed chunk {best['chunk_size']} "
+                 f"({best['client_updates_per_s']:.0f}); target >= 0.9x")
   for r in rows:
     if r.get("engine") == "precision_check":
       notes.append("precision rows: " + r["note"])

@@ -30,12 +30,19 @@ def setup():
 
 def test_measured_chunk_is_speed_only_and_recorded_in_config(setup, tmp_path):
   algo, pop, params = setup
-  # budget ~0: the first candidate is timed, the second skipped (recorded as None)
+  # budget ~0: the first candidate is timed, the second skipped (recorded as None). Candidates
+  # are timed nearest-first around the model's own chunk (chunk_size=None).
   request = autotune.AutoChunk(candidates=[1, 3], budget_s=1e-9, cache_dir=str(tmp_path / "c"))
   auto = fs.Simulation(algo, pop, cohort_size=4, chunk_size=request)
-  fixed = fs.Simulation(algo, pop, cohort_size=4, chunk_size=3)
-  sa, sf = auto.init(params, jax.random.key(1)), fixed.init(params, jax.random.key(1))
-  assert auto.chunk_size == 1 and fixed.chunk_size == 3
+  sa = auto.init(params, jax.random.key(1))
+  model = fs.Simulation(algo, pop, cohort_size=4)
+  model.init(params, jax.random.key(1))
+  first, other = auto.plan.performance.tuning.candidates
+  assert sorted((first, other)) == [1, 3]
+  assert abs(np.log2(first / model.chunk_size)) <= abs(np.log2(other / model.chunk_size))
+  fixed = fs.Simulation(algo, pop, cohort_size=4, chunk_size=other)
+  sf = fixed.init(params, jax.random.key(1))
+  assert auto.chunk_size == first and fixed.chunk_size == other
   assert auto.fingerprint(sa)["run_id"] == fixed.fingerprint(sf)["run_id"]
   sa, ma = auto.run(sa, 2, log_dir=str(tmp_path / "log"))
   sf, mf = fixed.run(sf, 2)
@@ -43,9 +50,11 @@ def test_measured_chunk_is_speed_only_and_recorded_in_config(setup, tmp_path):
   np.testing.assert_allclose(ma["loss"], mf["loss"], rtol=1e-5)
   session = json.loads((tmp_path / "log" / "config.json").read_text())["sessions"][-1]
   t = session["chunk_tuning"]
-  assert session["chunk_size"] == 1 and t["choice"] == 1 and t["candidates"] == [1, 3]
+  assert session["chunk_size"] == first and t["choice"] == first
+  assert t["candidates"] == [first, other]
   assert t["seconds"][0] > 0 and t["compile_seconds"][0] > 0 and t["seconds"][1] is None
-  assert t["padding"][0] == 1.0 and t["padding"][1] >= 1.0 and not t["from_cache"]
+  assert t["padding"][t["candidates"].index(1)] == 1.0
+  assert t["padding"][t["candidates"].index(3)] >= 1.0 and not t["from_cache"]
   assert t["key"].endswith(f"jax{jax.__version__}")
 
 
@@ -60,7 +69,8 @@ def test_choice_is_cached_on_disk_and_the_cache_can_be_off(setup, tmp_path, monk
   again = fs.Simulation(algo, pop, cohort_size=4, chunk_size=request())
   again.init(params, jax.random.key(0))
   t = again.plan.performance.tuning
-  assert t.from_cache and t.choice == first.chunk_size == again.chunk_size == 2
+  # budget ~0: only the first candidate timed (nearest the model's chunk), then read back
+  assert t.from_cache and t.choice == first.chunk_size == again.chunk_size == t.candidates[0]
   monkeypatch.setenv(autotune.CACHE_ENV, "off")
   assert autotune.cache_path() is None
   monkeypatch.delenv(autotune.CACHE_ENV)

@@ -70,7 +70,8 @@ def test_gpu_plan_has_the_issue_sizes_and_every_command_parses():
   assert pfl.device == "cuda" and pfl.cohort == 50 and pfl.batch_size == 10
   assert (pfl.client_lr, pfl.server_lr) == (0.1, 1.0)
   assert gpu_suite.parse_args([]).budget_seconds <= 540  # the suite fits 9 minutes
-  assert parsed["cnn"].chunk_sizes == [0, 20, 50, 150]  # the sweep includes the automatic chunk
+  # the sweep includes the model's automatic chunk (0) and the measured one (-1)
+  assert parsed["cnn"].chunk_sizes == [0, -1, 20, 50, 150]
   assert parsed["stackoverflow"].workloads == ["stackoverflow"]
   assert parsed["shakespeare"].workloads == ["shakespeare"]
   assert parsed["cifar_after"].workloads == ["cifar"]

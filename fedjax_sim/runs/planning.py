@@ -12,6 +12,7 @@ one pass; :func:`plan_for` is its explicit form (``fs.core.plan_for``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, NamedTuple
 
@@ -491,6 +492,10 @@ def _tuned(plan: RoundPlan, population, params, key, batch, bsz: int, budget: in
                {name: (v.shape, str(v.dtype)) for name, v in batch.items()}, k, n,
                np.asarray(population.num_examples).tolist(), population_on,
                plan.sort_by_size, plan.unbatched_single_client, candidates)
+  # Timed nearest-first around the model's own chunk (plan.chunk_size, memory.chunk_size_for):
+  # the budget may run out before the last candidates, so the likely winners go first (on CPU
+  # the small chunks, on an accelerator the large ones).
+  candidates = tuple(sorted(candidates, key=lambda c: (abs(math.log2(c / plan.chunk_size)), c)))
   steps = _autotune.cohort_steps(np.asarray(population.num_examples), k, bsz)
   choice = tuner(plan, population, params, key, request, candidates, signature=signature,
                  steps=steps, population_on=population_on)
