@@ -8,7 +8,7 @@ those runs need a fresh process).
 
 import sys
 
-WORKLOADS = ("fedavg", "dp_fedavg", "scaffold")
+WORKLOADS = ("fedavg", "dp_fedavg", "scaffold", "band_mf", "dp_ftrl")
 NUM_ROUNDS = 3
 
 
@@ -42,7 +42,11 @@ def build(name, loss_fn):
 
   if name == "scaffold":
     return fs.algorithms.scaffold(loss_fn, client_learning_rate=0.1, batch_size=4, local_epochs=1)
-  aggregator = fs.aggregators.dp_mean(0.05, 0.7) if name == "dp_fedavg" else None
+  aggregator = {  # DP-FedAvg, BandMF (correlated noise, 2 bands) and DP-FTRL's tree noise
+      "dp_fedavg": lambda: fs.aggregators.dp_mean(0.05, 0.7),
+      "band_mf": lambda: fs.aggregators.band_mf_mean(0.05, 0.7, bands=2),
+      "dp_ftrl": lambda: fs.aggregators.dp_ftrl_mean(0.05, 0.7, num_rounds=NUM_ROUNDS + 1),
+  }.get(name, lambda: None)()
   return fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.2), batch_size=4,
                               local_epochs=2, aggregator=aggregator)
 
