@@ -207,6 +207,15 @@ def _privacy(args: argparse.Namespace) -> int:
     sampler = sampling.poisson(args.q, max_cohort_size=cap)
     what = f"Poisson sampling q={args.q} (add/remove-one)" + (
         f", truncated at {cap}" if cap < n else "")
+  if args.tree and bands > 1:
+    raise UsageError("--tree (DP-FTRL tree aggregation) and --bands (BandMF) are two mechanisms; "
+                     "pass one of them.")
+  gram = None
+  if args.tree:  # the tree's C^T C over the run (jax_privacy's sensitivity in fs.privacy)
+    from fedjax_sim.aggregators import dp_ftrl_mean
+
+    gram = dp_ftrl_mean(1.0, 1.0, num_rounds=args.rounds).strategy_gram
+    what += ", DP-FTRL tree aggregation (no amplification)"
   if bands > 1:
     what += f", BandMF with {bands} bands"
   print(f"population {n}, {what}, {args.rounds} rounds, delta={args.delta}")
@@ -215,14 +224,14 @@ def _privacy(args: argparse.Namespace) -> int:
     try:
       if args.noise_multiplier is not None:
         eps = privacy.epsilon(sampler, n, args.noise_multiplier, args.rounds, args.delta,
-                              accountant=accountant, num_bands=bands)
+                              accountant=accountant, num_bands=bands, strategy_gram=gram)
         print(f"  {accountant.upper():3s}: epsilon = {eps:.4f} at z = {args.noise_multiplier}")
       else:
         z = privacy.calibrate_noise_multiplier(args.target_epsilon, args.delta, args.rounds,
                                                sampler, n, accountant=accountant,
-                                               num_bands=bands)
+                                               num_bands=bands, strategy_gram=gram)
         eps = privacy.epsilon(sampler, n, z, args.rounds, args.delta, accountant=accountant,
-                              num_bands=bands)
+                              num_bands=bands, strategy_gram=gram)
         print(f"  {accountant.upper():3s}: noise multiplier z = {z:.4f} "
               f"(epsilon = {eps:.4f} <= {args.target_epsilon})")
     except ValueError as e:
@@ -459,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
   priv.add_argument("--bands", type=int,
                     help="BandMF correlated noise with this many bands (needs --min-separation "
                          ">= bands); default 1 (independent noise, DP-FedAvg)")
+  priv.add_argument("--tree", action="store_true",
+                    help="DP-FTRL tree aggregation over --rounds rounds (Kairouz et al. 2021): one "
+                         "Gaussian mechanism with the tree's sensitivity under the sampler's "
+                         "participation schema, no amplification")
   priv.set_defaults(func=_privacy)
   run = sub.add_parser("run", help="run a simulation from a YAML config")
   run.add_argument("config")

@@ -98,6 +98,8 @@ class PrivacyConfig:
   adaptive: bool = False
   target_quantile: float = 0.5
   delta: float | None = None
+  mechanism: str = "gaussian"
+  bands: int = 1
 
 
 @dataclasses.dataclass
@@ -105,6 +107,7 @@ class SamplerConfig:
   cohort_size: int | None = 10
   q: float | None = None
   max_cohort_size: int | None = None
+  min_separation: int | None = None
 
 
 @dataclasses.dataclass
@@ -311,6 +314,12 @@ ALGORITHMS: dict[str, Callable] = {
     "qffl": lambda a, loss, opt, server, agg, work: _algorithms().qffl(
         loss, q=a.q, client_learning_rate=a.client_lr, **work),
 }
+#: ``privacy.mechanism`` -> what it is: the noise the DP aggregator adds each round.
+MECHANISMS: dict[str, str] = {
+    "gaussian": "independent Gaussian noise (DP-FedAvg: fs.aggregators.dp_mean)",
+    "band_mf": "BandMF correlated noise with privacy.bands bands (fs.aggregators.band_mf_mean)",
+    "tree": "DP-FTRL tree-aggregation noise over run.rounds (fs.aggregators.dp_ftrl_mean)",
+}
 #: Algorithms that take the DP aggregator (the others send values that bypass it).
 _DP_ALGORITHMS = ("fedavg", "fedprox", "ditto")
 
@@ -380,6 +389,9 @@ RULES: dict[str, Rule] = {
     "sampler.q": _optional(Rule("in (0, 1]", lambda p, v: _v.hyperparameter(
         p, v, low=0, high=1, low_open=True), True)),
     "sampler.max_cohort_size": _optional(_COUNT),
+    "sampler.min_separation": _optional(_COUNT),
+    "privacy.mechanism": _one_of(MECHANISMS),
+    "privacy.bands": _COUNT,
     "run.rounds": _COUNT,
     "run.eval_every": _COUNT,
     "run.seed": Rule("an int in [0, 2**32)", _v.seed),
@@ -448,6 +460,7 @@ def validate(cfg: Config) -> Config:
                       "(Poisson; set cohort_size: null).")
   if cfg.privacy.noise_multiplier and cfg.privacy.clip is None and not cfg.privacy.adaptive:
     raise ConfigError("privacy.noise_multiplier > 0 needs privacy.clip (or adaptive: true).")
+  _check_mechanism(cfg)
   if cfg.model.name in _TEXT_MODELS and cfg.data.name != _TEXT_DATA[cfg.model.name]:
     raise ConfigError(f"model.name={cfg.model.name!r} needs text data "
                       f"(data.name={_TEXT_DATA[cfg.model.name]!r}).")
@@ -455,6 +468,30 @@ def validate(cfg: Config) -> Config:
     raise ConfigError("data.name='stackoverflow_nwp' is next-word text: set "
                       "model.name='stackoverflow_lstm'.")
   return cfg
+
+
+def _check_mechanism(cfg: Config) -> None:
+  """The DP-FTRL keys (``privacy.mechanism``/``bands``, ``sampler.min_separation``) together."""
+  p, sm = cfg.privacy, cfg.sampler
+  if sm.min_separation is not None and sm.q is None:
+    raise ConfigError("sampler.min_separation is cyclic Poisson sampling (each client in one of "
+                      "b bins, a bin's clients joining with probability q): set sampler.q and "
+                      "cohort_size: null.")
+  if p.mechanism == "gaussian":
+    if p.bands != 1:
+      raise ConfigError(f"privacy.bands={p.bands} needs privacy.mechanism: band_mf.")
+    return
+  if p.clip is None or p.adaptive:
+    raise ConfigError(f"privacy.mechanism={p.mechanism!r} clips at a fixed bound: set "
+                      "privacy.clip and adaptive: false.")
+  if p.mechanism == "tree" and p.bands != 1:
+    raise ConfigError("privacy.bands is BandMF's band count; the tree (mechanism: tree) has none.")
+  if p.mechanism == "band_mf" and p.bands > 1 and p.delta is not None and (
+      sm.min_separation is None or sm.min_separation < p.bands):
+    raise ConfigError(
+        f"privacy.mechanism='band_mf' with bands={p.bands} is accounted (privacy.delta) only "
+        f"under min-separation >= bands: set sampler.min_separation >= {p.bands} "
+        "(cyclic Poisson), or privacy.delta: null.")
 
 
 def _set(raw: dict, assignment: str) -> None:
@@ -565,6 +602,11 @@ def build(cfg: Config):
   if p.adaptive:
     aggregator = fs.aggregators.adaptive_dp_mean(p.noise_multiplier,
                                                  target_quantile=p.target_quantile)
+  elif p.clip is not None and p.mechanism == "band_mf":
+    aggregator = fs.aggregators.band_mf_mean(p.clip, p.noise_multiplier, bands=p.bands)
+  elif p.clip is not None and p.mechanism == "tree":
+    aggregator = fs.aggregators.dp_ftrl_mean(p.clip, p.noise_multiplier,
+                                             num_rounds=cfg.run.rounds)
   elif p.clip is not None:
     aggregator = fs.aggregators.dp_mean(p.clip, p.noise_multiplier)
   else:
@@ -582,7 +624,9 @@ def build(cfg: Config):
     sim = fs.Simulation(algo, pop, cohort_size=sm.cohort_size)
   else:
     cap = sm.max_cohort_size or pop.num_clients
-    sim = fs.Simulation(algo, pop, sampler=fs.sampling.poisson(sm.q, cap))
+    sampler = (fs.sampling.poisson(sm.q, cap) if sm.min_separation is None
+               else fs.sampling.cyclic_poisson(sm.q, sm.min_separation, cap))
+    sim = fs.Simulation(algo, pop, sampler=sampler)
   eval_data = test if test is not None else {k: np.asarray(v) for k, v in pop.features.items()}
   eval_fn = fs.evaluation.make_eval_fn(eval_loss, eval_data)
   return sim, params, eval_fn, eval_loss

@@ -324,10 +324,13 @@ def calibrate_noise_multiplier(
     *,
     accountant: str = "rdp",
     num_bands: int = 1,
+    strategy_gram: Any = None,
 ) -> float:
   """The smallest noise multiplier z whose ``num_rounds``-round ε is at most ``target_epsilon``.
 
   The search composes the whole T-round event for every candidate z (never one round).
+  ``strategy_gram`` (tree aggregation, ``dp_ftrl_mean(...).strategy_gram``): z of the one
+  Gaussian mechanism :func:`epsilon` accounts for it.
 
   Examples:
     >>> import fedjax_sim as fs
@@ -345,12 +348,13 @@ def calibrate_noise_multiplier(
     raise ValueError("num_rounds must be >= 1 to calibrate.")
   from scipy import optimize
 
-  if accountant == "pld":
+  if accountant == "pld" and strategy_gram is None:
     return _calibrate_pld(target_epsilon, delta, num_rounds, sampler, num_clients)
 
   def excess(log_z: float) -> float:
     return epsilon(sampler, num_clients, float(np.exp(log_z)), num_rounds, delta,
-                   accountant=accountant, num_bands=num_bands) - target_epsilon
+                   accountant=accountant, num_bands=num_bands,
+                   strategy_gram=strategy_gram) - target_epsilon
 
   lo, hi = np.log(1e-2), np.log(1.0)
   while excess(hi) > 0:

@@ -33,3 +33,26 @@ def test_privacy_command_prints_both_accountants(capsys):
             "4", "--rounds", "500"])
   out = capsys.readouterr().out
   assert "RDP: noise multiplier z =" in out and "PLD: not available" in out
+
+
+def test_privacy_command_accounts_the_tree(capsys):
+  """`fedjax-sim privacy --tree` prints the library's tree-aggregation ε (fs.privacy.epsilon with
+  dp_ftrl_mean's strategy_gram), and its calibrated z reaches the target."""
+  import re
+
+  import fedjax_sim as fs
+
+  args = ["privacy", "--num-clients", "1000", "--q", "0.1", "--min-separation", "10",
+          "--rounds", "40", "--tree"]
+  assert cli.main(args + ["--noise-multiplier", "5"]) == 0
+  out = capsys.readouterr().out
+  sampler = fs.sampling.cyclic_poisson(0.1, 10, max_cohort_size=1000)
+  gram = fs.aggregators.dp_ftrl_mean(1.0, 1.0, num_rounds=40).strategy_gram
+  want = fs.privacy.epsilon(sampler, 1000, 5.0, 40, 1e-5, strategy_gram=gram)
+  got = float(re.search(r"RDP: epsilon = ([0-9.]+)", out).group(1))
+  assert "tree aggregation" in out and got == pytest.approx(want, abs=1e-4)
+  assert cli.main(args + ["--target-epsilon", "8"]) == 0
+  z = float(re.search(r"RDP: noise multiplier z = ([0-9.]+)", capsys.readouterr().out).group(1))
+  assert fs.privacy.epsilon(sampler, 1000, z + 1e-3, 40, 1e-5, strategy_gram=gram) <= 8.0
+  assert fs.privacy.epsilon(sampler, 1000, 0.98 * z, 40, 1e-5, strategy_gram=gram) > 8.0
+  assert cli.main(args + ["--noise-multiplier", "5", "--bands", "4"]) == 2  # two mechanisms

@@ -72,6 +72,15 @@ BAD_CONFIGS = [
     ("model: [1, 2]", "model must be a mapping"),
     ("model: {name: char_lstm}", "needs text data"),
     ("algorithm: {batch_size: 0}", "algorithm.batch_size must be a positive"),
+    ("privacy: {clip: 1.0, mechanism: bandmf}", "privacy.mechanism='bandmf' is not one of"),
+    ("privacy: {clip: 1.0, mechanism: band_mf, bands: 0}", "privacy.bands must be a positive"),
+    ("privacy: {clip: 1.0, bands: 4}", "needs privacy.mechanism: band_mf"),
+    ("privacy: {mechanism: tree, adaptive: true, noise_multiplier: 1.0}", "set privacy.clip"),
+    ("privacy: {clip: 1.0, noise_multiplier: 1.0, mechanism: band_mf, bands: 4, delta: 1.0e-5}",
+     "set sampler.min_separation >= 4"),
+    ("sampler: {cohort_size: 10, min_separation: 4}", "min_separation is cyclic Poisson"),
+    ("sampler: {cohort_size: null, q: 0.1, min_separation: 0}",
+     "sampler.min_separation must be a positive"),
 ]
 
 
@@ -106,3 +115,22 @@ def test_dp_with_extras_algorithm_refused():
   cfg = cfglib.load(DIGITS, ["algorithm.name=scaffold"])
   with pytest.raises(cfglib.ConfigError, match="cannot run with privacy settings"):
     cfglib.build(cfg)
+
+
+def test_dp_ftrl_keys_build_the_mechanism_and_the_schedule():
+  """privacy.mechanism band_mf / tree and sampler.min_separation build the same aggregator and
+  sampler as the Python API (fs.aggregators.band_mf_mean / dp_ftrl_mean, cyclic_poisson)."""
+  import fedjax_sim as fs
+
+  common = ["data.num_clients=40", "sampler.cohort_size=null", "sampler.q=0.2",
+            "sampler.max_cohort_size=16", "privacy.noise_multiplier=1.0", "run.rounds=8"]
+  cfg = cfglib.load(DIGITS, common + ["privacy.mechanism=band_mf", "privacy.bands=4",
+                                      "sampler.min_separation=4"])
+  sim = cfglib.build(cfg)[0]
+  want = fs.aggregators.band_mf_mean(cfg.privacy.clip, 1.0, bands=4)
+  assert sim.algorithm.aggregator.num_bands == want.num_bands == 4
+  assert sim.sampler == fs.sampling.cyclic_poisson(0.2, 4, 16)
+  tree = cfglib.build(cfglib.load(DIGITS, common + ["privacy.mechanism=tree"]))[0]
+  assert tree.algorithm.aggregator.horizon == 8 == fs.aggregators.dp_ftrl_mean(
+      1.0, 1.0, num_rounds=8).horizon
+  assert isinstance(tree.sampler, fs.sampling.PoissonSampler)
