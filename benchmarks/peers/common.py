@@ -29,7 +29,6 @@ WORKLOADS = {
     "cnn": ("emnist", 20, 62),
     "cifar": ("cifar", 10, 10),
     "stackoverflow": ("stackoverflow", 16, 10004),
-    "stackoverflow-transformer": ("stackoverflow", 16, 10004),
     "shakespeare": ("shakespeare", 4, 90),
 }
 
