@@ -48,3 +48,18 @@ def test_too_long_sequence_is_a_clear_error():
   m = fs.zoo.StackOverflowTransformer(vocab_size=10, embed_dim=8, num_heads=2, ff_dim=8)
   with pytest.raises(ValueError, match="max_len"):
     m.init(jax.random.key(0), jnp.ones((1, 21), jnp.int32))
+
+
+def test_workload_flops_are_the_analytic_transformer_count():
+  from benchmarks import workloads
+
+  w = workloads.WORKLOADS["stackoverflow-transformer"]
+  assert w.loss == "sequence" and w.batch_size == 16 and 400 in w.cohorts
+  m = fs.zoo.StackOverflowTransformer(vocab_size=30, embed_dim=8, num_heads=2, ff_dim=12,
+                                      num_layers=2)
+  x = jnp.ones((1, 20), jnp.int32)
+  params = m.init(jax.random.key(0), x)["params"]
+  t, d, f, v, layers = 20, 8, 12, 30, 2
+  # per layer: qkv, output projection, scores and weighted values (T x T), two feed-forward dots
+  per_layer = 2 * t * d * 3 * d + 2 * t * d * d + 2 * 2 * t * t * d + 2 * 2 * t * d * f
+  assert workloads.forward_flops(m, params, x)["matmul"] == layers * per_layer + 2 * t * d * v
