@@ -30,11 +30,12 @@ def test_forward_shape_causal_and_finite_loss():
                                       num_layers=1)
   x = jax.random.randint(jax.random.key(1), (3, 20), 1, 40)
   v = m.init(jax.random.key(0), x)
-  logits = m.apply(v, x)
+  apply = jax.jit(m.apply)
+  logits = apply(v, x)
   assert logits.shape == (3, 20, 40)
   # Causal: changing the last token leaves every earlier position's logits unchanged.
   x2 = x.at[:, -1].set((x[:, -1] % 39) + 1)
-  logits2 = m.apply(v, x2)
+  logits2 = apply(v, x2)
   np.testing.assert_allclose(logits2[:, :-1], logits[:, :-1], atol=1e-5)
   assert not np.allclose(logits2[:, -1], logits[:, -1])
   loss_fn = fs.models.sequence_loss(lambda p, xx, k: m.apply(p, xx, train=True,
