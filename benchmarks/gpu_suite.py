@@ -18,6 +18,8 @@ fails or runs out of time is recorded with its error and the suite goes on. Step
   cnn           EMNIST-CNN, cohort 1000: chunk sweep 20, 50, 150, the automatic choice (0) and
                 the measured one (-1, chunk_size="auto"); the summary gives auto / best fixed
   stackoverflow FedJAX's Stack Overflow LSTM next-word model, cohort 50
+  stackoverflow_transformer  pfl-research's Stack Overflow transformer
+                (``fs.zoo.StackOverflowTransformer``), pfl's cohort 400 and batch 16
   shakespeare   FedJAX/TFF's Shakespeare character LSTM, cohort 10
   precision     whether ``precision=`` exists on this checkout (f32/bf16 rows when the harness
                 gains a flag for it; recorded as absent otherwise)
@@ -68,7 +70,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PFL_SCRIPT = os.path.join(ROOT, "benchmarks", "peers", "pfl_fedavg.py")
 STEPS = ("env", "peaks", "cifar", "pfl", "pfl_nproc", "cifar_after", "cnn", "stackoverflow",
-         "shakespeare", "precision", "population", "dense")
+         "stackoverflow_transformer", "shakespeare", "precision", "population", "dense")
 #: pfl worker processes per GPU for the ``pfl_nproc`` step (pfl's docs: 1-5 per GPU is best).
 PFL_NPROC = 4
 #: How to make the pfl steps runnable (named in their error rows).
@@ -181,13 +183,17 @@ def plan(dry_run: bool, pfl_python: str) -> dict[str, dict]:
                         "--rounds", "2", "--no-sequential"],
         "stackoverflow": ["--workloads", "stackoverflow", "--num-clients", "2", "--cohorts", "1",
                           "--target-seconds", "0.1", "--no-sequential"],
+        "stackoverflow_transformer": ["--workloads", "stackoverflow-transformer",
+                                      "--num-clients", "2", "--cohorts", "1",
+                                      "--target-seconds", "0.1", "--no-sequential"],
         "shakespeare": ["--workloads", "shakespeare", "--num-clients", "3", "--cohorts", "2",
                         "--target-seconds", "0.1", "--no-sequential"],
         "peaks": ["256"],
     }
     sizes["cnn"] += ["--chunk-sizes", "0", "-1", "1", "3"]
     boxes = {"env": 60, "peaks": 60, "cifar": 240, "pfl": 120, "pfl_nproc": 120,
-             "cifar_after": 240, "cnn": 300, "stackoverflow": 300, "shakespeare": 240,
+             "cifar_after": 240, "cnn": 300, "stackoverflow": 300,
+             "stackoverflow_transformer": 300, "shakespeare": 240,
              "precision": 60, "population": 120, "dense": 120}
     nproc = 2
   else:
@@ -202,6 +208,9 @@ def plan(dry_run: bool, pfl_python: str) -> dict[str, dict]:
                         "--no-sequential"],
         "stackoverflow": ["--workloads", "stackoverflow", "--cohorts", "50",
                           "--target-seconds", "8", "--seq-rounds", "1"],
+        "stackoverflow_transformer": ["--workloads", "stackoverflow-transformer",
+                                      "--cohorts", "400", "--target-seconds", "8",
+                                      "--seq-rounds", "1"],
         "shakespeare": ["--workloads", "shakespeare", "--cohorts", "10",
                         "--target-seconds", "6", "--seq-rounds", "1"],
         "peaks": ["8192"],
@@ -212,12 +221,13 @@ def plan(dry_run: bool, pfl_python: str) -> dict[str, dict]:
     # Time boxes; the whole suite is held to --budget-seconds (<= 9 min): a step's box is cut
     # to what is left, the last steps are skipped when it is spent.
     boxes = {"env": 30, "peaks": 30, "cifar": 80, "pfl": 55, "pfl_nproc": 60, "cifar_after": 45,
-             "cnn": 90, "stackoverflow": 60, "shakespeare": 45, "precision": 20,
+             "cnn": 90, "stackoverflow": 60, "stackoverflow_transformer": 60, "shakespeare": 45,
+             "precision": 20,
              "population": 50, "dense": 50}
     nproc = PFL_NPROC
   steps = {"env": {"cmd": [sys.executable, "-c", ENV_CODE], "kind": "env"}}
-  for name in ("cifar", "cifar_after", "cnn", "stackoverflow", "shakespeare", "population",
-               "dense"):
+  for name in ("cifar", "cifar_after", "cnn", "stackoverflow", "stackoverflow_transformer",
+               "shakespeare", "population", "dense"):
     steps[name] = {"cmd": run + sizes[name], "kind": "run"}
   steps["pfl"] = {"cmd": [pfl_python, PFL_SCRIPT] + sizes["pfl"], "kind": "pfl"}
   # pfl's recommended multi-process mode: N worker processes sharing the GPU

@@ -60,14 +60,18 @@ class Peer:
   lm_script: str | None = None
 
 
-LM_MODELS = ("stackoverflow", "shakespeare")
+LM_MODELS = ("stackoverflow", "shakespeare", "stackoverflow-transformer")
+#: the language models each LM script runs (pfl's benchmarks define a Stack Overflow transformer)
+LM_SCRIPT_MODELS = {"fedjax_lm.py": ("stackoverflow", "shakespeare"),
+                    "pfl_lm.py": ("stackoverflow-transformer",)}
 
 PEERS = {
-    "fedjax": Peer("fedjax", "fedjax_fedavg.py", ("logistic", "dense", "cnn", *LM_MODELS),
+    "fedjax": Peer("fedjax", "fedjax_fedavg.py",
+                   ("logistic", "dense", "cnn", *LM_SCRIPT_MODELS["fedjax_lm.py"]),
                    (("backend=jit", ("--backend", "jit")),), lm_script="fedjax_lm.py"),
     "pfl": Peer("pfl", "pfl_fedavg.py", None,
                 (("torch_threads=1", ("--torch-threads", "1")),
-                 ("torch_threads=2", ("--torch-threads", "2")))),
+                 ("torch_threads=2", ("--torch-threads", "2"))), lm_script="pfl_lm.py"),
     "flwr": Peer("flwr", "flwr_fedavg.py", ("logistic", "dense", "cnn", "cifar"),
                  (("num_cpus=1", ("--num_cpus", "1")), ("num_cpus=2", ("--num_cpus", "2")))),
 }
@@ -93,7 +97,8 @@ def venv_python(args, peer: str) -> str:
 
 def script_path(args, peer: Peer, model: str | None = None) -> str:
   """The peer's script (its language-model script for ``stackoverflow``/``shakespeare``)."""
-  if model in LM_MODELS and peer.lm_script and not (args.peer_scripts or {}).get(peer.name):
+  if (peer.lm_script and model in LM_SCRIPT_MODELS[peer.lm_script]
+      and not (args.peer_scripts or {}).get(peer.name)):
     return os.path.join(PEERS_DIR, peer.lm_script)
   return (args.peer_scripts or {}).get(peer.name) or os.path.join(PEERS_DIR, peer.script)
 
@@ -120,9 +125,10 @@ def peer_models(args, peer: Peer) -> tuple[str, ...]:
                     f"{venv_python(args, peer.name)} ({res.stderr.strip()[-800:]}); rebuild "
                     f"the venv: `FORCE=1 PEER_VENVS={args.peer_venvs} {SETUP} {peer.name}`")
   MODEL_FLAG[peer.name] = "--model" in res.stdout
+  lm = LM_SCRIPT_MODELS[peer.lm_script] if peer.lm_script else ()
   if not MODEL_FLAG[peer.name]:
-    return ("cifar",)
-  return tuple(m for m in ("logistic", "dense", "cnn", "cifar") if m in res.stdout)
+    return ("cifar", *lm)
+  return (*(m for m in ("logistic", "dense", "cnn", "cifar") if m in res.stdout), *lm)
 
 
 def peer_argv(args, peer: Peer, model: str, cohort: int, num_clients: int,

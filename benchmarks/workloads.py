@@ -126,6 +126,12 @@ WORKLOADS = {
     # the population); batch 16 and cohort 50 as Reddi et al. 2021.
     "stackoverflow": Workload(stackoverflow_shaped, fs.zoo.StackOverflowLSTM, 16, (10, 50),
                               (50,), dense_flops=False, loss="sequence"),
+    # pfl-research's Stack Overflow transformer (fs.zoo.StackOverflowTransformer, 1,962,912
+    # parameters; apple/pfl-research benchmarks/lm/configs/baseline.yaml) on the same 20-token
+    # sentences; pfl's local batch 16 and cohort 400 (50 as the smaller row).
+    "stackoverflow-transformer": Workload(stackoverflow_shaped, fs.zoo.StackOverflowTransformer,
+                                          16, (50, 400), (400,), train_kwargs={"train": True},
+                                          dense_flops=False, loss="sequence"),
     # FedJAX/TFF's Shakespeare character LSTM (fs.zoo.ShakespeareLSTM, 820,522 parameters) on
     # 80-character snippets, its 715 clients; batch 4 and cohort 10 as Reddi et al. 2021.
     "shakespeare": Workload(shakespeare_shaped, fs.zoo.ShakespeareLSTM, 4, (10, 50), (10,),

@@ -417,6 +417,73 @@ class ShakespeareLSTM(nn.Module):
       h = jnp.tanh(nn.RNN(nn.OptimizedLSTMCell(self.hidden))(h))
     return nn.Dense(self.vocab_size + 4)(h)
 
+def _uniform_005(key, shape, dtype=jnp.float32):
+  """pfl's embedding init: uniform on [-0.05, 0.05]."""
+  return jax.random.uniform(key, shape, dtype, -0.05, 0.05)
+
+
+class StackOverflowTransformer(nn.Module):
+  """pfl-research's Stack Overflow next-word transformer (``LMTransformer``), layer for layer.
+
+  Source: apple/pfl-research ``benchmarks/model/pytorch/transformer.py`` (``lm_transformer``),
+  ``benchmarks/model/pytorch/layer.py`` (``PositionalEncoding``, a fixed sinusoidal table) and
+  the config ``benchmarks/lm/configs/baseline.yaml``: embedding 96 = hidden 96 (so no input/output
+  projections), 8 heads, 3 post-norm ``torch.nn.TransformerEncoderLayer`` blocks (ReLU
+  feed-forward of 1536, LayerNorm eps 1e-5, dropout 0.1), causal mask, embeddings scaled by
+  ``sqrt(96)`` plus the sinusoidal table, and logits tied to the embedding (no output bias).
+  The pfl recipe: cohort 400, 1 local epoch, local batch 16, local SGD lr 0.3, central Adam
+  lr 0.1 (eps 0.01, betas 0.9/0.99, 50 warm-up iterations), 2000 rounds, at most 64 sentences
+  per user. The model follows Wang et al., "A Field Guide to Federated Optimization" (2021).
+
+  ``vocab_size`` is the full id range including special ids (pad id 0, as
+  :func:`fedjax_sim.models.sequence_loss` expects). Parameters:
+  ``vocab_size * 96 + 3 * (4 * 96**2 + 4 * 96 + 2 * 96 * 1536 + 1536 + 96 + 4 * 96)``
+  = ``vocab_size * 96 + 1,002,528``; 1,962,912 at ``vocab_size = 10,004``, equal to the
+  torch model's count measured in /work/venvs/pfl (torch 2.13, ``nn.Embedding(10004, 96)`` +
+  ``nn.TransformerEncoder(nn.TransformerEncoderLayer(96, 8, 1536, 0.1), 3)``).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, fedjax_sim as fs
+    >>> m = fs.zoo.StackOverflowTransformer(vocab_size=50, embed_dim=8, num_heads=2, ff_dim=16)
+    >>> v = m.init(jax.random.key(0), jnp.ones((2, 20), jnp.int32))
+    >>> m.apply(v, jnp.ones((2, 20), jnp.int32)).shape
+    (2, 20, 50)
+  """
+
+  vocab_size: int = 10004
+  embed_dim: int = 96
+  num_heads: int = 8
+  ff_dim: int = 1536
+  num_layers: int = 3
+  dropout: float = 0.1
+  max_len: int = 20
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    d = self.embed_dim
+    embed = nn.Embed(self.vocab_size, d, embedding_init=_uniform_005)
+    t = x.shape[-1]
+    if t > self.max_len:
+      raise ValueError(f"StackOverflowTransformer: sequence length {t} exceeds max_len="
+                       f"{self.max_len}; pass a larger max_len.")
+    pos = jnp.arange(self.max_len)[:, None]
+    i = jnp.arange(d)[None, :]
+    angle = pos / jnp.power(10000.0, (2 * (i // 2)) / d)
+    pe = jnp.where(i % 2 == 0, jnp.sin(angle), jnp.cos(angle))
+    h = embed(x) * jnp.sqrt(jnp.float32(d)) + pe[:t]
+    mask = nn.make_causal_mask(x)
+    det = not train
+    for _ in range(self.num_layers):
+      a = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=d,
+                                          dropout_rate=self.dropout,
+                                          deterministic=det)(h, h, mask=mask)
+      h = nn.LayerNorm(epsilon=1e-5)(h + nn.Dropout(self.dropout, deterministic=det)(a))
+      f = nn.Dense(d)(nn.Dropout(self.dropout, deterministic=det)(
+          nn.relu(nn.Dense(self.ff_dim)(h))))
+      h = nn.LayerNorm(epsilon=1e-5)(h + nn.Dropout(self.dropout, deterministic=det)(f))
+    return embed.attend(h)
+
+
 class DenseAutoencoder(nn.Module):
   """Dense autoencoder: encoder ``hidden``, mirrored decoder; reconstructs the flattened input."""
 

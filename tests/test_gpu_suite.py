@@ -74,6 +74,8 @@ def test_gpu_plan_has_the_issue_sizes_and_every_command_parses():
   assert parsed["cnn"].chunk_sizes == [0, -1, 20, 50, 150]
   assert parsed["stackoverflow"].workloads == ["stackoverflow"]
   assert parsed["shakespeare"].workloads == ["shakespeare"]
+  assert parsed["stackoverflow_transformer"].workloads == ["stackoverflow-transformer"]
+  assert parsed["stackoverflow_transformer"].cohorts == [400]
   assert parsed["cifar_after"].workloads == ["cifar"]
   nproc = steps["pfl_nproc"]["cmd"]
   assert nproc[1:3] == ["-m", "torch.distributed.run"]
@@ -133,12 +135,12 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
   assert set(status) == set(gpu_suite.STEPS)
   for step in ("pfl", "pfl_nproc"):  # a peer that cannot start: an error row, no ratio
     assert status[step]["status"] == "skipped" and "pfl not installed" in status[step]["error"]
-  for step in ("env", "peaks", "cifar", "cifar_after", "cnn", "stackoverflow", "shakespeare",
-               "precision", "population", "dense"):
+  for step in ("env", "peaks", "cifar", "cifar_after", "cnn", "stackoverflow",
+               "stackoverflow_transformer", "shakespeare", "precision", "population", "dense"):
     assert status[step]["status"] == "ok", status[step]
   figures = {r["step"]: r for r in rows if r.get("engine") == "fedjax_sim"}
-  assert set(figures) == {"cifar", "cifar_after", "cnn", "stackoverflow", "shakespeare",
-                          "population", "dense"}
+  assert set(figures) == {"cifar", "cifar_after", "cnn", "stackoverflow",
+                          "stackoverflow_transformer", "shakespeare", "population", "dense"}
   assert {r["precision"] for r in rows if r.get("engine") == "gemm_peak"} == {
       "f32", "tf32_default", "bf16"}
   assert figures["cifar"]["rounds"] == 2 and figures["cifar"]["params"] == 1_626_442
@@ -146,7 +148,7 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
   for step, r in figures.items():
     assert np.isfinite(r["client_updates_per_s"]) and r["client_updates_per_s"] > 0
     # cifar_after repeats cifar and the LM rows skip the sequential loop (time budget).
-    if step not in ("cifar_after", "stackoverflow", "shakespeare"):
+    if step not in ("cifar_after", "stackoverflow", "stackoverflow_transformer", "shakespeare"):
       assert r["speedup_vs_sequential"] > 0
   env = [r for r in rows if r["step"] == "env" and "kind" not in r]
   assert env and env[0]["jax_backend"] == "cpu"

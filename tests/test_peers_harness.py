@@ -149,3 +149,17 @@ def test_lm_workloads_run_fedjax_own_models_and_a_missing_venv_names_the_setup(t
   assert side_by_side.script_path(args, peer, "cnn").endswith("peers/fedjax_fedavg.py")
   with pytest.raises(side_by_side.PeerError, match="setup.sh fedjax"):
     side_by_side.check_peer(args, peer)
+
+
+def test_pfl_runs_its_stackoverflow_transformer_through_pfl_lm(tmp_path):
+  args = run.parse_args(["--peers", "pfl", "--workloads", "stackoverflow-transformer",
+                         "--peer-venvs", str(tmp_path)])
+  pfl, fedjax = side_by_side.PEERS["pfl"], side_by_side.PEERS["fedjax"]
+  assert side_by_side.script_path(args, pfl, "stackoverflow-transformer").endswith(
+      "peers/pfl_lm.py")
+  assert side_by_side.script_path(args, pfl, "cifar").endswith("peers/pfl_fedavg.py")
+  assert "stackoverflow-transformer" not in fedjax.models  # FedJAX has no such model
+  argv = side_by_side.peer_argv(args, pfl, "stackoverflow-transformer", 400, 3400, ())
+  assert argv[argv.index("--batch-size") + 1] == "16" and argv[1].endswith("pfl_lm.py")
+  with pytest.raises(side_by_side.PeerError, match="setup.sh pfl"):
+    side_by_side.check_peer(args, pfl)
