@@ -25,15 +25,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/peers/common.py: numpy-only data, as benchmarks.run's)
+import pfl_common  # noqa: E402  (what both pfl peers share)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,112 +104,17 @@ def simple_cnn(torch, input_shape=(32, 32, 3), num_outputs=10):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  os.environ["PFL_PYTORCH_DEVICE"] = args.device  # pfl reads it when it places models and data
-  try:
-    import torch
-  except ImportError as e:
-    raise SystemExit(f"pfl peer: torch is not installed in {sys.executable} ({e}); build the pfl "
-                     "virtualenv: python3 -m venv V && V/bin/pip install pfl torch") from e
-  try:
-    from pfl.aggregate.simulate import SimulatedBackend
-    from pfl.aggregate.weighting import WeightByUser
-    from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
-    from pfl.callback.base import TrainingProcessCallback
-    from pfl.data.dataset import Dataset
-    from pfl.data.federated_dataset import FederatedDataset
-    from pfl.data.sampling import get_user_sampler
-    from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams
-    from pfl.metrics import Metrics
-    from pfl.model.pytorch import PyTorchModel
-  except ImportError as e:
-    raise SystemExit(f"pfl peer: pfl is not installed in {sys.executable} ({e}); build the pfl "
-                     "virtualenv: python3 -m venv V && V/bin/pip install pfl torch") from e
-  if args.device == "cuda" and not torch.cuda.is_available():
-    raise SystemExit("pfl peer: --device cuda but torch sees no CUDA device "
-                     f"(torch {torch.__version__}); use --device cpu")
-  if args.torch_threads:
-    torch.set_num_threads(args.torch_threads)
-  torch.manual_seed(args.seed)
-  np.random.seed(args.seed)  # noqa: NPY002 (pfl's samplers draw from the global numpy RNG)
-  device = torch.device(args.device)
-
+  torch, device = pfl_common.start(args)
   x, y, _ = common.cifar_shaped(args.num_clients, args.per_client, args.seed)
   xt = torch.from_numpy(x).to(device)
   yt = torch.from_numpy(y.astype(np.int64)).to(device)
   per = args.per_client
   users = {u: (xt[u * per:(u + 1) * per], yt[u * per:(u + 1) * per])
            for u in range(args.num_clients)}
-  train = FederatedDataset(lambda u: Dataset(raw_data=list(users[u]), user_id=u),
-                           get_user_sampler("random", list(range(args.num_clients))))
+  train = pfl_common.federated(users)
 
   net = simple_cnn(torch)
-  num_params = sum(p.numel() for p in net.parameters())
-  model = PyTorchModel(model=net, local_optimizer_create=torch.optim.SGD,
-                       central_optimizer=torch.optim.SGD(list(net.parameters()), args.server_lr))
-  backend = SimulatedBackend(training_data=train, val_data=None, postprocessors=[WeightByUser()])
-
-  total_rounds = args.warmup_rounds + args.rounds
-  sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-
-  class Timer(TrainingProcessCallback):
-    """Starts the clock after the warm-up rounds; stops training after ``--max-seconds``."""
-
-    def __init__(self):
-      self.start = self.end = None
-      self.timed = 0
-
-    def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
-      sync()
-      now = time.perf_counter()
-      done = central_iteration + 1
-      if done == args.warmup_rounds:
-        self.start = now
-      elif done > args.warmup_rounds:
-        self.end, self.timed = now, done - args.warmup_rounds
-      over = (self.start is not None and self.timed > 0 and args.max_seconds > 0
-              and now - self.start >= args.max_seconds)
-      return over, Metrics()
-
-  timer = Timer()
-  t0 = time.perf_counter()
-  FederatedAveraging().run(
-      algorithm_params=NNAlgorithmParams(central_num_iterations=total_rounds,
-                                         evaluation_frequency=total_rounds + 1,
-                                         train_cohort_size=args.cohort, val_cohort_size=0),
-      backend=backend, model=model,
-      model_train_params=NNTrainHyperParams(local_learning_rate=args.client_lr,
-                                            local_num_epochs=1,
-                                            local_batch_size=args.batch_size),
-      model_eval_params=NNEvalHyperParams(local_batch_size=args.batch_size),
-      callbacks=[timer], send_metrics_to_platform=False)
-  wall = time.perf_counter() - t0
-  if timer.timed < 1:
-    raise SystemExit("pfl peer: no timed round completed")
-  seconds = timer.end - timer.start
-  flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in net.parameters()])
-  row = {
-      "engine": "pfl", "pfl": _version("pfl"), "torch": torch.__version__,
-      "device": args.device, "device_name": (torch.cuda.get_device_name() if
-                                             args.device == "cuda" else "cpu"),
-      "torch_threads": torch.get_num_threads(), "model": "cifar", "cohort": args.cohort,
-      "num_clients": args.num_clients, "batch_size": args.batch_size, "params": num_params,
-      "rounds": timer.timed, "warmup_rounds": args.warmup_rounds, "seconds": seconds,
-      "rounds_per_s": timer.timed / seconds,
-      "client_updates_per_s": timer.timed * args.cohort / seconds,
-      "warmup_plus_timed_wall_s": wall,
-      "param_checksum": float(flat.sum()), "params_finite": bool(torch.isfinite(flat).all()),
-      "load_avg_1min": os.getloadavg()[0], "time": time.time(),
-  }
-  print(json.dumps(row), flush=True)
-  return row
-
-
-def _version(dist: str) -> str:
-  from importlib.metadata import PackageNotFoundError, version
-  try:
-    return version(dist)
-  except PackageNotFoundError:
-    return "unknown"
+  return pfl_common.train_and_time(args, torch, net, train, "cifar")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""What both pfl peers share (``pfl_fedavg.py``: CIFAR-10, ``pfl_lm.py``: the Stack Overflow
+transformer): importing torch and pfl with a clear error, the per-user ``FederatedDataset``, and
+one timed run of pfl's ``FederatedAveraging`` whose JSON row ``benchmarks/side_by_side.py`` reads.
+
+Runs in the pfl virtualenv (``bash benchmarks/peers/setup.sh pfl``); only pfl's public API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+SETUP = "build the pfl virtualenv: bash benchmarks/peers/setup.sh pfl"
+
+
+def start(args):
+  """Imports torch (placing pfl on ``args.device``), sets threads and seeds.
+
+  Returns:
+    ``(torch, device)``.
+  """
+  os.environ["PFL_PYTORCH_DEVICE"] = args.device  # pfl reads it when it places models and data
+  try:
+    import pfl.model.pytorch  # noqa: F401
+    import torch
+  except ImportError as e:
+    raise SystemExit(f"pfl peer: torch or pfl is not installed in {sys.executable} ({e}); "
+                     f"{SETUP}") from e
+  if args.device == "cuda" and not torch.cuda.is_available():
+    raise SystemExit("pfl peer: --device cuda but torch sees no CUDA device "
+                     f"(torch {torch.__version__}); use --device cpu")
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
+  torch.manual_seed(args.seed)
+  np.random.seed(args.seed)  # noqa: NPY002 (pfl's samplers draw from the global numpy RNG)
+  return torch, torch.device(args.device)
+
+
+def federated(users: dict):
+  """pfl's in-memory ``FederatedDataset`` of ``users[u] = (inputs, targets)``, users sampled at
+  random.
+
+  Returns:
+    the ``FederatedDataset``.
+  """
+  from pfl.data.dataset import Dataset
+  from pfl.data.federated_dataset import FederatedDataset
+  from pfl.data.sampling import get_user_sampler
+
+  return FederatedDataset(lambda u: Dataset(raw_data=list(users[u]), user_id=u),
+                          get_user_sampler("random", list(users)))
+
+
+def train_and_time(args, torch, net, train, model_name: str) -> dict:
+  """Runs pfl's FedAvg (central SGD ``args.server_lr``, local SGD ``args.client_lr``, 1 local
+  epoch, batch ``args.batch_size``, ``WeightByUser``, no evaluation): ``args.warmup_rounds``
+  untimed, then up to ``args.rounds`` timed (stopped after ``args.max_seconds`` by a callback).
+  Prints the row as one JSON line.
+
+  Returns:
+    the row.
+  """
+  from pfl.aggregate.simulate import SimulatedBackend
+  from pfl.aggregate.weighting import WeightByUser
+  from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
+  from pfl.callback.base import TrainingProcessCallback
+  from pfl.hyperparam import NNEvalHyperParams, NNTrainHyperParams
+  from pfl.metrics import Metrics
+  from pfl.model.pytorch import PyTorchModel
+
+  num_params = sum(p.numel() for p in net.parameters())
+  model = PyTorchModel(model=net, local_optimizer_create=torch.optim.SGD,
+                       central_optimizer=torch.optim.SGD(list(net.parameters()), args.server_lr))
+  backend = SimulatedBackend(training_data=train, val_data=None, postprocessors=[WeightByUser()])
+  total_rounds = args.warmup_rounds + args.rounds
+  sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+
+  class Timer(TrainingProcessCallback):
+    """Starts the clock after the warm-up rounds; stops training after ``--max-seconds``."""
+
+    def __init__(self):
+      self.start = self.end = None
+      self.timed = 0
+
+    def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
+      sync()
+      now = time.perf_counter()
+      done = central_iteration + 1
+      if done == args.warmup_rounds:
+        self.start = now
+      elif done > args.warmup_rounds:
+        self.end, self.timed = now, done - args.warmup_rounds
+      over = (self.start is not None and self.timed > 0 and args.max_seconds > 0
+              and now - self.start >= args.max_seconds)
+      return over, Metrics()
+
+  timer = Timer()
+  t0 = time.perf_counter()
+  FederatedAveraging().run(
+      algorithm_params=NNAlgorithmParams(central_num_iterations=total_rounds,
+                                         evaluation_frequency=total_rounds + 1,
+                                         train_cohort_size=args.cohort, val_cohort_size=0),
+      backend=backend, model=model,
+      model_train_params=NNTrainHyperParams(local_learning_rate=args.client_lr,
+                                            local_num_epochs=1,
+                                            local_batch_size=args.batch_size),
+      model_eval_params=NNEvalHyperParams(local_batch_size=args.batch_size),
+      callbacks=[timer], send_metrics_to_platform=False)
+  wall = time.perf_counter() - t0
+  if timer.timed < 1:
+    raise SystemExit("pfl peer: no timed round completed")
+  seconds = timer.end - timer.start
+  flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in net.parameters()])
+  row = {
+      "engine": "pfl", "pfl": _version("pfl"), "torch": torch.__version__,
+      "device": args.device, "device_name": (torch.cuda.get_device_name() if
+                                             args.device == "cuda" else "cpu"),
+      "torch_threads": torch.get_num_threads(), "model": model_name, "cohort": args.cohort,
+      "num_clients": args.num_clients, "batch_size": args.batch_size, "params": num_params,
+      "rounds": timer.timed, "warmup_rounds": args.warmup_rounds, "seconds": seconds,
+      "rounds_per_s": timer.timed / seconds,
+      "client_updates_per_s": timer.timed * args.cohort / seconds,
+      "warmup_plus_timed_wall_s": wall,
+      "param_checksum": float(flat.sum()), "params_finite": bool(torch.isfinite(flat).all()),
+      "load_avg_1min": os.getloadavg()[0], "time": time.time(),
+  }
+  print(json.dumps(row), flush=True)
+  return row
+
+
+def _version(dist: str) -> str:
+  from importlib.metadata import PackageNotFoundError, version
+  try:
+    return version(dist)
+  except PackageNotFoundError:
+    return "unknown"
