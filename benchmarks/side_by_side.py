@@ -258,8 +258,8 @@ def markdown(summaries: list[dict]) -> str:
            "(setting) | settings tried | ratio of means (per repeat) | load avg |",
            "|---|---|---|---|---|---|---|---|"]
   for s in summaries:
-    ours = _rng(s["fedjax_sim_client_updates_per_s"]) if s["fedjax_sim_client_updates_per_s"] \
-        else "failed"
+    ours = (_rng(s["fedjax_sim_client_updates_per_s"], "{:.3g}")
+            if s["fedjax_sim_client_updates_per_s"] else "failed")
     if "ratio_of_means" in s:
       peer = f"{_rng(s['peer_client_updates_per_s'], '{:.3g}')} ({s['best_setting']})"
       ratio = (f"**{s['ratio_of_means']:.2f}×** "
