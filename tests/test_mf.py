@@ -386,3 +386,26 @@ def test_participation_cap_bad_input_before_compiling():
     sim.run(sim.init({"w": jnp.zeros(DIM)}, jax.random.key(0)), num_rounds=7, progress=False)
   with pytest.raises(ValueError, match="num_rounds=7 exceeds the sampler's num_rounds=6"):
     fs.privacy.epsilon(sampler, 32, 1.0, 7, 1e-5)
+
+
+def test_cli_privacy_max_participations(capsys):
+  """`fedjax-sim privacy --max-participations K` prints the capped schedule's library ε (BandMF
+  and the tree), and refuses a cap that cannot fill the rounds, naming the flag."""
+  import re
+
+  from fedjax_sim import cli
+
+  args = ["privacy", "--num-clients", "1000", "--q", "0.5", "--min-separation", "4",
+          "--rounds", "40", "--noise-multiplier", "2.0", "--max-participations", "3"]
+  sampler = fs.sampling.cyclic_poisson(0.5, 4, 1000, max_participations=3, num_rounds=40)
+  for extra, kwargs in ((["--bands", "4"], {"num_bands": 4}),
+                        (["--tree"], {"strategy_gram": fs.aggregators.tree_gram})):
+    assert cli.main(args + extra) == 0
+    out = capsys.readouterr().out
+    assert "at most 3 participations per client" in out
+    got = float(re.search(r"RDP: epsilon = ([0-9.]+)", out).group(1))
+    assert got == pytest.approx(fs.privacy.epsilon(sampler, 1000, 2.0, 40, 1e-5, **kwargs),
+                                abs=1e-4)
+  assert cli.main(["privacy", "--num-clients", "10", "--q", "1.0", "--rounds", "100",
+                   "--noise-multiplier", "1", "--max-participations", "2"]) == 2
+  assert "--max-participations=2 cannot fill" in capsys.readouterr().err
