@@ -352,6 +352,7 @@ RESUMABLE = ("run.rounds", "run.eval_every", "run.checkpoint_every", "run.progre
 def _check_resume(out: str, settings: dict) -> None:
   """Refuses ``--resume`` with a config that differs from the run's own (``config.json``) in a
   key a resume cannot honour, naming each changed key with both values."""
+  import dataclasses
   import json
   import os
 
@@ -376,7 +377,12 @@ def _check_resume(out: str, settings: dict) -> None:
       out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
-  was, now = flat(old), flat(settings)
+  # A key the run's config.json lacks was added to fedjax-sim after that run started (e.g.
+  # privacy.mechanism): the run used its default, so compare against the default.
+  from fedjax_sim.config import Config
+
+  was = {**flat(dataclasses.asdict(Config())), **flat(old)}
+  now = flat(settings)
   changed = [k for k in sorted(set(was) | set(now))
              if k not in RESUMABLE and was.get(k) != now.get(k)]
   if changed:

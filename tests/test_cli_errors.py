@@ -233,3 +233,23 @@ def test_demo_refuses_another_runs_directory_and_keeps_its_log(capsys, tmp_path,
   one_line_error(capsys, ["demo", "--rounds", "2", "--eval-every", "2", "--out", str(out)],
                  "fedjax-sim demo: ", "holds the log of another run")
   assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_resume_accepts_a_run_recorded_before_newer_config_keys(tmp_path):
+  """A run whose config.json predates a key (privacy.mechanism, privacy.bands,
+  sampler.min_separation) ran with that key's default: --resume with the default is accepted,
+  with another value it is refused, naming the key."""
+  import dataclasses
+
+  from fedjax_sim import config as cfglib
+
+  settings = dataclasses.asdict(cfglib.Config())
+  old = json.loads(json.dumps(settings))
+  for section, key in (("privacy", "mechanism"), ("privacy", "bands"),
+                       ("sampler", "min_separation")):
+    del old[section][key]
+  (tmp_path / "config.json").write_text(json.dumps({"settings": old}))
+  cli._check_resume(str(tmp_path), settings)  # the defaults: accepted
+  settings["privacy"]["mechanism"] = "band_mf"
+  with pytest.raises(cfglib.ConfigError, match="privacy.mechanism: .gaussian."):
+    cli._check_resume(str(tmp_path), settings)

@@ -14,6 +14,13 @@ import contextlib
 import dataclasses
 import io
 import os
+import sys
+
+#: The checkout's root: the hooks import ``fedjax_sim`` from it (put first on sys.path in
+#: :func:`on_config`; mkdocs restores sys.path after loading this file), so ``mkdocs build`` (the
+#: script, whose sys.path lacks the working directory) documents this checkout's code even where
+#: the package is not installed, or is installed from another checkout.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PENDING = ("benchmarks.md", "runs.md", "finetuning.md", "migration.md")
 #: Figures kept beside the code that wrote them, published under ``img/`` on the site.
@@ -76,6 +83,8 @@ def cli_reference() -> str:
 
 
 def on_config(config, **kwargs):
+  if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
   docs = config["docs_dir"]
 
   def keep(item):

@@ -17,6 +17,47 @@ import numpy as np
 SETUP = "build the pfl virtualenv: bash benchmarks/peers/setup.sh pfl"
 
 
+def parse_args(description: str, argv=None, *, cohort: int, num_clients: int, batch_size: int,
+               extra=None):
+  """The flags both peers take (device, threads, rounds, warm-up, time limit, cohort, clients,
+  batch, learning rates, seed), plus ``extra(ap)``'s, checked: a bad value is an argparse error
+  naming the flag.
+
+  Returns:
+    the parsed ``argparse.Namespace``.
+  """
+  import argparse
+
+  ap = argparse.ArgumentParser(description=description)
+  ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+  ap.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
+  ap.add_argument("--rounds", type=int, default=20, help="timed rounds (at most)")
+  ap.add_argument("--warmup-rounds", type=int, default=2)
+  ap.add_argument("--max-seconds", type=float, default=0.0,
+                  help="stop the timed block after this many seconds (0: no limit)")
+  ap.add_argument("--cohort", type=int, default=cohort)
+  ap.add_argument("--num-clients", type=int, default=num_clients)
+  ap.add_argument("--batch-size", type=int, default=batch_size)
+  ap.add_argument("--client-lr", type=float, default=0.1)
+  ap.add_argument("--server-lr", type=float, default=1.0)
+  ap.add_argument("--seed", type=int, default=0)
+  positive = ["rounds", "cohort", "num_clients", "batch_size"]
+  if extra is not None:
+    positive += extra(ap)
+  args = ap.parse_args(argv)
+  for name in positive:
+    if getattr(args, name) < 1:
+      ap.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+  if args.warmup_rounds < 1:
+    ap.error(f"--warmup-rounds must be >= 1 (compile/allocate outside the timed block); got "
+             f"{args.warmup_rounds}")
+  if args.cohort > args.num_clients:
+    ap.error(f"--cohort {args.cohort} exceeds --num-clients {args.num_clients}")
+  if args.torch_threads < 0:
+    ap.error(f"--torch-threads must be >= 0 (0: torch's default); got {args.torch_threads}")
+  return args
+
+
 def start(args):
   """Imports torch (placing pfl on ``args.device``), sets threads and seeds.
 

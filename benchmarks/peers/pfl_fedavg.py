@@ -24,7 +24,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -35,33 +34,18 @@ import common  # noqa: E402  (benchmarks/peers/common.py: numpy-only data, as be
 import pfl_common  # noqa: E402  (what both pfl peers share)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-  ap.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
-  ap.add_argument("--rounds", type=int, default=20, help="timed rounds (at most)")
-  ap.add_argument("--warmup-rounds", type=int, default=2)
-  ap.add_argument("--max-seconds", type=float, default=0.0,
-                  help="stop the timed block after this many seconds (0: no limit)")
-  ap.add_argument("--cohort", type=int, default=50)
-  ap.add_argument("--num-clients", type=int, default=1000)
-  ap.add_argument("--per-client", type=int, default=50)
-  ap.add_argument("--batch-size", type=int, default=10)
-  ap.add_argument("--client-lr", type=float, default=0.1)
-  ap.add_argument("--server-lr", type=float, default=1.0)
-  ap.add_argument("--seed", type=int, default=0)
-  args = ap.parse_args(argv)
-  for name in ("rounds", "cohort", "num_clients", "per_client", "batch_size"):
-    if getattr(args, name) < 1:
-      ap.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
-  if args.warmup_rounds < 1:
-    ap.error(f"--warmup-rounds must be >= 1 (compile/allocate outside the timed block); got "
-             f"{args.warmup_rounds}")
-  if args.cohort > args.num_clients:
-    ap.error(f"--cohort {args.cohort} exceeds --num-clients {args.num_clients}")
-  if args.torch_threads < 0:
-    ap.error(f"--torch-threads must be >= 0 (0: torch's default); got {args.torch_threads}")
-  return args
+def parse_args(argv=None):
+  """The flags (``pfl_common.parse_args``) and ``--per-client`` images per user.
+
+  Returns:
+    the parsed ``argparse.Namespace``.
+  """
+  def extra(ap):
+    ap.add_argument("--per-client", type=int, default=50)
+    return ["per_client"]
+
+  return pfl_common.parse_args(__doc__.split("\n")[0], argv, cohort=50, num_clients=1000,
+                               batch_size=10, extra=extra)
 
 
 def simple_cnn(torch, input_shape=(32, 32, 3), num_outputs=10):
