@@ -25,7 +25,8 @@ _FLAGS = {"num_clients": "--num-clients", "cohort_size": "--cohort-size", "alpha
           "shards_per_client": "--shards-per-client", "min_examples": "--min-examples",
           "noise_multiplier": "--noise-multiplier", "target_epsilon": "--target-epsilon",
           "max_cohort_size": "--max-cohort-size", "num_rounds": "--rounds", "delta": "--delta",
-          "batch_size": "--batch-size", "local_epochs": "--local-epochs", "clip": "--clip"}
+          "batch_size": "--batch-size", "local_epochs": "--local-epochs", "clip": "--clip",
+          "max_participations": "--max-participations"}
 
 
 def _as_flags(message: str) -> str:
@@ -182,7 +183,7 @@ def _privacy(args: argparse.Namespace) -> int:
   _check_flags(args, {"num_clients": "pos", "cohort_size": "pos", "q": "prob",
                       "max_cohort_size": "pos", "noise_multiplier": "nonneg",
                       "target_epsilon": "pos", "rounds": "pos", "delta": "open01",
-                      "min_separation": "pos", "bands": "pos"})
+                      "min_separation": "pos", "bands": "pos", "max_participations": "pos"})
   n = args.num_clients
   if (args.cohort_size is None) == (args.q is None):
     raise UsageError("pass exactly one of --cohort-size K (fixed-size) or --q Q (Poisson).")
@@ -194,10 +195,21 @@ def _privacy(args: argparse.Namespace) -> int:
   if args.min_separation is not None and args.cohort_size is not None:
     raise UsageError("--min-separation B samples with --q Q within one of B bins (cyclic Poisson); "
                      "it does not combine with --cohort-size.")
-  if args.min_separation is not None:
+  k = args.max_participations
+  if k is not None and args.cohort_size is not None:
+    raise UsageError("--max-participations K caps a cyclic Poisson schedule (--q Q, with or "
+                     "without --min-separation B); it does not combine with --cohort-size.")
+  if args.min_separation is not None or k is not None:
     cap = args.max_cohort_size or n
-    sampler = sampling.cyclic_poisson(args.q, args.min_separation, max_cohort_size=cap)
-    what = (f"cyclic Poisson q={args.q}, min-separation {args.min_separation} (add/remove-one)"
+    sep = args.min_separation or 1
+    try:
+      sampler = sampling.cyclic_poisson(args.q, sep, max_cohort_size=cap, max_participations=k,
+                                        num_rounds=None if k is None else args.rounds)
+      sampler.validate(n)  # a cap that cannot fill the rounds, empty bins
+    except ValueError as e:
+      raise UsageError(_as_flags(str(e))) from None
+    what = (f"cyclic Poisson q={args.q}, min-separation {sep} (add/remove-one)"
+            + (f", at most {k} participations per client" if k is not None else "")
             + (f", truncated at {cap}" if cap < n else ""))
   elif args.cohort_size is not None:
     sampler = sampling.uniform(args.cohort_size)
@@ -474,6 +486,10 @@ def main(argv: list[str] | None = None) -> int:
   priv.add_argument("--bands", type=int,
                     help="BandMF correlated noise with this many bands (needs --min-separation "
                          ">= bands); default 1 (independent noise, DP-FedAvg)")
+  priv.add_argument("--max-participations", type=int, metavar="K",
+                    help="at most K participations per client over --rounds (each client a "
+                         "random window of K of its cycles; with --q, and --min-separation or "
+                         "min-separation 1)")
   priv.add_argument("--tree", action="store_true",
                     help="DP-FTRL tree aggregation over --rounds rounds (Kairouz et al. 2021): one "
                          "Gaussian mechanism with the tree's sensitivity under the sampler's "

@@ -50,6 +50,10 @@ KEY_NOTES = {
     "data.path": "for `emnist_h5` / `shakespeare_h5` / `stackoverflow_nwp`: a TFF h5, FedJAX "
                  "SQLite or TFF SQLite file (detected from the file; of TFF SQLite the `train` "
                  "split); for `cifar10_pfl`: pfl-research's `cifar10_train.p` pickle",
+    "sampler.min_separation": "b: cyclic Poisson (with `sampler.q`; `q: 1.0` is balls-in-bins), "
+                              "each client at most once in any b rounds",
+    "sampler.max_participations": "k: each client joins at most k of the `run.rounds` rounds "
+                                  "(with `sampler.q`; docs/dp-ftrl.md)",
 }
 
 
@@ -108,6 +112,7 @@ class SamplerConfig:
   q: float | None = None
   max_cohort_size: int | None = None
   min_separation: int | None = None
+  max_participations: int | None = None
 
 
 @dataclasses.dataclass
@@ -390,6 +395,7 @@ RULES: dict[str, Rule] = {
         p, v, low=0, high=1, low_open=True), True)),
     "sampler.max_cohort_size": _optional(_COUNT),
     "sampler.min_separation": _optional(_COUNT),
+    "sampler.max_participations": _optional(_COUNT),
     "privacy.mechanism": _one_of(MECHANISMS),
     "privacy.bands": _COUNT,
     "run.rounds": _COUNT,
@@ -477,6 +483,10 @@ def _check_mechanism(cfg: Config) -> None:
     raise ConfigError("sampler.min_separation is cyclic Poisson sampling (each client in one of "
                       "b bins, a bin's clients joining with probability q): set sampler.q and "
                       "cohort_size: null.")
+  if sm.max_participations is not None and sm.q is None:
+    raise ConfigError("sampler.max_participations caps a cyclic Poisson schedule (sampler.q, "
+                      "with sampler.min_separation or without: min-separation 1): set sampler.q "
+                      "and cohort_size: null.")
   if p.mechanism == "gaussian":
     if p.bands != 1:
       raise ConfigError(f"privacy.bands={p.bands} needs privacy.mechanism: band_mf.")
@@ -624,8 +634,12 @@ def build(cfg: Config):
     sim = fs.Simulation(algo, pop, cohort_size=sm.cohort_size)
   else:
     cap = sm.max_cohort_size or pop.num_clients
-    sampler = (fs.sampling.poisson(sm.q, cap) if sm.min_separation is None
-               else fs.sampling.cyclic_poisson(sm.q, sm.min_separation, cap))
+    if sm.min_separation is None and sm.max_participations is None:
+      sampler = fs.sampling.poisson(sm.q, cap)
+    else:  # q: 1.0 is balls-in-bins; the cap covers run.rounds
+      sampler = fs.sampling.cyclic_poisson(
+          sm.q, sm.min_separation or 1, cap, max_participations=sm.max_participations,
+          num_rounds=None if sm.max_participations is None else cfg.run.rounds)
     sim = fs.Simulation(algo, pop, sampler=sampler)
   eval_data = test if test is not None else {k: np.asarray(v) for k, v in pop.features.items()}
   eval_fn = fs.evaluation.make_eval_fn(eval_loss, eval_data)

@@ -21,7 +21,10 @@ matches the sampling:
   (Choquette-Choo et al. 2023; the column-normalised banded strategy makes each of a client's
   ``ceil(T / b)`` participations a Poisson-subsampled Gaussian), add-or-remove-one adjacency. A
   mechanism with b > 1 bands under any other sampler, or under a cycle shorter than b, has no
-  valid accountant here and is refused.
+  valid accountant here and is refused. With a participation cap
+  (``cyclic_poisson(..., max_participations=k, num_rounds=T)``) a client is eligible in at most
+  k of its cycles, so the event is ``amplified_bandmf_event`` over ``min(T, k b)`` iterations
+  (``min(ceil(T / b), k)`` participations), and the tree's sensitivity takes k.
 
 All T rounds are composed at once (``SelfComposedDpEvent``), never one ``compose`` per round.
 
@@ -33,6 +36,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -93,13 +97,25 @@ def _check_sampler(sampler: Any, num_clients: int) -> None:
           "cannot account a PoissonSampler with per-client availability: clients then join with "
           "different probabilities, and the accountant needs one q. Use availability=None."
       )
-  elif not isinstance(sampler, CyclicPoissonSampler):
+  elif isinstance(sampler, CyclicPoissonSampler):
+    pass
+  else:
     raise TypeError(
         f"cannot account sampler {sampler!r}: pass fs.sampling.poisson(...), "
         "fs.sampling.uniform(K) or fs.sampling.cyclic_poisson(q, b, ...)."
     )
   if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
     raise ValueError(f"num_clients must be a positive int; got {num_clients!r}.")
+
+
+def _check_schedule_rounds(sampler: Any, num_rounds: int) -> None:
+  """Refuses to account a capped schedule past the rounds it covers (its windows wrap)."""
+  cover = getattr(sampler, "num_rounds", None)
+  if cover is not None and num_rounds > cover:
+    raise ValueError(
+        f"num_rounds={num_rounds} exceeds the sampler's num_rounds={cover}: the cap "
+        f"max_participations={sampler.max_participations} holds only over those rounds. Build "
+        f"the sampler with num_rounds >= {num_rounds}.")
 
 
 def _check_mechanism(sampler: Any, num_bands: int) -> None:
@@ -126,18 +142,23 @@ def tree_sensitivity(strategy_gram: Any, sampler: Any, num_rounds: int) -> float
 
   jax_privacy's ``get_min_sep_sensitivity_upper_bound_for_X`` (Choquette-Choo et al. 2023,
   Algorithm 4) under the sampler's participation schema: min-separation ``cycle_length`` and
-  ``ceil(T / b)`` participations for a cyclic sampler, any rounds (min-separation 1, up to T)
-  otherwise; doubled for fixed-size cohorts (replace-one adjacency).
+  ``min(ceil(T / b), k)`` participations for a cyclic sampler (k: its ``max_participations``, if
+  set), any rounds (min-separation 1, up to T) otherwise; doubled for fixed-size cohorts
+  (replace-one adjacency).
 
   Returns:
     Δ, the sensitivity of the whole run's release in units of the clip.
   """
   from jax_privacy.matrix_factorization import sensitivity
 
-  sep = int(sampler.cycle_length) if isinstance(sampler, CyclicPoissonSampler) else 1
+  if isinstance(sampler, CyclicPoissonSampler):
+    _check_schedule_rounds(sampler, num_rounds)
+    sep, k = int(sampler.cycle_length), sampler.participation_bound(num_rounds)
+  else:
+    sep, k = 1, int(num_rounds)
   x = np.asarray(strategy_gram(int(num_rounds)), np.float64)
   d = float(sensitivity.get_min_sep_sensitivity_upper_bound_for_X(
-      x, min_sep=sep, max_participations=-(-int(num_rounds) // sep)))
+      x, min_sep=sep, max_participations=k))
   return 2 * d if isinstance(sampler, UniformSampler) else d
 
 
@@ -151,9 +172,10 @@ def _tree_epsilon(sampler, noise_multiplier, num_rounds, delta, accountant, stra
 
 
 def _compositions(sampler: Any, num_rounds: int) -> int:
-  """How many sampled-Gaussian events T rounds compose (``ceil(T / b)`` for a cyclic sampler)."""
+  """How many sampled-Gaussian events T rounds compose (``min(ceil(T / b), k)`` for a cyclic
+  sampler)."""
   if isinstance(sampler, CyclicPoissonSampler):
-    return -(-int(num_rounds) // int(sampler.cycle_length))
+    return sampler.participation_bound(num_rounds)
   return int(num_rounds)
 
 
@@ -161,7 +183,8 @@ def truncation_probability(sampler: PoissonSampler, num_clients: int) -> float:
   """P[Binomial(N, q) > max_cohort_size]: the chance a round's Poisson cohort is truncated.
 
   For a :class:`CyclicPoissonSampler` a client joins a round with probability ``q / b`` over
-  the random bins and the sampling, so the count is Binomial(N, q / b).
+  the random bins and the sampling (``q k / (b E)`` with the cap's random windows), so the count
+  is Binomial(N, q / b) (Binomial(N, q k / (b E))).
   """
   if isinstance(sampler, CyclicPoissonSampler):
     from scipy import stats
@@ -169,7 +192,7 @@ def truncation_probability(sampler: PoissonSampler, num_clients: int) -> float:
     if sampler.max_cohort_size >= num_clients:
       return 0.0
     return float(stats.binom.sf(sampler.max_cohort_size, num_clients,
-                                sampler.q / sampler.cycle_length))
+                                sampler.q / sampler.cycle_length * sampler.eligible_share()))
   from scipy import stats
 
   if sampler.max_cohort_size >= num_clients:
@@ -200,8 +223,12 @@ def dp_event(
   if isinstance(sampler, CyclicPoissonSampler):
     from jax_privacy.experimental import accounting as jpa
 
+    _check_schedule_rounds(sampler, num_rounds)
+    iterations = int(num_rounds)
+    if sampler.max_participations is not None:  # a client's window: at most k of its cycles
+      iterations = min(iterations, int(sampler.max_participations) * int(sampler.cycle_length))
     event = jpa.amplified_bandmf_event(
-        float(noise_multiplier), int(num_rounds), num_bands=int(sampler.cycle_length),
+        float(noise_multiplier), iterations, num_bands=int(sampler.cycle_length),
         sampling_prob=float(sampler.q))
     return event, rel.ADD_OR_REMOVE_ONE
   if isinstance(sampler, UniformSampler):
@@ -259,6 +286,7 @@ def epsilon(
   """
   _check(noise_multiplier, num_rounds, delta, accountant)
   _check_sampler(sampler, num_clients)
+  _check_schedule_rounds(sampler, num_rounds)
   _check_mechanism(sampler, num_bands)
   if strategy_gram is not None:
     return 0.0 if num_rounds == 0 else _tree_epsilon(
@@ -311,7 +339,8 @@ def _cap_needed(sampler, n, t, delta, eps) -> int:
 
   target = delta / 2 / ((1.0 + math.exp(min(eps, 700.0))) * t)
   # A cap of N never truncates (a cohort has at most N clients): always achievable.
-  q = sampler.q / sampler.cycle_length if isinstance(sampler, CyclicPoissonSampler) else sampler.q
+  q = (sampler.q / sampler.cycle_length * sampler.eligible_share()
+       if isinstance(sampler, CyclicPoissonSampler) else sampler.q)
   return min(int(stats.binom.isf(target, n, q)) + 1, n)
 
 
@@ -343,6 +372,7 @@ def calibrate_noise_multiplier(
     raise ValueError(f"target_epsilon must be > 0; got {target_epsilon!r}.")
   _check(None, num_rounds, delta, accountant)
   _check_sampler(sampler, num_clients)
+  _check_schedule_rounds(sampler, num_rounds)
   _check_mechanism(sampler, num_bands)
   if num_rounds < 1:
     raise ValueError("num_rounds must be >= 1 to calibrate.")
@@ -387,7 +417,7 @@ def _calibrate_pld(target_epsilon, delta, num_rounds, sampler, num_clients) -> f
   if isinstance(sampler, UniformSampler):
     untruncated = sampler
   elif isinstance(sampler, CyclicPoissonSampler):
-    untruncated = CyclicPoissonSampler(sampler.q, sampler.cycle_length, n)
+    untruncated = dataclasses.replace(sampler, max_cohort_size=n)
   else:
     untruncated = PoissonSampler(sampler.q, n)
   hi = calibrate_noise_multiplier(target_epsilon, delta, num_rounds, untruncated, n,
@@ -419,6 +449,7 @@ def epsilon_per_round(
   """
   dpa = _dpa()
   _check(noise_multiplier, num_rounds, delta, None)
+  _check_schedule_rounds(sampler, num_rounds)
   event, relation = dp_event(sampler, num_clients, noise_multiplier, 1)
   acc = _accountant("rdp", relation)
   acc.compose(event)

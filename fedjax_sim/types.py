@@ -39,6 +39,9 @@ SYSTEM_SALT = 0x5157E
 #: ``fold_in(run_key, PARTITION_SALT)``: the cyclic / balls-in-bins sampler's fixed assignment of
 #: clients to bins (drawn once per run, the same every round).
 PARTITION_SALT = 0xB1175
+#: ``fold_in(partition_key, WINDOW_SALT)``: a participation-capped schedule's fixed window of
+#: cycles per client (``cyclic_poisson(..., max_participations=k)``), drawn once per run.
+WINDOW_SALT = 0x3A9
 #: ``fold_in(aggregator_key, MF_NOISE_SALT)``: the i.i.d. Gaussian draw that a correlated-noise
 #: mechanism (BandMF) turns into this round's noise. Only used when the strategy has > 1 band (the
 #: identity strategy draws from the aggregator key itself, exactly as ``gaussian_noise``).

@@ -134,3 +134,49 @@ def test_dp_ftrl_keys_build_the_mechanism_and_the_schedule():
   assert tree.algorithm.aggregator.horizon == 8 == fs.aggregators.dp_ftrl_mean(
       1.0, 1.0, num_rounds=8).horizon
   assert isinstance(tree.sampler, fs.sampling.PoissonSampler)
+
+
+BANDMF = os.path.join(ROOT, "examples", "configs", "digits_bandmf.yaml")
+_SMALL = ["data.num_clients=30", "data.partition=iid", "run.rounds=4", "privacy.bands=2",
+          "sampler.max_participations=1", "model.hidden=[8]"]
+
+
+def test_bandmf_config_with_a_participation_cap_builds_the_api_objects():
+  """examples/configs/digits_bandmf.yaml (BandMF, cyclic Poisson, at most k participations)
+  builds the Python API's sampler (the cap over run.rounds) and aggregator; bad keys named."""
+  import fedjax_sim as fs
+
+  with pytest.raises(cfglib.ConfigError, match="bands=2 .*set sampler.min_separation >= 2"):
+    cfglib.load(BANDMF, _SMALL + ["sampler.min_separation=1"])  # 2 bands need min-sep 2
+  sim = cfglib.build(cfglib.load(BANDMF, _SMALL + ["sampler.min_separation=2"]))[0]
+  assert sim.sampler == fs.sampling.cyclic_poisson(0.8, 2, 50, max_participations=1,
+                                                   num_rounds=4)
+  assert sim.algorithm.aggregator.num_bands == 2
+  balls = cfglib.build(cfglib.load(BANDMF, _SMALL + ["sampler.min_separation=2",
+                                                     "sampler.q=1.0"]))[0]
+  assert balls.sampler == fs.sampling.balls_in_bins(2, 50, max_participations=1, num_rounds=4)
+  with pytest.raises(cfglib.ConfigError, match="max_participations caps a cyclic Poisson"):
+    cfglib.load(BANDMF, ["sampler.cohort_size=10", "sampler.q=null", "sampler.min_separation=null",
+                         "privacy.bands=1"])
+  with pytest.raises(cfglib.ConfigError, match="sampler.max_participations must be a positive"):
+    cfglib.load(BANDMF, ["sampler.max_participations=0"])
+  with pytest.raises(cfglib.ConfigError, match="Did you mean 'max_participations'"):
+    cfglib.load(BANDMF, ["sampler.max_participation=3"])
+
+
+@pytest.mark.slow  # a digits MLP compiled and run (about 5 s on 2 cores)
+def test_bandmf_config_with_a_participation_cap_runs(tmp_path):
+  """The example config, shrunk to 30 devices and 4 rounds (2 cycles of 2, each device in at
+  most one): the run reports the library's ε (jax_privacy's amplified BandMF event over the
+  capped participations)."""
+  import dp_accounting as dpa
+  import jax
+  from jax_privacy.experimental import accounting as jpa
+
+  cfg = cfglib.load(BANDMF, _SMALL + ["sampler.min_separation=2", f"run.out_dir={tmp_path}"])
+  sim, params, _, _ = cfglib.build(cfg)
+  _, m = sim.run(sim.init(params, jax.random.key(0)), 4, delta=1e-3, progress=False)
+  acc = dpa.rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
+  acc.compose(jpa.amplified_bandmf_event(1.0, 2, num_bands=2, sampling_prob=0.8))  # k b = 2
+  assert m["epsilon"][-1] == pytest.approx(acc.get_epsilon(1e-3), rel=1e-9)
+  assert m["clients"].sum() > 0 and not m["schedule_violations"].any()

@@ -287,3 +287,125 @@ def test_tree_accounting_is_jax_privacy_sensitivity_with_dp_accounting():
       fs.privacy.epsilon(sampler, 64, 4.0, 8, 1e-5, strategy_gram=agg.strategy_gram))
   with pytest.raises(ValueError, match="strategy matrix"):
     sim.run(sim.init({"w": jnp.zeros(DIM)}, jax.random.key(0)), 9, progress=False)
+
+
+# -- at most k participations (max_participations) -----------------------------------------------
+
+
+def _cohorts(sampler, n, rounds, seed=3):
+  algorithm = _algorithm(fs.aggregators.dp_mean(1.0, 1.0))
+  plan = core.plan_for(algorithm, sampler, _population(n), {"w": jnp.zeros(DIM)}, chunk_size=4)
+  key = jax.random.key(seed)
+  cohorts = jax.jit(jax.vmap(lambda r: core.sample_cohort(plan, key, r)[0]))(jnp.arange(rounds))
+  return cohorts, key
+
+
+def test_participation_cap_holds_over_the_run():
+  """An independent tracker (counts and last round per client, from the cohort ids only): no
+  client exceeds k or breaks min-separation b; under balls-in-bins every client reaches k."""
+  n, b, k, rounds = 1000, 4, 10, 400
+  for sampler in (fs.sampling.balls_in_bins(b, 60, max_participations=k, num_rounds=rounds),
+                  fs.sampling.cyclic_poisson(0.5, b, 40, max_participations=k,
+                                             num_rounds=rounds)):
+    cohorts, key = _cohorts(sampler, n, rounds)
+    ids, mask = np.asarray(cohorts.ids), np.asarray(cohorts.mask)
+    count, last = np.zeros(n, int), np.full(n, -b)
+    for r in range(rounds):
+      who = ids[r][mask[r]]
+      assert len(np.unique(who)) == len(who)
+      assert np.all(r - last[who] >= b), r
+      last[who] = r
+      count[who] += 1
+    assert count.max() <= k, count.max()
+    assert not np.asarray(cohorts.truncated).any()
+    assert not np.asarray(cohorts.schedule_violations).any()
+    if sampler.q == 1:  # every client joins each round of its window: exactly k times
+      np.testing.assert_array_equal(count, k)
+    else:
+      assert count.sum() == pytest.approx(rounds * sampler.expected_cohort_size(n), rel=0.1)
+    # The counter counts a client outside its window (same bin, another cycle).
+    pk = jax.random.fold_in(key, PARTITION_SALT)
+    bins, starts = sampler.bins(pk, n), sampler.window_starts(pk, n)
+    c = int(np.flatnonzero(np.asarray(bins) == 0)[0])
+    outside = (int(starts[c]) + k) % sampler.num_cycles  # the cycle just past its window
+    bad = sampler.violations(jnp.array([c]), jnp.array([True]), bins, outside * b, starts)
+    assert int(bad) == 1
+
+
+def test_participation_cap_epsilon_is_the_libraries():
+  """ε with the cap: dp-accounting's k-fold Poisson-sampled Gaussian (jax_privacy's dpsgd_event,
+  the per-participation event of amplified BandMF); the tree's sensitivity is jax_privacy's with
+  max_participations=k."""
+  from jax_privacy.matrix_factorization import sensitivity
+
+  n, delta = 1000, 1e-6
+  rel = dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
+  for b, k, t, q, z in ((4, 3, 80, 0.5, 1.0), (8, 5, 100, 0.8, 1.5), (1, 7, 50, 0.1, 0.9),
+                        (2, 40, 60, 0.3, 1.2)):  # the last: k >= ceil(T/b), the cap is vacuous
+    capped = fs.sampling.cyclic_poisson(q, b, n, max_participations=k, num_rounds=t)
+    acc = dpa.rdp.RdpAccountant(neighboring_relation=rel)
+    acc.compose(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), min(k, -(-t // b)))
+    ours = fs.privacy.epsilon(capped, n, z, t, delta, num_bands=b)
+    assert ours == pytest.approx(acc.get_epsilon(delta), rel=1e-9), (b, k, t)
+    col = fs.privacy.epsilon_column(capped, n, z, None, 0, t, delta, num_bands=b)(0, t)
+    assert col[-1] == pytest.approx(ours, rel=1e-9)
+    uncapped = fs.privacy.epsilon(fs.sampling.cyclic_poisson(q, b, n), n, z, t, delta,
+                                  num_bands=b)
+    assert ours < uncapped if k < -(-t // b) else ours == pytest.approx(uncapped, rel=1e-12)
+  gram = fs.aggregators.tree_gram
+  capped = fs.sampling.cyclic_poisson(0.5, 2, n, max_participations=3, num_rounds=32)
+  d = sensitivity.get_min_sep_sensitivity_upper_bound_for_X(gram(32), min_sep=2,
+                                                            max_participations=3)
+  assert fs.privacy.tree_sensitivity(gram, capped, 32) == pytest.approx(d, rel=1e-12)
+  acc = dpa.rdp.RdpAccountant(neighboring_relation=rel)
+  acc.compose(dpa.GaussianDpEvent(3.0 / d))
+  assert fs.privacy.epsilon(capped, n, 3.0, 32, delta, strategy_gram=gram) == pytest.approx(
+      acc.get_epsilon(delta), rel=1e-9)
+
+
+def test_participation_cap_bad_input_before_compiling():
+  with pytest.raises(ValueError, match="max_participations=3 needs num_rounds"):
+    fs.sampling.cyclic_poisson(0.5, 4, 40, max_participations=3)
+  with pytest.raises(ValueError, match="num_rounds=40 is only used with max_participations"):
+    fs.sampling.cyclic_poisson(0.5, 4, 40, num_rounds=40)
+  with pytest.raises(ValueError, match="max_participations must be a positive int"):
+    fs.sampling.balls_in_bins(4, 40, max_participations=0, num_rounds=40)
+  algorithm = _algorithm(fs.aggregators.dp_mean(1.0, 1.0))
+  # 20 clients joining at most twice cannot fill 100 rounds: refused when the simulation is made.
+  with pytest.raises(ValueError, match="max_participations=2 cannot fill num_rounds=100.*at "
+                                       "least 5"):
+    fs.Simulation(algorithm, _population(20),
+                  sampler=fs.sampling.balls_in_bins(2, 10, max_participations=2, num_rounds=100))
+  with pytest.raises(ValueError, match="max_cohort_size=2 is below the expected cohort.*"
+                                       "max_participations=2 of 10 cycles"):
+    fs.Simulation(algorithm, _population(200),
+                  sampler=fs.sampling.balls_in_bins(4, 2, max_participations=2, num_rounds=40))
+  sampler = fs.sampling.balls_in_bins(2, 16, max_participations=2, num_rounds=6)
+  sim = fs.Simulation(algorithm, _population(32), sampler=sampler)
+  with pytest.raises(ValueError, match="runs past the sampler's num_rounds=6"):
+    sim.run(sim.init({"w": jnp.zeros(DIM)}, jax.random.key(0)), num_rounds=7, progress=False)
+  with pytest.raises(ValueError, match="num_rounds=7 exceeds the sampler's num_rounds=6"):
+    fs.privacy.epsilon(sampler, 32, 1.0, 7, 1e-5)
+
+
+def test_cli_privacy_max_participations(capsys):
+  """`fedjax-sim privacy --max-participations K` prints the capped schedule's library ε (BandMF
+  and the tree), and refuses a cap that cannot fill the rounds, naming the flag."""
+  import re
+
+  from fedjax_sim import cli
+
+  args = ["privacy", "--num-clients", "1000", "--q", "0.5", "--min-separation", "4",
+          "--rounds", "40", "--noise-multiplier", "2.0", "--max-participations", "3"]
+  sampler = fs.sampling.cyclic_poisson(0.5, 4, 1000, max_participations=3, num_rounds=40)
+  for extra, kwargs in ((["--bands", "4"], {"num_bands": 4}),
+                        (["--tree"], {"strategy_gram": fs.aggregators.tree_gram})):
+    assert cli.main(args + extra) == 0
+    out = capsys.readouterr().out
+    assert "at most 3 participations per client" in out
+    got = float(re.search(r"RDP: epsilon = ([0-9.]+)", out).group(1))
+    assert got == pytest.approx(fs.privacy.epsilon(sampler, 1000, 2.0, 40, 1e-5, **kwargs),
+                                abs=1e-4)
+  assert cli.main(["privacy", "--num-clients", "10", "--q", "1.0", "--rounds", "100",
+                   "--noise-multiplier", "1", "--max-participations", "2"]) == 2
+  assert "--max-participations=2 cannot fill" in capsys.readouterr().err

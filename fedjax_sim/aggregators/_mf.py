@@ -316,7 +316,8 @@ def dp_ftrl_mean(clip, noise_multiplier, *, num_rounds: int, denominator=None) -
   Accounted without amplification: the whole run is one Gaussian mechanism whose L2
   sensitivity is jax_privacy's ``get_min_sep_sensitivity_upper_bound_for_X`` of the tree's
   ``CᵀC`` under the sampler's participation schema (min-separation b and ``ceil(T/b)``
-  participations for ``cyclic_poisson``; any round, up to T times, for other samplers).
+  participations for ``cyclic_poisson``, ``min(ceil(T/b), k)`` with its
+  ``max_participations=k``; any round, up to T times, for other samplers).
 
   Returns:
     a :class:`Process` whose ``strategy_gram`` gives the accountant the tree's ``CᵀC``.

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim import _validation as _v
+from fedjax_sim.types import WINDOW_SALT
 
 
 class Cohort(NamedTuple):
@@ -238,7 +239,7 @@ def poisson(q: float, max_cohort_size: int, availability=None) -> PoissonSampler
   return PoissonSampler(q, max_cohort_size, availability)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class CyclicPoissonSampler:
   """A participation schedule with min-separation ``cycle_length``: cyclic Poisson sampling.
 
@@ -251,9 +252,19 @@ class CyclicPoissonSampler:
   is its ``CyclicPoissonSampling`` with ``PartitionType.INDEPENDENT`` (the partition that is
   valid under add/remove-one adjacency). ``cycle_length = 1`` is plain Poisson sampling.
 
+  **At most k participations** (``max_participations=k`` with ``num_rounds=T``): the run's
+  ``E = ceil(T / b)`` cycles (cycle ``c`` = rounds ``c b .. c b + b − 1``) are a ring, and each
+  client is also given, once per run (``fold_in(partition_key, WINDOW_SALT)``), a uniformly random
+  window of ``k`` consecutive cycles of that ring; it may participate only in the rounds of its
+  bin within its window. So it participates at most k times in the T rounds, by construction and
+  without a counter: the schedule stays a pure function of (run key, round), like every sampler,
+  and each round's eligible share is exactly ``k / E`` of the bin (expected cohort
+  ``q N k / (b E)``). A run may not go past T rounds (the ring would wrap).
+
   Accounted (``fs.privacy``) by jax_privacy's ``amplified_bandmf_event`` (Choquette-Choo et al.
   2023): valid for a correlated-noise mechanism with at most ``cycle_length`` bands
-  (``fs.aggregators.band_mf_mean``) and for independent noise (``dp_mean``).
+  (``fs.aggregators.band_mf_mean``) and for independent noise (``dp_mean``); with the cap, over
+  ``min(T, k b)`` iterations (``min(ceil(T / b), k)`` Poisson-sampled participations).
   With a system model, an unavailable client does not join (availability composes; ε is then
   not reported, as for every sampler).
 
@@ -261,6 +272,9 @@ class CyclicPoissonSampler:
     q: sampling probability within the round's bin, in (0, 1].
     cycle_length: b >= 1, the min-separation.
     max_cohort_size: static cap K_max (choose it above ``q N / b + 4 sd``).
+    max_participations: k >= 1, the most rounds a client may join in ``num_rounds`` rounds
+      (None: no cap beyond ``ceil(T / b)``).
+    num_rounds: T, the rounds the capped schedule covers (required with ``max_participations``).
 
   References:
     Choquette-Choo, Ganesh, McKenna, McMahan, Rush, Thakurta, Xu, "(Amplified) Banded Matrix
@@ -272,11 +286,16 @@ class CyclicPoissonSampler:
     >>> c = s.sample(jax.random.key(0), 200, round_=0, partition_key=jax.random.key(1))
     >>> c.ids.shape
     (40,)
+    >>> capped = fs.sampling.cyclic_poisson(0.5, 4, 40, max_participations=2, num_rounds=40)
+    >>> capped.num_cycles, capped.participation_bound(40)
+    (10, 2)
   """
 
   q: float
   cycle_length: int
   max_cohort_size: int
+  max_participations: int | None = None
+  num_rounds: int | None = None
 
   needs_round = True
 
@@ -285,15 +304,57 @@ class CyclicPoissonSampler:
       raise ValueError(f"q must be a probability in (0, 1]; got {self.q!r}.")
     _v.positive_int("cycle_length", self.cycle_length)
     _v.positive_int("max_cohort_size", self.max_cohort_size)
+    k = _v.positive_int("max_participations", self.max_participations, allow_none=True)
+    t = _v.positive_int("num_rounds", self.num_rounds, allow_none=True)
+    if k is not None and t is None:
+      raise ValueError(
+          f"max_participations={k} needs num_rounds (the run's T rounds, over which each client "
+          "gets a window of k of its ceil(T / cycle_length) cycles); pass num_rounds=T.")
+    if t is not None and k is None:
+      raise ValueError(f"num_rounds={t} is only used with max_participations; pass "
+                       "max_participations=k, or drop num_rounds.")
+
+  def __repr__(self) -> str:  # the cap only when set (a run's identity reads this repr)
+    cap = ("" if self.max_participations is None else
+           f", max_participations={self.max_participations}, num_rounds={self.num_rounds}")
+    return (f"CyclicPoissonSampler(q={self.q!r}, cycle_length={self.cycle_length!r}, "
+            f"max_cohort_size={self.max_cohort_size!r}{cap})")
+
+  @property
+  def num_cycles(self) -> int | None:
+    """E = ``ceil(num_rounds / cycle_length)``, the cycles of a capped run (None uncapped)."""
+    if self.num_rounds is None:
+      return None
+    return -(-int(self.num_rounds) // int(self.cycle_length))
+
+  @property
+  def capped(self) -> bool:
+    """Whether the cap binds: ``max_participations < num_cycles`` (else it changes nothing)."""
+    return self.max_participations is not None and self.max_participations < self.num_cycles
+
+  def participation_bound(self, num_rounds: int) -> int:
+    """The most rounds one client can join in the first ``num_rounds`` rounds.
+
+    Returns:
+      ``min(ceil(num_rounds / b), k)`` (``ceil(num_rounds / b)`` uncapped).
+    """
+    bound = -(-int(num_rounds) // int(self.cycle_length))
+    return bound if self.max_participations is None else min(bound, int(self.max_participations))
+
+  def eligible_share(self) -> float:
+    """The share of a bin that may join a round: ``k / E`` with the cap, 1 without."""
+    return int(self.max_participations) / self.num_cycles if self.capped else 1.0
 
   def expected_cohort_size(self, num_clients: int) -> float:
-    return float(self.q) * num_clients / int(self.cycle_length)
+    return float(self.q) * num_clients / int(self.cycle_length) * self.eligible_share()
 
   def validate(self, num_clients: int) -> None:
     """Refuses a schedule the population cannot satisfy, and a cap below the expected cohort.
 
     Every client is in exactly one of the b bins, so the expected cohort ``q N / b`` times b never
-    exceeds N; what the population cannot satisfy is more bins than clients (empty bins).
+    exceeds N; what the population cannot satisfy is more bins than clients (empty bins), or a
+    participation cap that leaves less than one client per round (``q N k < T``: the N clients'
+    at most ``N k`` participations cannot fill T rounds).
     """
     b = int(self.cycle_length)
     if b > num_clients:
@@ -301,11 +362,20 @@ class CyclicPoissonSampler:
           f"cycle_length={b} exceeds the number of clients ({num_clients}): some bins are "
           "empty. Lower cycle_length (the min-separation b).")
     mean = self.expected_cohort_size(num_clients)
+    if self.capped and mean < 1:
+      k, t = int(self.max_participations), int(self.num_rounds)
+      raise ValueError(
+          f"max_participations={k} cannot fill num_rounds={t} rounds: {num_clients} clients "
+          f"joining at most {k} times each (with q={self.q}) give an expected cohort of "
+          f"{mean:.2f} < 1 client per round. Raise max_participations to at least "
+          f"{math.ceil(t / (float(self.q) * num_clients))}, or lower num_rounds.")
     if self.max_cohort_size < mean:
       raise ValueError(
           f"max_cohort_size={self.max_cohort_size} is below the expected cohort "
-          f"q*N/b = {mean:.1f} (q={self.q}, N={num_clients}, cycle_length={b}): most rounds would "
-          "drop sampled clients. Raise max_cohort_size or lower q.")
+          f"{mean:.1f} (q={self.q}, N={num_clients}, cycle_length={b}"
+          + (f", max_participations={self.max_participations} of {self.num_cycles} cycles"
+             if self.capped else "")
+          + "): most rounds would drop sampled clients. Raise max_cohort_size or lower q.")
 
   def bins(self, partition_key: jax.Array, num_clients: int) -> jax.Array:
     """Every client's bin, fixed for the run.
@@ -315,6 +385,23 @@ class CyclicPoissonSampler:
     """
     return jax.random.randint(partition_key, (num_clients,), 0, int(self.cycle_length),
                               dtype=jnp.int32)
+
+  def window_starts(self, partition_key: jax.Array, num_clients: int) -> jax.Array:
+    """Every client's first eligible cycle under the cap, fixed for the run.
+
+    Returns:
+      int32 ``[N]`` starts in ``[0, num_cycles)`` (a client may join in cycles ``start ..
+      start + k − 1`` mod E).
+    """
+    if self.num_cycles is None:
+      raise ValueError("window_starts needs max_participations and num_rounds.")
+    return jax.random.randint(jax.random.fold_in(partition_key, WINDOW_SALT), (num_clients,), 0,
+                              self.num_cycles, dtype=jnp.int32)
+
+  def _in_window(self, starts, round_) -> jax.Array:
+    """Bool: whether round ``round_``'s cycle is in the windows starting at ``starts``."""
+    cycle = jnp.asarray(round_, jnp.int32) // int(self.cycle_length)
+    return (cycle - starts) % self.num_cycles < int(self.max_participations)
 
   def sample(self, key: jax.Array, num_clients: int, available: jax.Array | None = None, *,
              round_=0, partition_key: jax.Array | None = None) -> Cohort:
@@ -329,36 +416,51 @@ class CyclicPoissonSampler:
     bins = self.bins(partition_key, num_clients)
     this_bin = jnp.asarray(round_, jnp.int32) % int(self.cycle_length)
     eligible = bins == this_bin
+    starts = None
+    if self.capped:
+      starts = self.window_starts(partition_key, num_clients)
+      eligible = eligible & self._in_window(starts, round_)
     joined = eligible & (jax.random.uniform(join_key, (num_clients,)) < jnp.float32(self.q))
     if available is not None:
       joined = joined & available
     ids, mask, truncated = _pick_joined(joined, order_key, self.max_cohort_size)
-    return Cohort(ids, mask, truncated, self.violations(ids, mask, bins, round_))
+    return Cohort(ids, mask, truncated, self.violations(ids, mask, bins, round_, starts))
 
-  def violations(self, ids: jax.Array, mask: jax.Array, bins: jax.Array, round_) -> jax.Array:
-    """Cohort clients (``ids`` where ``mask``) whose bin is not round ``round_``'s: what
+  def violations(self, ids: jax.Array, mask: jax.Array, bins: jax.Array, round_,
+                 starts: jax.Array | None = None) -> jax.Array:
+    """Cohort clients (``ids`` where ``mask``) whose bin is not round ``round_``'s, or (with
+    ``starts``, the cap's windows) whose window does not hold this round's cycle: what
     ``metrics["schedule_violations"]`` reports (0 for this sampler's own cohorts).
 
     Returns:
       an int32 count.
     """
     this_bin = jnp.asarray(round_, jnp.int32) % int(self.cycle_length)
-    return jnp.sum(mask & (bins[ids] != this_bin)).astype(jnp.int32)
+    outside = bins[ids] != this_bin
+    if starts is not None:
+      outside = outside | ~self._in_window(starts[ids], round_)
+    return jnp.sum(mask & outside).astype(jnp.int32)
 
 
-def cyclic_poisson(q: float, cycle_length: int, max_cohort_size: int) -> CyclicPoissonSampler:
-  """Cyclic Poisson sampling with min-separation ``cycle_length`` (:class:`CyclicPoissonSampler`).
+def cyclic_poisson(q: float, cycle_length: int, max_cohort_size: int, *,
+                   max_participations: int | None = None,
+                   num_rounds: int | None = None) -> CyclicPoissonSampler:
+  """Cyclic Poisson sampling with min-separation ``cycle_length`` (:class:`CyclicPoissonSampler`),
+  optionally with at most ``max_participations`` participations in ``num_rounds`` rounds.
 
   Returns:
     a :class:`CyclicPoissonSampler` (``Simulation(..., sampler=...)``).
   """
-  return CyclicPoissonSampler(q, cycle_length, max_cohort_size)
+  return CyclicPoissonSampler(q, cycle_length, max_cohort_size, max_participations, num_rounds)
 
 
-def balls_in_bins(cycle_length: int, max_cohort_size: int) -> CyclicPoissonSampler:
-  """Balls-in-bins: every client of bin ``t mod b`` participates in round t (q = 1).
+def balls_in_bins(cycle_length: int, max_cohort_size: int, *,
+                  max_participations: int | None = None,
+                  num_rounds: int | None = None) -> CyclicPoissonSampler:
+  """Balls-in-bins: every client of bin ``t mod b`` participates in round t (q = 1), optionally
+  at most ``max_participations`` times in ``num_rounds`` rounds.
 
   Returns:
     a :class:`CyclicPoissonSampler` with ``q = 1``.
   """
-  return CyclicPoissonSampler(1.0, cycle_length, max_cohort_size)
+  return CyclicPoissonSampler(1.0, cycle_length, max_cohort_size, max_participations, num_rounds)

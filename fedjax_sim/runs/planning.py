@@ -502,8 +502,16 @@ def _tuned(plan: RoundPlan, population, params, key, batch, bsz: int, budget: in
   return plan.with_performance(chunk_size=choice.choice, tuning=choice)
 
 
-def check_horizon(algorithm: Algorithm, start: int, num_rounds: int) -> None:
-  """Refuses a run past the aggregator's strategy matrix (a fixed-size BandMF / tree)."""
+def check_horizon(algorithm: Algorithm, start: int, num_rounds: int, sampler=None) -> None:
+  """Refuses a run past the aggregator's strategy matrix (a fixed-size BandMF / tree), or past
+  the rounds a participation-capped sampler covers (``max_participations`` with ``num_rounds``)."""
+  cover = getattr(sampler, "num_rounds", None)
+  if cover is not None and start + num_rounds > cover:
+    raise ValueError(
+        f"num_rounds={num_rounds} from round {start} runs past the sampler's num_rounds={cover}: "
+        f"its cap max_participations={sampler.max_participations} holds only over those rounds "
+        "(each client's window of cycles would wrap). Build the sampler with num_rounds = the "
+        "run's length.")
   horizon = getattr(algorithm.aggregator, "horizon", None)
   if horizon is not None and start + num_rounds > horizon:
     raise ValueError(

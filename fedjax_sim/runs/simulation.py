@@ -204,7 +204,7 @@ class Simulation:
         checkpoint_dir=o.checkpoint_dir, checkpoint_every=o.checkpoint_every,
         log_dir=o.log_dir, tensorboard=o.tensorboard, accountant=o.accountant,
         on_nonfinite=o.on_nonfinite)
-    planning.check_horizon(self.algorithm, int(state.round), num_rounds)
+    planning.check_horizon(self.algorithm, int(state.round), num_rounds, self.sampler)
     program = self._program(block_size)
     records = RunRecorder(self.plan, self.population, state, num_rounds, o,
                           block_size=block_size, eval_every=eval_every,
