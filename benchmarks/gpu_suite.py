@@ -362,7 +362,8 @@ def table(rows: list[dict], statuses: list[dict], dry_run: bool = False) -> str:
     seconds = r.get("seconds", r["rounds"] / r["rounds_per_s"])
     seq = r.get("sequential_client_updates_per_s")
     lines.append(
-        f"| {r['step']} | {r['engine']}{' (' + r['device'] + ')' if 'device' in r else ''} "
+        f"| {r['step']} | {r['engine']}{' (' + r['device'] + ')' if 'device' in r else ''}"
+        f"{' ' + r['precision'] if r.get('precision', 'f32') != 'f32' else ''} "
         f"| {r['model']} | {r['cohort']} | {'yes' if r.get('dp') else 'no'} | {r['rounds']} "
         f"| {seconds:.2f} | {r['rounds_per_s']:.3g} | {r['client_updates_per_s']:.0f} "
         f"| {r.get('compile_plus_first_block_s', r.get('warmup_plus_timed_wall_s', 0)):.1f} "
@@ -380,8 +381,8 @@ def table(rows: list[dict], statuses: list[dict], dry_run: bool = False) -> str:
   # JAX's default precision (TF32 on H100/H200) is what f32 rows ran at; bf16 rows against bf16
   ref = {"f32": ("tf32_default", "default-precision"), "bf16": ("bf16", "bf16")}
   for r in rows:
-    label, what = ref[r.get("precision", "f32")]
-    if r.get("engine") == "fedjax_sim" and peaks.get(label):
+    label, what = ref[r.get("precision", "f32")] if r.get("engine") == "fedjax_sim" else ("", "")
+    if peaks.get(label):
       notes.append(f"{r['step']} {r['model']} c{r['cohort']} chunk {r.get('chunk_size')} "
                    f"{r.get('precision', 'f32')}: {r['gflops']:.0f} GFLOP/s counted "
                    f"({r['flops_per_example'] / 1e6:.1f} MFLOP/example, "
