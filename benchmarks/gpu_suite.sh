@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU suite (v2, issue 22) in one call (<= 9 min wall on one H100/H200: --budget-seconds 530). From the repository root:
+# The GPU suite (v2, issue 22) in one call (<= 9 min wall on one H100/H200: --budget-seconds 500). From the repository root:
 #   bash benchmarks/gpu_suite.sh              # GPU machine: results in $OUT/gpu_results.jsonl (+ .md, .log)
 #   bash benchmarks/gpu_suite.sh --dry-run    # CPU, tiny sizes (what tests/test_gpu_suite.py runs)
 # Extra flags go to benchmarks/gpu_suite.py (--steps, --out, --pfl-python, --budget-seconds).

@@ -31,6 +31,7 @@ average) and a markdown table is printed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -73,7 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                            f"{k}: {', '.join(map(str, w.cohorts))}" for k, w in WORKLOADS.items()))
   ap.add_argument("--chunk-sizes", nargs="+", type=int, default=[0],
                   help="0 = automatic (model), -1 = measured (chunk_size='auto')")
+  ap.add_argument("--autotune-budget-seconds", type=float, default=60.0,
+                  help="with --chunk-sizes -1: the tuning's time budget (AutoChunk(budget_s=))")
   ap.add_argument("--dp", action="store_true", help="also run DP-FedAvg (clip 1, z 1)")
+  ap.add_argument("--precision", nargs="+", default=["f32"], choices=["f32", "bf16"],
+                  help="client compute precision(s) (fedavg(precision=...)): f32 (default), "
+                       "bf16 (bfloat16 compute on float32 master params); each row records its "
+                       "own and its fraction of the GEMM peak measured at that precision")
   ap.add_argument("--no-sequential", action="store_true")
   ap.add_argument("--seq-rounds", type=int, default=0, help="0: 2 rounds, 1 at cohort >= 1000")
   ap.add_argument("--target-seconds", type=float, default=8.0)
@@ -147,6 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
              f"{args.chunk_sizes}")
   if args.cohorts is not None and any(c < 1 for c in args.cohorts):
     ap.error(f"--cohorts must be >= 1; got {args.cohorts}")
+  if args.autotune_budget_seconds <= 0:
+    ap.error(f"--autotune-budget-seconds must be > 0; got {args.autotune_budget_seconds}")
   if args.rounds < 0:
     ap.error(f"--rounds must be >= 0 (0 = sized to --target-seconds); got {args.rounds}")
   if args.max_seconds < 0 or (args.max_seconds and not args.rounds):
@@ -155,6 +164,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.error(f"--num-clients must be >= 1; got {args.num_clients}")
   return args
 
+
+#: The GEMM each --precision's row is compared with (its fraction_of_peak).
+PRECISION_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers",
                            "fedjax_fedavg.py")
@@ -240,10 +252,16 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     out = os.path.join(out_dir, "results.jsonl")
 
-  peak = gemm_gflops()
-  print(f"# {machine}: jax {jax.__version__}, {jax.devices()[0].device_kind}, "
-        f"GEMM peak {peak:.0f} GFLOP/s (2048^2 f32, measured now); "
-        f"1-min load average {os.getloadavg()[0]:.2f}", flush=True)
+  for p in args.precision:  # refused before any compile, naming the flag
+    try:
+      fs.precision.check_precision(p)
+    except ValueError as e:
+      raise BenchmarkError(f"--precision {p}: {e}") from None
+  peaks = {p: gemm_gflops(dtype=PRECISION_DTYPES[p]) for p in args.precision}
+  print(f"# {machine}: jax {jax.__version__}, {jax.devices()[0].device_kind}, GEMM peak "
+        + ", ".join(f"{v:.0f} GFLOP/s {p}" for p, v in peaks.items())
+        + f" (2048^2, measured now; default matmul precision); 1-min load average "
+        f"{os.getloadavg()[0]:.2f}", flush=True)
   rows = []
   pops = {}
   for name in args.workloads:
@@ -271,14 +289,17 @@ def main(argv=None):
         raise BenchmarkError(f"benchmark error: cohort {cohort} exceeds the {pop.num_clients} "
                              f"clients of workload {name!r}; pass --num-clients >= {cohort}")
       dps = [True] if w.dp_only else ([False, True] if args.dp else [False])
-      for dp in dps:
+      for dp, precision in itertools.product(dps, args.precision):
         agg = fs.aggregators.dp_mean(1.0, 1.0) if dp else None
         algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(args.client_lr),
                                     server_optimizer=optax.sgd(args.server_lr),
-                                    batch_size=w.batch_size, local_epochs=1, aggregator=agg)
+                                    batch_size=w.batch_size, local_epochs=1, aggregator=agg,
+                                    precision=precision)
+        peak = peaks[precision]
         seq = None
         for chunk in args.chunk_sizes:
-          request = {0: None, -1: "auto"}.get(chunk, chunk)
+          request = {0: None, -1: fs.autotune.AutoChunk(budget_s=args.autotune_budget_seconds)
+                     }.get(chunk, chunk)
           sim = fs.Simulation(algo, pop, cohort_size=cohort, chunk_size=request)
           t_init = time.perf_counter()
           state = sim.init(params, jax.random.key(0))
@@ -318,8 +339,9 @@ def main(argv=None):
           flops = fpe * r["examples"]
           row = {
               "engine": "fedjax_sim", "model": name, "cohort": cohort, "dp": dp,
+              "precision": precision,
               "chunk_size": sim.chunk_size, "rounds": rounds,
-              "chunk_request": request if request is not None else "automatic",
+              "chunk_request": {0: "automatic", -1: "auto"}.get(chunk, chunk),
               "init_s": t_init,
               "rounds_per_s": r["rounds_per_s"],
               "client_updates_per_s": cohort * r["rounds_per_s"],
@@ -345,7 +367,8 @@ def main(argv=None):
             seq = {"rounds_per_s": s["rounds_per_s"],
                    "client_updates_per_s": cohort * s["rounds_per_s"],
                    "examples_per_s": s["examples"] / s["seconds"]}
-          if args.peer_python is not None and not dp and cohort not in peers:
+          if (args.peer_python is not None and not dp and precision == "f32"
+              and cohort not in peers):
             peers[cohort] = run_peer(args, name, cohort, pop.num_clients)
             with open(out, "a") as f:
               f.write(json.dumps({**peers[cohort], "engine": "fedjax", "time": time.time(),
@@ -366,12 +389,13 @@ def main(argv=None):
                             for k, v in row.items()}), flush=True)
           del state, sim
   print()
-  print("| workload | cohort | DP | chunk | rounds/s | client-updates/s | examples/s "
+  print("| workload | cohort | DP | precision | chunk | rounds/s | client-updates/s | examples/s "
         "| padding waste | GFLOP/s (% of GEMM peak) | sequential client-updates/s | speed-up |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     seq = r.get("sequential_client_updates_per_s")
-    print(f"| {r['model']} | {r['cohort']} | {'yes' if r['dp'] else 'no'} | {r['chunk_size']} "
+    print(f"| {r['model']} | {r['cohort']} | {'yes' if r['dp'] else 'no'} | {r['precision']} "
+          f"| {r['chunk_size']} "
           f"| {r['rounds_per_s']:.3g} | {r['client_updates_per_s']:.0f} "
           f"| {r['examples_per_s']:.0f} | {r['padding_waste']:.2f} "
           f"| {r['gflops']:.0f} ({100 * r['fraction_of_peak']:.0f}%) "

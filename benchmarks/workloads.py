@@ -270,8 +270,10 @@ def check_finite(params, what: str, nonfinite_rounds: float = 0.0) -> None:
                          "steps); no figure is recorded.")
 
 
-def gemm_gflops(n=2048, repeats=5) -> float:
-  a = jnp.ones((n, n), jnp.float32)
+def gemm_gflops(n=2048, repeats=5, dtype=jnp.float32) -> float:
+  """The best of ``repeats`` timed ``n x n`` matmuls in ``dtype`` (jax's default matmul
+  precision), in GFLOP/s: the peak a run's ``fraction_of_peak`` divides by."""
+  a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda a: a @ a)
   f(a).block_until_ready()
   best = float("inf")

@@ -64,14 +64,24 @@ def test_gpu_plan_has_the_issue_sizes_and_every_command_parses():
   assert parsed["cnn"].workloads == ["cnn"] and parsed["cnn"].cohorts == [1000]
   assert parsed["population"].cohorts == [10**4] and workloads.WORKLOADS["population"].dp_only
   assert parsed["dense"].cohorts == [10**4] and parsed["dense"].num_clients == 10**4
-  # the sequential baseline runs (cifar_after only repeats the fedjax_sim figure)
-  assert not any(p.no_sequential for k, p in parsed.items() if k != "cifar_after")
+  # the sequential baseline runs (cifar_after only repeats the fedjax_sim figure, precision
+  # compares two fedjax_sim rows)
+  assert not any(p.no_sequential for k, p in parsed.items()
+                 if k not in ("cifar_after", "precision"))
   pfl = _pfl_peer().parse_args(steps["pfl"]["cmd"][2:])
   assert pfl.device == "cuda" and pfl.cohort == 50 and pfl.batch_size == 10
   assert (pfl.client_lr, pfl.server_lr) == (0.1, 1.0)
-  assert gpu_suite.parse_args([]).budget_seconds <= 540  # the suite fits 9 minutes
+  default = gpu_suite.parse_args([])
+  assert default.budget_seconds <= 540  # the suite fits 9 minutes
+  # a plain run's time boxes fit its budget, with 30 s for interpreter starts
+  assert default.steps == list(gpu_suite.DEFAULT_STEPS)
+  assert sum(steps[k]["box"] for k in default.steps) <= default.budget_seconds - 30
+  assert gpu_suite.parse_args(["--dry-run"]).steps == list(gpu_suite.STEPS)
   # the sweep includes the model's automatic chunk (0) and the measured one (-1)
   assert parsed["cnn"].chunk_sizes == [0, -1, 20, 50, 150]
+  assert parsed["cnn"].autotune_budget_seconds <= 30
+  assert parsed["precision"].precision == ["f32", "bf16"]
+  assert parsed["precision"].cohorts == [1000]
   assert parsed["stackoverflow"].workloads == ["stackoverflow"]
   assert parsed["shakespeare"].workloads == ["shakespeare"]
   assert parsed["stackoverflow_transformer"].workloads == ["stackoverflow-transformer"]
@@ -80,7 +90,7 @@ def test_gpu_plan_has_the_issue_sizes_and_every_command_parses():
   nproc = steps["pfl_nproc"]["cmd"]
   assert nproc[1:3] == ["-m", "torch.distributed.run"]
   assert f"--nproc_per_node={steps['pfl_nproc']['nproc']}" in nproc
-  assert steps["peaks"]["kind"] == steps["precision"]["kind"] == "code"
+  assert steps["peaks"]["kind"] == "code" and steps["precision"]["kind"] == "run"
 
 
 def test_failed_and_timed_out_steps_are_recorded(tmp_path):
@@ -140,7 +150,10 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
     assert status[step]["status"] == "ok", status[step]
   figures = {r["step"]: r for r in rows if r.get("engine") == "fedjax_sim"}
   assert set(figures) == {"cifar", "cifar_after", "cnn", "stackoverflow",
-                          "stackoverflow_transformer", "shakespeare", "population", "dense"}
+                          "stackoverflow_transformer", "shakespeare", "precision", "population",
+                          "dense"}
+  assert sorted(r["precision"] for r in rows if r.get("step") == "precision"
+                and r.get("engine") == "fedjax_sim") == ["bf16", "f32"]
   assert {r["precision"] for r in rows if r.get("engine") == "gemm_peak"} == {
       "f32", "tf32_default", "bf16"}
   assert figures["cifar"]["rounds"] == 2 and figures["cifar"]["params"] == 1_626_442
@@ -148,13 +161,15 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
   for step, r in figures.items():
     assert np.isfinite(r["client_updates_per_s"]) and r["client_updates_per_s"] > 0
     # cifar_after repeats cifar and the LM rows skip the sequential loop (time budget).
-    if step not in ("cifar_after", "stackoverflow", "stackoverflow_transformer", "shakespeare"):
+    if step not in ("cifar_after", "stackoverflow", "stackoverflow_transformer", "shakespeare",
+                    "precision"):
       assert r["speedup_vs_sequential"] > 0
   env = [r for r in rows if r["step"] == "env" and "kind" not in r]
   assert env and env[0]["jax_backend"] == "cpu"
   md = (tmp_path / "r.jsonl.md").read_text()
   assert "| cifar | fedjax_sim |" in md and "DRY RUN" in md
-  assert "measured GEMM peaks" in md and "precision rows:" in md and "x client-updates/s" not in md
+  assert "measured GEMM peaks" in md and "precision rows: cnn c3 chunk 3: bf16" in md
+  assert "x client-updates/s" not in md
 
 
 @pytest.mark.slow  # timed benchmark blocks
@@ -168,6 +183,8 @@ def test_fixed_rounds_are_timed_in_blocks_and_stop_at_max_seconds(tmp_path, caps
   assert row["padding_waste"] >= 1.0
   for argv, needle in [(["--max-seconds", "5"], "needs --rounds"),
                        (["--rounds", "-1"], "--rounds must be >= 0"),
+                       (["--autotune-budget-seconds", "0"], "--autotune-budget-seconds must be"),
+                       (["--precision", "f16"], "invalid choice: 'f16'"),
                        (["--workloads", "dense", "--num-clients", "9", "--cohorts", "0"],
                         "--cohorts must be >= 1")]:
     with pytest.raises(SystemExit):
