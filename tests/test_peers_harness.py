@@ -163,3 +163,18 @@ def test_pfl_runs_its_stackoverflow_transformer_through_pfl_lm(tmp_path):
   assert argv[argv.index("--batch-size") + 1] == "16" and argv[1].endswith("pfl_lm.py")
   with pytest.raises(side_by_side.PeerError, match="setup.sh pfl"):
     side_by_side.check_peer(args, pfl)
+
+
+def test_pfl_offers_the_emnist_cnn_with_pfls_simple_cnn_layers(tmp_path):
+  """pfl_fedavg.py's --model lists cnn beside cifar: the harness then runs pfl on `cnn`, with
+  the workload's batch and `--model cnn` (the script's --help runs without torch)."""
+  args = run.parse_args(["--peers", "pfl", "--workloads", "cnn", "cifar",
+                         "--peer-venvs", fake_venvs(tmp_path, ["pfl"])])
+  pfl = side_by_side.PEERS["pfl"]
+  models = side_by_side.peer_models(args, pfl)
+  assert {"cnn", "cifar", "stackoverflow-transformer"} <= set(models)
+  assert "dense" not in models and "logistic" not in models
+  argv = side_by_side.peer_argv(args, pfl, "cnn", 10, 3400, ())
+  assert argv[argv.index("--model") + 1] == "cnn"
+  assert argv[argv.index("--batch-size") + 1] == str(workloads.WORKLOADS["cnn"].batch_size)
+  assert argv[1].endswith("pfl_fedavg.py")
