@@ -371,13 +371,35 @@ def candidates_for(cohort_size: int, max_chunk: int, multiple_of: int = 1) -> tu
 
 
 def cohort_steps(num_examples: Sequence[int], cohort_size: int, batch_size: int,
-                 seed: int = 0) -> np.ndarray:
-  """Local steps per client (``ceil(n / batch_size)``, one epoch: a constant number of epochs
-  cancels in :func:`padding_factor`) of one cohort sampled uniformly (``seed``).
+                 seed: int = 0, *, system: Any = None,
+                 planned_steps: Callable[..., Any] | None = None) -> np.ndarray:
+  """Local steps per client of one cohort sampled uniformly (``seed``).
+
+  Without a system model: ``ceil(n / batch_size)`` (one epoch: a constant number of epochs
+  cancels in :func:`padding_factor`). With a ``system`` (a
+  :class:`~fedjax_sim.systems.SystemModel`) and the algorithm's ``planned_steps``
+  (:class:`~fedjax_sim.algorithms.Algorithm`), each client's outcome is drawn on the host
+  from the model's rates (dropout: 0 steps; straggler fraction; deadline cap) and its steps are
+  ``planned_steps(n, work_fraction, step_cap)``: the counts the round sorts the cohort by
+  (:func:`fedjax_sim.core.cohort_slots`), so :func:`padding_factor`'s order is the round's.
 
   Returns:
     int64 ``[min(cohort_size, num_clients)]``.
   """
   n = np.asarray(num_examples, np.int64)
-  pick = np.random.default_rng(seed).choice(len(n), min(cohort_size, len(n)), replace=False)
-  return -(-n[pick] // max(int(batch_size), 1))
+  rng = np.random.default_rng(seed)
+  pick = rng.choice(len(n), min(cohort_size, len(n)), replace=False)
+  if system is None or planned_steps is None:
+    return -(-n[pick] // max(int(batch_size), 1))
+  k = len(pick)
+  kept = rng.uniform(size=k) >= system.dropout
+  straggler = rng.uniform(size=k) < system.straggler_prob
+  fraction = np.where(straggler, rng.uniform(system.straggler_min_fraction, 1.0, size=k), 1.0)
+  cap = np.full(k, 2**30, np.int64)
+  if system.deadline is not None:
+    speed = np.asarray(system.steps_per_second, np.float64)[pick]
+    cap = np.floor(system.deadline * speed).astype(np.int64)
+  steps = planned_steps(np.where(kept, n[pick], 0).astype(np.int32),
+                        fraction.astype(np.float32), np.minimum(cap, 2**30).astype(np.int32),
+                        max_examples=int(n.max(initial=1)))
+  return np.asarray(steps, np.int64)

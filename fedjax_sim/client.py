@@ -57,6 +57,9 @@ NUM_STEPS = "num_steps"
 LATE = "late"
 
 ClientUpdateFn = Callable[[Params, ClientData, PyTree, PRNGKey], ClientOutput]
+#: ``planned_steps(num_examples, work_fraction, step_cap, *, max_examples) -> int32 steps``: the
+#: local steps a client will run (:func:`make_local_trainer`); the round sorts clients by it.
+PlannedStepsFn = Callable[..., jax.Array]
 
 
 def epoch_permutation(key: PRNGKey, num_examples: jax.Array, max_examples: int) -> jax.Array:
@@ -218,9 +221,37 @@ def make_local_trainer(
       is a pass over the client's own data in batches of ``B - m``).
 
   Returns:
-    ``train(start_params, data, key, grad_shift=None, anchor=None) -> LocalResult``.
+    ``train(start_params, data, key, grad_shift=None, anchor=None) -> LocalResult``. Its
+    attribute ``train.planned_steps(num_examples, work_fraction=1.0, step_cap=2**30, *,
+    max_examples=None)`` is the pure rule for the local steps ``train`` runs
+    (``min(ceil(planned * work_fraction), step_cap)``), the one formula the trainer itself
+    uses; an :class:`~fedjax_sim.algorithms.Algorithm` carries it as ``planned_steps``.
   """
   _check_local_work(batch_size, local_epochs, local_steps)
+
+  def uncapped_steps(n, bsz, work_fraction):
+    """The one rule: planned steps of a client with ``n`` own examples per batch of ``bsz``,
+    scaled by its ``work_fraction`` (stragglers), before the deadline's cap."""
+    if local_epochs is not None:
+      planned = local_epochs * ((n + bsz - 1) // bsz)
+    else:
+      planned = jnp.where(n > 0, local_steps, 0)
+    return jnp.ceil(planned * work_fraction).astype(jnp.int32)
+
+  def own_batch(max_examples: int | None) -> int:
+    """Own examples per batch (static): ``batch_size`` less the shared slots."""
+    bsz = max_examples if batch_size is None else batch_size
+    if bsz is None:
+      raise ValueError("planned_steps of a full-batch update (batch_size=None) needs "
+                       "max_examples= (the population's largest client).")
+    return bsz if shared is None else bsz - shared.slots(bsz)
+
+  def planned_steps(num_examples, work_fraction=1.0, step_cap=2**30, *, max_examples=None):
+    """Local steps a client runs (pure, traceable, broadcasts over clients): the planned
+    steps for ``num_examples`` examples times ``work_fraction``, rounded up, capped at
+    ``step_cap``; ``max_examples`` (static) is needed with ``batch_size=None`` only."""
+    n = jnp.asarray(num_examples, jnp.int32)
+    return jnp.minimum(uncapped_steps(n, own_batch(max_examples), work_fraction), step_cap)
 
   def objective(params, anchor, batch, key):
     loss, aux = loss_fn(params, batch, key)
@@ -239,12 +270,9 @@ def make_local_trainer(
       bsz = bsz - num_shared  # the client's own examples per batch
     n = data.num_examples
     steps_per_epoch = jnp.maximum((n + bsz - 1) // bsz, 1)
-    if local_epochs is not None:
-      planned = local_epochs * ((n + bsz - 1) // bsz)
-    else:
-      planned = jnp.where(n > 0, local_steps, 0)
-    # Stragglers complete a fraction of the planned steps; a deadline caps them.
-    planned = jnp.ceil(planned * data.work_fraction).astype(jnp.int32)
+    # Stragglers complete a fraction of the planned steps; a deadline caps them (the rule
+    # planned_steps exposes, so that the round can sort clients by it).
+    planned = uncapped_steps(n, bsz, data.work_fraction)
     late = planned > data.step_cap
     total_steps = jnp.minimum(planned, data.step_cap)
     shuffle_key, step_key = jax.random.split(key)
@@ -300,6 +328,7 @@ def make_local_trainer(
     metrics = jax.tree.map(lambda s: s / jnp.maximum(processed, 1.0), sums)
     return LocalResult(params, total_steps, metrics, late)
 
+  train.planned_steps = planned_steps
   return train
 
 
@@ -349,7 +378,9 @@ def make_client_update(
     ``client_update(broadcast, data, client_state, key) -> ClientOutput`` with
     ``delta = broadcast - local_params`` and ``weight = num_examples``; ``metrics`` holds the
     example-weighted mean ``loss`` (and the loss's aux metrics) over the local steps, and
-    ``num_steps``. ``client_state`` is passed through unchanged.
+    ``num_steps``. ``client_state`` is passed through unchanged. Its attribute
+    ``client_update.planned_steps`` is the trainer's pure step rule
+    (:func:`make_local_trainer`).
   """
   train = make_local_trainer(
       loss_fn, client_optimizer, batch_size=batch_size, local_epochs=local_epochs,
@@ -362,6 +393,7 @@ def make_client_update(
     return ClientOutput(delta, data.num_examples.astype(jnp.float32), result_metrics(result),
                         client_state)
 
+  client_update.planned_steps = train.planned_steps
   return client_update
 
 

@@ -121,11 +121,46 @@ class CohortSlots(NamedTuple):
   real: jax.Array
 
 
-def cohort_slots(plan: RoundPlan, cohort: Cohort, population: Population) -> CohortSlots:
-  """Sorts the cohort by client size (``plan.sort_by_size``) and pads it to whole chunks."""
+def slot_steps(plan: RoundPlan, keys: RoundKeys, population: Population, ids: jax.Array,
+               real: jax.Array) -> jax.Array | None:
+  """The local steps each slot's client will run this round, before any of them runs.
+
+  The system model's outcome is drawn from the key :func:`client_result` uses
+  (``fold_in(keys.system, OUTCOME_SALT)``, then the client id), so the counts are the ones the
+  clients run: ``algorithm.planned_steps`` of the example count (0 for padded, dropped and
+  empty clients), the work fraction (stragglers) and the step cap (deadline).
+
+  Returns:
+    int32 ``[len(ids)]``, or None without a system model or without
+    ``plan.algorithm.planned_steps`` (then the steps follow the client sizes).
+  """
+  planned = plan.algorithm.planned_steps
+  if plan.system is None or planned is None:
+    return None
+  outcome = plan.system.after_selection(jax.random.fold_in(keys.system, OUTCOME_SALT), ids)
+  n = population.num_examples[ids]
+  n = jnp.where(real & outcome.kept & (n > 0), n, 0)  # as client_result's num_examples
+  return planned(n, outcome.work_fraction, outcome.step_cap,
+                 max_examples=population.max_examples).astype(jnp.int32)
+
+
+def cohort_slots(plan: RoundPlan, cohort: Cohort, population: Population,
+                 keys: RoundKeys | None = None) -> CohortSlots:
+  """Sorts the cohort (``plan.sort_by_size``) and pads it to whole chunks.
+
+  With a system model and ``plan.algorithm.planned_steps`` (and the round's ``keys``) the
+  cohort is sorted by the local steps each client will run (:func:`slot_steps`: stragglers and
+  deadlines cut them), else by client size; descending either way, so that each chunk's
+  vmapped loop runs only as many steps as its own largest client. Only the summation order
+  depends on it.
+  """
   ids, real = cohort.ids, cohort.mask
   if plan.sort_by_size:  # big clients together: each chunk runs only the steps it needs
-    sizes = jnp.where(real, population.num_examples[ids], -1)
+    steps = None if keys is None else slot_steps(plan, keys, population, ids, real)
+    if steps is None:
+      sizes = jnp.where(real, population.num_examples[ids], -1)
+    else:
+      sizes = jnp.where(real, steps, -1)
     order = jnp.argsort(-sizes, stable=True)
     ids, real = ids[order], real[order]
   pad = plan.num_chunks * plan.chunk_size - plan.cohort_size
@@ -508,7 +543,7 @@ def round_step(plan: RoundPlan, state: ServerState, population: Population, halt
   algo = plan.algorithm
   keys = round_keys(state.key, state.round)
   cohort, available = sample_cohort(plan, state.key, state.round)
-  slots = cohort_slots(plan, cohort, population)
+  slots = cohort_slots(plan, cohort, population, keys)
   context = plan.context._replace(
       shared_key=keys.shared, cohort_ids=slots.ids, cohort_mask=slots.real)
   # trainable=: the algorithm sees the trainable view; the frozen view goes to every client of

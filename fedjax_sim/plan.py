@@ -66,8 +66,12 @@ class Performance:
   Attributes:
     chunk_size: clients vmapped together (a multiple of the mesh's ``clients`` axis); None: the
       whole cohort in one chunk.
-    sort_by_size: order the cohort by client size before chunking, so that each chunk runs only
-      the steps its largest client needs.
+    sort_by_size: order the cohort before chunking (descending), so that each chunk runs only
+      the local steps its own largest client needs: by the steps each client will run this
+      round when there is a system model and the algorithm carries ``planned_steps`` (the
+      outcome's work fraction and step cap, drawn from the keys the clients use: stragglers
+      and deadlines cut steps that size alone does not show), else by client size. Only the
+      summation order depends on it.
     unbatched_single_client: a chunk of one client runs without vmap (a size-1 vmap still
       batches every op, which XLA:CPU runs slower).
     mesh: a mesh with a ``clients`` axis that each chunk is split along, or None.
@@ -142,7 +146,7 @@ class RoundPlan:
   chunk_size = property(lambda self: self.performance.chunk_size or self.cohort_size,
                         doc="Clients per vmapped chunk (:class:`Performance`).")
   sort_by_size = property(lambda self: self.performance.sort_by_size,
-                          doc="Order the cohort by size (:class:`Performance`).")
+                          doc="Order the cohort by steps or size (:class:`Performance`).")
   unbatched_single_client = property(lambda self: self.performance.unbatched_single_client,
                                      doc="A one-client chunk skips vmap (:class:`Performance`).")
   mesh = property(lambda self: self.performance.mesh,

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import optax
 
 from fedjax_sim.aggregators import Process
-from fedjax_sim.client import ClientUpdateFn
+from fedjax_sim.client import ClientUpdateFn, PlannedStepsFn
 from fedjax_sim.types import LossFn, Params
 
 __all__ = ["Algorithm", "check_loss", "check_optimizer"]
@@ -47,6 +47,11 @@ class Algorithm(NamedTuple):
       None (every parameter trained). ``Simulation`` resolves it against the params; then the
       ``client_update`` receives a :class:`~fedjax_sim.algorithms.FinetuneBroadcast` and every
       other field works on the trainable view (see :mod:`fedjax_sim.partition_views`).
+    planned_steps: optional pure ``planned_steps(num_examples, work_fraction, step_cap, *,
+      max_examples) -> int32`` giving the local steps ``client_update`` runs (the trainer's own
+      rule, e.g. ``make_client_update(...).planned_steps``). With a system model the round
+      sorts the cohort by it before chunking (:func:`fedjax_sim.core.cohort_slots`), which
+      changes speed only; None: the cohort is sorted by size.
   """
 
   client_update: ClientUpdateFn
@@ -62,6 +67,7 @@ class Algorithm(NamedTuple):
   server_update: Callable[..., tuple[Params, Any]] | None = None
   weight_fn: Callable[[Any, dict, Any], Any] | None = None
   trainable: Any = None
+  planned_steps: PlannedStepsFn | None = None
 
 
 def check_optimizer(name: str, opt: Any) -> None:

@@ -183,7 +183,7 @@ def _local_sgd_algorithm(
     )
     return Algorithm(
         client_update, process, server_optimizer, None, name, shared_loss(loss_fn, shared),
-        client_optimizer, batch_size,
+        client_optimizer, batch_size, planned_steps=client_update.planned_steps,
     )
 
   return _views.partitioned(build, loss_fn, trainable)

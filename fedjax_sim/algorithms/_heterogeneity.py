@@ -123,6 +123,7 @@ def _scaffold(loss_fn, loss, lr, client_opt, server_optimizer, batch_size, local
       _server(server_optimizer), client_state_init=zeros, name="scaffold", loss_fn=loss_fn,
       client_optimizer=client_opt, batch_size_hint=batch_size, server_extra_init=zeros,
       broadcast_fn=lambda params, c: (params, c), server_update=server_update,
+      planned_steps=train.planned_steps,
   )
 
 
@@ -192,7 +193,7 @@ def fednova(
   return Algorithm(
       client_update, weighted_mean(), _server(server_optimizer), name="fednova",
       loss_fn=loss_fn, client_optimizer=client_opt, batch_size_hint=batch_size,
-      server_update=server_update,
+      server_update=server_update, planned_steps=train.planned_steps,
   )
 
 
@@ -261,6 +262,7 @@ def qffl(
   return Algorithm(
       client_update, sum_process(), optax.sgd(1.0), name="qffl", loss_fn=loss_fn,
       client_optimizer=client_opt, batch_size_hint=batch_size, server_update=server_update,
+      planned_steps=train.planned_steps,
   )
 
 
@@ -351,7 +353,8 @@ def _ditto(loss_fn, loss, lam_value, client_optimizer, personal_optimizer, serve
       client_update, weighted_mean() if aggregator is None else as_process(aggregator),
       _server(server_optimizer), client_state_init=lambda params: params, name="ditto",
       loss_fn=loss_fn, client_optimizer=client_optimizer,
-      batch_size_hint=batch_size,
+      batch_size_hint=batch_size, planned_steps=lambda *a, **k: (  # both local loops run
+          global_train.planned_steps(*a, **k) + personal_train.planned_steps(*a, **k)),
   )
 
 
@@ -414,5 +417,5 @@ def feddyn(
   return Algorithm(
       client_update, mean_process(), optax.sgd(1.0), client_state_init=zeros, name="feddyn",
       loss_fn=loss_fn, client_optimizer=client_optimizer, batch_size_hint=batch_size,
-      server_extra_init=zeros, server_update=server_update,
+      server_extra_init=zeros, server_update=server_update, planned_steps=train.planned_steps,
   )

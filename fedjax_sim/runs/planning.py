@@ -492,11 +492,16 @@ def _tuned(plan: RoundPlan, population, params, key, batch, bsz: int, budget: in
                {name: (v.shape, str(v.dtype)) for name, v in batch.items()}, k, n,
                np.asarray(population.num_examples).tolist(), population_on,
                plan.sort_by_size, plan.unbatched_single_client, candidates)
+  if plan.system is not None:  # its stragglers and deadline set the steps, and the order
+    signature += (("system", repr(plan.system), plan.algorithm.planned_steps is not None),)
   # Timed nearest-first around the model's own chunk (plan.chunk_size, memory.chunk_size_for):
   # the budget may run out before the last candidates, so the likely winners go first (on CPU
   # the small chunks, on an accelerator the large ones).
   candidates = tuple(sorted(candidates, key=lambda c: (abs(math.log2(c / plan.chunk_size)), c)))
-  steps = _autotune.cohort_steps(np.asarray(population.num_examples), k, bsz)
+  # The recorded padding follows the round's order: with a system model, the steps the
+  # clients run (stragglers, deadline; core.cohort_slots sorts by them), else their sizes.
+  steps = _autotune.cohort_steps(np.asarray(population.num_examples), k, bsz,
+                                 system=plan.system, planned_steps=plan.algorithm.planned_steps)
   choice = tuner(plan, population, params, key, request, candidates, signature=signature,
                  steps=steps, population_on=population_on)
   return plan.with_performance(chunk_size=choice.choice, tuning=choice)
