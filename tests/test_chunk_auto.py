@@ -28,6 +28,8 @@ def setup():
   return algo, pop, params
 
 
+# slow tier: times 2 candidates and 2 runs (~5 s); the cache, candidates and refusal tests stay
+@pytest.mark.slow
 def test_measured_chunk_is_speed_only_and_recorded_in_config(setup, tmp_path):
   algo, pop, params = setup
   # budget ~0: the first candidate is timed, the second skipped (recorded as None). Candidates

@@ -204,6 +204,7 @@ def test_config_with_a_string_number_names_the_fix(tmp_path, capsys):
                  "privacy.delta must lie in (0, 1); got the string '1e-5'", "write 1.0e-5")
 
 
+@pytest.mark.slow  # (~2 s) the nonfinite tests of test_round stay
 def test_diverged_training_is_one_line_and_exit_1(tmp_path, capsys):
   # A client learning rate that makes every update NaN: the run stops at round 1 (on_nonfinite
   # "raise"), says so on one line naming the round and the fix, and leaves no traceback.
@@ -215,6 +216,7 @@ def test_diverged_training_is_one_line_and_exit_1(tmp_path, capsys):
   assert "round 1 is non-finite" in err and "learning rate" in err, err
 
 
+@pytest.mark.slow  # (~2 s) the run-dir ownership tests of test_run_integrity stay
 def test_demo_refuses_another_runs_directory_and_keeps_its_log(capsys, tmp_path, pop, loss_fn):
   """The demo used to delete metrics.jsonl in --out before anything was checked."""
   import jax

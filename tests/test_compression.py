@@ -112,6 +112,7 @@ def _algo(loss_fn, agg):
                               local_epochs=1, aggregator=agg)
 
 
+@pytest.mark.slow  # (~2 s) test_quantized_mean_in_round_is_close_and_reports_bits stays
 def test_rotation_in_round_equals_plain_mean(pop, loss_fn, init_params):
   rot = fs.aggregators.hadamard_rotation()
   rotated = fs.aggregators.process(rot.rotate, fs.aggregators.weighted_sum_reducer(),

@@ -170,6 +170,7 @@ def test_per_client_evaluation_equals_loop():
   assert s["accuracy_weighted_mean"] == pytest.approx(central["accuracy"], abs=1e-5)
 
 
+@pytest.mark.slow  # (~2 s) test_per_client_evaluation_equals_loop stays
 def test_personalised_evaluation_improves_local_fit():
   pop = datasets.leaf_synthetic(1.0, 1.0, num_clients=6, seed=2)
   params = {"w": jnp.zeros((60, 10)), "b": jnp.zeros(10)}

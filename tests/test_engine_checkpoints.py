@@ -96,6 +96,7 @@ def test_speed_only_settings_do_not_change_the_configuration(tmp_path, setup):
   assert int(b.restore(d, PARAMS).round) == 2
 
 
+@pytest.mark.slow  # (~2.5 s) test_old_engine_log_is_taken_as_this_runs stays
 def test_a_torn_last_log_row_does_not_block_the_resume(tmp_path, setup):
   sim = _sim(setup)
   d, log = str(tmp_path / "ck"), str(tmp_path / "log")

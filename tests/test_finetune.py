@@ -93,6 +93,7 @@ def test_frozen_part_matches_oracle_that_trains_only_the_head(dp, pop, loss_fn):
              jax.tree_util.tree_leaves_with_path(state.opt_state, is_leaf=lambda v: v is None))
 
 
+@pytest.mark.slow  # (~4 s) test_frozen_part_matches_oracle_that_trains_only_the_head stays
 def test_frozen_part_not_in_per_client_state_or_upload(pop, loss_fn):
   params = two_layer_params()
   _, state, _ = run(_algos(loss_fn, HEAD)["scaffold"], pop, params)
@@ -106,6 +107,7 @@ def test_frozen_part_not_in_per_client_state_or_upload(pop, loss_fn):
   chex.assert_trees_all_equal(ditto.params["body"], params["body"])
 
 
+@pytest.mark.slow  # (~2 s) the engine's chunk invariance stays in test_round / test_systems
 def test_result_invariant_to_chunk_size(pop, loss_fn):
   params = two_layer_params()
   algo = fs.algorithms.scaffold(loss_fn, client_learning_rate=0.2, batch_size=4,
@@ -287,6 +289,7 @@ def test_shared_data_mixes_the_fraction_into_every_batch():
   np.testing.assert_allclose(np.asarray(state.params["w"]), [-3 * 2 / 4], rtol=1e-6)
 
 
+@pytest.mark.slow  # (~4 s) test_shared_data_mixes_the_fraction_into_every_batch stays
 def test_shared_data_draws_with_client_key_in_jit():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(60, 3)).astype(np.float32)

@@ -37,6 +37,7 @@ def test_matmul_and_scan_are_counted_per_iteration():
   assert workloads.count_flops(looped, a, b)["matmul"] == 7 * 2 * 4 * 3 * 5
 
 
+@pytest.mark.slow  # (~2 s) test_matmul_and_scan_are_counted_per_iteration stays
 def test_lstm_counts_every_time_step():
   # XLA:CPU's cost analysis counts a while-loop body once; the jaxpr count multiplies by T.
   m = fs.zoo.ShakespeareLSTM(hidden=16)

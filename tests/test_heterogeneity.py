@@ -244,6 +244,7 @@ def test_feddyn_matches_oracle(pop, loss_fn, init_params):
   close(state.server_extra, h, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # (~3 s) test_weight_fn_with_unweighted_dp_is_refused and the q-FFL oracle stay
 def test_dynamic_weight_fn_matches_manual_weighting(pop, loss_fn, init_params):
   # Loss-proportional weights: the update is sum(loss_k * delta_k) / sum(loss_k).
   key = jax.random.key(5)

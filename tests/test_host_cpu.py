@@ -79,6 +79,9 @@ def test_the_users_flags_and_device_count_win():
   assert off["xla_flags"] is None and off["devices"] == 1 and not off["mesh"]
 
 
+# slow tier: two fresh interpreters (~5 s); configure(0)'s error is also in
+# test_default_is_one_device_and_no_mesh's file
+@pytest.mark.slow
 def test_too_late_and_bad_switches_are_clear_errors():
   late = run_py("import jax; jax.devices()\nimport fedjax_sim as fs\n"
                 "assert fs.host_cpu._state['devices'] is None\nfs.host_cpu.configure(2)")

@@ -175,6 +175,9 @@ def test_min_separation_over_ten_thousand_rounds():
     assert stats.chisquare(np.bincount(bins, minlength=b)).pvalue > 1e-4
 
 
+# slow tier: (~4 s) chunk invariance of every aggregator also in test_sharding's slow workers;
+# BandMF's resume in test_engine_checkpoints
+@pytest.mark.slow
 def test_chunk_size_invariance_and_resume_exact():
   agg = fs.aggregators.band_mf_mean(1.0, 0.5, bands=3)
   sampler = fs.sampling.cyclic_poisson(0.75, 3, 24)
@@ -332,6 +335,7 @@ def test_participation_cap_holds_over_the_run():
     assert int(bad) == 1
 
 
+@pytest.mark.slow  # (~3 s) test_epsilon_equals_jax_privacy and the cap's tracker test stay
 def test_participation_cap_epsilon_is_the_libraries():
   """ε with the cap: dp-accounting's k-fold Poisson-sampled Gaussian (jax_privacy's dpsgd_event,
   the per-participation event of amplified BandMF); the tree's sensitivity is jax_privacy's with

@@ -40,6 +40,7 @@ def test_linen_with_dropout_trains():
   assert m["loss"][-1] < m["loss"][0] and m["accuracy"][-1] > 0.8
 
 
+@pytest.mark.slow  # (~3 s) test_finetune.py::test_nnx_lora_linear_trains_only_its_adapters stays
 def test_nnx_trains():
   class MLP(nnx.Module):
     def __init__(self, rngs):

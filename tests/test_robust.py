@@ -174,6 +174,7 @@ def delta_of(init_params):
   return delta
 
 
+@pytest.mark.slow  # (~3 s) test_alie_in_round_rewrites_the_attackers_rows stays
 def test_sign_flip_and_scaling_rewrite_only_attackers(pop, loss_fn, delta_of):
   key = jax.random.key(9)
   n = pop.num_clients

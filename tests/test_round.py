@@ -160,6 +160,7 @@ def test_empty_client_changes_nothing(clients, loss_fn, init_params):
   assert mb["clients"][0] == more.num_clients - 1  # an empty client does not participate
 
 
+@pytest.mark.slow  # (~2 s) test_core.py::test_simulation_counts_compiles_on_the_host stays
 def test_compiles_once_for_many_rounds(pop, loss_fn, init_params):
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=4,
                               local_epochs=1)

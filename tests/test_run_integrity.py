@@ -352,6 +352,7 @@ def test_sigint_mid_block_then_resume_is_bit_identical(tmp_path, sim, init_param
 # -- 16. accountant choice in run(); an achievable cap ---------------------------------------
 
 
+@pytest.mark.slow  # (~3 s) test_privacy's accountant tests stay
 def test_run_takes_the_accountant_and_the_cap_message_is_achievable(pop, loss_fn, init_params):
   n = pop.num_clients
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=4,

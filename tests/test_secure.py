@@ -54,6 +54,7 @@ def test_masked_equals_modular_bit_for_bit(pop, loss_fn, dropout, run_rounds):
   assert np.all(np.asarray(out["masked"][1]["secagg_wrapped"]) == 0)
 
 
+@pytest.mark.slow  # (~4 s) test_masked_equals_modular_bit_for_bit (with dropouts) stays
 def test_masked_with_system_dropouts_and_padding(pop, loss_fn, init_params):
   system = fs.systems.SystemModel(dropout=0.3)
   res = []
@@ -159,6 +160,8 @@ def test_skellam_without_noise_is_the_clipped_mean():
   assert np.abs(err).max() > 0
 
 
+# slow tier: (~3 s) test_skellam_without_noise_is_the_clipped_mean and the in-round test stay
+@pytest.mark.slow
 def test_skellam_noise_has_the_central_std():
   n, d, z, c = 50, 4096, 1.0, 1.0
   x = {"w": jnp.zeros((n, d), jnp.float32)}

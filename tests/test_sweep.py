@@ -23,6 +23,9 @@ def dp_fedprox(loss_fn):
   return build
 
 
+# slow tier: two lanes against two compiled single runs (~8 s);
+# test_core.py::test_sweep_compiles_once_for_every_lane stays
+@pytest.mark.slow
 def test_each_lane_equals_its_single_run(pop, loss_fn, init_params):
   # Two lanes (each checked against its own compiled single run, the cost of this test).
   seeds, hyper = SEEDS[:2], {k: v[:2] for k, v in HYPER.items()}

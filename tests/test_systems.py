@@ -83,6 +83,7 @@ def test_unavailable_clients_are_never_selected(pop, loss_fn, init_params):
   assert np.all(m["available"] == pop.num_clients // 2)
 
 
+@pytest.mark.slow  # (~2 s) test_dropout_rate_and_chunk_invariance stays
 def test_trace_and_diurnal_availability(tmp_path, pop, loss_fn, init_params):
   n = pop.num_clients
   lines = ["client_id,window"] + [f"{c},{c % 3}" for c in range(n)]

@@ -25,6 +25,9 @@ def test_param_count_matches_pfl_formula(vocab, d, heads, ff, layers):
   assert n == _pfl_param_count(vocab, d, ff, layers)
 
 
+# slow tier: a 1.96M-parameter forward and loss (~5 s); the shape doctest, parameter count and
+# FLOP tests stay
+@pytest.mark.slow
 def test_forward_shape_causal_and_finite_loss():
   m = fs.zoo.StackOverflowTransformer(vocab_size=40, embed_dim=16, num_heads=4, ff_dim=32,
                                       num_layers=1)
