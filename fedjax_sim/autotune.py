@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["AutoChunk", "ChunkChoice", "cache_key", "cache_path", "candidates_for", "chunk_request",
@@ -378,8 +379,8 @@ def cohort_steps(num_examples: Sequence[int], cohort_size: int, batch_size: int,
   Without a system model: ``ceil(n / batch_size)`` (one epoch: a constant number of epochs
   cancels in :func:`padding_factor`). With a ``system`` (a
   :class:`~fedjax_sim.systems.SystemModel`) and the algorithm's ``planned_steps``
-  (:class:`~fedjax_sim.algorithms.Algorithm`), each client's outcome is drawn on the host
-  from the model's rates (dropout: 0 steps; straggler fraction; deadline cap) and its steps are
+  (:class:`~fedjax_sim.algorithms.Algorithm`), each client's outcome is the system model's own
+  ``after_selection`` draw (dropout: 0 steps; straggler fraction; deadline cap) and its steps are
   ``planned_steps(n, work_fraction, step_cap)``: the counts the round sorts the cohort by
   (:func:`fedjax_sim.core.cohort_slots`), so :func:`padding_factor`'s order is the round's.
 
@@ -391,15 +392,9 @@ def cohort_steps(num_examples: Sequence[int], cohort_size: int, batch_size: int,
   pick = rng.choice(len(n), min(cohort_size, len(n)), replace=False)
   if system is None or planned_steps is None:
     return -(-n[pick] // max(int(batch_size), 1))
-  k = len(pick)
-  kept = rng.uniform(size=k) >= system.dropout
-  straggler = rng.uniform(size=k) < system.straggler_prob
-  fraction = np.where(straggler, rng.uniform(system.straggler_min_fraction, 1.0, size=k), 1.0)
-  cap = np.full(k, 2**30, np.int64)
-  if system.deadline is not None:
-    speed = np.asarray(system.steps_per_second, np.float64)[pick]
-    cap = np.floor(system.deadline * speed).astype(np.int64)
-  steps = planned_steps(np.where(kept, n[pick], 0).astype(np.int32),
-                        fraction.astype(np.float32), np.minimum(cap, 2**30).astype(np.int32),
+  # The system model's own per-client draw (what the round uses), keyed by ``seed``.
+  outcome = system.after_selection(jax.random.key(seed), jnp.asarray(pick, np.int32))
+  sizes = np.where(np.asarray(outcome.kept), n[pick], 0).astype(np.int32)
+  steps = planned_steps(sizes, outcome.work_fraction, outcome.step_cap,
                         max_examples=int(n.max(initial=1)))
   return np.asarray(steps, np.int64)

@@ -164,3 +164,14 @@ def test_cohort_steps_draws_the_system_on_the_host(loss_fn):
   gone = autotune.cohort_steps(sizes, 20, 4, planned_steps=rule,
                                system=fs.systems.SystemModel(dropout=1.0))
   assert not gone.any()
+
+
+def test_cohort_steps_respects_the_deadline_cap(loss_fn):
+  """The host draw is the system model's own: no client runs past floor(deadline * speed)."""
+  sizes = np.arange(1, 41)
+  speeds = np.linspace(0.5, 3.0, 40)
+  sysm = fs.systems.SystemModel(deadline=2.0, steps_per_second=tuple(speeds))
+  steps = autotune.cohort_steps(sizes, 40, 4, planned_steps=fedavg(loss_fn).planned_steps,
+                                system=sysm)  # the whole population: pick is a permutation
+  assert steps.max() <= np.floor(2.0 * speeds.max())
+  assert sorted(steps) == sorted(np.minimum(2 * -(-sizes // 4), np.floor(2.0 * speeds)))
