@@ -97,9 +97,7 @@ def _check_sampler(sampler: Any, num_clients: int) -> None:
           "cannot account a PoissonSampler with per-client availability: clients then join with "
           "different probabilities, and the accountant needs one q. Use availability=None."
       )
-  elif isinstance(sampler, CyclicPoissonSampler):
-    pass
-  else:
+  elif not isinstance(sampler, CyclicPoissonSampler):
     raise TypeError(
         f"cannot account sampler {sampler!r}: pass fs.sampling.poisson(...), "
         "fs.sampling.uniform(K) or fs.sampling.cyclic_poisson(q, b, ...)."
