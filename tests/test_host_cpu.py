@@ -79,9 +79,7 @@ def test_the_users_flags_and_device_count_win():
   assert off["xla_flags"] is None and off["devices"] == 1 and not off["mesh"]
 
 
-# slow tier: two fresh interpreters (~5 s); configure(0)'s error is also in
-# test_default_is_one_device_and_no_mesh's file
-@pytest.mark.slow
+@pytest.mark.slow  # two fresh interpreters (~5 s); the in-process check below stays
 def test_too_late_and_bad_switches_are_clear_errors():
   late = run_py("import jax; jax.devices()\nimport fedjax_sim as fs\n"
                 "assert fs.host_cpu._state['devices'] is None\nfs.host_cpu.configure(2)")
@@ -89,6 +87,9 @@ def test_too_late_and_bad_switches_are_clear_errors():
   assert "must run before jax starts its backend" in late.stderr
   bad = run_py("import fedjax_sim", FEDJAX_SIM_HOST_DEVICES="many")
   assert bad.returncode != 0 and "FEDJAX_SIM_HOST_DEVICES='many'" in bad.stderr
+
+
+def test_a_bad_device_count_is_a_clear_error():
   with pytest.raises(ValueError, match="num_devices must be"):
     fs.host_cpu.configure(0)
 

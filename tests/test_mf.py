@@ -182,8 +182,9 @@ def test_min_separation_over_ten_thousand_rounds():
     assert stats.chisquare(np.bincount(bins, minlength=b)).pvalue > 1e-4
 
 
-# slow tier: (~4 s) chunk invariance of every aggregator also in test_sharding's slow workers;
-# BandMF's resume in test_engine_checkpoints
+# slow tier (~4 s): CI runs it with the slow tests; BandMF and the tree also run in
+# test_sharding's slow device-count workers, and test_resume_with_another_mechanism_state_is_refused
+# keeps the mechanism state's resume check in the default tier
 @pytest.mark.slow
 def test_chunk_size_invariance_and_resume_exact():
   agg = fs.aggregators.band_mf_mean(1.0, 0.5, bands=3)
