@@ -32,6 +32,7 @@ from fedjax_sim import sharding as _sharding
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data.population import Population
 from fedjax_sim.plan import ServerState
+from fedjax_sim.runs import planning
 from fedjax_sim.runs.simulation import Simulation
 
 #: Arguments that fix shapes or loop counts: sweeping one needs a separate run per value.
@@ -217,6 +218,8 @@ def compile_sweep(
                       f"{type(algo).__name__} for simulation {i}.")
   sim = Simulation(algorithms[0], population, **simulation_kwargs)
   sim.init(params, jax.random.key(int(seeds_arr[0])))  # checks shapes, fixes the chunk size
+  for algo in algorithms:  # a strategy matrix's length, a participation cap's rounds
+    planning.check_horizon(algo, 0, int(num_rounds), sim.sampler)
   spec0 = _state_spec(sim.plan, algorithms[0], params)
   for i, algo in enumerate(algorithms[1:], start=1):
     if _state_spec(sim.plan, algo, params) != spec0:

@@ -1,5 +1,7 @@
 """BandMF correlated noise (DP-FTRL family), participation schedules and their accounting."""
 
+import dataclasses
+
 import chex
 import dp_accounting as dpa
 import jax
@@ -391,6 +393,18 @@ def test_participation_cap_bad_input_before_compiling():
     sim.run(sim.init({"w": jnp.zeros(DIM)}, jax.random.key(0)), num_rounds=7, progress=False)
   with pytest.raises(ValueError, match="num_rounds=7 exceeds the sampler's num_rounds=6"):
     fs.privacy.epsilon(sampler, 32, 1.0, 7, 1e-5)
+  # Every other way to run rounds is held to the cap's rounds too (its windows would wrap):
+  # one round at a time, the benchmark (compile block + timed block) and fs.sweep.
+  state = sim.init({"w": jnp.zeros(DIM)}, jax.random.key(0))
+  state.round.block_until_ready()
+  with pytest.raises(ValueError, match="runs past the sampler's num_rounds=6"):
+    sim.benchmark(state, 4)
+  with pytest.raises(ValueError, match="runs past the sampler's num_rounds=6"):
+    fs.sweep(lambda lr: algorithm, _population(32), {"w": jnp.zeros(DIM)}, seeds=[0],
+             hyperparameters={"lr": [0.1]}, num_rounds=7, sampler=sampler)
+  late = dataclasses.replace(state, round=jnp.asarray(6, state.round.dtype))
+  with pytest.raises(ValueError, match="runs past the sampler's num_rounds=6"):
+    sim.round(late)
 
 
 def test_cli_privacy_max_participations(capsys):

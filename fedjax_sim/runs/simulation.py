@@ -143,7 +143,7 @@ class Simulation:
       self.plan, self._programs = plan, {}  # (the same program keeps its compiled executables)
     return planned.state_spec
 
-  def _check_state(self, state) -> None:
+  def _check_state(self, state, rounds: int = 0) -> None:
     if not isinstance(state, ServerState):
       raise TypeError(f"state must be the ServerState from sim.init(...); got "
                       f"{type(state).__name__}.")
@@ -156,6 +156,7 @@ class Simulation:
     if self.plan is None:
       raise ValueError("call sim.init(params, key) first; it fixes the chunk size and checks "
                        "shapes.")
+    planning.check_horizon(self.algorithm, int(state.round), rounds, self.sampler)
     core.check_state_fits(self.plan, state)  # per-client state of another population: refused
 
   def _program(self, block: int | None = None):
@@ -169,7 +170,7 @@ class Simulation:
 
   def round(self, state: ServerState) -> tuple[ServerState, dict[str, float]]:
     """Runs one round (``state`` is donated). Returns ``(state, metrics as host floats)``."""
-    self._check_state(state)
+    self._check_state(state, rounds=1)
     state, metrics = self._program()(state, self.population)
     return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -198,13 +199,12 @@ class Simulation:
         ``on_nonfinite="raise"``) a non-finite round; its ``.state`` is the state to go on from.
     """
     o = RunOptions(**kwargs) if options is None else dataclasses.replace(options, **kwargs)
-    self._check_state(state)
     num_rounds, block_size, eval_every, checkpoint_every, policy = planning.run_args(
         num_rounds, block_size=o.block_size, eval_every=o.eval_every, eval_fn=o.eval_fn,
         checkpoint_dir=o.checkpoint_dir, checkpoint_every=o.checkpoint_every,
         log_dir=o.log_dir, tensorboard=o.tensorboard, accountant=o.accountant,
         on_nonfinite=o.on_nonfinite)
-    planning.check_horizon(self.algorithm, int(state.round), num_rounds, self.sampler)
+    self._check_state(state, rounds=num_rounds)
     program = self._program(block_size)
     records = RunRecorder(self.plan, self.population, state, num_rounds, o,
                           block_size=block_size, eval_every=eval_every,
@@ -268,7 +268,7 @@ class Simulation:
     Returns:
       ``(state, figures)`` (:func:`fedjax_sim.programs.time_block`).
     """
-    self._check_state(state)
+    self._check_state(state, rounds=2 * num_rounds)  # the compile run, then the timed run
     return programs.time_block(self._program(num_rounds), state, self.population, num_rounds)
 
   def round_memory(self, state: Any, *, block_size: int | None = None):
