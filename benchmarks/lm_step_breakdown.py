@@ -3,7 +3,8 @@
 Variants, each one jitted SGD step (or the engine's local trainer over K identical steps,
 divided by K), timed interleaved in one process (A/B/C... per repetition, medians):
 
-  bare          value_and_grad of plain mean CE, no dropout (the /work/bench micro-benchmark)
+  bare          value_and_grad of plain mean CE, no dropout (beside torch's step:
+                benchmarks/peers/lm_step_torch.py in pfl's venv)
   drop_threefry + dropout (train=True) with a threefry key (JAX's default)
   drop_rbg      + dropout with an rbg key (jax.random.key(0, impl="rbg"))
   seq_threefry  fs.models.sequence_loss (masking + argmax accuracy) with dropout, threefry
