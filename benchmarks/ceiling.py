@@ -9,6 +9,15 @@ the same process. Where the engine's figure is close to this ceiling, the engine
 limits it: the small per-step matrix products are.
 
   PYTHONPATH=. python -m benchmarks.ceiling [--workloads logistic dense cnn cifar population]
+
+``--conv-variants`` also times the EMNIST CNN's second convolution (3x3x32x64 on 26x26x32,
+forward + both gradients, in a ``lax.scan``) written five ways: ``fs.zoo``'s CPU conv
+(``canonical``), plain ``lax.conv_general_dilated`` (``lax``), im2col by nine shifted slices and
+one dot (``slices``), nine dots summed (``sumdots``) and ``lax.conv_general_dilated_patches`` +
+dot (``patches``); its torch counterpart is ``benchmarks/peers/cnn_step_torch.py --layers``.
+``--engine`` times the engine's own round (``fs.Simulation``, FedAvg, chunk 1, cohort 10) on
+the workload and reports milliseconds per step slot beside the step-only ceiling, interleaved
+in one process: the engine's overhead over the bare step.
 """
 
 from __future__ import annotations
@@ -44,16 +53,17 @@ def step_ceiling(name: str, steps: int, repeats: int, batch: int | None = None) 
   fpe = flops_per_example(w, module, params, x[:1])
   loss_fn = fs.models.classifier_loss(fs.models.linen_apply(module))
   batch = {"x": x, "y": y, fs.types.MASK_KEY: jnp.ones((bsz,), jnp.float32)}
-  grad = jax.grad(lambda p: loss_fn(p, batch, jax.random.key(0))[0])
+  grad = jax.grad(lambda p, k: loss_fn(p, batch, k)[0])
   opt = optax.sgd(0.1)
 
   @jax.jit
   def run(p):
-    def body(carry, _):
-      p, s = carry
-      u, s = opt.update(grad(p), s, p)
+    def body(carry, i):
+      p, s = carry  # a fresh key each step, as the engine's trainer: models with dropout draw
+      # new masks every step (a loop-invariant key would let XLA hoist the masks out)
+      u, s = opt.update(grad(p, jax.random.fold_in(jax.random.key(0), i)), s, p)
       return (optax.apply_updates(p, u), s), None
-    return jax.lax.scan(body, (p, opt.init(p)), None, length=steps)[0][0]
+    return jax.lax.scan(body, (p, opt.init(p)), jnp.arange(steps))[0][0]
 
   jax.block_until_ready(run(params))
   best = float("inf")
@@ -125,6 +135,101 @@ def cnn_layers(steps: int, repeats: int, batch: int = 20) -> list[dict]:
   return rows
 
 
+def _conv2_variants() -> dict:
+  """The EMNIST CNN's conv2 (VALID, stride 1, NHWC/HWIO) written five ways (same values)."""
+  nhwc = ("NHWC", "HWIO", "NHWC")
+
+  def windows(x, kh, kw):
+    h2, w2 = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    return [x[:, i:i + h2, j:j + w2, :] for i in range(kh) for j in range(kw)]
+
+  def slices(x, k):
+    kh, kw, c, o = k.shape
+    p = jnp.concatenate(windows(x, kh, kw), axis=-1)
+    return (p.reshape(-1, kh * kw * c) @ k.reshape(-1, o)).reshape(*p.shape[:3], o)
+
+  def sumdots(x, k):
+    kh, kw = k.shape[:2]
+    taps = [k[i, j] for i in range(kh) for j in range(kw)]
+    return sum(jnp.einsum("bhwc,co->bhwo", w, t) for w, t in zip(windows(x, kh, kw), taps))
+
+  def patches(x, k):
+    kh, kw, c, o = k.shape  # the patches' feature order is (c, kh, kw)
+    p = jax.lax.conv_general_dilated_patches(x, (kh, kw), (1, 1), "VALID",
+                                             dimension_numbers=nhwc)
+    return p @ k.transpose(2, 0, 1, 3).reshape(c * kh * kw, o)
+
+  return {
+      "canonical": lambda x, k: fs.zoo.conv_general_dilated(x, k, (1, 1), "VALID",
+                                                            dimension_numbers=nhwc),
+      "lax": lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "VALID",
+                                                       dimension_numbers=nhwc),
+      "slices": slices, "sumdots": sumdots, "patches": patches,
+  }
+
+
+def conv_variants(steps: int, repeats: int, batch: int = 20) -> list[dict]:
+  """ms per training step of the EMNIST CNN's conv2 (forward + kernel and input gradients),
+  each formulation in a ``lax.scan`` of ``steps``, interleaved ``repeats`` times (best kept)."""
+  rng = np.random.default_rng(0)
+  k0 = jnp.asarray(rng.standard_normal((3, 3, 32, 64), np.float32) * 0.1)
+  x0 = jnp.asarray(rng.standard_normal((batch, 26, 26, 32), np.float32) * 0.1)
+  variants = _conv2_variants()
+  ref = variants["canonical"](x0, k0)
+  runs, diffs = {}, {}
+  for name, f in variants.items():
+    diffs[name] = float(jnp.max(jnp.abs(f(x0, k0) - ref)))
+    g = jax.grad(lambda k, x, f=f: jnp.sum(jnp.sin(jax.nn.relu(f(x, k)))), argnums=(0, 1))
+
+    @jax.jit
+    def run(k, x, g=g):
+      def body(c, _):
+        k, x = c
+        gk, gx = g(k, x)
+        return (k - 1e-3 * gk, x - 1e-3 * gx), None
+      return jax.lax.scan(body, (k, x), None, length=steps)[0]
+
+    jax.block_until_ready(run(k0, x0))
+    runs[name] = run
+  best = dict.fromkeys(runs, float("inf"))
+  for _ in range(repeats):  # interleaved: a load change hits every formulation alike
+    for name, run in runs.items():
+      t = time.perf_counter()
+      jax.block_until_ready(run(k0, x0))
+      best[name] = min(best[name], time.perf_counter() - t)
+  flops = 3 * 2 * batch * 24 * 24 * 288 * 64
+  return [{"conv2": name, "ms_per_step": 1e3 * best[name] / steps,
+           "gflops": flops * steps / best[name] / 1e9, "max_abs_diff": diffs[name],
+           "bench": "conv_variants", "batch": batch} for name in runs]
+
+
+def engine_vs_ceiling(name: str, steps: int, repeats: int, cohort: int = 10) -> dict:
+  """ms per step slot of the engine's round (FedAvg, 1 epoch, chunk 1) and of the step-only
+  ceiling, interleaved ``repeats`` times in this process (best of each)."""
+  w = WORKLOADS[name]
+  module = w.module()
+  x, y, ids = w.data(w.num_clients)
+  pop = fs.Population.from_arrays({"x": x, "y": y}, ids)
+  params = module.init(jax.random.key(0), jnp.asarray(x[:1]))["params"]
+  algo = fs.algorithms.fedavg(w.loss_fn(module), client_optimizer=optax.sgd(0.1),
+                              server_optimizer=optax.sgd(1.0), batch_size=w.batch_size,
+                              local_epochs=1)
+  sim = fs.Simulation(algo, pop, cohort_size=cohort, chunk_size=1)
+  state = sim.init(params, jax.random.key(0))
+  state, _ = sim.run(state, 2, block_size=2)  # compiles the block
+  engine, ceiling = float("inf"), float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    state, m = sim.run(state, 2, block_size=2)
+    jax.block_until_ready(state.params)
+    engine = min(engine, (time.perf_counter() - t) / float(np.sum(m["step_slots"])))
+    r = step_ceiling(name, steps, 1)
+    ceiling = min(ceiling, w.batch_size / r["examples_per_s"])
+  return {"workload": name, "cohort": cohort, "chunk_size": 1, "bench": "engine_vs_ceiling",
+          "engine_ms_per_step_slot": 1e3 * engine, "ceiling_ms_per_step": 1e3 * ceiling,
+          "ratio": engine / ceiling}
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
@@ -134,6 +239,10 @@ def main():
                   help="batch sizes to try (0 = the workload's own)")
   ap.add_argument("--cnn-layers", action="store_true",
                   help="also time each EMNIST-CNN layer's training step alone")
+  ap.add_argument("--conv-variants", action="store_true",
+                  help="also time the EMNIST CNN's conv2 written five ways")
+  ap.add_argument("--engine", action="store_true",
+                  help="also time the engine's round per step slot beside the ceiling")
   ap.add_argument("--out", default=None, help="append JSON lines here")
   args = ap.parse_args()
   peak = gemm_gflops()
@@ -160,6 +269,27 @@ def main():
       if args.out:
         with open(args.out, "a") as fh:
           fh.write(json.dumps(r) + "\n")
+  extra = []
+  if args.conv_variants:
+    print("\n| EMNIST-CNN conv2 as (batch 20) | ms per step (fwd + bwd) | GFLOP/s | max abs diff |")
+    print("|---|---|---|---|")
+    for r in conv_variants(args.steps, args.repeats):
+      print(f"| {r['conv2']} | {r['ms_per_step']:.2f} | {r['gflops']:.0f} "
+            f"| {r['max_abs_diff']:.1e} |", flush=True)
+      extra.append(r)
+  if args.engine:
+    print("\n| workload | engine ms per step slot | ceiling ms per step | ratio |")
+    print("|---|---|---|---|")
+    for name in args.workloads:
+      r = engine_vs_ceiling(name, args.steps, args.repeats)
+      print(f"| {name} | {r['engine_ms_per_step_slot']:.2f} | {r['ceiling_ms_per_step']:.2f} "
+            f"| {r['ratio']:.2f} |", flush=True)
+      extra.append(r)
+  for r in extra:
+    r.update(gemm_peak_gflops=peak, load_avg_1min=load, jax=jax.__version__, time=time.time())
+    if args.out:
+      with open(args.out, "a") as fh:
+        fh.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":

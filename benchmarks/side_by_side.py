@@ -9,6 +9,9 @@ virtualenv ``<--peer-venvs>/<peer>/bin/python`` (``bash benchmarks/peers/setup.s
 Peer settings tried (every one, every repeat): FedJAX its default ``jit`` backend; pfl 1 and 2
 torch threads; Flower 1 and 2 Ray CPUs per client (= torch threads per client). A peer is
 compared **at its best**: the setting with the highest mean client-updates/s over the repeats.
+Client sizes vary on most workloads and each engine draws its own cohorts, so where the peer
+reports the examples it trained (FedJAX, pfl) the summary also gives the work-normalised
+ratio of mean examples/s (``ratio_of_means_examples``), the fair one for lognormal sizes.
 
 Every run is one JSON row in ``--out`` (default ``benchmarks/results/<machine>/peers.jsonl``)
 with the 1-min load average before and after it; then one ``"summary"`` row per (workload,
@@ -213,6 +216,11 @@ def run_ours(args, model: str, cohort: int) -> dict:
     return [r for r in rows if r.get("engine") == "fedjax_sim"][-1]
 
 
+def _examples(row: dict) -> float | None:
+  """A run row's examples/s (the row's own, or its engine's printed detail; None if neither)."""
+  return row.get("examples_per_s") or (row.get("detail") or {}).get("examples_per_s")
+
+
 def summarize(rows: list[dict]) -> list[dict]:
   """One summary per (model, cohort, peer) from the run rows (failed rows give no ratio)."""
   out = []
@@ -244,6 +252,18 @@ def summarize(rows: list[dict]) -> list[dict]:
         s["ratios_per_repeat"] = [ours[r["repeat"]] / r["client_updates_per_s"] for r in ok
                                   if r["setting"] == best and r["repeat"] in ours]
         s["load_avg_1min"] = sorted(r["load_avg_1min"] for r in here if "load_avg_1min" in r)
+        # Work-normalised: client sizes vary (lognormal workloads) and each engine draws its own
+        # cohorts, so client-updates/s compares unequal work; examples/s does not.
+        ours_ex = {r["repeat"]: _examples(r) for r in here
+                   if r["engine"] == "fedjax_sim" and "error" not in r and _examples(r)}
+        best_ex = [r for r in ok if r["setting"] == best and _examples(r)]
+        if ours_ex and best_ex:
+          s["fedjax_sim_examples_per_s"] = sorted(ours_ex.values())
+          s["peer_examples_per_s"] = sorted(_examples(r) for r in best_ex)
+          s["ratio_of_means_examples"] = (statistics.fmean(ours_ex.values())
+                                          / statistics.fmean(s["peer_examples_per_s"]))
+          s["ratios_per_repeat_examples"] = [ours_ex[r["repeat"]] / _examples(r)
+                                             for r in best_ex if r["repeat"] in ours_ex]
       out.append(s)
   return out
 
@@ -255,8 +275,9 @@ def _rng(values, fmt="{:.0f}"):
 
 def markdown(summaries: list[dict]) -> str:
   lines = ["| workload | cohort | peer | fedjax_sim client-updates/s | peer at its best "
-           "(setting) | settings tried | ratio of means (per repeat) | load avg |",
-           "|---|---|---|---|---|---|---|---|"]
+           "(setting) | settings tried | ratio of means (per repeat) | ratio of means, "
+           "examples/s (per repeat) | load avg |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for s in summaries:
     ours = (_rng(s["fedjax_sim_client_updates_per_s"], "{:.3g}")
             if s["fedjax_sim_client_updates_per_s"] else "failed")
@@ -267,8 +288,12 @@ def markdown(summaries: list[dict]) -> str:
       load = _rng(s["load_avg_1min"], "{:.1f}")
     else:
       peer, ratio, load = "failed: " + s.get("errors", ["no run"])[0].split("\n")[0], "—", ""
+    ratio_ex = "—"  # a peer that does not report the examples it trained
+    if "ratio_of_means_examples" in s:
+      ratio_ex = (f"**{s['ratio_of_means_examples']:.2f}×** ("
+                  f"{', '.join(format(r, '.2f') for r in s['ratios_per_repeat_examples'])})")
     lines.append(f"| {s['model']} | {s['cohort']} | {s['peer']} | {ours} | {peer} "
-                 f"| {', '.join(s['settings_tried'])} | {ratio} | {load} |")
+                 f"| {', '.join(s['settings_tried'])} | {ratio} | {ratio_ex} | {load} |")
   return "\n".join(lines)
 
 
@@ -311,6 +336,7 @@ def main(args) -> int:
           ours_params = r["params"]
           record({**base, "engine": "fedjax_sim", "setting": f"chunk={r['chunk_size']}",
                   "client_updates_per_s": r["client_updates_per_s"],
+                  "examples_per_s": r["examples_per_s"],
                   "rounds_per_s": r["rounds_per_s"], "rounds": r["rounds"],
                   "load_avg_1min_before": load0, "load_avg_1min": os.getloadavg()[0],
                   "detail": r})
@@ -329,6 +355,7 @@ def main(args) -> int:
               pr = run_peer(args, p, model, cohort, num_clients, extra, ours_params)
               record({**base, "engine": p.name, "setting": label,
                       "client_updates_per_s": float(pr["client_updates_per_s"]),
+                      "examples_per_s": pr.get("examples_per_s"),
                       "rounds_per_s": float(pr["rounds_per_s"]),
                       "load_avg_1min_before": load0, "load_avg_1min": os.getloadavg()[0],
                       "detail": pr})

@@ -97,6 +97,27 @@ def test_best_setting_is_the_fastest_mean():
   assert s["ratios_per_repeat"] == pytest.approx([100 / 45, 101 / 40])
 
 
+def test_examples_ratio_is_work_normalised():
+  """Unequal cohorts (fedjax_sim's clients smaller here): the client-updates ratio favours
+  fedjax_sim, the examples/s ratio does not; a peer without examples gets no such ratio."""
+  rows = [{"model": "cnn", "cohort": 10, "repeat": i, "engine": "fedjax_sim", "setting": "",
+           "client_updates_per_s": 12.0, "examples_per_s": 12.0 * 80, "load_avg_1min": 1.0}
+          for i in range(2)]
+  rows += [{"model": "cnn", "cohort": 10, "repeat": i, "engine": "pfl",
+            "setting": "torch_threads=2", "client_updates_per_s": 10.0,
+            "detail": {"examples_per_s": 10.0 * 100 + i}, "load_avg_1min": 1.0}
+           for i in range(2)]
+  rows += [{"model": "cnn", "cohort": 10, "repeat": i, "engine": "flwr", "setting": "cpus=1",
+            "client_updates_per_s": 5.0, "load_avg_1min": 1.0} for i in range(2)]
+  flwr, pfl = side_by_side.summarize(rows)
+  assert pfl["ratio_of_means"] == pytest.approx(1.2)
+  assert pfl["ratio_of_means_examples"] == pytest.approx(960 / 1000.5)
+  assert pfl["ratios_per_repeat_examples"] == pytest.approx([960 / 1000, 960 / 1001])
+  assert "ratio_of_means_examples" not in flwr
+  md = side_by_side.markdown([flwr, pfl])
+  assert "**0.96×** (0.96, 0.96)" in md and "| — |" in md
+
+
 def test_peers_bad_input(capsys, tmp_path):
   with pytest.raises(SystemExit):
     run.parse_args(["--peers", "tff"])

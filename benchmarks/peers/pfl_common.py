@@ -86,14 +86,22 @@ def federated(users: dict):
   random.
 
   Returns:
-    the ``FederatedDataset``.
+    the ``FederatedDataset``; its ``examples_drawn`` (a one-item list) counts the examples of
+    the users drawn so far, so that a run reports the work it timed (client sizes vary).
   """
   from pfl.data.dataset import Dataset
   from pfl.data.federated_dataset import FederatedDataset
   from pfl.data.sampling import get_user_sampler
 
-  return FederatedDataset(lambda u: Dataset(raw_data=list(users[u]), user_id=u),
-                          get_user_sampler("random", list(users)))
+  drawn = [0]  # examples of the users pfl has drawn so far (read by train_and_time)
+
+  def make(u):
+    drawn[0] += len(users[u][1])
+    return Dataset(raw_data=list(users[u]), user_id=u)
+
+  dataset = FederatedDataset(make, get_user_sampler("random", list(users)))
+  dataset.examples_drawn = drawn
+  return dataset
 
 
 def train_and_time(args, torch, net, train, model_name: str) -> dict:
@@ -125,20 +133,23 @@ def train_and_time(args, torch, net, train, model_name: str) -> dict:
 
     def __init__(self):
       self.start = self.end = None
-      self.timed = 0
+      self.timed = self.drawn0 = self.drawn1 = 0
 
     def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
       sync()
       now = time.perf_counter()
       done = central_iteration + 1
       if done == args.warmup_rounds:
-        self.start = now
+        self.start, self.drawn0 = now, drawn[0]
       elif done > args.warmup_rounds:
-        self.end, self.timed = now, done - args.warmup_rounds
+        self.end, self.timed, self.drawn1 = now, done - args.warmup_rounds, drawn[0]
       over = (self.start is not None and self.timed > 0 and args.max_seconds > 0
               and now - self.start >= args.max_seconds)
       return over, Metrics()
 
+  # The cohort's users are drawn lazily, one round at a time (FederatedDataset.get_cohort), so
+  # the count between the timer's marks is the timed rounds' examples.
+  drawn = getattr(train, "examples_drawn", [0])
   timer = Timer()
   t0 = time.perf_counter()
   FederatedAveraging().run(
@@ -165,6 +176,10 @@ def train_and_time(args, torch, net, train, model_name: str) -> dict:
       "rounds": timer.timed, "warmup_rounds": args.warmup_rounds, "seconds": seconds,
       "rounds_per_s": timer.timed / seconds,
       "client_updates_per_s": timer.timed * args.cohort / seconds,
+      # Examples the timed rounds trained on (1 local epoch): client sizes vary, so this is the
+      # work-normalised figure; None when this process draws a share of the cohort (torchrun).
+      "examples_per_s": ((timer.drawn1 - timer.drawn0) / seconds
+                         if int(os.environ.get("WORLD_SIZE", "1")) == 1 else None),
       "warmup_plus_timed_wall_s": wall,
       "param_checksum": float(flat.sum()), "params_finite": bool(torch.isfinite(flat).all()),
       "load_avg_1min": os.getloadavg()[0], "time": time.time(),
