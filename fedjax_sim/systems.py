@@ -58,8 +58,9 @@ class SystemModel:
     deadline: optional round deadline in seconds; with ``steps_per_second`` (per client) a
       client can run at most ``floor(deadline * speed)`` local steps.
     steps_per_second: per-client compute speed (e.g. lognormal), needed with ``deadline``.
-    deadline_policy: ``"drop"`` (clients over the deadline send nothing) or ``"partial"``
-      (they send the work done by the deadline).
+    deadline_policy: ``"drop"`` (clients over the deadline send nothing; the steps they ran
+      up to it still count in ``client_steps``) or ``"partial"`` (they send the work done by
+      the deadline).
 
   References:
     Bonawitz et al., "Towards Federated Learning at Scale: System Design", MLSys 2019
