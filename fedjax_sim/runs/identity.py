@@ -41,16 +41,20 @@ from fedjax_sim import core
 from fedjax_sim.plan import Performance, RoundPlan
 from fedjax_sim.runs import store
 
-__all__ = ["ENGINE_DIGEST", "NEW_FIELDS", "NOT_COMPARED", "Comparison", "algorithm_digest",
-           "compare", "config_hash", "fingerprint", "population_digest", "run_id",
-           "traced_library_versions"]
+__all__ = ["ENGINE_DIGEST", "NEW_FIELDS", "NOT_COMPARED", "PRNG_DEFAULTS", "Comparison",
+           "algorithm_digest", "compare", "config_hash", "fingerprint", "population_digest",
+           "prng_hint", "prng_settings", "run_id", "traced_library_versions"]
 
 # Fingerprint fields added after the first release: a checkpoint without them still restores
 # (with a warning), since it cannot be checked against them.
-NEW_FIELDS = ("run_id", "algorithm_digest", "population_digest")
+NEW_FIELDS = ("run_id", "algorithm_digest", "population_digest", "prng")
 # Not compared on restore: the restored run adopts the checkpoint's identity, and the digest's
 # jax version only tells whether the algorithm digests are comparable.
 NOT_COMPARED = ("run_id", "digest_jax", "digest_engine", "digest_libs")
+#: The ``prng`` field every run had before the field existed (JAX's defaults since jax 0.5): at
+#: this value it stays out of :func:`run_id`, so the ids of those runs, and the checkpoint and
+#: log directories they own, are unchanged; any other value enters the id.
+PRNG_DEFAULTS = {"impl": "threefry2x32", "threefry_partitionable": True}
 #: The version of the traced round behind ``algorithm_digest``: raised whenever a change to the
 #: engine's code (not to what it computes) changes the traced program, so that checkpoints of
 #: older engines are recognised as such instead of as another configuration.
@@ -166,6 +170,49 @@ def traced_library_versions() -> str:
   return f"optax {optax.__version__}, flax {flax.__version__}"
 
 
+def prng_settings(key=None) -> dict[str, Any]:
+  """JAX's global random-number settings that change a run's draws but not its traced round.
+
+  ``jax_threefry_partitionable`` changes the bits every threefry key draws (cohorts, dropout,
+  shuffles, DP noise) while the jaxpr stays the same, so :func:`algorithm_digest` cannot see
+  it. The implementation (``jax_default_prng_impl``, or ``key``'s own) is recorded beside it:
+  ``rbg`` and ``unsafe_rbg`` keys have the same data shape, and a digest traced under another
+  jax version is not compared.
+
+  Args:
+    key: the run key, whose implementation is recorded; default: the default implementation.
+
+  Returns:
+    ``{"impl": name, "threefry_partitionable": bool}``.
+  """
+  impl = jax.config.jax_default_prng_impl if key is None else jax.random.key_impl(key)
+  return {"impl": str(impl), "threefry_partitionable": bool(jax.config.jax_threefry_partitionable)}
+
+
+def prng_hint(saved: dict[str, Any], fp: dict[str, Any]) -> str:
+  """What to do when ``saved`` was written under other :func:`prng_settings` than ``fp``.
+
+  Args:
+    saved: a saved fingerprint (a checkpoint's, a claim's or a log's).
+    fp: this run's fingerprint.
+
+  Returns:
+    A sentence naming the settings and the fix (with a leading space), or ``""`` when both
+    record the same settings or ``saved`` predates the field.
+  """
+  old, new = saved.get("prng"), fp.get("prng")
+  if not isinstance(old, dict) or not isinstance(new, dict) or _json(old) == _json(new):
+    return ""
+  names = {"threefry_partitionable": "jax_threefry_partitionable", "impl": "jax_default_prng_impl"}
+  changed = [k for k in names if old.get(k) != new.get(k)]
+  detail = ", ".join(f"{names[k]}={old.get(k)!r} (now {new.get(k)!r})" for k in changed)
+  fix = " and ".join(f"jax.config.update({names[k]!r}, {old.get(k)!r})" for k in changed)
+  return (f" It was written under other JAX random-number settings ({detail}), which change "
+          "every random draw (cohorts, dropout, shuffles, DP noise) without changing the traced "
+          f"program, so it is another run. To resume it, call {fix} at the start of the program "
+          "(before any simulation is built or compiled); or use another directory.")
+
+
 # -- the fingerprint and the run id -------------------------------------------------------------
 
 
@@ -181,8 +228,9 @@ def tree_spec(tree) -> dict[str, str]:
 
 def fingerprint(plan: RoundPlan, population, state) -> dict[str, Any]:
   """What must match for a checkpoint to be resumed: names, shapes, settings, a digest of the
-  round's computation (hyper-parameters), a digest of the population's contents, and the run's
-  identity (``run_id``: all of these and the run key).
+  round's computation (hyper-parameters), a digest of the population's contents, JAX's
+  random-number settings (:func:`prng_settings`), and the run's identity (``run_id``: all of
+  these and the run key).
 
   Args:
     plan: the run's plan.
@@ -209,19 +257,21 @@ def fingerprint(plan: RoundPlan, population, state) -> dict[str, Any]:
       "digest_jax": jax.__version__,
       "digest_engine": ENGINE_DIGEST,
       "digest_libs": traced_library_versions(),
+      "prng": prng_settings(state.key),
   }
   fp["run_id"] = run_id(fp, state.key)
   return fp
 
 
 def run_id(fp: dict[str, Any], key) -> str:
-  """The run's identity: its fingerprint (without the fields of :data:`NOT_COMPARED`) and its
-  run key.
+  """The run's identity: its fingerprint (without the fields of :data:`NOT_COMPARED`, and
+  without ``prng`` at :data:`PRNG_DEFAULTS`) and its run key.
 
   Returns:
     16 hex digits.
   """
-  body = {k: v for k, v in fp.items() if k not in NOT_COMPARED}
+  body = {k: v for k, v in fp.items() if k not in NOT_COMPARED
+          and not (k == "prng" and _json(v) == _json(PRNG_DEFAULTS))}
   data = np.asarray(jax.random.key_data(key)).tolist()
   blob = json.dumps([body, data], sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -293,7 +343,7 @@ def compare(saved: dict[str, Any], fp: dict[str, Any], *,
     owner = "legacy"
   elif owner_id == fp.get("run_id"):
     owner = "same"
-  elif incomparable and not [k for k in diffs if k != "algorithm_digest"]:
+  elif incomparable and not [k for k in diffs if k != "algorithm_digest" and k not in missing]:
     owner = "older"
   else:
     owner = "other"
