@@ -178,6 +178,27 @@ def test_a_checkpoint_of_other_prng_settings_is_refused_naming_the_fix(tmp_path,
   assert steps(d) == [2, 4]
 
 
+def test_a_compiled_program_follows_the_setting_the_fingerprint_records(pop, loss_fn, start,
+                                                                          partitionable):
+  """A flip after a compile compiles again: the executable never runs the old setting while
+  checkpoints record the new one."""
+  program = fs.programs.Program(lambda k: jax.random.uniform(k, (4,)))
+  partitionable(True)
+  a = np.asarray(program(jax.random.key(0)))
+  partitionable(False)
+  b = np.asarray(program(jax.random.key(0)))
+  assert program.num_compiles == 2 and not np.array_equal(a, b)
+  np.testing.assert_array_equal(b, jax.random.uniform(jax.random.key(0), (4,)))
+  sim = make_sim(pop, loss_fn)
+  partitionable(True)
+  sim.run(start(sim), 2)
+  partitionable(False)
+  flipped, _ = sim.run(start(sim), 2)
+  fresh = make_sim(pop, loss_fn)
+  expected, _ = fresh.run(start(fresh), 2)
+  assert_same_state(flipped, expected)
+
+
 def test_a_claim_of_other_prng_settings_is_refused_naming_the_fix(tmp_path, sim, start,
                                                                    partitionable):
   d = str(tmp_path / "claimed")
