@@ -125,14 +125,6 @@ def test_legacy_checkpoint_without_run_id_restores_with_a_warning(tmp_path, sim,
 # -- JAX's random-number settings: other draws, the same jaxpr -------------------------------
 
 
-@pytest.fixture
-def partitionable():
-  """``partitionable(value)`` sets ``jax_threefry_partitionable`` for one test; restored after."""
-  before = jax.config.jax_threefry_partitionable
-  yield lambda value: jax.config.update("jax_threefry_partitionable", value)
-  jax.config.update("jax_threefry_partitionable", before)
-
-
 def test_the_partitionable_setting_changes_draws_not_the_jaxpr(partitionable):
   """The premise: the traced program cannot see the setting, so the fingerprint records it."""
   draw = lambda: jax.random.uniform(jax.random.key(0), (4,))
