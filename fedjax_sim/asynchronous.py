@@ -861,15 +861,16 @@ class AsyncSimulation:
       saved = existing.get("fingerprint") if isinstance(existing.get("fingerprint"), dict) else {}
       # A log written before the fingerprint recorded the random-number settings: its hash is
       # that of the fingerprint without them (it cannot be checked against them).
-      legacy = "prng" not in saved and existing.get("config_hash") == config_hash(
-          {k: v for k, v in fp.items() if k != "prng"})
+      new = [k for k in identity.JAX_SETTINGS if k not in saved]
+      legacy = new and existing.get("config_hash") == config_hash(
+          {k: v for k, v in fp.items() if k not in new})
       if legacy:
         warnings.warn(f"the log in {log_dir!r} was written by an older version without the "
-                      "random-number settings (prng); it is taken to be this run's.",
+                      f"JAX settings {new}; it is taken to be this run's.",
                       stacklevel=3)
       elif existing.get("config_hash") != config_hash(fp):
         raise ValueError(f"log_dir {log_dir!r} holds the log of another run (other settings or "
-                         "run key); use another log_dir." + identity.prng_hint(saved, fp))
+                         "run key); use another log_dir." + identity.settings_hint(saved, fp))
     return MetricsLog(log_dir, fp, existing=existing,
                       session={"start_step": int(state.server.round)})
 
@@ -895,7 +896,7 @@ class AsyncSimulation:
   # -- checkpoints ----------------------------------------------------------------------------
   def fingerprint(self) -> dict[str, Any]:
     """What a checkpoint must match to resume this run (JSON-able): its settings and JAX's
-    random-number settings (:func:`fedjax_sim.runs.identity.prng_settings`).
+    global settings that change results (:func:`fedjax_sim.runs.identity.jax_settings`).
 
     Returns:
       The fingerprint dict.
@@ -922,7 +923,7 @@ class AsyncSimulation:
                             np.ravel(0.0 if self.timing.availability.period is None
                                      else self.timing.availability.period)])),
         "sort_by_size": self.sort_by_size,
-        "prng": identity.prng_settings(),
+        **identity.jax_settings(),
     }
 
   def save(self, state: AsyncState, directory: str) -> int:
@@ -982,14 +983,14 @@ class AsyncSimulation:
       raise ValueError(f"the checkpoint in {directory!r} holds a {meta['key_impl']} run key; "
                        f"key is a {jax.random.key_impl(key)} key. Pass a key of the saved "
                        f"implementation, e.g. jax.random.key(0, impl={meta['key_impl']!r}).")
-    if "prng" not in meta:  # saved before the fingerprint recorded the random-number settings
+    new = [k for k in identity.JAX_SETTINGS if k not in meta]
+    if new:  # saved before the fingerprint recorded these settings: they cannot be checked
       warnings.warn(f"the checkpoint in {directory!r} was written by an older version without "
-                    "the random-number settings (prng); restoring it without that check.",
-                    stacklevel=2)
-      meta = {**meta, "prng": fp["prng"]}
-    if json.dumps(meta["prng"], default=str) != json.dumps(fp["prng"], default=str):
+                    f"the JAX settings {new}; restoring it without those checks.", stacklevel=2)
+      meta = {**meta, **{k: fp[k] for k in new}}
+    if identity.settings_hint(meta, fp):
       raise ValueError(f"the checkpoint in {directory!r} comes from another run."
-                       + identity.prng_hint(meta, fp))
+                       + identity.settings_hint(meta, fp))
     diff = [k for k in fp if json.dumps(meta.get(k), default=str) != json.dumps(fp[k],
                                                                                default=str)]
     if diff:

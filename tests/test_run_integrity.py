@@ -122,7 +122,7 @@ def test_legacy_checkpoint_without_run_id_restores_with_a_warning(tmp_path, sim,
   assert steps(d) == [0, 2]
 
 
-# -- JAX's random-number settings: other draws, the same jaxpr -------------------------------
+# -- JAX's global settings: other draws or precision, the same shapes -----------------------
 
 
 def test_the_partitionable_setting_changes_draws_not_the_jaxpr(partitionable):
@@ -205,6 +205,27 @@ def test_a_claim_of_other_prng_settings_is_refused_naming_the_fix(tmp_path, sim,
     ownership.claim(d, sim.fingerprint(start(sim)), what="checkpoint_dir")
 
 
+def test_a_checkpoint_of_another_x64_setting_is_refused_naming_the_fix(tmp_path, pop, loss_fn,
+                                                                       init_params):
+  """jax_enable_x64 with float32 params: the same state shapes and dtypes, other results."""
+  d = str(tmp_path / "ck")
+  sim = make_sim(pop, loss_fn)
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), init_params())
+  state, _ = sim.run(sim.init(params, jax.random.key(0)), 2, block_size=2, checkpoint_dir=d)
+  before = jax.config.jax_enable_x64
+  try:
+    jax.config.update("jax_enable_x64", True)
+    other = make_sim(pop, loss_fn)
+    fp = other.fingerprint(other.init(params, jax.random.key(0)))
+    assert fp["x64"] is True and fp["state"] == sim.fingerprint(state)["state"]
+    with pytest.raises(ValueError, match="comes from another run.*" + re.escape(
+        "jax_enable_x64=False (now True)") + ".*" + re.escape(
+        "jax.config.update('jax_enable_x64', False)")):
+      other.restore(d, params)
+  finally:
+    jax.config.update("jax_enable_x64", before)
+
+
 def test_a_checkpoint_without_the_prng_field_restores_with_a_warning(tmp_path, sim, start,
                                                                       init_params):
   """Saved before the field existed (at jax's defaults): the same run id, so it restores with a
@@ -212,10 +233,10 @@ def test_a_checkpoint_without_the_prng_field_restores_with_a_warning(tmp_path, s
   d = str(tmp_path / "ck")
   state = start(sim)
   fp = ckpt.fingerprint(sim, state)
-  old = {k: v for k, v in fp.items() if k != "prng"}
+  old = {k: v for k, v in fp.items() if k not in ("prng", "x64")}
   assert run_dir.run_id(old, state.key) == fp["run_id"]  # ids of existing runs are unchanged
   ckpt.save(d, state, old)
-  with pytest.warns(UserWarning, match=r"older version without \['prng'\]"):
+  with pytest.warns(UserWarning, match=r"older version without \['prng', 'x64'\]"):
     restored = sim.restore(d, init_params())
   sim.run(restored, 2, block_size=2, checkpoint_dir=d)
   assert steps(d) == [0, 2]

@@ -41,20 +41,27 @@ from fedjax_sim import core
 from fedjax_sim.plan import Performance, RoundPlan
 from fedjax_sim.runs import store
 
-__all__ = ["ENGINE_DIGEST", "NEW_FIELDS", "NOT_COMPARED", "PRNG_DEFAULTS", "Comparison",
-           "algorithm_digest", "compare", "config_hash", "fingerprint", "population_digest",
-           "prng_hint", "prng_settings", "run_id", "traced_library_versions"]
+__all__ = ["ENGINE_DIGEST", "JAX_SETTINGS", "NEW_FIELDS", "NOT_COMPARED", "PRNG_DEFAULTS",
+           "Comparison", "algorithm_digest", "compare", "config_hash", "fingerprint",
+           "jax_settings", "population_digest", "prng_settings", "run_id", "settings_hint",
+           "traced_library_versions"]
 
 # Fingerprint fields added after the first release: a checkpoint without them still restores
 # (with a warning), since it cannot be checked against them.
-NEW_FIELDS = ("run_id", "algorithm_digest", "population_digest", "prng")
+NEW_FIELDS = ("run_id", "algorithm_digest", "population_digest", "prng", "x64")
 # Not compared on restore: the restored run adopts the checkpoint's identity, and the digest's
 # jax version only tells whether the algorithm digests are comparable.
 NOT_COMPARED = ("run_id", "digest_jax", "digest_engine", "digest_libs")
-#: The ``prng`` field every run had before the field existed (JAX's defaults since jax 0.5): at
-#: this value it stays out of :func:`run_id`, so the ids of those runs, and the checkpoint and
-#: log directories they own, are unchanged; any other value enters the id.
+#: The ``prng`` field every run had before the field existed (JAX's defaults since jax 0.5).
 PRNG_DEFAULTS = {"impl": "threefry2x32", "threefry_partitionable": True}
+#: The fingerprint fields of JAX's global settings (:func:`jax_settings`), at the values every run
+#: had before they existed (JAX's defaults): at these values they stay out of :func:`run_id`, so
+#: the ids of those runs, and the checkpoint and log directories they own, are unchanged; any
+#: other value enters the id.
+JAX_SETTINGS = {"prng": PRNG_DEFAULTS, "x64": False}
+# The jax.config option behind each (field, key) of JAX_SETTINGS.
+_OPTIONS = {("prng", "threefry_partitionable"): "jax_threefry_partitionable",
+            ("prng", "impl"): "jax_default_prng_impl", ("x64", None): "jax_enable_x64"}
 #: The version of the traced round behind ``algorithm_digest``: raised whenever a change to the
 #: engine's code (not to what it computes) changes the traced program, so that checkpoints of
 #: older engines are recognised as such instead of as another configuration.
@@ -189,8 +196,28 @@ def prng_settings(key=None) -> dict[str, Any]:
   return {"impl": str(impl), "threefry_partitionable": bool(jax.config.jax_threefry_partitionable)}
 
 
-def prng_hint(saved: dict[str, Any], fp: dict[str, Any]) -> str:
-  """What to do when ``saved`` was written under other :func:`prng_settings` than ``fp``.
+def jax_settings(key=None) -> dict[str, Any]:
+  """The fingerprint fields of JAX's global settings that change a run's results where its
+  shapes, and across jax versions its digests, cannot show it: ``prng``
+  (:func:`prng_settings`) and ``x64`` (``jax_enable_x64``: with float32 params the state's
+  shapes and dtypes are the same, but intermediates, and so the results, are not).
+
+  Args:
+    key: the run key (:func:`prng_settings`).
+
+  Returns:
+    ``{"prng": {...}, "x64": bool}``.
+  """
+  return {"prng": prng_settings(key), "x64": bool(jax.config.jax_enable_x64)}
+
+
+def _setting(fp: dict[str, Any], field: str, sub: str | None):
+  v = fp.get(field)
+  return v if sub is None else (v.get(sub) if isinstance(v, dict) else None)
+
+
+def settings_hint(saved: dict[str, Any], fp: dict[str, Any]) -> str:
+  """What to do when ``saved`` was written under other :func:`jax_settings` than ``fp``.
 
   Args:
     saved: a saved fingerprint (a checkpoint's, a claim's or a log's).
@@ -198,19 +225,19 @@ def prng_hint(saved: dict[str, Any], fp: dict[str, Any]) -> str:
 
   Returns:
     A sentence naming the settings and the fix (with a leading space), or ``""`` when both
-    record the same settings or ``saved`` predates the field.
+    record the same settings or ``saved`` predates the fields.
   """
-  old, new = saved.get("prng"), fp.get("prng")
-  if not isinstance(old, dict) or not isinstance(new, dict) or _json(old) == _json(new):
+  changed = [(opt, _setting(saved, f, k), _setting(fp, f, k)) for (f, k), opt in _OPTIONS.items()
+             if f in saved and f in fp and _setting(saved, f, k) != _setting(fp, f, k)]
+  if not changed:
     return ""
-  names = {"threefry_partitionable": "jax_threefry_partitionable", "impl": "jax_default_prng_impl"}
-  changed = [k for k in names if old.get(k) != new.get(k)]
-  detail = ", ".join(f"{names[k]}={old.get(k)!r} (now {new.get(k)!r})" for k in changed)
-  fix = " and ".join(f"jax.config.update({names[k]!r}, {old.get(k)!r})" for k in changed)
-  return (f" It was written under other JAX random-number settings ({detail}), which change "
-          "every random draw (cohorts, dropout, shuffles, DP noise) without changing the traced "
-          f"program, so it is another run. To resume it, call {fix} at the start of the program "
-          "(before any simulation is built or compiled); or use another directory.")
+  detail = ", ".join(f"{opt}={old!r} (now {new!r})" for opt, old, new in changed)
+  fix = " and ".join(f"jax.config.update({opt!r}, {old!r})" for opt, old, _ in changed)
+  return (f" It was written under other JAX settings ({detail}), which change every random "
+          "draw (cohorts, dropout, shuffles, DP noise) or the precision of the round without "
+          "changing its shapes, so it is another run. To resume it, call "
+          f"{fix} at the start of the program (before any simulation is built or compiled); "
+          "or use another directory.")
 
 
 # -- the fingerprint and the run id -------------------------------------------------------------
@@ -229,8 +256,8 @@ def tree_spec(tree) -> dict[str, str]:
 def fingerprint(plan: RoundPlan, population, state) -> dict[str, Any]:
   """What must match for a checkpoint to be resumed: names, shapes, settings, a digest of the
   round's computation (hyper-parameters), a digest of the population's contents, JAX's
-  random-number settings (:func:`prng_settings`), and the run's identity (``run_id``: all of
-  these and the run key).
+  global settings that change results (:func:`jax_settings`), and the run's identity
+  (``run_id``: all of these and the run key).
 
   Args:
     plan: the run's plan.
@@ -257,7 +284,7 @@ def fingerprint(plan: RoundPlan, population, state) -> dict[str, Any]:
       "digest_jax": jax.__version__,
       "digest_engine": ENGINE_DIGEST,
       "digest_libs": traced_library_versions(),
-      "prng": prng_settings(state.key),
+      **jax_settings(state.key),
   }
   fp["run_id"] = run_id(fp, state.key)
   return fp
@@ -265,13 +292,13 @@ def fingerprint(plan: RoundPlan, population, state) -> dict[str, Any]:
 
 def run_id(fp: dict[str, Any], key) -> str:
   """The run's identity: its fingerprint (without the fields of :data:`NOT_COMPARED`, and
-  without ``prng`` at :data:`PRNG_DEFAULTS`) and its run key.
+  without the :data:`JAX_SETTINGS` fields at their defaults) and its run key.
 
   Returns:
     16 hex digits.
   """
   body = {k: v for k, v in fp.items() if k not in NOT_COMPARED
-          and not (k == "prng" and _json(v) == _json(PRNG_DEFAULTS))}
+          and not (k in JAX_SETTINGS and _json(v) == _json(JAX_SETTINGS[k]))}
   data = np.asarray(jax.random.key_data(key)).tolist()
   blob = json.dumps([body, data], sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
