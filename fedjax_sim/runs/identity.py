@@ -324,7 +324,7 @@ class Comparison(NamedTuple):
       ``"older"`` (another jax / engine / library version traced its digest and nothing else
       differs: taken to be this run's) or ``"other"`` (another run).
     diffs: the compared fields that differ (all but :data:`NOT_COMPARED`).
-    missing: the :data:`NEW_FIELDS` the saved fingerprint predates.
+    missing: the :data:`NEW_FIELDS` of ``fp`` that the saved fingerprint predates.
     incomparable: the saved algorithm digest was traced by another jax, engine or library
       version, so it cannot be compared.
   """
@@ -362,7 +362,7 @@ def compare(saved: dict[str, Any], fp: dict[str, Any], *,
   owner_id = saved.get("run_id") if saved_run_id is dataclasses.MISSING else saved_run_id
   diffs = [k for k in sorted(set(fp) | set(saved))
            if k not in NOT_COMPARED and _json(fp.get(k)) != _json(saved.get(k))]
-  missing = [k for k in NEW_FIELDS if k not in saved and k not in NOT_COMPARED]
+  missing = [k for k in NEW_FIELDS if k not in saved and k in fp and k not in NOT_COMPARED]
   incomparable = (saved.get("digest_jax") != fp.get("digest_jax")
                   or saved.get("digest_engine", "1") != fp.get("digest_engine", "1")
                   or ("digest_libs" in saved and saved["digest_libs"] != fp.get("digest_libs")))
