@@ -65,6 +65,7 @@ import heapq
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -952,6 +953,7 @@ class AsyncSimulation:
 
   def _log(self, log_dir: str, state: AsyncState):
     from fedjax_sim.checkpoint import MetricsLog, config_hash
+    from fedjax_sim.runs import identity
 
     fp = {**self.fingerprint(),
           "run_key": [int(w) for w in np.asarray(jax.random.key_data(state.server.key)).ravel()]}
@@ -960,9 +962,19 @@ class AsyncSimulation:
     if os.path.exists(path):
       with open(path) as f:
         existing = json.load(f)
-      if existing.get("config_hash") != config_hash(fp):
+      saved = existing.get("fingerprint") if isinstance(existing.get("fingerprint"), dict) else {}
+      # A log written before the fingerprint recorded the random-number settings: its hash is
+      # that of the fingerprint without them (it cannot be checked against them).
+      new = [k for k in identity.JAX_SETTINGS if k not in saved]
+      legacy = new and existing.get("config_hash") == config_hash(
+          {k: v for k, v in fp.items() if k not in new})
+      if legacy:
+        warnings.warn(f"the log in {log_dir!r} was written by an older version without the "
+                      f"JAX settings {new}; it is taken to be this run's.",
+                      stacklevel=3)
+      elif existing.get("config_hash") != config_hash(fp):
         raise ValueError(f"log_dir {log_dir!r} holds the log of another run (other settings or "
-                         "run key); use another log_dir.")
+                         "run key); use another log_dir." + identity.settings_hint(saved, fp))
     session = {"start_step": int(state.server.round), "chunk_size": self._plan.chunk_size}
     if self._plan.performance.tuning is not None:  # chunk_size="auto": what was measured
       session["chunk_tuning"] = self._plan.performance.tuning.as_dict()
@@ -987,7 +999,14 @@ class AsyncSimulation:
 
   # -- checkpoints ----------------------------------------------------------------------------
   def fingerprint(self) -> dict[str, Any]:
-    """What a checkpoint must match to resume this run (JSON-able)."""
+    """What a checkpoint must match to resume this run (JSON-able): its settings and JAX's
+    global settings that change results (:func:`fedjax_sim.runs.identity.jax_settings`).
+
+    Returns:
+      The fingerprint dict.
+    """
+    from fedjax_sim.runs import identity
+
     pop = self.population
     return {
         "kind": "fedjax_sim.asynchronous",
@@ -1008,6 +1027,7 @@ class AsyncSimulation:
                             np.ravel(0.0 if self.timing.availability.period is None
                                      else self.timing.availability.period)])),
         "sort_by_size": self.sort_by_size,
+        **identity.jax_settings(),
     }
 
   def save(self, state: AsyncState, directory: str) -> int:
@@ -1052,6 +1072,8 @@ class AsyncSimulation:
     """
     import orbax.checkpoint as ocp
 
+    from fedjax_sim.runs import identity
+
     mngr = ocp.CheckpointManager(os.path.abspath(directory))
     step = mngr.latest_step() if step is None else step
     if step is None:
@@ -1061,6 +1083,18 @@ class AsyncSimulation:
     if meta.get("kind") != fp["kind"]:
       raise ValueError(f"{directory!r} does not hold an asynchronous run's checkpoint (a "
                        "synchronous fs.Simulation's?); it cannot resume here.")
+    if "key_impl" in meta and meta["key_impl"] != str(jax.random.key_impl(key)):
+      raise ValueError(f"the checkpoint in {directory!r} holds a {meta['key_impl']} run key; "
+                       f"key is a {jax.random.key_impl(key)} key. Pass a key of the saved "
+                       f"implementation, e.g. jax.random.key(0, impl={meta['key_impl']!r}).")
+    new = [k for k in identity.JAX_SETTINGS if k not in meta]
+    if new:  # saved before the fingerprint recorded these settings: they cannot be checked
+      warnings.warn(f"the checkpoint in {directory!r} was written by an older version without "
+                    f"the JAX settings {new}; restoring it without those checks.", stacklevel=2)
+      meta = {**meta, **{k: fp[k] for k in new}}
+    if identity.settings_hint(meta, fp):
+      raise ValueError(f"the checkpoint in {directory!r} comes from another run."
+                       + identity.settings_hint(meta, fp))
     diff = [k for k in fp if json.dumps(meta.get(k), default=str) != json.dumps(fp[k],
                                                                                default=str)]
     if diff:

@@ -3,6 +3,8 @@ chunk-size invariance, bad input and checkpoints."""
 
 import heapq
 import json
+import re
+import warnings
 
 import chex
 import jax
@@ -170,6 +172,53 @@ def test_checkpoint_resumes_bit_identically_with_clients_in_flight(setup, tmp_pa
                              max_staleness=4)
   with pytest.raises(ValueError, match="staleness"):
     other.restore(str(tmp_path), params, key)
+
+
+def test_checkpoint_and_log_of_other_prng_settings_are_refused_naming_the_fix(setup, tmp_path,
+                                                                              partitionable):
+  """jax_threefry_partitionable changes every draw (durations, cohorts) without changing the
+  program: a checkpoint or log of the other setting is another run."""
+  pop, algo, params = setup
+  make = lambda: fs.AsyncSimulation(algo, pop, concurrency=4, buffer_size=2, block_size=2)
+  d, log, key = str(tmp_path / "ck"), str(tmp_path / "log"), jax.random.key(3)
+  partitionable(True)
+  sim = make()
+  state, _ = sim.run(sim.init(params, key), 2, log_dir=log)
+  sim.save(state, d)
+  partitionable(False)
+  fix = re.escape("jax_threefry_partitionable=True (now False)") + ".*" + re.escape(
+      "jax.config.update('jax_threefry_partitionable', True)")
+  with pytest.raises(ValueError, match="comes from another run.*" + fix):
+    make().restore(d, params, key)
+  with pytest.raises(ValueError, match="holds the log of another run.*" + fix):
+    other = make()
+    other.run(other.init(params, key), 2, log_dir=log)
+  partitionable(True)  # the saved setting: it resumes (with a key of the saved implementation)
+  with pytest.raises(ValueError, match=r"a threefry2x32 run key; key is a rbg key.*"
+                                       r"jax.random.key\(0, impl='threefry2x32'\)"):
+    make().restore(d, params, jax.random.key(0, impl="rbg"))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    resumed = make().restore(d, params, key)
+  chex.assert_trees_all_equal(resumed.server.params, state.server.params)
+
+
+def test_checkpoint_and_log_without_the_prng_field_resume_with_a_warning(setup, tmp_path):
+  pop, algo, params = setup
+  make = lambda: fs.AsyncSimulation(algo, pop, concurrency=4, buffer_size=2, block_size=2)
+  d, log, key = str(tmp_path / "ck"), str(tmp_path / "log"), jax.random.key(3)
+  old = make()
+  fingerprint = old.fingerprint
+  old.fingerprint = lambda: {k: v for k, v in fingerprint().items() if k not in ("prng", "x64")}
+  state, _ = old.run(old.init(params, key), 2, log_dir=log)
+  old.save(state, d)
+  sim = make()
+  with pytest.warns(UserWarning, match=r"older version without the JAX settings \['prng', 'x64'\]"):
+    resumed = sim.restore(d, params, key)
+  chex.assert_trees_all_equal(resumed.server.params, state.server.params)
+  with pytest.warns(UserWarning, match=r"log in .* older version without the JAX settings"):
+    sim.run(resumed, 2, log_dir=log)
+  np.testing.assert_array_equal(fs.checkpoint.read_log(log)["round"], np.arange(1, 5))
 
 
 def test_bad_input_is_refused_before_compiling(setup):
