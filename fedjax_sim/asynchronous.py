@@ -65,6 +65,7 @@ import heapq
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -73,13 +74,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim import _validation as _v
+from fedjax_sim import autotune as _autotune
 from fedjax_sim import core
+from fedjax_sim import memory as _memory
 from fedjax_sim import nonfinite as _nf
 from fedjax_sim import systems as _systems
 from fedjax_sim.aggregators import ADDS_NOISE, SECURE
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data.population import Population
 from fedjax_sim.data.sampling import Cohort, UniformSampler
+from fedjax_sim.runs import planning, tuning
 from fedjax_sim.types import DURATION_SALT
 
 __all__ = [
@@ -91,11 +95,14 @@ __all__ = [
     "Staleness",
     "Timing",
     "async_step",
+    "chunk_performance",
     "constant",
     "fedscale_timing",
     "hinge",
+    "initial_state",
     "load_fedscale_behavior",
     "polynomial",
+    "step_runner",
     "version_scores",
 ]
 
@@ -609,6 +616,71 @@ def _block_program(plan, ring_size, staleness_constant):
   return jax.jit(run_block, donate_argnums=0)
 
 
+def initial_state(plan: core.RoundPlan, params: Any, key: jax.Array,
+                  ring_size: int) -> AsyncState:
+  """The state before the first server step: the server's, and the ring holding version 0.
+
+  Returns:
+    An :class:`AsyncState`.
+  """
+  server = core.initial_state(plan, params, key)
+  ring = ()
+  if ring_size > 1:
+    train, _ = plan.views(server.params)
+    first = _broadcast(plan, train, server.server_extra)
+    ring = jax.tree.map(lambda p: jnp.zeros((ring_size, *p.shape), p.dtype).at[0].set(p), first)
+  return AsyncState(server=server, ring=ring)
+
+
+def step_runner(plan: core.RoundPlan, population: Population, params: Any, key: jax.Array,
+                ring_size: int, staleness_constant: bool, schedule: Schedule):
+  """What ``chunk_size="auto"`` times at a candidate chunk (``plan.chunk_size``): ``run()``
+  runs one server step over ``schedule``'s first buffer from a fresh state (a step donates its
+  state) and blocks until it is done.
+
+  Returns:
+    The zero-argument callable (:func:`fedjax_sim.runs.tuning.tune_plan`'s ``runner``).
+  """
+  program = _block_program(plan, ring_size, staleness_constant)
+  ids, versions, weights = schedule.ids[:1], schedule.versions[:1], schedule.weights[:1]
+
+  def run():
+    state = initial_state(plan, jax.tree.map(jnp.array, params), key, ring_size)
+    state, _ = program(state, population, ids, versions, weights)
+    jax.block_until_ready(state.server.params)
+  return run
+
+
+def chunk_performance(chunk_size: Any, buffer_size: int, sort_by_size: bool) -> core.Performance:
+  """:class:`AsyncSimulation`'s ``chunk_size`` as the requested speed settings, checked before
+  anything compiles: a positive int (at most the buffer size is used), None (the automatic
+  chunk of :class:`fedjax_sim.Simulation`, :func:`fedjax_sim.memory.chunk_size_for`), or a
+  measured one: ``"auto"``, a list of candidates or an :class:`fedjax_sim.autotune.AutoChunk`.
+
+  Returns:
+    A :class:`fedjax_sim.core.Performance` (``chunk_size`` None unless an int was given).
+
+  Raises:
+    ValueError: naming ``chunk_size``: another string, a bool, a float or an int < 1, a bad
+      candidate list, or a candidate above the buffer size.
+  """
+  measured = isinstance(chunk_size, (str, list, tuple, np.ndarray, _autotune.AutoChunk))
+  if chunk_size is not None and not measured and (
+      isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+      or chunk_size < 1):
+    raise ValueError(
+        f"chunk_size must be a positive int, None (automatic, as fs.Simulation: from the model "
+        f"size and the device), 'auto' (measured) or a list of candidate sizes to time; got "
+        f"{chunk_size!r}.")
+  request = _autotune.chunk_request(chunk_size)
+  tune = request["autotune"]
+  if tune is not None and tune.candidates and max(tune.candidates) > buffer_size:
+    raise ValueError(
+        f"chunk_size: candidate {max(tune.candidates)} exceeds the buffer size {buffer_size} "
+        "(a chunk holds at most the buffer's K arrivals); drop it or pass 'auto'.")
+  return core.Performance(**request, sort_by_size=bool(sort_by_size))
+
+
 # -- the facade -------------------------------------------------------------------------------
 
 HOST_METRICS = ("virtual_time", "in_flight", "dropped_stale", "staleness_mean", "staleness_max")
@@ -650,7 +722,12 @@ class AsyncSimulation:
       ``s -> w`` (non-negative; evaluated on the host).
     max_staleness: updates staler than this are dropped (never trained); the ring keeps
       ``max_staleness + 1`` model versions. Default ``4 * ceil(C / K)``.
-    chunk_size: arrivals vmapped together (speed only). Default ``min(K, 64)``.
+    chunk_size: arrivals vmapped together (speed only), at most K. Default (None): the
+      automatic chunk of ``fs.Simulation`` for a cohort of K (from the memory budget and the
+      model size; on CPU about 1 MFLOP per vmapped step, so 1 for a convolutional model:
+      :func:`fedjax_sim.memory.chunk_size_for`); ``"auto"`` (or candidates ``[1, 8]``,
+      ``fs.autotune.AutoChunk(...)``): measured at :meth:`init`, one server step per
+      candidate (:func:`step_runner`). Fixed by :meth:`init`; read it as ``sim.chunk_size``.
     sort_by_size: chunk the buffer by client size (speed only, as in ``fs.Simulation``).
     block_size: server steps per compiled ``lax.scan``.
     delta: refused: no privacy accountant fits asynchronous participation.
@@ -717,8 +794,7 @@ class AsyncSimulation:
     self.seconds = self.timing.seconds(n)
     self.algorithm, self.population = algorithm, population
     self.concurrency, self.buffer_size, self.max_staleness = c, k, int(max_staleness)
-    self.chunk_size = _v.positive_int("chunk_size", min(k, 64) if chunk_size is None
-                                      else chunk_size)
+    self._performance = chunk_performance(chunk_size, k, sort_by_size)
     self.sort_by_size = bool(sort_by_size)
     self.block_size = _v.positive_int("block_size", block_size)
     self.ring_size = self.max_staleness + 1
@@ -726,14 +802,45 @@ class AsyncSimulation:
     self._programs: dict[int, Any] = {}
     self._scheduler: Scheduler | None = None
 
+  @property
+  def chunk_size(self) -> int | None:
+    """Arrivals vmapped together: fixed by :meth:`init` (before it, the int requested, capped
+    at the buffer size, or None)."""
+    if self._plan is not None:
+      return self._plan.chunk_size
+    c = self._performance.chunk_size
+    return None if c is None else min(int(c), self.buffer_size)
+
+  @property
+  def plan(self) -> core.RoundPlan | None:
+    """The :class:`~fedjax_sim.core.RoundPlan` :meth:`init` fixed (None before it); with
+    ``chunk_size="auto"``, ``plan.performance.tuning`` is what was measured."""
+    return self._plan
+
   # -- state ----------------------------------------------------------------------------------
-  def _make_plan(self, params):
-    plan = core.plan_for(self.algorithm, UniformSampler(self.buffer_size), self.population,
-                         params, chunk_size=min(self.chunk_size, self.buffer_size),
-                         sort_by_size=self.sort_by_size)
-    if plan.algorithm.aggregator.check is not None:
-      plan.algorithm.aggregator.check(plan.context)
-    return plan
+  def _make_plan(self, params, key):
+    sampler = UniformSampler(self.buffer_size)
+    draft = core.plan_for(self.algorithm, sampler, self.population, params,
+                          sort_by_size=self.sort_by_size)
+    if draft.algorithm.aggregator.check is not None:  # before anything compiles (tuning)
+      draft.algorithm.aggregator.check(draft.context)
+    ring_size, constant = self.ring_size, self.staleness.is_constant
+    ring_bytes = ring_size * _memory.tree_bytes(params) if ring_size > 1 else 0
+
+    def tuner(*args, signature, **kwargs):  # chunk_size="auto": one server step is timed
+      run_key = jax.random.wrap_key_data(jnp.array(jax.random.key_data(key)))  # as the state's
+      schedule = self._new_scheduler(run_key).next_steps(1)  # the run's first buffer
+      runner = lambda p: step_runner(p, self.population, params, key, ring_size,  # noqa: E731
+                                     constant, schedule)
+      return tuning.tune_plan(*args, signature=("asynchronous", ring_size, constant, signature),
+                              runner=runner, **kwargs)
+
+    # The chunk as fs.Simulation fixes it: the requested int (at most K), the automatic rule
+    # (memory budget after the population, the state and the ring; on CPU, FLOPs per step) or
+    # the measured choice.
+    return planning.plan(self.algorithm, sampler, self.population, params, key,
+                         performance=self._performance, reserved_bytes=ring_bytes,
+                         tuner=tuner).plan
 
   def init(self, params: Any, key: jax.Array) -> AsyncState:
     """The state before the first server step (the clock at 0, C clients started).
@@ -745,16 +852,14 @@ class AsyncSimulation:
       if not np.isfinite(np.asarray(leaf)).all():
         raise ValueError("params hold NaN/Inf: start from finite parameters.")
     params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)  # runs donate the state
-    self._plan = self._make_plan(params)
-    server = core.initial_state(self._plan, params, key)
-    ring = ()
-    if self.ring_size > 1:
-      train, _ = self._plan.views(server.params)
-      first = _broadcast(self._plan, train, server.server_extra)
-      ring = jax.tree.map(lambda p: jnp.zeros((self.ring_size, *p.shape), p.dtype).at[0].set(p),
-                          first)
-    self._scheduler = self._new_scheduler(server.key)
-    return AsyncState(server=server, ring=ring)
+    plan = self._make_plan(params, key)
+    program_of = lambda p: (p.chunk_size, str(p.context.params_template))  # noqa: E731
+    if self._plan is None or program_of(plan) != program_of(self._plan):
+      self._programs = {}  # (the same program keeps its compiled blocks)
+    self._plan = plan
+    state = initial_state(plan, params, key, self.ring_size)
+    self._scheduler = self._new_scheduler(state.server.key)
+    return state
 
   def _new_scheduler(self, key) -> Scheduler:
     t = self.timing
@@ -848,6 +953,7 @@ class AsyncSimulation:
 
   def _log(self, log_dir: str, state: AsyncState):
     from fedjax_sim.checkpoint import MetricsLog, config_hash
+    from fedjax_sim.runs import identity
 
     fp = {**self.fingerprint(),
           "run_key": [int(w) for w in np.asarray(jax.random.key_data(state.server.key)).ravel()]}
@@ -856,11 +962,23 @@ class AsyncSimulation:
     if os.path.exists(path):
       with open(path) as f:
         existing = json.load(f)
-      if existing.get("config_hash") != config_hash(fp):
+      saved = existing.get("fingerprint") if isinstance(existing.get("fingerprint"), dict) else {}
+      # A log written before the fingerprint recorded the random-number settings: its hash is
+      # that of the fingerprint without them (it cannot be checked against them).
+      new = [k for k in identity.JAX_SETTINGS if k not in saved]
+      legacy = new and existing.get("config_hash") == config_hash(
+          {k: v for k, v in fp.items() if k not in new})
+      if legacy:
+        warnings.warn(f"the log in {log_dir!r} was written by an older version without the "
+                      f"JAX settings {new}; it is taken to be this run's.",
+                      stacklevel=3)
+      elif existing.get("config_hash") != config_hash(fp):
         raise ValueError(f"log_dir {log_dir!r} holds the log of another run (other settings or "
-                         "run key); use another log_dir.")
-    return MetricsLog(log_dir, fp, existing=existing,
-                      session={"start_step": int(state.server.round)})
+                         "run key); use another log_dir." + identity.settings_hint(saved, fp))
+    session = {"start_step": int(state.server.round), "chunk_size": self._plan.chunk_size}
+    if self._plan.performance.tuning is not None:  # chunk_size="auto": what was measured
+      session["chunk_tuning"] = self._plan.performance.tuning.as_dict()
+    return MetricsLog(log_dir, fp, existing=existing, session=session)
 
   def memory(self, state: AsyncState) -> dict[str, int]:
     """Bytes: the ring of versions, the server state, and XLA's analysis of one block.
@@ -868,8 +986,6 @@ class AsyncSimulation:
     Returns:
       ``{"ring_bytes", "state_bytes", "temp_bytes", "argument_bytes", "output_bytes"}``.
     """
-    from fedjax_sim import memory as _memory
-
     k = self.buffer_size
     ids = np.zeros((1, k), np.int32)
     lowered = self._program(1).lower(state, self.population, ids, ids,
@@ -883,7 +999,14 @@ class AsyncSimulation:
 
   # -- checkpoints ----------------------------------------------------------------------------
   def fingerprint(self) -> dict[str, Any]:
-    """What a checkpoint must match to resume this run (JSON-able)."""
+    """What a checkpoint must match to resume this run (JSON-able): its settings and JAX's
+    global settings that change results (:func:`fedjax_sim.runs.identity.jax_settings`).
+
+    Returns:
+      The fingerprint dict.
+    """
+    from fedjax_sim.runs import identity
+
     pop = self.population
     return {
         "kind": "fedjax_sim.asynchronous",
@@ -904,6 +1027,7 @@ class AsyncSimulation:
                             np.ravel(0.0 if self.timing.availability.period is None
                                      else self.timing.availability.period)])),
         "sort_by_size": self.sort_by_size,
+        **identity.jax_settings(),
     }
 
   def save(self, state: AsyncState, directory: str) -> int:
@@ -948,6 +1072,8 @@ class AsyncSimulation:
     """
     import orbax.checkpoint as ocp
 
+    from fedjax_sim.runs import identity
+
     mngr = ocp.CheckpointManager(os.path.abspath(directory))
     step = mngr.latest_step() if step is None else step
     if step is None:
@@ -957,6 +1083,18 @@ class AsyncSimulation:
     if meta.get("kind") != fp["kind"]:
       raise ValueError(f"{directory!r} does not hold an asynchronous run's checkpoint (a "
                        "synchronous fs.Simulation's?); it cannot resume here.")
+    if "key_impl" in meta and meta["key_impl"] != str(jax.random.key_impl(key)):
+      raise ValueError(f"the checkpoint in {directory!r} holds a {meta['key_impl']} run key; "
+                       f"key is a {jax.random.key_impl(key)} key. Pass a key of the saved "
+                       f"implementation, e.g. jax.random.key(0, impl={meta['key_impl']!r}).")
+    new = [k for k in identity.JAX_SETTINGS if k not in meta]
+    if new:  # saved before the fingerprint recorded these settings: they cannot be checked
+      warnings.warn(f"the checkpoint in {directory!r} was written by an older version without "
+                    f"the JAX settings {new}; restoring it without those checks.", stacklevel=2)
+      meta = {**meta, **{k: fp[k] for k in new}}
+    if identity.settings_hint(meta, fp):
+      raise ValueError(f"the checkpoint in {directory!r} comes from another run."
+                       + identity.settings_hint(meta, fp))
     diff = [k for k in fp if json.dumps(meta.get(k), default=str) != json.dumps(fp[k],
                                                                                default=str)]
     if diff:

@@ -178,7 +178,10 @@ class Contribution(NamedTuple):
     client_metrics: the client's metrics weighted by its example count.
     stage_metrics: the per-client aggregator stages' metrics.
     stats: counts (``clients``, ``examples``, ``nan_clients``, ``client_steps``, and the
-      system model's ``dropped`` / ``stragglers`` / ``late``).
+      system model's ``dropped`` / ``stragglers`` / ``late``). ``client_steps`` is the local
+      steps the client ran (the compute it spent), also when it did not count: a client dropped
+      as late (``deadline_policy="drop"``) or with a non-finite update keeps its steps; a
+      padded slot, a client lost to dropout and an empty client ran none.
     extra: ``ClientOutput.extra`` (values for the algorithm's ``server_update``).
   """
 
@@ -228,6 +231,9 @@ def client_result(plan: RoundPlan, keys: RoundKeys, context: RoundContext,
     w = algo.weight_fn(data.num_examples.astype(jnp.float32), out.metrics, cid)
     out = out._replace(weight=jnp.maximum(jnp.asarray(w, jnp.float32), 0.0))
   late = is_real & (jnp.asarray(out.metrics.get(LATE, 0.0)) > 0)
+  # The clients that trained: one dropped as late below ran its steps up to the deadline all
+  # the same (its chunk's vmapped loop ran them), so they count in client_steps.
+  trained = is_real
   if system is not None and system.deadline_policy == "drop":
     is_real = is_real & ~late
   # A non-finite update has a non-finite norm: the same reduction clip_l2 computes, so XLA
@@ -249,7 +255,7 @@ def client_result(plan: RoundPlan, keys: RoundKeys, context: RoundContext,
       "clients": real_f,
       "examples": n,
       "nan_clients": (is_real & ~finite).astype(jnp.float32),
-      "client_steps": jnp.asarray(out.metrics.get(NUM_STEPS, 0.0), jnp.float32) * is_real,
+      "client_steps": jnp.asarray(out.metrics.get(NUM_STEPS, 0.0), jnp.float32) * trained,
   }
   if system is not None:
     stats["dropped"] = (selected & ~outcome.kept).astype(jnp.float32)
@@ -274,7 +280,9 @@ class ChunkPass(NamedTuple):
     sums: the :class:`Contribution` summed over the cohort (``update`` is ``()`` for stacked
       reducers).
     step_slots: local steps the vmapped chunks ran, padding included (sum over chunks of
-      ``chunk_size * max steps``): the work a chunk schedule pays for.
+      ``chunk_size *`` the chunk's largest ``client_steps``): the work a chunk schedule pays
+      for. ``step_slots / client_steps >= 1`` is the padding factor (clients dropped as late
+      included on both sides: they ran their steps).
     states: every slot's new persistent states, ``[num_chunks, chunk, ...]``.
     kept: which slots counted, ``[num_chunks, chunk]``.
     stack: for stacked reducers, every slot's update ``[num_chunks, chunk, ...]``; else ``()``.

@@ -46,7 +46,9 @@ def _signature(args) -> tuple:
 
 
 class Program:
-  """A function jitted once and compiled ahead of time once per input signature.
+  """A function jitted once and compiled ahead of time once per input signature (and JAX
+  settings that change what it computes: ``jax_default_prng_impl``,
+  ``jax_threefry_partitionable``, ``jax_enable_x64``).
 
   Args:
     fn: the (pure) function.
@@ -69,7 +71,11 @@ class Program:
     return self._jit.lower(*args)
 
   def __call__(self, *args):
-    sig = _signature(args)
+    # JAX's global settings can change what the same arguments compile to (the run's
+    # fingerprint records them, fedjax_sim.runs.identity.jax_settings): a flip after a compile
+    # compiles again instead of running the old setting's executable.
+    sig = (_signature(args), jax.config.jax_default_prng_impl,
+           jax.config.jax_threefry_partitionable, jax.config.jax_enable_x64)
     executable = self._executables.get(sig)
     if executable is None:
       executable = self._executables[sig] = self._jit.lower(*args).compile()

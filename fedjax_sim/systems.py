@@ -4,7 +4,11 @@ client's global id, so results stay invariant to cohort order and chunk size.
 
 Pass a :class:`SystemModel` to ``Simulation(..., system=...)``. Round metrics then report
 ``available`` (clients available this round), ``dropped`` (selected, then lost), ``stragglers``
-and ``late`` (clients whose planned local work exceeded their budget).
+and ``late`` (clients whose planned local work exceeded their budget). Under
+``deadline_policy="drop"`` a late client counts in ``late`` only, not in ``clients`` or
+``examples``, and its update is lost; the steps it ran up to the deadline still count in
+``client_steps`` (the local steps the cohort ran: compute spent) and so in ``step_slots``, so
+that ``step_slots / client_steps`` stays the chunk schedule's padding factor.
 
 Step budgets apply to client updates built on :func:`fedjax_sim.client.make_local_trainer`
 (FedAvg, FedProx, SCAFFOLD, FedNova, q-FFL, Ditto); a custom client update sees them as
@@ -54,8 +58,9 @@ class SystemModel:
     deadline: optional round deadline in seconds; with ``steps_per_second`` (per client) a
       client can run at most ``floor(deadline * speed)`` local steps.
     steps_per_second: per-client compute speed (e.g. lognormal), needed with ``deadline``.
-    deadline_policy: ``"drop"`` (clients over the deadline send nothing) or ``"partial"``
-      (they send the work done by the deadline).
+    deadline_policy: ``"drop"`` (clients over the deadline send nothing; the steps they ran
+      up to it still count in ``client_steps``) or ``"partial"`` (they send the work done by
+      the deadline).
 
   References:
     Bonawitz et al., "Towards Federated Learning at Scale: System Design", MLSys 2019

@@ -152,3 +152,11 @@ def pop(clients):
 @pytest.fixture(scope="session")
 def loss_fn():
   return fs.models.classifier_loss(_linear_apply)
+
+
+@pytest.fixture
+def partitionable():
+  """``partitionable(value)`` sets ``jax_threefry_partitionable`` for one test; restored after."""
+  before = jax.config.jax_threefry_partitionable
+  yield lambda value: jax.config.update("jax_threefry_partitionable", value)
+  jax.config.update("jax_threefry_partitionable", before)

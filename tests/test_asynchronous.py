@@ -2,6 +2,9 @@
 chunk-size invariance, bad input and checkpoints."""
 
 import heapq
+import json
+import re
+import warnings
 
 import chex
 import jax
@@ -171,6 +174,53 @@ def test_checkpoint_resumes_bit_identically_with_clients_in_flight(setup, tmp_pa
     other.restore(str(tmp_path), params, key)
 
 
+def test_checkpoint_and_log_of_other_prng_settings_are_refused_naming_the_fix(setup, tmp_path,
+                                                                              partitionable):
+  """jax_threefry_partitionable changes every draw (durations, cohorts) without changing the
+  program: a checkpoint or log of the other setting is another run."""
+  pop, algo, params = setup
+  make = lambda: fs.AsyncSimulation(algo, pop, concurrency=4, buffer_size=2, block_size=2)
+  d, log, key = str(tmp_path / "ck"), str(tmp_path / "log"), jax.random.key(3)
+  partitionable(True)
+  sim = make()
+  state, _ = sim.run(sim.init(params, key), 2, log_dir=log)
+  sim.save(state, d)
+  partitionable(False)
+  fix = re.escape("jax_threefry_partitionable=True (now False)") + ".*" + re.escape(
+      "jax.config.update('jax_threefry_partitionable', True)")
+  with pytest.raises(ValueError, match="comes from another run.*" + fix):
+    make().restore(d, params, key)
+  with pytest.raises(ValueError, match="holds the log of another run.*" + fix):
+    other = make()
+    other.run(other.init(params, key), 2, log_dir=log)
+  partitionable(True)  # the saved setting: it resumes (with a key of the saved implementation)
+  with pytest.raises(ValueError, match=r"a threefry2x32 run key; key is a rbg key.*"
+                                       r"jax.random.key\(0, impl='threefry2x32'\)"):
+    make().restore(d, params, jax.random.key(0, impl="rbg"))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    resumed = make().restore(d, params, key)
+  chex.assert_trees_all_equal(resumed.server.params, state.server.params)
+
+
+def test_checkpoint_and_log_without_the_prng_field_resume_with_a_warning(setup, tmp_path):
+  pop, algo, params = setup
+  make = lambda: fs.AsyncSimulation(algo, pop, concurrency=4, buffer_size=2, block_size=2)
+  d, log, key = str(tmp_path / "ck"), str(tmp_path / "log"), jax.random.key(3)
+  old = make()
+  fingerprint = old.fingerprint
+  old.fingerprint = lambda: {k: v for k, v in fingerprint().items() if k not in ("prng", "x64")}
+  state, _ = old.run(old.init(params, key), 2, log_dir=log)
+  old.save(state, d)
+  sim = make()
+  with pytest.warns(UserWarning, match=r"older version without the JAX settings \['prng', 'x64'\]"):
+    resumed = sim.restore(d, params, key)
+  chex.assert_trees_all_equal(resumed.server.params, state.server.params)
+  with pytest.warns(UserWarning, match=r"log in .* older version without the JAX settings"):
+    sim.run(resumed, 2, log_dir=log)
+  np.testing.assert_array_equal(fs.checkpoint.read_log(log)["round"], np.arange(1, 5))
+
+
 def test_bad_input_is_refused_before_compiling(setup):
   pop, algo, params = setup
   make = lambda **kw: fs.AsyncSimulation(algo, pop, **{"concurrency": 4, "buffer_size": 2, **kw})
@@ -299,3 +349,90 @@ def test_scheduler_fast_path_equals_the_population_pass():
   b = fa.Scheduler(jax.random.key(7), sec, availability=always, **kw).next_steps(40)
   for x, y in zip(a, b, strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+def _resolved_chunk(algo, pop, params, buffer_size, max_staleness):
+  """The oracle: fs.Simulation's automatic rule (fs.memory.chunk_size_for) for a cohort of K,
+  with the device budget after the population, the server state and the ring."""
+  from fedjax_sim.runs import planning
+
+  sampler = fs.sampling.uniform(buffer_size)
+  plan = core.plan_for(algo, sampler, pop, params)
+  server = jax.eval_shape(lambda p: core.initial_state(plan, p, jax.random.key(0)), params)
+  ring = (max_staleness + 1) * fs.memory.tree_bytes(params) if max_staleness else 0
+  budget = fs.memory.device_memory_budget(fs.memory.resident_bytes(pop, server) + ring)
+  bsz, spec = planning.batch_spec(algo, pop)
+  return fs.memory.chunk_size_for(buffer_size, params, None, spec, bsz, budget)
+
+
+def test_default_chunk_is_simulations_automatic_rule(setup):
+  """chunk_size=None resolves as fs.Simulation's does: a convolutional model gets chunk 1 on
+  CPU (where a vmapped chunk of it is slower), the small linear model the whole buffer; an int
+  above K is capped at K."""
+  pop, algo, params = setup
+  rng = np.random.default_rng(0)
+  images = fs.Population.from_arrays(
+      {"x": rng.random((36, 28, 28, 1), np.float32), "y": rng.integers(0, 62, 36)},
+      np.repeat(np.arange(N), 3))
+  model = fs.zoo.EmnistCNN()
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  cnn = fs.algorithms.fedavg(fs.models.classifier_loss(fs.models.linen_apply(model)),
+                             client_optimizer=optax.sgd(0.1), batch_size=4, local_steps=1)
+  cnn_params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  for a, p, x in ((algo, pop, params), (cnn, images, cnn_params)):
+    sim = fs.AsyncSimulation(a, p, concurrency=8, buffer_size=6, max_staleness=3)
+    assert sim.chunk_size is None  # fixed by init, once the model is known
+    sim.init(x, jax.random.key(0))
+    assert sim.chunk_size == _resolved_chunk(a, p, x, 6, 3)
+  if jax.default_backend() == "cpu":
+    assert sim.chunk_size == 1  # the CNN
+  sim = fs.AsyncSimulation(algo, pop, concurrency=8, buffer_size=4, chunk_size=10)
+  assert sim.chunk_size == 4
+  sim.init(params, jax.random.key(0))
+  assert sim.chunk_size == 4
+
+
+def test_measured_chunk_is_recorded_and_changes_no_result(setup, tmp_path):
+  """chunk_size="auto" (here two candidates) times one server step per candidate at init; the
+  choice and its times go to config.json like fs.Simulation's, and the run equals the runs at
+  fixed chunks (the default included) to float tolerance."""
+  pop, algo, params = setup
+  timing = fa.Timing(steps_per_second=np.random.default_rng(2).lognormal(0, 1, N))
+  make = lambda chunk: fs.AsyncSimulation(algo, pop, concurrency=8, buffer_size=4, timing=timing,  # noqa: E731
+                                          staleness=fa.polynomial(0.5), max_staleness=4,
+                                          chunk_size=chunk)
+  sim = make(fs.autotune.AutoChunk(candidates=[1, 4], cache_dir="off", timed_calls=1))
+  state = sim.init(params, jax.random.key(0))
+  tuning = sim.plan.performance.tuning
+  assert sorted(tuning.candidates) == [1, 4] and sim.chunk_size == tuning.choice
+  assert all(s is not None and s > 0 for s in tuning.seconds)
+  state, _ = sim.run(state, 4, log_dir=str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    session = json.load(f)["sessions"][-1]
+  assert session["chunk_size"] == sim.chunk_size
+  assert session["chunk_tuning"]["choice"] == tuning.choice
+  assert sorted(session["chunk_tuning"]["candidates"]) == [1, 4]
+  for chunk in (1, 4, None):
+    other = make(chunk)
+    s, _ = other.run(other.init(params, jax.random.key(0)), 4)
+    np.testing.assert_allclose(np.asarray(s.server.params), np.asarray(state.server.params),
+                               rtol=1e-5, atol=1e-6)
+  fixed = make(2)
+  fixed.run(fixed.init(params, jax.random.key(0)), 1, log_dir=str(tmp_path / "fixed"))
+  with open(tmp_path / "fixed" / "config.json") as f:
+    session = json.load(f)["sessions"][-1]
+  assert session["chunk_size"] == 2 and "chunk_tuning" not in session
+
+
+@pytest.mark.parametrize("chunk,match", [
+    (0, "chunk_size must be a positive int"), (-2, "chunk_size must be a positive int"),
+    (True, "chunk_size must be a positive int"), (2.0, "chunk_size must be a positive int"),
+    ({"size": 2}, "chunk_size must be a positive int"),
+    ("fast", "chunk_size must be a positive int"), ([], "chunk_size: the candidate list"),
+    ([0, 2], "chunk_size: candidates must be positive ints"),
+    ([1, 5], "chunk_size: candidate 5 exceeds the buffer size 4"),
+])
+def test_bad_chunk_size_is_refused_at_construction(setup, chunk, match):
+  pop, algo, _ = setup
+  with pytest.raises(ValueError, match=match):
+    fs.AsyncSimulation(algo, pop, concurrency=8, buffer_size=4, chunk_size=chunk)

@@ -25,6 +25,7 @@ import fedjax_sim as fs
 from fedjax_sim import checkpoint as ckpt
 from fedjax_sim import run_dir
 from fedjax_sim.checkpoint import read_log, to_csv
+from fedjax_sim.runs import ownership
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,6 +119,126 @@ def test_legacy_checkpoint_without_run_id_restores_with_a_warning(tmp_path, sim,
     restored = sim.restore(d, init_params())
   with pytest.warns(UserWarning, match="predate run ids"):
     sim.run(restored, 2, block_size=2, checkpoint_dir=d)
+  assert steps(d) == [0, 2]
+
+
+# -- JAX's global settings: other draws or precision, the same shapes -----------------------
+
+
+def test_the_partitionable_setting_changes_draws_not_the_jaxpr(partitionable):
+  """The premise: the traced program cannot see the setting, so the fingerprint records it."""
+  draw = lambda: jax.random.uniform(jax.random.key(0), (4,))
+  jaxpr = lambda: str(jax.make_jaxpr(draw)())
+  partitionable(True)
+  a, ja = np.asarray(draw()), jaxpr()
+  partitionable(False)
+  b, jb = np.asarray(draw()), jaxpr()
+  assert ja == jb and not np.array_equal(a, b)
+
+
+def test_a_checkpoint_of_other_prng_settings_is_refused_naming_the_fix(tmp_path, sim, start,
+                                                                       init_params,
+                                                                       partitionable):
+  d, log = str(tmp_path / "ck"), str(tmp_path / "log")
+  partitionable(True)
+  fp_true = sim.fingerprint(start(sim))
+  sim.run(start(sim), 2, block_size=2, checkpoint_dir=d, log_dir=log)
+  partitionable(False)
+  fix = re.escape("jax_threefry_partitionable=True (now False)") + ".*" + re.escape(
+      "jax.config.update('jax_threefry_partitionable', True)")
+  with pytest.raises(ValueError, match="comes from another run.*" + fix):
+    sim.restore(d, init_params())
+  fp_false = sim.fingerprint(start(sim))
+  assert fp_true["prng"] == {"impl": "threefry2x32", "threefry_partitionable": True}
+  assert fp_false["prng"]["threefry_partitionable"] is False
+  assert fp_true["run_id"] != fp_false["run_id"]
+  seen = run_dir.compare(fp_true, fp_false)
+  assert seen.owner == "other" and seen.diffs == ["prng"]
+  with pytest.raises(ValueError, match=r"checkpoints of another run \(steps \[2\].*" + fix):
+    sim.run(start(sim), 2, block_size=2, checkpoint_dir=d)
+  with pytest.raises(ValueError, match="holds the log of another run.*" + fix):
+    sim.run(start(sim), 2, block_size=2, log_dir=log)
+  with pytest.raises(ValueError, match="checkpoints of another run.*" + fix):
+    sim.save(start(sim), str(tmp_path / "ck"))
+  assert steps(d) == [2]  # nothing deleted, nothing run
+  partitionable(True)  # the saved setting: the same run again
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    restored = sim.restore(d, init_params())
+  assert int(restored.round) == 2
+  sim.run(restored, 2, block_size=2, checkpoint_dir=d, log_dir=log)
+  assert steps(d) == [2, 4]
+
+
+def test_a_compiled_program_follows_the_setting_the_fingerprint_records(pop, loss_fn, start,
+                                                                          partitionable):
+  """A flip after a compile compiles again: the executable never runs the old setting while
+  checkpoints record the new one."""
+  program = fs.programs.Program(lambda k: jax.random.uniform(k, (4,)))
+  partitionable(True)
+  a = np.asarray(program(jax.random.key(0)))
+  partitionable(False)
+  b = np.asarray(program(jax.random.key(0)))
+  assert program.num_compiles == 2 and not np.array_equal(a, b)
+  np.testing.assert_array_equal(b, jax.random.uniform(jax.random.key(0), (4,)))
+  sim = make_sim(pop, loss_fn)
+  partitionable(True)
+  sim.run(start(sim), 2)
+  partitionable(False)
+  flipped, _ = sim.run(start(sim), 2)
+  fresh = make_sim(pop, loss_fn)
+  expected, _ = fresh.run(start(fresh), 2)
+  assert_same_state(flipped, expected)
+
+
+def test_a_claim_of_other_prng_settings_is_refused_naming_the_fix(tmp_path, sim, start,
+                                                                   partitionable):
+  d = str(tmp_path / "claimed")
+  os.makedirs(d)
+  partitionable(True)
+  fp = sim.fingerprint(start(sim))
+  ownership.claim(d, fp, what="checkpoint_dir")
+  partitionable(False)
+  with pytest.raises(ValueError, match="claimed by another run.*jax_threefry_partitionable"
+                                       r".*jax.config.update\('jax_threefry_partitionable', "
+                                       r"True\)"):
+    ownership.claim(d, sim.fingerprint(start(sim)), what="checkpoint_dir")
+
+
+def test_a_checkpoint_of_another_x64_setting_is_refused_naming_the_fix(tmp_path, pop, loss_fn,
+                                                                       init_params):
+  """jax_enable_x64 with float32 params: the same state shapes and dtypes, other results."""
+  d = str(tmp_path / "ck")
+  sim = make_sim(pop, loss_fn)
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), init_params())
+  state, _ = sim.run(sim.init(params, jax.random.key(0)), 2, block_size=2, checkpoint_dir=d)
+  before = jax.config.jax_enable_x64
+  try:
+    jax.config.update("jax_enable_x64", True)
+    other = make_sim(pop, loss_fn)
+    fp = other.fingerprint(other.init(params, jax.random.key(0)))
+    assert fp["x64"] is True and fp["state"] == sim.fingerprint(state)["state"]
+    with pytest.raises(ValueError, match="comes from another run.*" + re.escape(
+        "jax_enable_x64=False (now True)") + ".*" + re.escape(
+        "jax.config.update('jax_enable_x64', False)")):
+      other.restore(d, params)
+  finally:
+    jax.config.update("jax_enable_x64", before)
+
+
+def test_a_checkpoint_without_the_prng_field_restores_with_a_warning(tmp_path, sim, start,
+                                                                      init_params):
+  """Saved before the field existed (at jax's defaults): the same run id, so it restores with a
+  warning and its directory stays this run's."""
+  d = str(tmp_path / "ck")
+  state = start(sim)
+  fp = ckpt.fingerprint(sim, state)
+  old = {k: v for k, v in fp.items() if k not in ("prng", "x64")}
+  assert run_dir.run_id(old, state.key) == fp["run_id"]  # ids of existing runs are unchanged
+  ckpt.save(d, state, old)
+  with pytest.warns(UserWarning, match=r"older version without \['prng', 'x64'\]"):
+    restored = sim.restore(d, init_params())
+  sim.run(restored, 2, block_size=2, checkpoint_dir=d)
   assert steps(d) == [0, 2]
 
 

@@ -49,6 +49,22 @@ def test_compare_skips_fields_an_old_fingerprint_predates():
   assert identity.compare(saved, FP, saved_run_id="r1").owner == "same"
 
 
+def test_compare_sees_jax_settings_and_skips_them_where_a_fingerprint_predates_them():
+  fp = {**FP, **identity.jax_settings()}
+  flipped = {**fp, "run_id": "r2", "prng": {**fp["prng"], "threefry_partitionable": False}}
+  seen = identity.compare(flipped, fp)
+  assert (seen.owner, seen.diffs, seen.config_diffs) == ("other", ["prng"], ["prng"])
+  hint = identity.settings_hint(flipped, {**fp, "prng": {**fp["prng"],
+                                                         "threefry_partitionable": True}})
+  assert "jax.config.update('jax_threefry_partitionable', False)" in hint
+  # Written before the fields, by another jax / engine: taken to be this run's, as before them.
+  old = {**{k: v for k, v in fp.items() if k not in ("prng", "x64")}, "run_id": "r2",
+         "digest_engine": "1", "algorithm_digest": "c" * 16}
+  seen = identity.compare(old, fp)
+  assert (seen.owner, seen.missing, seen.config_diffs) == ("older", ["prng", "x64"], [])
+  assert identity.settings_hint(old, fp) == ""
+
+
 @pytest.fixture(scope="module")
 def sims(pop, loss_fn):
   algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=4,

@@ -64,12 +64,38 @@ def test_deadline_policies(pop, loss_fn, policy, init_params):
   _, m = sim.round(sim.init(init_params(), jax.random.key(0)))
   planned = planned_steps(pop)
   assert m["late"] == np.sum(planned > 2)
-  if policy == "drop":
-    assert m["clients"] == np.sum(planned <= 2)
-    assert m["client_steps"] == planned[planned <= 2].sum() + 0  # late clients' work is lost
-  else:
-    assert m["clients"] == n
-    assert m["client_steps"] == np.minimum(planned, 2).sum()
+  # client_steps is the compute spent: a late client runs 2 steps under either policy.
+  assert m["client_steps"] == np.minimum(planned, 2).sum()
+  assert m["clients"] == (np.sum(planned <= 2) if policy == "drop" else n)
+
+
+def chunked_step_slots(steps, chunk):
+  """The oracle: the slots sorted by steps (descending) in chunks of ``chunk``, padded, each
+  chunk paying ``chunk x`` its largest client's steps."""
+  steps = np.sort(np.asarray(steps))[::-1]
+  steps = np.concatenate([steps, np.zeros(-len(steps) % chunk, steps.dtype)])
+  return chunk * steps.reshape(-1, chunk).max(axis=1).sum()
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_step_slots_count_clients_dropped_at_the_deadline(pop, loss_fn, init_params, chunk):
+  n = pop.num_clients
+  speeds = np.random.default_rng(2).uniform(0.5, 2.5, n)
+  system = fs.systems.SystemModel(deadline=2.0, steps_per_second=tuple(speeds),
+                                  deadline_policy="drop")
+  sim = fs.Simulation(fedavg(loss_fn, local_epochs=2), pop, cohort_size=n, chunk_size=chunk,
+                      system=system)
+  _, m = sim.round(sim.init(init_params(), jax.random.key(0)))
+  # The whole population is the cohort; on the host, the steps each client runs.
+  planned = planned_steps(pop, epochs=2)
+  cap = np.floor(2.0 * speeds).astype(int)
+  ran, late = np.minimum(planned, cap), planned > cap
+  assert late.sum() >= 2 and m["late"] == late.sum() and m["clients"] == n - late.sum()
+  assert m["step_slots"] == chunked_step_slots(ran, chunk)
+  assert m["client_steps"] == ran.sum()  # the late clients ran up to the deadline
+  # Not vacuous: zeroing the late clients' steps changes the oracle at chunk 5.
+  if chunk > 1:
+    assert chunked_step_slots(np.where(late, 0, ran), chunk) < chunked_step_slots(ran, chunk)
 
 
 def test_unavailable_clients_are_never_selected(pop, loss_fn, init_params):

@@ -41,23 +41,36 @@ from fedjax_sim import core
 from fedjax_sim.plan import Performance, RoundPlan
 from fedjax_sim.runs import store
 
-__all__ = ["ENGINE_DIGEST", "NEW_FIELDS", "NOT_COMPARED", "Comparison", "algorithm_digest",
-           "compare", "config_hash", "fingerprint", "population_digest", "run_id",
+__all__ = ["ENGINE_DIGEST", "JAX_SETTINGS", "NEW_FIELDS", "NOT_COMPARED", "PRNG_DEFAULTS",
+           "Comparison", "algorithm_digest", "compare", "config_hash", "fingerprint",
+           "jax_settings", "population_digest", "prng_settings", "run_id", "settings_hint",
            "traced_library_versions"]
 
 # Fingerprint fields added after the first release: a checkpoint without them still restores
 # (with a warning), since it cannot be checked against them.
-NEW_FIELDS = ("run_id", "algorithm_digest", "population_digest")
+NEW_FIELDS = ("run_id", "algorithm_digest", "population_digest", "prng", "x64")
 # Not compared on restore: the restored run adopts the checkpoint's identity, and the digest's
 # jax version only tells whether the algorithm digests are comparable.
 NOT_COMPARED = ("run_id", "digest_jax", "digest_engine", "digest_libs")
+#: The ``prng`` field every run had before the field existed (JAX's defaults since jax 0.5).
+PRNG_DEFAULTS = {"impl": "threefry2x32", "threefry_partitionable": True}
+#: The fingerprint fields of JAX's global settings (:func:`jax_settings`), at the values every run
+#: had before they existed (JAX's defaults): at these values they stay out of :func:`run_id`, so
+#: the ids of those runs, and the checkpoint and log directories they own, are unchanged; any
+#: other value enters the id.
+JAX_SETTINGS = {"prng": PRNG_DEFAULTS, "x64": False}
+# The jax.config option behind each (field, key) of JAX_SETTINGS.
+_OPTIONS = {("prng", "threefry_partitionable"): "jax_threefry_partitionable",
+            ("prng", "impl"): "jax_default_prng_impl", ("x64", None): "jax_enable_x64"}
 #: The version of the traced round behind ``algorithm_digest``: raised whenever a change to the
 #: engine's code (not to what it computes) changes the traced program, so that checkpoints of
 #: older engines are recognised as such instead of as another configuration.
-ENGINE_DIGEST = "5"  # 3: fs.zoo CPU conv with a custom_vmap rule (issue 22); 4: chunk pass split
+ENGINE_DIGEST = "6"  # 3: fs.zoo CPU conv with a custom_vmap rule (issue 22); 4: chunk pass split
 #                      into scan_chunks / per_device_pass (shard_map over host devices); 5: with a
 #                      system model the cohort is sorted by the steps clients run (issue 22; the
-#                      rounds without a system trace as before)
+#                      rounds without a system trace as before); 6: client_steps (and so
+#                      step_slots) counts the steps of clients dropped at the deadline
+#                      (deadline_policy="drop"; other rounds trace as before)
 
 
 # -- digests ---------------------------------------------------------------------------------
@@ -166,6 +179,69 @@ def traced_library_versions() -> str:
   return f"optax {optax.__version__}, flax {flax.__version__}"
 
 
+def prng_settings(key=None) -> dict[str, Any]:
+  """JAX's global random-number settings that change a run's draws but not its traced round.
+
+  ``jax_threefry_partitionable`` changes the bits every threefry key draws (cohorts, dropout,
+  shuffles, DP noise) while the jaxpr stays the same, so :func:`algorithm_digest` cannot see
+  it. The implementation (``jax_default_prng_impl``, or ``key``'s own) is recorded beside it:
+  ``rbg`` and ``unsafe_rbg`` keys have the same data shape, and a digest traced under another
+  jax version is not compared.
+
+  Args:
+    key: the run key, whose implementation is recorded; default: the default implementation.
+
+  Returns:
+    ``{"impl": name, "threefry_partitionable": bool}``.
+  """
+  impl = jax.config.jax_default_prng_impl if key is None else jax.random.key_impl(key)
+  return {"impl": str(impl), "threefry_partitionable": bool(jax.config.jax_threefry_partitionable)}
+
+
+def jax_settings(key=None) -> dict[str, Any]:
+  """The fingerprint fields of JAX's global settings that change a run's results where its
+  shapes, and across jax versions its digests, cannot show it: ``prng``
+  (:func:`prng_settings`) and ``x64`` (``jax_enable_x64``: with float32 params the state's
+  shapes and dtypes are the same, but intermediates, and so the results, are not).
+
+  Args:
+    key: the run key (:func:`prng_settings`).
+
+  Returns:
+    ``{"prng": {...}, "x64": bool}``.
+  """
+  return {"prng": prng_settings(key), "x64": bool(jax.config.jax_enable_x64)}
+
+
+def _setting(fp: dict[str, Any], field: str, sub: str | None):
+  v = fp.get(field)
+  return v if sub is None else (v.get(sub) if isinstance(v, dict) else None)
+
+
+def settings_hint(saved: dict[str, Any], fp: dict[str, Any]) -> str:
+  """What to do when ``saved`` was written under other :func:`jax_settings` than ``fp``.
+
+  Args:
+    saved: a saved fingerprint (a checkpoint's, a claim's or a log's).
+    fp: this run's fingerprint.
+
+  Returns:
+    A sentence naming the settings and the fix (with a leading space), or ``""`` when both
+    record the same settings or ``saved`` predates the fields.
+  """
+  changed = [(opt, _setting(saved, f, k), _setting(fp, f, k)) for (f, k), opt in _OPTIONS.items()
+             if f in saved and f in fp and _setting(saved, f, k) != _setting(fp, f, k)]
+  if not changed:
+    return ""
+  detail = ", ".join(f"{opt}={old!r} (now {new!r})" for opt, old, new in changed)
+  fix = " and ".join(f"jax.config.update({opt!r}, {old!r})" for opt, old, _ in changed)
+  return (f" It was written under other JAX settings ({detail}), which change every random "
+          "draw (cohorts, dropout, shuffles, DP noise) or the precision of the round without "
+          "changing its shapes, so it is another run. To resume it, call "
+          f"{fix} at the start of the program (before any simulation is built or compiled); "
+          "or use another directory.")
+
+
 # -- the fingerprint and the run id -------------------------------------------------------------
 
 
@@ -181,8 +257,9 @@ def tree_spec(tree) -> dict[str, str]:
 
 def fingerprint(plan: RoundPlan, population, state) -> dict[str, Any]:
   """What must match for a checkpoint to be resumed: names, shapes, settings, a digest of the
-  round's computation (hyper-parameters), a digest of the population's contents, and the run's
-  identity (``run_id``: all of these and the run key).
+  round's computation (hyper-parameters), a digest of the population's contents, JAX's
+  global settings that change results (:func:`jax_settings`), and the run's identity
+  (``run_id``: all of these and the run key).
 
   Args:
     plan: the run's plan.
@@ -209,19 +286,21 @@ def fingerprint(plan: RoundPlan, population, state) -> dict[str, Any]:
       "digest_jax": jax.__version__,
       "digest_engine": ENGINE_DIGEST,
       "digest_libs": traced_library_versions(),
+      **jax_settings(state.key),
   }
   fp["run_id"] = run_id(fp, state.key)
   return fp
 
 
 def run_id(fp: dict[str, Any], key) -> str:
-  """The run's identity: its fingerprint (without the fields of :data:`NOT_COMPARED`) and its
-  run key.
+  """The run's identity: its fingerprint (without the fields of :data:`NOT_COMPARED`, and
+  without the :data:`JAX_SETTINGS` fields at their defaults) and its run key.
 
   Returns:
     16 hex digits.
   """
-  body = {k: v for k, v in fp.items() if k not in NOT_COMPARED}
+  body = {k: v for k, v in fp.items() if k not in NOT_COMPARED
+          and not (k in JAX_SETTINGS and _json(v) == _json(JAX_SETTINGS[k]))}
   data = np.asarray(jax.random.key_data(key)).tolist()
   blob = json.dumps([body, data], sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -247,7 +326,7 @@ class Comparison(NamedTuple):
       ``"older"`` (another jax / engine / library version traced its digest and nothing else
       differs: taken to be this run's) or ``"other"`` (another run).
     diffs: the compared fields that differ (all but :data:`NOT_COMPARED`).
-    missing: the :data:`NEW_FIELDS` the saved fingerprint predates.
+    missing: the :data:`NEW_FIELDS` of ``fp`` that the saved fingerprint predates.
     incomparable: the saved algorithm digest was traced by another jax, engine or library
       version, so it cannot be compared.
   """
@@ -285,7 +364,7 @@ def compare(saved: dict[str, Any], fp: dict[str, Any], *,
   owner_id = saved.get("run_id") if saved_run_id is dataclasses.MISSING else saved_run_id
   diffs = [k for k in sorted(set(fp) | set(saved))
            if k not in NOT_COMPARED and _json(fp.get(k)) != _json(saved.get(k))]
-  missing = [k for k in NEW_FIELDS if k not in saved and k not in NOT_COMPARED]
+  missing = [k for k in NEW_FIELDS if k not in saved and k in fp and k not in NOT_COMPARED]
   incomparable = (saved.get("digest_jax") != fp.get("digest_jax")
                   or saved.get("digest_engine", "1") != fp.get("digest_engine", "1")
                   or ("digest_libs" in saved and saved["digest_libs"] != fp.get("digest_libs")))
@@ -293,7 +372,7 @@ def compare(saved: dict[str, Any], fp: dict[str, Any], *,
     owner = "legacy"
   elif owner_id == fp.get("run_id"):
     owner = "same"
-  elif incomparable and not [k for k in diffs if k != "algorithm_digest"]:
+  elif incomparable and not [k for k in diffs if k != "algorithm_digest" and k not in missing]:
     owner = "older"
   else:
     owner = "other"

@@ -160,7 +160,8 @@ def claim(directory: str, fp: dict[str, Any], *, what: str, overwrite: bool = Fa
           f"{what}={directory!r} is claimed by another run (run {held.get('run_id', '?')}, "
           f"process {held.get('pid', '?')} on {held.get('host', '?')}; this run is "
           f"{fp['run_id']}): two runs must not share a directory. Use a new directory, or "
-          "pass overwrite=True to take it over (the other run then stops at its next save).")
+          "pass overwrite=True to take it over (the other run then stops at its next save)."
+          + identity.settings_hint(held.get("fingerprint") or {}, fp))
     warnings.warn(f"overwrite=True: took {what}={directory!r} over from run "
                   f"{held.get('run_id', '?')}.", stacklevel=4)
   _create_exclusively(path, record, replace=True)
@@ -211,7 +212,7 @@ def prepare_checkpoint_dir(directory: str, state, fp: dict[str, Any], *,
         f"checkpoint_dir holds checkpoints of another run (steps {foreign}, run "
         f"{m.get('run_id')}; this run is {fp['run_id']}; {what}) in {directory!r}. Resume it "
         "with sim.restore(...), use a new directory, or pass overwrite=True to delete them."
-    )
+        + identity.settings_hint(m, fp))
   unproven = [s for s in steps if s > start and metas[s] is None]
   if unproven and not overwrite:  # never delete what cannot be proven to be this run's
     raise ValueError(
@@ -249,11 +250,11 @@ def check_save(directory: str, state, fp: dict[str, Any]) -> None:
   check_writable(directory, "directory")
   step = int(state.round)
   steps = store.steps(directory)
-  foreign = [s for s in steps if identity.compare(
-      store.meta_file(directory, s) or {}, fp).owner not in ("same", "legacy")]
+  metas = {s: store.meta_file(directory, s) or {} for s in steps}
+  foreign = [s for s in steps if identity.compare(metas[s], fp).owner not in ("same", "legacy")]
   if foreign:
     raise ValueError(f"{directory!r} holds checkpoints of another run (steps {foreign}); save "
-                     "into a new directory.")
+                     "into a new directory." + identity.settings_hint(metas[foreign[-1]], fp))
   if step in steps:
     raise ValueError(f"{directory!r} already holds step {step}; restore it, or save into a new "
                      "directory.")
@@ -289,6 +290,9 @@ def restore(directory: str, template_state, fp: dict[str, Any], *, step: int | N
                   f"{fp.get('digest_libs')}): the algorithm's hyper-parameters cannot be "
                   "compared; check them yourself.", stacklevel=3)
   diffs = seen.config_diffs
+  if set(identity.JAX_SETTINGS) & set(diffs):
+    raise ValueError(f"checkpoint step {step} in {directory!r} comes from another run."
+                     + identity.settings_hint(meta, fp))
   if diffs:
     detail = "; ".join(f"{k}: checkpoint {meta.get(k)!r} vs this run {fp.get(k)!r}"
                        for k in diffs[:4])
@@ -312,7 +316,8 @@ def _claim_log(log_dir: str, fp: dict[str, Any]) -> None:
     raise ValueError(
         f"log_dir={log_dir!r} was claimed by another run (run {held.get('run_id', '?')}; this "
         f"run is {fp['run_id']}) while this run was starting: two runs must not share a "
-        "directory. Use a new directory.")
+        "directory. Use a new directory."
+        + identity.settings_hint(held.get("fingerprint") or {}, fp))
 
 
 def prepare_log_dir(log_dir: str, fp: dict[str, Any], start: int, *,
@@ -359,7 +364,7 @@ def prepare_log_dir(log_dir: str, fp: dict[str, Any], start: int, *,
       raise ValueError(
           f"log_dir={log_dir!r} holds the log of another run (run {owner}; this run is "
           f"{fp['run_id']}). Use a new directory, or pass overwrite=True to replace it."
-      )
+          + identity.settings_hint((old or {}).get("fingerprint") or {}, fp))
     removed = [n for n in os.listdir(log_dir)
                if n in ("config.json", "metrics.jsonl", "metrics.csv")
                or n.startswith("events.out.tfevents")]

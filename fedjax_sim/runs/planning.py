@@ -397,21 +397,23 @@ class Planned(NamedTuple):
 
 
 def memory_budget(budget: int | None, population, state_spec=None, *, mesh=None,
-                  population_on: str = "device") -> int:
-  """``budget``, or by default the device's budget after the resident population and state.
+                  population_on: str = "device", reserved_bytes: int = 0) -> int:
+  """``budget``, or by default the device's budget after the resident population and state
+  (and ``reserved_bytes`` more the caller keeps on the device).
 
   Returns:
     Bytes per device for the client pass.
   """
   if budget is not None:
     return budget
-  return _memory.device_memory_budget(_memory.resident_bytes(
+  return _memory.device_memory_budget(reserved_bytes + _memory.resident_bytes(
       population, state_spec, mesh=mesh, population_on=population_on))
 
 
 def plan(algorithm: Algorithm, sampler, population: Population, params: Any, key: jax.Array, *,
          system: SystemModel | None = None, performance: Performance | None = None,
-         budget: int | None = None, population_on: str = "device", tuner=None) -> Planned:
+         budget: int | None = None, population_on: str = "device", tuner=None,
+         reserved_bytes: int = 0) -> Planned:
   """The whole plan of a run in one pass, with every check that needs the params.
 
   Resolves the trainable view, traces the initial state's shapes, checks the state pieces
@@ -431,6 +433,8 @@ def plan(algorithm: Algorithm, sampler, population: Population, params: Any, key
     population_on: where the population lives (``"device"``, ``"sharded"``, ``"host"``).
     tuner: times candidate chunks for ``performance.autotune`` (``chunk_size="auto"``):
       :func:`fedjax_sim.runs.tuning.tune_plan`.
+    reserved_bytes: device bytes the run keeps besides the population and the state (the
+      asynchronous ring of model versions), taken off the default budget.
 
   Returns:
     A :class:`Planned`.
@@ -448,7 +452,8 @@ def plan(algorithm: Algorithm, sampler, population: Population, params: Any, key
         "host population.")
   draft = _assemble(algorithm, sampler, population, params, system,
                     dataclasses.replace(performance, chunk_size=1, mesh=None))
-  where = dict(mesh=performance.mesh, population_on=population_on)
+  where = dict(mesh=performance.mesh, population_on=population_on,
+               reserved_bytes=reserved_bytes)
   try:
     spec = jax.eval_shape(lambda p, k: initial_state(draft, p, k), params, key)
   except Exception:  # noqa: BLE001 - the checks below name what does not fit
