@@ -462,9 +462,16 @@ def plan(algorithm: Algorithm, sampler, population: Population, params: Any, key
   budget = memory_budget(budget, population, spec, **where)
   state_pieces(draft, params, budget)
   bsz, batch = batch_spec(algorithm, population)
+  steps = None  # the CPU rule weighs a light model's chunk against one cohort's exact padding
+  if (performance.chunk_size is None and performance.mesh is None
+      and _memory.default_device().platform == "cpu"):
+    steps = _autotune.cohort_steps(np.asarray(population.num_examples),
+                                   sampler.max_cohort_size, bsz, system=system,
+                                   planned_steps=algorithm.planned_steps)
   chunk = _memory.chunk_size_for(
       sampler.max_cohort_size, params, draft.views(params)[1], batch, bsz, budget,
-      performance.mesh, performance.chunk_size)
+      performance.mesh, performance.chunk_size, steps=steps,
+      sort_by_size=performance.sort_by_size)
   planned = dataclasses.replace(
       draft, performance=dataclasses.replace(performance, chunk_size=chunk))
   if performance.autotune is not None:
