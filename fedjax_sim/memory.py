@@ -116,6 +116,7 @@ def auto_chunk_size(
     steps: Any = None,
     convolutional: bool = False,
     sort_by_size: bool = True,
+    step_flops: float | None = None,
 ) -> int:
   """Clients per vmapped chunk.
 
@@ -123,8 +124,10 @@ def auto_chunk_size(
   params, gradient, optimizer state, delta, loop carries) plus its batch with activations
   (estimated as 4x the input bytes); the chunk fits in ``memory_budget``.
 
-  CPU (the chunk is chosen for speed): a step's FLOPs are estimated as ``6 * params *
-  batch_size`` per client.
+  CPU (the chunk is chosen for speed): a client's local step costs ``step_flops`` (the loss's
+  jaxpr counted by :func:`fedjax_sim.flops.count_flops`, times 3 for the backward pass; when not
+  given, estimated as ``6 * params * batch_size``, which undercounts sequence models by their
+  length and convolutions by their weight sharing).
 
   * Convolutional models (a parameter of 4 or more dimensions) and steps above
     ``CPU_VMAP_STEP_FLOPS`` run one client at a time: the CPU convolution's vmap rule loops over
@@ -155,6 +158,7 @@ def auto_chunk_size(
       chunk); None: one client per chunk for any model above ``CPU_STEP_FLOPS``.
     convolutional: the model has convolution kernels (one client at a time on CPU).
     sort_by_size: the round sorts the cohort by size (``Performance.sort_by_size``).
+    step_flops: the FLOPs of one client's local step (forward and backward), or None.
 
   Returns:
     The chunk size, between 1 and ``cohort_size``.
@@ -171,7 +175,8 @@ def auto_chunk_size(
   chunk = min(cohort_size, memory_bound_chunk(num_params, example_bytes, batch_size,
                                               memory_budget, frozen_params))
   if platform == "cpu":
-    step_flops = 6.0 * num_params * batch_size
+    if step_flops is None:
+      step_flops = 6.0 * num_params * batch_size
     want = int(round(CPU_STEP_FLOPS / max(step_flops, 1.0)))
     if steps is not None and not convolutional and step_flops <= CPU_VMAP_STEP_FLOPS:
       want = max(want, cpu_vmap_chunk(steps, chunk, sort_by_size))
@@ -200,7 +205,8 @@ def memory_bound_chunk(num_params: int, example_bytes: int, batch_size: int,
 def chunk_size_for(cohort_size: int, params: Any, frozen: Any, batch_spec: dict,
                    batch_size: int, memory_budget: int, mesh: Any = None,
                    requested: int | None = None, *, steps: Any = None,
-                   sort_by_size: bool = True) -> int:
+                   sort_by_size: bool = True, step_flops: float | None = None,
+                   convolutional: bool | None = None) -> int:
   """The chunk a :class:`~fedjax_sim.Simulation` runs: ``requested`` (fitted to the mesh) or
   :func:`auto_chunk_size` per device (with a mesh each device holds ``chunk / n`` clients).
 
@@ -216,6 +222,9 @@ def chunk_size_for(cohort_size: int, params: Any, frozen: Any, batch_spec: dict,
     steps: one cohort's local steps per client (:func:`fedjax_sim.autotune.cohort_steps`), for
       the CPU rule of a light model without a mesh (:func:`auto_chunk_size`); None: not known.
     sort_by_size: the round sorts the cohort by size.
+    step_flops: one client's local step in FLOPs (:func:`auto_chunk_size`), or None.
+    convolutional: the model convolves (from the FLOP count); None: it has a parameter of 4
+      or more dimensions.
 
   Returns:
     The chunk size (a multiple of the mesh's ``clients`` axis).
@@ -228,11 +237,13 @@ def chunk_size_for(cohort_size: int, params: Any, frozen: Any, batch_spec: dict,
   if chunk is None:
     example_bytes = sum(int(np.prod(v.shape[1:])) * np.dtype(v.dtype).itemsize
                         for v in batch_spec.values())
-    conv = any(np.ndim(x) >= 4 for x in jax.tree.leaves(params))
+    conv = (any(np.ndim(x) >= 4 for x in jax.tree.leaves(params)) if convolutional is None
+            else convolutional)
     chunk = n * auto_chunk_size(-(-cohort_size // n), count(params), example_bytes, batch_size,
                                 memory_budget, default_device().platform,
                                 frozen_params=count(frozen), steps=steps if n == 1 else None,
-                                convolutional=conv, sort_by_size=sort_by_size)
+                                convolutional=conv, sort_by_size=sort_by_size,
+                                step_flops=step_flops)
   elif n == 1:
     chunk = min(chunk, cohort_size)
   return sharding.fit_chunk(chunk, cohort_size, n, requested)

@@ -34,6 +34,7 @@ def _oracle_steps(name, steps, batch, *, train):
   return params
 
 
+@pytest.mark.slow  # compiles the EMNIST CNN twice (~5 s)
 def test_ceiling_trains_with_dropout_and_a_fresh_key_per_step():
   run, params, bsz, fpe = ceiling._ceiling_program("cnn", steps=2, batch=2)
   assert bsz == 2 and fpe > 0

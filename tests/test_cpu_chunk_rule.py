@@ -136,3 +136,52 @@ def test_convolutional_models_stay_at_one_client_on_cpu():
   sim.init(params, jax.random.key(0))
   assert sim.chunk_size == 1
 
+
+
+def test_counted_step_flops_decide_not_the_parameter_count():
+  kw = dict(cohort_size=1000, num_params=200_000, example_bytes=4 * 784, batch_size=20,
+            memory_budget=2**28, platform="cpu", steps=[5] * 1000)
+  assert memory.auto_chunk_size(**kw) == 32  # 6 x params x batch: 24 MFLOP, light
+  # the same parameter count run over a long sequence: its counted step is heavy
+  assert memory.auto_chunk_size(step_flops=80 * 24e6, **kw) == 1
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU rule")
+def test_a_sequence_model_is_counted_by_its_jaxpr():
+  """A character LSTM has few parameters but runs them over every token: the plan counts its
+  step from the loss's jaxpr (scan bodies times their length) and keeps it at one client."""
+  from fedjax_sim.runs import planning
+
+  model = fs.zoo.ShakespeareLSTM()
+  rng = np.random.default_rng(0)
+  n = 24 * 8
+  pop = fs.Population.from_arrays(
+      {"x": rng.integers(1, 80, (n, 80)).astype(np.int32),
+       "y": rng.integers(1, 80, (n, 80)).astype(np.int32)}, np.repeat(np.arange(24), 8))
+  params = model.init(jax.random.key(0), jnp.ones((1, 80), jnp.int32))["params"]
+  algo = fs.algorithms.fedavg(fs.models.sequence_loss(fs.models.linen_apply(model)),
+                              client_optimizer=optax.sgd(0.1), batch_size=4, local_epochs=1)
+  bsz, spec = planning.batch_spec(algo, pop)
+  flops, conv = planning._step_flops(algo, params, spec, jax.random.key(0))
+  by_params = 6 * sum(int(np.size(p)) for p in jax.tree.leaves(params)) * bsz
+  assert not conv and flops > 20 * by_params and flops > memory.CPU_VMAP_STEP_FLOPS
+  assert by_params < memory.CPU_VMAP_STEP_FLOPS  # the parameter estimate would have vmapped it
+  sim = fs.Simulation(algo, pop, cohort_size=16)
+  sim.init(params, jax.random.key(0))
+  assert sim.chunk_size == 1
+
+
+def test_an_uncountable_loss_falls_back_to_the_parameter_estimate():
+  from fedjax_sim.runs import planning
+
+  def loss(params, batch, key):  # a while loop has no static trip count
+    w = jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (c[0] * 2.0, c[1] + 1),
+                           (params["w"], 0))[0]
+    return (batch["x"] @ w).mean(), {}
+
+  algo = fs.algorithms.fedavg(loss, client_optimizer=optax.sgd(0.1), batch_size=2,
+                              local_epochs=1)
+  spec = {"x": jax.ShapeDtypeStruct((2, 3), np.float32)}
+  assert planning._step_flops(algo, {"w": jnp.ones(3)}, spec, jax.random.key(0)) == (None, None)
+  with pytest.raises(ValueError, match="while loop"):
+    fs.flops.count_flops(loss, {"w": jnp.ones(3)}, spec, jax.random.key(0))
