@@ -1,6 +1,7 @@
 """Chunks of one client: run the client unbatched vs ``jax.vmap`` over a size-1 axis (A/B).
 
-On CPU the automatic chunk is one client for these models (``fs.round.auto_chunk_size``). A vmap
+On CPU the automatic chunk is one client for the convolutional models here (and was for all
+four before light dense models got the padding rule, ``fs.memory.cpu_vmap_chunk``). A vmap
 over one client still batches every op (batched GEMMs, grouped convolutions with a size-1
 group), which XLA:CPU compiles differently. This times both, interleaved in one process, on the
 same workloads and checks that they end at the same parameters.

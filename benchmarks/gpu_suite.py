@@ -31,7 +31,7 @@ A plain run does every step but the last two (``DEFAULT_STEPS``): their time box
 default budget. ``population`` and ``dense`` run when named, e.g. ``--steps env population
 dense`` in a second call.
 
-Every fedjax_sim row records FLOPs counted from the jaxpr (``benchmarks.workloads.count_flops``:
+Every fedjax_sim row records FLOPs counted from the jaxpr (``fedjax_sim.flops.count_flops``:
 convolutions, matmuls, LSTM gates; training = 3 x forward), XLA's own cost-analysis figure beside
 it, and the summary gives each row's fraction of the default-precision GEMM peak measured in the
 same run. Every fedjax_sim step but cifar_after also runs the in-process sequential baseline.

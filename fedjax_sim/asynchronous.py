@@ -724,10 +724,11 @@ class AsyncSimulation:
       ``max_staleness + 1`` model versions. Default ``4 * ceil(C / K)``.
     chunk_size: arrivals vmapped together (speed only), at most K. Default (None): the
       automatic chunk of ``fs.Simulation`` for a cohort of K (from the memory budget and the
-      model size; on CPU about 1 MFLOP per vmapped step, so 1 for a convolutional model:
-      :func:`fedjax_sim.memory.chunk_size_for`); ``"auto"`` (or candidates ``[1, 8]``,
-      ``fs.autotune.AutoChunk(...)``): measured at :meth:`init`, one server step per
-      candidate (:func:`step_runner`). Fixed by :meth:`init`; read it as ``sim.chunk_size``.
+      model size; on CPU 1 for a convolutional or heavy model, a chunk weighed against the
+      padding for a light dense one: :func:`fedjax_sim.memory.chunk_size_for`); ``"auto"``
+      (or candidates ``[1, 8]``, ``fs.autotune.AutoChunk(...)``): measured at :meth:`init`,
+      one server step per candidate (:func:`step_runner`). Fixed by :meth:`init`; read it as
+      ``sim.chunk_size``.
     sort_by_size: chunk the buffer by client size (speed only, as in ``fs.Simulation``).
     block_size: server steps per compiled ``lax.scan``.
     delta: refused: no privacy accountant fits asynchronous participation.

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 import warnings
@@ -38,6 +37,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fedjax_sim.memory import padding_factor  # its home is memory; re-exported here
 
 __all__ = ["AutoChunk", "ChunkChoice", "cache_key", "cache_path", "candidates_for", "chunk_request",
            "cohort_steps", "padding_factor", "tune_chunk_size", "tune_simulation"]
@@ -72,30 +73,6 @@ class ChunkChoice:
     """The choice as JSON-able values (for ``config.json``)."""
     return {k: list(v) if isinstance(v, tuple) else v
             for k, v in dataclasses.asdict(self).items()}
-
-
-def padding_factor(steps: Sequence[int], chunk: int, sort_by_size: bool = True) -> float:
-  """Step slots paid / steps needed when ``steps`` (per-client local step counts) run in chunks.
-
-  A chunk runs as many steps as its largest client; the cohort is padded with zero-step clients
-  to whole chunks. Computed exactly on the host.
-
-  Returns:
-    A factor >= 1 (1.0 when no client has a step).
-
-  Example:
-    >>> padding_factor([5, 1, 1, 1], 2)  # sorted: [5, 1 | 1, 1] -> 2*5 + 2*1 = 12 slots for 8
-    1.5
-  """
-  if chunk < 1:
-    raise ValueError(f"chunk must be >= 1, got {chunk}")
-  s = np.asarray(steps, np.int64)
-  if sort_by_size:
-    s = np.sort(s)[::-1]
-  n = math.ceil(len(s) / chunk) * chunk
-  s = np.concatenate([s, np.zeros(n - len(s), np.int64)]).reshape(-1, chunk)
-  need = int(s.sum())
-  return float(chunk * s.max(1).sum() / need) if need else 1.0
 
 
 def cache_key(signature: Any, device_kind: str | None = None) -> str:

@@ -31,8 +31,77 @@ CPU_BUDGET_BYTES = 256 * 2**20
 FALLBACK_DEVICE_BYTES = 16 * 2**30
 
 
-#: On CPU, a chunk is sized so that one vmapped local step does about this many FLOPs.
+#: On CPU, a chunk is sized so that one vmapped local step does at least about this many FLOPs
+#: (tiny models: a digits MLP's 227 kFLOP step ran 8.1k client-updates/s at chunk 1, 16.1k at 5).
 CPU_STEP_FLOPS = 1e6
+#: On CPU, clients of a dense (non-convolutional) model whose local step is at most this many
+#: FLOPs (``6 * params * batch_size``) are vmapped in chunks chosen against their padding
+#: (:func:`cpu_vmap_chunk`); heavier or convolutional models run one client at a time.
+CPU_VMAP_STEP_FLOPS = 5e7
+#: The modelled speed-up per step slot of a vmapped chunk of ``c`` such clients on CPU:
+#: ``1 + CPU_VMAP_GAIN * log2(c)`` (measured, 2-core CPU, jax 0.10.2, EMNIST-shaped dense MLP at
+#: cohort 1000, same cohorts: per slot 1.20x at chunk 8, 1.30x at 16, 1.36x at 32;
+#: ``benchmarks/chunk_check.py``, docs/benchmarks.md "The automatic chunk on CPU").
+CPU_VMAP_GAIN = 0.075
+#: The largest chunk :func:`cpu_vmap_chunk` considers (the largest measured).
+CPU_MAX_CHUNK = 32
+
+
+def padding_factor(steps: Any, chunk: int, sort_by_size: bool = True) -> float:
+  """Step slots paid / steps needed when ``steps`` (per-client local step counts) run in chunks.
+
+  A chunk runs as many steps as its largest client; the cohort is padded with zero-step clients
+  to whole chunks. Computed exactly on the host.
+
+  Returns:
+    A factor >= 1 (1.0 when no client has a step).
+
+  Example:
+    >>> padding_factor([5, 1, 1, 1], 2)  # sorted: [5, 1 | 1, 1] -> 2*5 + 2*1 = 12 slots for 8
+    1.5
+  """
+  if chunk < 1:
+    raise ValueError(f"chunk must be >= 1, got {chunk}")
+  s = np.asarray(steps, np.int64)
+  if sort_by_size:
+    s = np.sort(s)[::-1]
+  n = math.ceil(len(s) / chunk) * chunk
+  s = np.concatenate([s, np.zeros(n - len(s), np.int64)]).reshape(-1, chunk)
+  need = int(s.sum())
+  return float(chunk * s.max(1).sum() / need) if need else 1.0
+
+
+def cpu_vmap_chunk(steps: Any, limit: int, sort_by_size: bool = True) -> int:
+  """The CPU chunk for a light dense model: of the powers of two ``c <= limit``, each balanced
+  over the cohort (``ceil(K / ceil(K / c))`` for ``K = len(steps)`` clients), the one with the
+  best modelled time per step, ``padding_factor(steps, c) / (1 + CPU_VMAP_GAIN * log2(c))``.
+
+  A vmapped chunk runs as many local steps as its largest client, so a larger chunk pays more
+  padding (much less in a large cohort, which the round sorts by size); XLA:CPU runs a light
+  model's batched step a little faster per client than a single client's. ``steps`` is one
+  cohort's local steps (:func:`fedjax_sim.autotune.cohort_steps`), so the padding is exact
+  for it.
+
+  Returns:
+    The chunk size (ties go to the smaller).
+
+  Example:
+    >>> cpu_vmap_chunk([4] * 100, 64)  # equal clients: 4 chunks of 25, no padding
+    25
+    >>> cpu_vmap_chunk([40, 1, 1, 1, 1, 1, 1, 1], 8)  # a chunk with the big client pays its steps
+    1
+  """
+  k = max(len(steps), 1)
+  best, best_cost = 1, padding_factor(steps, 1, sort_by_size)
+  c = 2
+  while c <= min(limit, CPU_MAX_CHUNK):
+    balanced = math.ceil(k / math.ceil(k / c))
+    cost = (padding_factor(steps, balanced, sort_by_size)
+            / (1.0 + CPU_VMAP_GAIN * math.log2(balanced)))
+    if cost < best_cost - 1e-12 or (abs(cost - best_cost) <= 1e-12 and balanced < best):
+      best, best_cost = balanced, cost
+    c *= 2
+  return best
 
 
 def auto_chunk_size(
@@ -43,6 +112,11 @@ def auto_chunk_size(
     memory_budget: int,
     platform: str = "cpu",
     frozen_params: int = 0,
+    *,
+    steps: Any = None,
+    convolutional: bool = False,
+    sort_by_size: bool = True,
+    step_flops: float | None = None,
 ) -> int:
   """Clients per vmapped chunk.
 
@@ -50,17 +124,41 @@ def auto_chunk_size(
   params, gradient, optimizer state, delta, loop carries) plus its batch with activations
   (estimated as 4x the input bytes); the chunk fits in ``memory_budget``.
 
-  CPU: XLA:CPU runs a single client's matmuls on all cores but a vmapped (batched) matmul slower
-  (measured on the 2-core CI machine, EMNIST-shaped workloads, cohort 100: dense model 633
-  client-updates/s at 1 client per chunk, 470 at 2, 429 at 4; logistic 2050 at 1, 1518 at 4,
-  1058 at 17). Batching only pays when a step is too small to keep the cores busy (digits MLP,
-  227 kFLOP per step: 8.1k client-updates/s at 1, 16.1k at 5). So on CPU the chunk is sized to
-  about ``CPU_STEP_FLOPS`` per vmapped step, estimated as ``6 * params * batch_size`` per client.
+  CPU (the chunk is chosen for speed): a client's local step costs ``step_flops`` (the loss's
+  jaxpr counted by :func:`fedjax_sim.flops.count_flops`, times 3 for the backward pass; when not
+  given, estimated as ``6 * params * batch_size``, which undercounts sequence models by their
+  length and convolutions by their weight sharing).
+
+  * Convolutional models (a parameter of 4 or more dimensions) and steps above
+    ``CPU_VMAP_STEP_FLOPS`` run one client at a time: the CPU convolution's vmap rule loops over
+    the chunk's clients, and a heavy step keeps both cores busy alone (measured: EMNIST CNN
+    cohort 10, chunk 2 0.79x chunk 1; pfl's CIFAR CNN and the language models the same way).
+  * Lighter dense models with ``steps`` (one cohort's local steps, known to the host): the
+    chunk of :func:`cpu_vmap_chunk`, which weighs the padding a chunk pays (exact for that
+    cohort) against XLA:CPU's per-client gain from batching (measured: EMNIST-shaped MLP,
+    cohort 1000, chunk 1 0.71x the best chunk of 1-32, chunks 16-32 best; cohort 100, chunks
+    2-8 best).
+  * Tiny steps are vmapped up to ``CPU_STEP_FLOPS`` per vmapped step in any case (digits MLP,
+    227 kFLOP per step: 8.1k client-updates/s at 1, 16.1k at 5).
 
   Frozen parameters (``trainable=``; ``frozen_params`` of the ``num_params``) are held once for
   the whole chunk, not per client: they take ``4 * frozen_params`` bytes off the budget.
 
   The number of chunks is then balanced so that padded slots are fewer than the chunks.
+
+  Args:
+    cohort_size: the cohort capacity K.
+    num_params: the model's parameters (all of them).
+    example_bytes: bytes of one example's features.
+    batch_size: the local batch size.
+    memory_budget: bytes for the client pass.
+    platform: the backend (``"cpu"``: the chunk is chosen for speed).
+    frozen_params: the parameters not trained (held once per chunk).
+    steps: on CPU, one cohort's local steps per client (the padding of a light model's
+      chunk); None: one client per chunk for any model above ``CPU_STEP_FLOPS``.
+    convolutional: the model has convolution kernels (one client at a time on CPU).
+    sort_by_size: the round sorts the cohort by size (``Performance.sort_by_size``).
+    step_flops: the FLOPs of one client's local step (forward and backward), or None.
 
   Returns:
     The chunk size, between 1 and ``cohort_size``.
@@ -71,12 +169,18 @@ def auto_chunk_size(
     1000
     >>> auto_chunk_size(1000, 10_000, 4 * 784, 32, 2**30, "cpu")  # ~1 MFLOP per vmapped step
     1
+    >>> auto_chunk_size(1000, 200_000, 4 * 784, 20, 2**28, "cpu", steps=[5] * 1000)  # light MLP
+    32
   """
   chunk = min(cohort_size, memory_bound_chunk(num_params, example_bytes, batch_size,
                                               memory_budget, frozen_params))
   if platform == "cpu":
-    step_flops = 6.0 * num_params * batch_size
-    chunk = max(1, min(chunk, int(round(CPU_STEP_FLOPS / max(step_flops, 1.0)))))
+    if step_flops is None:
+      step_flops = 6.0 * num_params * batch_size
+    want = int(round(CPU_STEP_FLOPS / max(step_flops, 1.0)))
+    if steps is not None and not convolutional and step_flops <= CPU_VMAP_STEP_FLOPS:
+      want = max(want, cpu_vmap_chunk(steps, chunk, sort_by_size))
+    chunk = max(1, min(chunk, want))
   num_chunks = math.ceil(cohort_size / chunk)
   return math.ceil(cohort_size / num_chunks)
 
@@ -100,7 +204,9 @@ def memory_bound_chunk(num_params: int, example_bytes: int, batch_size: int,
 
 def chunk_size_for(cohort_size: int, params: Any, frozen: Any, batch_spec: dict,
                    batch_size: int, memory_budget: int, mesh: Any = None,
-                   requested: int | None = None) -> int:
+                   requested: int | None = None, *, steps: Any = None,
+                   sort_by_size: bool = True, step_flops: float | None = None,
+                   convolutional: bool | None = None) -> int:
   """The chunk a :class:`~fedjax_sim.Simulation` runs: ``requested`` (fitted to the mesh) or
   :func:`auto_chunk_size` per device (with a mesh each device holds ``chunk / n`` clients).
 
@@ -113,6 +219,12 @@ def chunk_size_for(cohort_size: int, params: Any, frozen: Any, batch_spec: dict,
     memory_budget: bytes per device for the client pass.
     mesh: the mesh with a ``clients`` axis, or None.
     requested: the user's ``chunk_size``, or None.
+    steps: one cohort's local steps per client (:func:`fedjax_sim.autotune.cohort_steps`), for
+      the CPU rule of a light model without a mesh (:func:`auto_chunk_size`); None: not known.
+    sort_by_size: the round sorts the cohort by size.
+    step_flops: one client's local step in FLOPs (:func:`auto_chunk_size`), or None.
+    convolutional: the model convolves (from the FLOP count); None: it has a parameter of 4
+      or more dimensions.
 
   Returns:
     The chunk size (a multiple of the mesh's ``clients`` axis).
@@ -125,9 +237,13 @@ def chunk_size_for(cohort_size: int, params: Any, frozen: Any, batch_spec: dict,
   if chunk is None:
     example_bytes = sum(int(np.prod(v.shape[1:])) * np.dtype(v.dtype).itemsize
                         for v in batch_spec.values())
+    conv = (any(np.ndim(x) >= 4 for x in jax.tree.leaves(params)) if convolutional is None
+            else convolutional)
     chunk = n * auto_chunk_size(-(-cohort_size // n), count(params), example_bytes, batch_size,
                                 memory_budget, default_device().platform,
-                                frozen_params=count(frozen))
+                                frozen_params=count(frozen), steps=steps if n == 1 else None,
+                                convolutional=conv, sort_by_size=sort_by_size,
+                                step_flops=step_flops)
   elif n == 1:
     chunk = min(chunk, cohort_size)
   return sharding.fit_chunk(chunk, cohort_size, n, requested)

@@ -362,7 +362,10 @@ def _resolved_chunk(algo, pop, params, buffer_size, max_staleness):
   ring = (max_staleness + 1) * fs.memory.tree_bytes(params) if max_staleness else 0
   budget = fs.memory.device_memory_budget(fs.memory.resident_bytes(pop, server) + ring)
   bsz, spec = planning.batch_spec(algo, pop)
-  return fs.memory.chunk_size_for(buffer_size, params, None, spec, bsz, budget)
+  steps = None  # on CPU a light model's chunk is weighed against one cohort's padding
+  if jax.default_backend() == "cpu":
+    steps = fs.autotune.cohort_steps(np.asarray(pop.num_examples), buffer_size, bsz)
+  return fs.memory.chunk_size_for(buffer_size, params, None, spec, bsz, budget, steps=steps)
 
 
 def test_default_chunk_is_simulations_automatic_rule(setup):

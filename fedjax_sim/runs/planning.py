@@ -22,6 +22,7 @@ import numpy as np
 
 from fedjax_sim import _validation as _v
 from fedjax_sim import autotune as _autotune
+from fedjax_sim import flops as _flops
 from fedjax_sim import memory as _memory
 from fedjax_sim import nonfinite as _nf
 from fedjax_sim import partition_views as _views
@@ -462,9 +463,19 @@ def plan(algorithm: Algorithm, sampler, population: Population, params: Any, key
   budget = memory_budget(budget, population, spec, **where)
   state_pieces(draft, params, budget)
   bsz, batch = batch_spec(algorithm, population)
+  steps = step_flops = conv = None
+  if (performance.chunk_size is None and performance.mesh is None
+      and _memory.default_device().platform == "cpu"):
+    # The CPU rule weighs a light dense model's chunk against one cohort's exact padding; the
+    # step's FLOPs and whether it convolves are counted from the loss's jaxpr.
+    steps = _autotune.cohort_steps(np.asarray(population.num_examples),
+                                   sampler.max_cohort_size, bsz, system=system,
+                                   planned_steps=algorithm.planned_steps)
+    step_flops, conv = _step_flops(algorithm, params, batch, key)
   chunk = _memory.chunk_size_for(
       sampler.max_cohort_size, params, draft.views(params)[1], batch, bsz, budget,
-      performance.mesh, performance.chunk_size)
+      performance.mesh, performance.chunk_size, steps=steps,
+      sort_by_size=performance.sort_by_size, step_flops=step_flops, convolutional=conv)
   planned = dataclasses.replace(
       draft, performance=dataclasses.replace(performance, chunk_size=chunk))
   if performance.autotune is not None:
@@ -473,6 +484,19 @@ def plan(algorithm: Algorithm, sampler, population: Population, params: Any, key
                        "tuner=fedjax_sim.runs.tuning.tune_plan to time the candidates.")
     planned = _tuned(planned, population, params, key, batch, bsz, budget, population_on, tuner)
   return Planned(planned, spec, budget)
+
+
+def _step_flops(algorithm: Algorithm, params: Any, batch: dict, key: jax.Array):
+  """``(FLOPs, convolves)`` of one local step (3x the loss's forward on one batch, counted from
+  its jaxpr by :func:`fedjax_sim.flops.count_flops`), or ``(None, None)`` where the algorithm
+  has no ``loss_fn`` or the counter cannot count it (a ``while`` loop)."""
+  if algorithm.loss_fn is None:
+    return None, None
+  try:
+    counts = _flops.count_flops(algorithm.loss_fn, params, batch, key)
+  except Exception:  # noqa: BLE001 - uncountable: the rule falls back to 6 x params x batch
+    return None, None
+  return 3.0 * counts["total"], counts["conv"] > 0
 
 
 def _tuned(plan: RoundPlan, population, params, key, batch, bsz: int, budget: int,
