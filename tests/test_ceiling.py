@@ -5,7 +5,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import fedjax_sim as fs
@@ -40,18 +39,12 @@ def test_ceiling_trains_with_dropout_and_a_fresh_key_per_step():
   assert bsz == 2 and fpe > 0
   got = run(params)
   chex.assert_trees_all_close(got, _oracle_steps("cnn", 2, 2, train=True), rtol=1e-5, atol=1e-6)
-  # The check can fail: the model without dropout (the old ceiling) ends elsewhere.
+  # The check can fail: the model without dropout (the old ceiling) ends elsewhere, and so
+  # would a ceiling with another optimizer than the oracle's plain SGD(0.1).
   off = _oracle_steps("cnn", 2, 2, train=False)
   diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got),
                                                              jax.tree.leaves(off)))
   assert diff > 1e-4
-
-
-def test_ceiling_optimizer_is_plain_sgd():
-  # the oracle above assumes optax.sgd(0.1) without momentum; keep them in step
-  p = {"w": jnp.ones(3)}
-  u, _ = optax.sgd(0.1).update({"w": jnp.full(3, 2.0)}, optax.sgd(0.1).init(p), p)
-  chex.assert_trees_all_close(u, {"w": jnp.full(3, -0.2)})
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 6, 3), (1, 5, 5, 4)])

@@ -118,6 +118,22 @@ def test_examples_ratio_is_work_normalised():
   assert "**0.96×** (0.96, 0.96)" in md and "| — |" in md
 
 
+def test_examples_ratio_is_against_the_peers_best_setting_by_examples():
+  """pfl's 1-thread runs draw more client-updates/s here but fewer examples/s (smaller cohorts
+  drawn): the work-normalised ratio is taken against its best setting by examples/s."""
+  rows = [{"model": "cnn", "cohort": 10, "repeat": i, "engine": "fedjax_sim", "setting": "",
+           "client_updates_per_s": 10.0, "examples_per_s": 1000.0, "load_avg_1min": 1.0}
+          for i in range(2)]
+  for setting, cu, ex in (("torch_threads=1", 12.0, 900.0), ("torch_threads=2", 11.0, 1100.0)):
+    rows += [{"model": "cnn", "cohort": 10, "repeat": i, "engine": "pfl", "setting": setting,
+              "client_updates_per_s": cu, "examples_per_s": ex, "load_avg_1min": 1.0}
+             for i in range(2)]
+  (s,) = side_by_side.summarize(rows)
+  assert s["best_setting"] == "torch_threads=1"
+  assert s["best_setting_examples"] == "torch_threads=2"
+  assert s["ratio_of_means_examples"] == pytest.approx(1000 / 1100)
+
+
 def test_peers_bad_input(capsys, tmp_path):
   with pytest.raises(SystemExit):
     run.parse_args(["--peers", "tff"])
