@@ -35,13 +35,16 @@ FALLBACK_DEVICE_BYTES = 16 * 2**30
 #: (tiny models: a digits MLP's 227 kFLOP step ran 8.1k client-updates/s at chunk 1, 16.1k at 5).
 CPU_STEP_FLOPS = 1e6
 #: On CPU, clients of a dense (non-convolutional) model whose local step is at most this many
-#: FLOPs (``6 * params * batch_size``) are vmapped in chunks chosen against their padding
-#: (:func:`cpu_vmap_chunk`); heavier or convolutional models run one client at a time.
+#: FLOPs (counted from the loss's jaxpr, else ``6 * params * batch_size``) are vmapped in chunks
+#: chosen against their padding (:func:`cpu_vmap_chunk`); heavier or convolutional models run
+#: one client at a time.
 CPU_VMAP_STEP_FLOPS = 5e7
 #: The modelled speed-up per step slot of a vmapped chunk of ``c`` such clients on CPU:
-#: ``1 + CPU_VMAP_GAIN * log2(c)`` (measured, 2-core CPU, jax 0.10.2, EMNIST-shaped dense MLP at
-#: cohort 1000, same cohorts: per slot 1.20x at chunk 8, 1.30x at 16, 1.36x at 32;
-#: ``benchmarks/chunk_check.py``, docs/benchmarks.md "The automatic chunk on CPU").
+#: ``1 + CPU_VMAP_GAIN * log2(c)``, i.e. 1.225x at chunk 8, 1.30x at 16, 1.375x at 32. Measured
+#: on a 2-core CPU, jax 0.10.2, EMNIST-shaped logistic and dense models at cohorts 100 and 1000,
+#: same cohorts (chunk 1's median time / chunk c's, times their padding ratio, two sittings):
+#: 1.03-1.33x at chunk 8, 1.14-1.45x at 16, 1.16-1.55x at 32; ``benchmarks/chunk_check.py``,
+#: docs/benchmarks.md "The automatic chunk on CPU".
 CPU_VMAP_GAIN = 0.075
 #: The largest chunk :func:`cpu_vmap_chunk` considers (the largest measured).
 CPU_MAX_CHUNK = 32
@@ -129,7 +132,8 @@ def auto_chunk_size(
   given, estimated as ``6 * params * batch_size``, which undercounts sequence models by their
   length and convolutions by their weight sharing).
 
-  * Convolutional models (a parameter of 4 or more dimensions) and steps above
+  * Convolutional models (convolutions in the counted step; without a count, a parameter of 4
+    or more dimensions) and steps above
     ``CPU_VMAP_STEP_FLOPS`` run one client at a time: the CPU convolution's vmap rule loops over
     the chunk's clients, and a heavy step keeps both cores busy alone (measured: EMNIST CNN
     cohort 10, chunk 2 0.79x chunk 1; pfl's CIFAR CNN and the language models the same way).
