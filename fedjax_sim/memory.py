@@ -116,8 +116,8 @@ def cpu_vmap_chunk(steps: Any, limit: int, sort_by_size: bool = True,
     15
     >>> cpu_vmap_chunk([40, 1, 1, 1, 1, 1, 1, 1], 8)  # a chunk with the big client pays its steps
     1
-    >>> cpu_vmap_chunk([1] * 10_000, 10_000, step_flops=4e4)  # a tiny model: the cap
-    256
+    >>> cpu_vmap_chunk([1] * 10_000, 10_000, step_flops=4e4)  # tiny: the cap, 40 chunks of 250
+    250
   """
   k = max(len(steps), 1)
   work = 1.0 if step_flops is None else max(float(step_flops), 1.0)

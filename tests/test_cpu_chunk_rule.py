@@ -50,8 +50,8 @@ def test_cpu_vmap_chunk_extremes():
   # no padding at all: a light step gains from batching up to the gain's last measured chunk
   assert memory.cpu_vmap_chunk([3] * 512, 10_000, step_flops=2e7) == memory.CPU_VMAP_GAIN_CHUNK
   # a tiny step also shares the step's fixed cost: up to the largest chunk measured
-  assert memory.cpu_vmap_chunk([3] * 512, 10_000, step_flops=4e4) == memory.CPU_MAX_CHUNK
-  assert memory.cpu_vmap_chunk([3] * 100, 10_000, step_flops=2e7) == 25  # 4 balanced chunks
+  assert memory.cpu_vmap_chunk([3] * 512, 10_000, step_flops=1e4) == memory.CPU_MAX_CHUNK
+  assert memory.cpu_vmap_chunk([3] * 100, 32, step_flops=2e7) == 25  # 4 balanced chunks, not 32s
   assert memory.cpu_vmap_chunk([3] * 512, 5) == 4  # the memory bound holds
   assert memory.cpu_vmap_chunk([50] + [1] * 9, 64) == 1  # any chunk pays the big client
   assert memory.cpu_vmap_chunk([0] * 64, 64) == memory.CPU_VMAP_GAIN_CHUNK  # no steps, no padding
