@@ -52,8 +52,9 @@ CPU_VMAP_GAIN_CHUNK = 32
 #: What one vmapped local step costs on CPU beyond its clients' own work, in FLOPs of their
 #: work: the loop iteration, the batch gather and the per-op dispatch, paid once per chunk and
 #: so shared by its clients. Fitted on the population workload (a 610-parameter model, 37 kFLOP
-#: per step, cohort 10^4; chunk 1 ran 3.1x slower per step slot than 16 and 3.4x than 256, two
-#: sittings; the light dense models' gains above are explained without it).
+#: per step, cohort 10^4: per step slot chunk 1 ran 3.1x slower than 16 and 3.4x slower than 256,
+#: which give 6.3e4 and 5.5e4; chunk_check.jsonl sitting 4b). The light dense models' gains
+#: above are explained without it (0.25-6 % of their steps).
 CPU_VMAP_STEP_OVERHEAD_FLOPS = 6e4
 #: :func:`cpu_vmap_chunk` takes the smallest chunk modelled within this fraction of the fastest
 #: (the model is no finer than that; a larger chunk must earn its place).
@@ -90,9 +91,10 @@ def padding_factor(steps: Any, chunk: int, sort_by_size: bool = True) -> float:
 def cpu_vmap_chunk(steps: Any, limit: int, sort_by_size: bool = True,
                    step_flops: float | None = None) -> int:
   """The CPU chunk for a light dense model: of the powers of two ``c <= limit``, each balanced
-  over the cohort (``ceil(K / ceil(K / c))`` for ``K = len(steps)`` clients), the one with the
-  least modelled time per step, ``padding_factor(steps, c) * (CPU_VMAP_STEP_OVERHEAD_FLOPS / c
-  + step_flops / (1 + CPU_VMAP_GAIN * log2(min(c, CPU_VMAP_GAIN_CHUNK))))``.
+  over the cohort (``ceil(K / ceil(K / c))`` for ``K = len(steps)`` clients), the smallest whose
+  modelled time per step is within ``CPU_VMAP_MARGIN`` of the least; chunk ``c``'s is
+  ``padding_factor(steps, c) * (CPU_VMAP_STEP_OVERHEAD_FLOPS / c + step_flops / (1 +
+  CPU_VMAP_GAIN * log2(min(c, CPU_VMAP_GAIN_CHUNK))))``.
 
   A vmapped chunk runs as many local steps as its largest client, so a larger chunk pays more
   padding (much less in a large cohort, which the round sorts by size). Against it: XLA:CPU
