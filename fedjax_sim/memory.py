@@ -39,15 +39,29 @@ CPU_STEP_FLOPS = 1e6
 #: chosen against their padding (:func:`cpu_vmap_chunk`); heavier or convolutional models run
 #: one client at a time.
 CPU_VMAP_STEP_FLOPS = 5e7
-#: The modelled speed-up per step slot of a vmapped chunk of ``c`` such clients on CPU:
-#: ``1 + CPU_VMAP_GAIN * log2(c)``, i.e. 1.225x at chunk 8, 1.30x at 16, 1.375x at 32. Measured
-#: on a 2-core CPU, jax 0.10.2, EMNIST-shaped logistic and dense models at cohorts 100 and 1000,
-#: same cohorts (chunk 1's median time / chunk c's, times their padding ratio, two sittings):
-#: 1.03-1.33x at chunk 8, 1.14-1.45x at 16, 1.16-1.55x at 32; ``benchmarks/chunk_check.py``,
-#: docs/benchmarks.md "The automatic chunk on CPU".
+#: The modelled speed-up per step slot of a vmapped chunk of ``c`` such clients on CPU, from
+#: batching the step's kernels: ``1 + CPU_VMAP_GAIN * log2(min(c, CPU_VMAP_GAIN_CHUNK))``, i.e.
+#: 1.225x at chunk 8, 1.30x at 16, 1.375x at 32 and above. Measured on a 2-core CPU, jax 0.10.2,
+#: EMNIST-shaped logistic and dense models at cohorts 100 and 1000, same cohorts (chunk 1's
+#: median time / chunk c's, times their padding ratio, two sittings): 1.03-1.33x at chunk 8,
+#: 1.14-1.45x at 16, 1.16-1.55x at 32; ``benchmarks/chunk_check.py``, docs/benchmarks.md "The
+#: automatic chunk on CPU".
 CPU_VMAP_GAIN = 0.075
-#: The largest chunk :func:`cpu_vmap_chunk` considers (the largest measured).
-CPU_MAX_CHUNK = 32
+#: The batching gain is not modelled past this chunk (the largest measured on the dense models).
+CPU_VMAP_GAIN_CHUNK = 32
+#: What one vmapped local step costs on CPU beyond its clients' own work, in FLOPs of their
+#: work: the loop iteration, the batch gather and the per-op dispatch, paid once per chunk and
+#: so shared by its clients. Fitted on the population workload (a 610-parameter model, 37 kFLOP
+#: per step, cohort 10^4: per step slot chunk 1 ran 3.1x slower than 16 and 3.4x slower than 256,
+#: which give 6.3e4 and 5.5e4; chunk_check.jsonl sitting 4b). The light dense models' gains
+#: above are explained without it (0.25-6 % of their steps).
+CPU_VMAP_STEP_OVERHEAD_FLOPS = 6e4
+#: :func:`cpu_vmap_chunk` takes the smallest chunk modelled within this fraction of the fastest
+#: (the model is no finer than that; a larger chunk must earn its place).
+CPU_VMAP_MARGIN = 0.01
+#: The largest chunk :func:`cpu_vmap_chunk` considers (the largest measured to gain: the
+#: population workload's chunks 256 and 512 ran level).
+CPU_MAX_CHUNK = 256
 
 
 def padding_factor(steps: Any, chunk: int, sort_by_size: bool = True) -> float:
@@ -74,37 +88,55 @@ def padding_factor(steps: Any, chunk: int, sort_by_size: bool = True) -> float:
   return float(chunk * s.max(1).sum() / need) if need else 1.0
 
 
-def cpu_vmap_chunk(steps: Any, limit: int, sort_by_size: bool = True) -> int:
+def cpu_vmap_chunk(steps: Any, limit: int, sort_by_size: bool = True,
+                   step_flops: float | None = None) -> int:
   """The CPU chunk for a light dense model: of the powers of two ``c <= limit``, each balanced
-  over the cohort (``ceil(K / ceil(K / c))`` for ``K = len(steps)`` clients), the one with the
-  best modelled time per step, ``padding_factor(steps, c) / (1 + CPU_VMAP_GAIN * log2(c))``.
+  over the cohort (``ceil(K / ceil(K / c))`` for ``K = len(steps)`` clients), the smallest whose
+  modelled time per step is within ``CPU_VMAP_MARGIN`` of the least; chunk ``c``'s is
+  ``padding_factor(steps, c) * (CPU_VMAP_STEP_OVERHEAD_FLOPS / c + step_flops / (1 +
+  CPU_VMAP_GAIN * log2(min(c, CPU_VMAP_GAIN_CHUNK))))``.
 
   A vmapped chunk runs as many local steps as its largest client, so a larger chunk pays more
-  padding (much less in a large cohort, which the round sorts by size); XLA:CPU runs a light
-  model's batched step a little faster per client than a single client's. ``steps`` is one
-  cohort's local steps (:func:`fedjax_sim.autotune.cohort_steps`), so the padding is exact
-  for it.
+  padding (much less in a large cohort, which the round sorts by size). Against it: XLA:CPU
+  runs a light model's batched step a little faster per client than a single client's, and a
+  chunk shares one step's fixed cost (loop, gather, dispatch) among its clients, which is most
+  of a tiny model's step. ``steps`` is one cohort's local steps
+  (:func:`fedjax_sim.autotune.cohort_steps`), so the padding is exact for it.
+
+  Args:
+    steps: one cohort's local steps per client.
+    limit: the largest chunk allowed (the memory bound).
+    sort_by_size: the round sorts the cohort by size.
+    step_flops: one client's local step in FLOPs; None: a step heavy enough that its fixed
+      cost does not count.
 
   Returns:
-    The chunk size (ties go to the smaller).
+    The chunk size: the smallest modelled within ``CPU_VMAP_MARGIN`` of the fastest.
 
   Example:
-    >>> cpu_vmap_chunk([4] * 100, 64)  # equal clients: 4 chunks of 25, no padding
-    25
+    >>> cpu_vmap_chunk([4] * 100, 16)  # equal clients, at most 16: 7 chunks of 15, not 7 of 16
+    15
     >>> cpu_vmap_chunk([40, 1, 1, 1, 1, 1, 1, 1], 8)  # a chunk with the big client pays its steps
     1
+    >>> cpu_vmap_chunk([1] * 10_000, 10_000, step_flops=4e4)  # tiny: the cap, 40 chunks of 250
+    250
   """
   k = max(len(steps), 1)
-  best, best_cost = 1, padding_factor(steps, 1, sort_by_size)
+  work = 1.0 if step_flops is None else max(float(step_flops), 1.0)
+  overhead = 0.0 if step_flops is None else CPU_VMAP_STEP_OVERHEAD_FLOPS / work
+
+  def cost(c: int) -> float:
+    gain = 1.0 + CPU_VMAP_GAIN * math.log2(min(c, CPU_VMAP_GAIN_CHUNK))
+    return padding_factor(steps, c, sort_by_size) * (overhead / c + 1.0 / gain)
+
+  costs = {1: cost(1)}
   c = 2
   while c <= min(limit, CPU_MAX_CHUNK):
     balanced = math.ceil(k / math.ceil(k / c))
-    cost = (padding_factor(steps, balanced, sort_by_size)
-            / (1.0 + CPU_VMAP_GAIN * math.log2(balanced)))
-    if cost < best_cost - 1e-12 or (abs(cost - best_cost) <= 1e-12 and balanced < best):
-      best, best_cost = balanced, cost
+    costs.setdefault(balanced, cost(balanced))
     c *= 2
-  return best
+  least = min(costs.values())
+  return min(c for c, t in costs.items() if t <= least * (1.0 + CPU_VMAP_MARGIN))
 
 
 def auto_chunk_size(
@@ -139,11 +171,13 @@ def auto_chunk_size(
     cohort 10, chunk 2 0.79x chunk 1; pfl's CIFAR CNN and the language models the same way).
   * Lighter dense models with ``steps`` (one cohort's local steps, known to the host): the
     chunk of :func:`cpu_vmap_chunk`, which weighs the padding a chunk pays (exact for that
-    cohort) against XLA:CPU's per-client gain from batching (measured: EMNIST-shaped MLP,
-    cohort 1000, chunk 1 0.71x the best chunk of 1-32, chunks 16-32 best; cohort 100, chunks
-    2-8 best).
-  * Tiny steps are vmapped up to ``CPU_STEP_FLOPS`` per vmapped step in any case (digits MLP,
-    227 kFLOP per step: 8.1k client-updates/s at 1, 16.1k at 5).
+    cohort) against XLA:CPU's per-client gain from batching and the step's fixed cost that a
+    chunk shares (measured: EMNIST-shaped MLP, cohort 1000, chunk 1 0.71x the best chunk of
+    1-32, chunks 16-32 best; cohort 100, chunks 2-8 best; the population workload's 37 kFLOP
+    step, cohort 10^4, chunk 1 0.30x and 32 0.88-0.94x the best, 256-512).
+  * Otherwise (``steps`` not known, or one client a chunk by the rules above) tiny steps are
+    still vmapped up to ``CPU_STEP_FLOPS`` per vmapped step (digits MLP, 227 kFLOP per step:
+    8.1k client-updates/s at 1, 16.1k at 5).
 
   Frozen parameters (``trainable=``; ``frozen_params`` of the ``num_params``) are held once for
   the whole chunk, not per client: they take ``4 * frozen_params`` bytes off the budget.
@@ -159,7 +193,7 @@ def auto_chunk_size(
     platform: the backend (``"cpu"``: the chunk is chosen for speed).
     frozen_params: the parameters not trained (held once per chunk).
     steps: on CPU, one cohort's local steps per client (the padding of a light model's
-      chunk); None: one client per chunk for any model above ``CPU_STEP_FLOPS``.
+      chunk); None: ``CPU_STEP_FLOPS`` per vmapped step (one client for any model above it).
     convolutional: the model has convolution kernels (one client at a time on CPU).
     sort_by_size: the round sorts the cohort by size (``Performance.sort_by_size``).
     step_flops: the FLOPs of one client's local step (forward and backward), or None.
@@ -181,9 +215,10 @@ def auto_chunk_size(
   if platform == "cpu":
     if step_flops is None:
       step_flops = 6.0 * num_params * batch_size
-    want = int(round(CPU_STEP_FLOPS / max(step_flops, 1.0)))
     if steps is not None and not convolutional and step_flops <= CPU_VMAP_STEP_FLOPS:
-      want = max(want, cpu_vmap_chunk(steps, chunk, sort_by_size))
+      want = cpu_vmap_chunk(steps, chunk, sort_by_size, step_flops)
+    else:
+      want = int(round(CPU_STEP_FLOPS / max(step_flops, 1.0)))
     chunk = max(1, min(chunk, want))
   num_chunks = math.ceil(cohort_size / chunk)
   return math.ceil(cohort_size / num_chunks)

@@ -78,6 +78,7 @@ def test_chunk_check_refuses_bad_arguments():
   for argv in (["--workloads", "dense", "--chunk-sizes", "0"],
                ["--workloads", "dense", "--rounds", "0"],
                ["--workloads", "dense", "--cohorts", "7"],
+               ["--workloads", "dense", "--batch-size", "0"],
                ["--workloads", "nope"]):
     with pytest.raises(SystemExit):
       chunk_check.parse_args(argv)
@@ -99,3 +100,17 @@ def test_chunk_check_times_the_same_work_for_every_setting():
   counts = {round(r["examples_per_s"] * r["median_s"], 3) for r in rows}
   assert len(counts) == 1
   assert all(r["padding_waste"] >= 1.0 for r in rows)
+
+
+@pytest.mark.slow  # tunes, then compiles and times three simulations
+def test_chunk_check_times_the_measured_chunk_on_the_same_work():
+  from benchmarks import chunk_check
+  rows = chunk_check.check("logistic", 6, [1, 2], rounds=1, repeats=1, num_clients=24,
+                           measured=True, batch_size=4)
+  by = {r["setting"]: r for r in rows}
+  assert set(by) == {"automatic", "measured", 1, 2}
+  tuning = by["measured"]["tuning"]
+  assert by["measured"]["chunk_size"] == tuning["choice"] in tuning["candidates"]
+  assert not tuning["from_cache"] and by["measured"]["tuning_s"] > 0
+  assert all(r["batch_size"] == 4 for r in rows)
+  assert len({round(r["examples_per_s"] * r["median_s"], 3) for r in rows}) == 1

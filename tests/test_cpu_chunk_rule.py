@@ -23,28 +23,42 @@ def _slots_oracle(steps, chunk):
   return slots / sum(s)
 
 
-@pytest.mark.parametrize("seed", range(4))
+def _modelled(steps, c, step_flops):
+  """The modelled time per step of chunk ``c``, written out plainly."""
+  overhead = 0.0 if step_flops is None else memory.CPU_VMAP_STEP_OVERHEAD_FLOPS / step_flops
+  gain = 1 + memory.CPU_VMAP_GAIN * math.log2(min(c, memory.CPU_VMAP_GAIN_CHUNK))
+  return _slots_oracle(steps, c) * (overhead / c + 1 / gain)
+
+
+@pytest.mark.parametrize("seed", range(6))
 def test_cpu_vmap_chunk_minimises_the_modelled_time(seed):
   rng = np.random.default_rng(seed)
-  steps = rng.integers(1, 30, size=int(rng.integers(5, 200)))
+  steps = rng.integers(1, 30, size=int(rng.integers(5, 600)))
   k = len(steps)
-  for limit in (1, 3, 8, 64):
-    got = memory.cpu_vmap_chunk(steps, limit)
-    powers = [c for c in (2 ** i for i in range(8)) if c <= min(limit, memory.CPU_MAX_CHUNK)]
-    cands = {math.ceil(k / math.ceil(k / c)) for c in powers}  # balanced over the cohort
-    cost = {c: _slots_oracle(steps, c) / (1 + memory.CPU_VMAP_GAIN * math.log2(c))
-            for c in cands}
-    best = min(cost.values())
-    assert got in cands and cost[got] <= best + 1e-9
-    assert got == min(c for c in cands if cost[c] <= best + 1e-9)  # ties: the smaller
+  for step_flops in (None, 3e4, 1e6, 3e7):
+    for limit in (1, 3, 8, 64, 10_000):
+      got = memory.cpu_vmap_chunk(steps, limit, step_flops=step_flops)
+      powers = [c for c in (2 ** i for i in range(12)) if c <= min(limit, memory.CPU_MAX_CHUNK)]
+      cands = {math.ceil(k / math.ceil(k / c)) for c in powers}  # balanced over the cohort
+      cost = {c: _modelled(steps, c, step_flops) for c in cands}
+      best = min(cost.values())
+      near = [c for c in cands if cost[c] <= best * (1 + memory.CPU_VMAP_MARGIN) + 1e-12]
+      assert got == min(near)  # the smallest chunk within the margin of the fastest
 
 
 def test_cpu_vmap_chunk_extremes():
-  assert memory.cpu_vmap_chunk([3] * 512, 10_000) == memory.CPU_MAX_CHUNK  # no padding at all
-  assert memory.cpu_vmap_chunk([3] * 100, 10_000) == 25  # 4 balanced chunks, not 4 of 32
+  # no padding at all: a light step gains from batching up to the gain's last measured chunk
+  assert memory.cpu_vmap_chunk([3] * 512, 10_000, step_flops=2e7) == memory.CPU_VMAP_GAIN_CHUNK
+  # a tiny step also shares the step's fixed cost: up to the largest chunk measured
+  assert memory.cpu_vmap_chunk([3] * 512, 10_000, step_flops=1e4) == memory.CPU_MAX_CHUNK
+  assert memory.cpu_vmap_chunk([3] * 100, 32, step_flops=2e7) == 25  # 4 balanced chunks, not 32s
   assert memory.cpu_vmap_chunk([3] * 512, 5) == 4  # the memory bound holds
   assert memory.cpu_vmap_chunk([50] + [1] * 9, 64) == 1  # any chunk pays the big client
-  assert memory.cpu_vmap_chunk([0] * 64, 64) == memory.CPU_MAX_CHUNK  # no steps: no padding
+  assert memory.cpu_vmap_chunk([0] * 64, 64) == memory.CPU_VMAP_GAIN_CHUNK  # no steps, no padding
+  # the fixed cost moves a tiny model to larger chunks than a light one on the same cohort
+  lognormal = np.ceil(np.random.default_rng(0).lognormal(1.5, 0.6, 1000)).astype(int)
+  assert (memory.cpu_vmap_chunk(lognormal, 10_000, step_flops=4e4)
+          > memory.cpu_vmap_chunk(lognormal, 10_000, step_flops=2e7) > 1)
 
 
 def test_padding_factor_matches_the_loop():
@@ -66,10 +80,18 @@ def test_auto_chunk_size_cpu_branches():
   assert memory.auto_chunk_size(num_params=light, steps=equal, convolutional=True, **kw) == 1
   heavy = int(memory.CPU_VMAP_STEP_FLOPS / (6 * 20)) + 1  # just above the vmap threshold
   assert memory.auto_chunk_size(num_params=heavy, steps=equal, **kw) == 1
-  # a tiny model keeps the FLOPs rule's larger chunk even where padding argues for less
-  tiny = 1_000  # 120 kFLOP per step: ~8 clients per 1 MFLOP vmapped step
+  # a tiny model (120 kFLOP per step): the FLOPs rule's chunk where steps are unknown ...
+  tiny = 1_000
+  assert memory.auto_chunk_size(num_params=tiny, **kw) == 8
+  # ... and with steps, the chunk weighed against the padding: one huge client in the cohort
+  # makes any chunk pay its 200 steps for every client sharing it
   skewed = [200] + [1] * 999
-  assert memory.auto_chunk_size(num_params=tiny, steps=skewed, **kw) >= 8
+  got = memory.auto_chunk_size(num_params=tiny, steps=skewed, **kw)
+  assert got == memory.cpu_vmap_chunk(skewed, 10**6, step_flops=6 * tiny * 20) < 8
+  # the population workload's shape: 10^4 one-step clients of a 37 kFLOP step
+  pop = dict(kw, cohort_size=10_000)
+  assert memory.auto_chunk_size(num_params=610, steps=[1] * 10_000, step_flops=3.7e4,
+                                **pop) == 250  # the cap, 256, balanced: 40 chunks of 250
   # the accelerator rule does not look at steps
   gpu = dict(kw, platform="gpu")
   assert (memory.auto_chunk_size(num_params=light, steps=equal, **gpu)
