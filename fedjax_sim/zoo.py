@@ -268,9 +268,10 @@ class Dropout(nn.Module):
   """``flax.linen.Dropout`` (same fields and call) whose mask draws 8 or 16 random bits per
   element instead of a float32 uniform's 32.
 
-  XLA:CPU spends most of a dropout's time generating random bits (threefry): on
-  ``fs.zoo.StackOverflowTransformer``'s step (batch 16) flax's dropout took the step from 55 to
-  105 ms, this one to 66 (8 bits) or 72 (16 bits); docs/benchmarks.md, "Dropout's random bits".
+  XLA:CPU spends most of a dropout's time generating random bits (threefry): the engine's local
+  step of ``fs.zoo.StackOverflowTransformer`` (batch 16, 2-core CPU) took 56.0 ms with flax's
+  layer and 41.3 ms with this one (16 bits; no dropout: 40.1), ``python -m
+  benchmarks.lm_step_breakdown``; docs/benchmarks.md, "Dropout's random bits".
   The keep probability is :func:`dropout_keep`'s (exact where ``1 - rate`` is a multiple of
   1/256 or 1/65536, else within 2**-17 of it), and kept elements are scaled by one over the
   realised keep probability, so the layer is unbiased. The draws differ from flax's for the
