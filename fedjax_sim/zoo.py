@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -244,15 +245,17 @@ def dropout_keep(rate: float, bits: int | str = "auto") -> tuple[int, float]:
     ``(bits, keep)``: the bits drawn per element and the realised keep probability.
 
   Raises:
-    ValueError: ``rate`` outside [0, 1), a ``bits`` other than "auto", 8, 16 or 32, or a keep
-    probability that rounds to 0 at that width.
+    ValueError: ``rate`` outside [0, 1), a ``bits`` other than "auto", 8, 16 or 32, or a
+      keep probability that rounds to 0 at that width.
 
   Example:
     >>> dropout_keep(0.25), dropout_keep(0.1)
     ((8, 0.75), (16, 0.899993896484375))
   """
-  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-    raise ValueError(f"Dropout rate must be in [0, 1); got {rate!r}.")
+  if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate < 1:
+    raise ValueError(f"Dropout rate must be a number in [0, 1) (a Python or NumPy scalar, "
+                     f"not a traced value); got {rate!r}.")
+  rate = float(rate)
   if bits == "auto":
     bits = 8 if float(1 - rate) * 256 == round(float(1 - rate) * 256) else 16
   if bits not in (8, 16, 32):

@@ -26,6 +26,7 @@ def test_keep_probability_is_exact_where_the_width_allows():
   bits, keep = dropout_keep(0.1, bits=32)
   assert bits == 32 and abs(keep - 0.9) <= 2.0 ** -33
   assert dropout_keep(0.0) == (8, 1.0)
+  assert dropout_keep(np.float32(0.25)) == (8, 0.75)  # NumPy scalars as flax takes them
 
 
 @pytest.mark.parametrize("rate", [0.25, 0.5, 0.1, 0.3])
