@@ -5,19 +5,25 @@ divided by K), timed interleaved in one process (A/B/C... per repetition, median
 
   bare          value_and_grad of plain mean CE, no dropout (beside torch's step:
                 benchmarks/peers/lm_step_torch.py in pfl's venv)
-  drop_threefry + dropout (train=True) with a threefry key (JAX's default)
+  drop_threefry + dropout (train=True) with a threefry key (JAX's default); the model's
+                dropout layers are fs.zoo.Dropout (8/16 random bits per element; the
+                attention weights' dropout is flax's, inside nn.MultiHeadDotProductAttention)
+  drop_flax     the same with flax.linen.Dropout layers (a float32 uniform per element), as
+                the zoo had before stop 33
   drop_rbg      + dropout with an rbg key (jax.random.key(0, impl="rbg"))
   seq_threefry  fs.models.sequence_loss (masking + argmax accuracy) with dropout, threefry
   seq_rbg       the same with an rbg key
   engine_threefry  fs client trainer (make_local_trainer, local_epochs=1, batch 16: epoch
                    permutation, data.batch gather, metric sums, while_loop), per step
   engine_rbg    the same trainer given an rbg client key
+  engine_flax   engine_threefry with flax.linen.Dropout layers
 
   python -m benchmarks.lm_step_breakdown [--reps 7] [--steps 12] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -29,6 +35,21 @@ import optax
 
 import fedjax_sim as fs
 from fedjax_sim.client import ClientData, make_local_trainer
+
+
+@contextlib.contextmanager
+def flax_dropout():
+  """The zoo's models built and traced with ``flax.linen.Dropout`` in place of
+  ``fs.zoo.Dropout`` (they look the name up when called)."""
+  import flax.linen as nn
+
+  from fedjax_sim import zoo
+  ours = zoo.Dropout
+  zoo.Dropout = nn.Dropout
+  try:
+    yield
+  finally:
+    zoo.Dropout = ours
 
 
 def main():
@@ -76,8 +97,13 @@ def main():
       "engine_threefry": (lambda: trainer(params, data, tf_key).metrics["loss"], k),
       "engine_rbg": (lambda: trainer(params, data, rbg_key).metrics["loss"], k),
   }
-  for f, _ in variants.values():  # compile
-    jax.block_until_ready(f())
+  flax_drop = sgd_step(plain_ce(True))
+  flax_trainer = jax.jit(make_local_trainer(seq_loss, opt, batch_size=bsz, local_epochs=1))
+  variants["drop_flax"] = (lambda: flax_drop(params, batch, tf_key)[1], 1)
+  variants["engine_flax"] = (lambda: flax_trainer(params, data, tf_key).metrics["loss"], k)
+  for name, (f, _) in variants.items():  # compile (the flax variants trace with its Dropout)
+    with flax_dropout() if name.endswith("_flax") else contextlib.nullcontext():
+      jax.block_until_ready(f())
     jax.block_until_ready(f())
   times = {name: [] for name in variants}
   load0 = os.getloadavg()[0]
