@@ -86,8 +86,8 @@ def test_the_loss_gradient_flows_through_kept_elements_only():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(rate=1.0), "rate must be in"),
-    (dict(rate=-0.1), "rate must be in"),
+    (dict(rate=1.0), "rate must be a number in"),
+    (dict(rate=-0.1), "rate must be a number in"),
     (dict(rate=0.2, bits=12), "bits must be"),
     (dict(rate=0.999, bits=8), "keeps nothing"),
 ])
