@@ -51,10 +51,11 @@ CPU_VMAP_GAIN = 0.075
 CPU_VMAP_GAIN_CHUNK = 32
 #: What one vmapped local step costs on CPU beyond its clients' own work, in FLOPs of their
 #: work: the loop iteration, the batch gather and the per-op dispatch, paid once per chunk and
-#: so shared by its clients. Fitted on the population workload (a 610-parameter model, 37 kFLOP
+#: so shared by its clients. Fitted on the population workload (a 610-parameter model, 38 kFLOP
 #: per step, cohort 10^4: per step slot chunk 1 ran 3.1x slower than 16 and 3.4x slower than 256,
-#: which give 6.3e4 and 5.5e4; chunk_check.jsonl sitting 4b). The light dense models' gains
-#: above are explained without it (0.25-6 % of their steps).
+#: which give 6.5e4 and 5.7e4; chunk_check.jsonl sitting 4b). The light dense models' gains
+#: above are explained without it (it is 1.0 % of the logistic model's 5.9 MFLOP step and
+#: 0.24 % of the dense model's 25 MFLOP).
 CPU_VMAP_STEP_OVERHEAD_FLOPS = 6e4
 #: :func:`cpu_vmap_chunk` takes the smallest chunk modelled within this fraction of the fastest
 #: (the model is no finer than that; a larger chunk must earn its place).
@@ -173,7 +174,7 @@ def auto_chunk_size(
     chunk of :func:`cpu_vmap_chunk`, which weighs the padding a chunk pays (exact for that
     cohort) against XLA:CPU's per-client gain from batching and the step's fixed cost that a
     chunk shares (measured: EMNIST-shaped MLP, cohort 1000, chunk 1 0.71x the best chunk of
-    1-32, chunks 16-32 best; cohort 100, chunks 2-8 best; the population workload's 37 kFLOP
+    1-32, chunks 16-32 best; cohort 100, chunks 2-8 best; the population workload's 38 kFLOP
     step, cohort 10^4, chunk 1 0.30x and 32 0.88-0.94x the best, 256-512).
   * Otherwise (``steps`` not known, or one client a chunk by the rules above) tiny steps are
     still vmapped up to ``CPU_STEP_FLOPS`` per vmapped step (digits MLP, 227 kFLOP per step:
