@@ -245,21 +245,24 @@ def dropout_keep(rate: float, bits: int | str = "auto") -> tuple[int, float]:
     ``(bits, keep)``: the bits drawn per element and the realised keep probability.
 
   Raises:
-    ValueError: ``rate`` outside [0, 1), a ``bits`` other than "auto", 8, 16 or 32, or a
-      keep probability that rounds to 0 at that width.
+    ValueError: ``rate`` outside [0, 1] (rate 1 keeps nothing: ``(bits, 0.0)``), a ``bits``
+      other than "auto", 8, 16 or 32, or a rate below 1 whose keep probability rounds to 0
+      at that width.
 
   Example:
     >>> dropout_keep(0.25), dropout_keep(0.1)
     ((8, 0.75), (16, 0.899993896484375))
   """
-  if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate < 1:
-    raise ValueError(f"Dropout rate must be a number in [0, 1) (a Python or NumPy scalar, "
+  if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate <= 1:
+    raise ValueError(f"Dropout rate must be a number in [0, 1] (a Python or NumPy scalar, "
                      f"not a traced value); got {rate!r}.")
   rate = float(rate)
   if bits == "auto":
     bits = 8 if float(1 - rate) * 256 == round(float(1 - rate) * 256) else 16
-  if bits not in (8, 16, 32):
-    raise ValueError(f"Dropout bits must be 'auto', 8, 16 or 32; got {bits!r}.")
+  if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (8, 16, 32):
+    raise ValueError(f"Dropout bits must be 'auto' or the int 8, 16 or 32; got {bits!r}.")
+  if rate == 1.0:  # as flax's layer: every element dropped
+    return bits, 0.0
   threshold = min(round((1 - rate) * 2.0 ** bits), 2 ** bits)
   if threshold < 1:
     raise ValueError(f"Dropout rate {rate!r} keeps nothing at {bits} bits per element (keep "
@@ -271,10 +274,10 @@ class Dropout(nn.Module):
   """``flax.linen.Dropout`` (same fields and call) whose mask draws 8 or 16 random bits per
   element instead of a float32 uniform's 32.
 
-  XLA:CPU spends most of a dropout's time generating random bits (threefry): the engine's local
-  step of ``fs.zoo.StackOverflowTransformer`` (batch 16, 2-core CPU) took 56.0 ms with flax's
-  layer and 41.3 ms with this one (16 bits; no dropout: 40.1), ``python -m
-  benchmarks.lm_step_breakdown``; docs/benchmarks.md, "Dropout's random bits".
+  Fewer random bits (threefry) make the layer cheaper on XLA:CPU: the engine's local step of
+  ``fs.zoo.StackOverflowTransformer`` (batch 16, 2-core CPU) took 56.0 ms with flax's layer and
+  41.3 ms with this one (16 bits; no dropout: 40.1), ``python -m benchmarks.lm_step_breakdown``;
+  docs/benchmarks.md, "Dropout's random bits".
   The keep probability is :func:`dropout_keep`'s (exact where ``1 - rate`` is a multiple of
   1/256 or 1/65536, else within 2**-17 of it), and kept elements are scaled by one over the
   realised keep probability, so the layer is unbiased. The draws differ from flax's for the
@@ -282,7 +285,7 @@ class Dropout(nn.Module):
   the same way.
 
   Attributes:
-    rate: the probability of dropping an element, in [0, 1).
+    rate: the probability of dropping an element, in [0, 1] (1: zeros, as flax's).
     broadcast_dims: dimensions that share one mask entry (as flax's).
     deterministic: no dropout when True (or pass it to the call).
     rng_collection: the rng stream (``"dropout"``, which ``fs.models.linen_apply`` feeds from
@@ -310,6 +313,8 @@ class Dropout(nn.Module):
     bits, keep = dropout_keep(self.rate, self.bits)
     if self.rate == 0 or deterministic:
       return inputs
+    if keep == 0.0:  # rate 1
+      return jnp.zeros_like(inputs)
     if rng is None:
       rng = self.make_rng(self.rng_collection)
     shape = list(inputs.shape)

@@ -60,6 +60,14 @@ def test_deterministic_and_rate_zero_are_the_identity():
   chex.assert_trees_all_equal(Dropout(0.3, deterministic=True).apply({}, x), x)
 
 
+def test_rate_one_drops_everything_as_flax_does():
+  x = jnp.arange(6.0).reshape(2, 3)
+  ours = _apply(Dropout(1.0), x, jax.random.key(0))
+  theirs = nn.Dropout(1.0).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
+  chex.assert_trees_all_equal(ours, theirs, jnp.zeros_like(x))
+  assert dropout_keep(1.0) == (8, 0.0)
+
+
 def test_broadcast_dims_share_the_mask():
   x = jnp.ones((8, 16, 32))
   y = np.asarray(_apply(Dropout(0.5, broadcast_dims=(1,)), x, jax.random.key(2)))
@@ -86,9 +94,10 @@ def test_the_loss_gradient_flows_through_kept_elements_only():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(rate=1.0), "rate must be a number in"),
+    (dict(rate=1.5), "rate must be a number in"),
     (dict(rate=-0.1), "rate must be a number in"),
     (dict(rate=0.2, bits=12), "bits must be"),
+    (dict(rate=0.2, bits=8.0), "bits must be"),
     (dict(rate=0.999, bits=8), "keeps nothing"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, match):
