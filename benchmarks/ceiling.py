@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 import fedjax_sim as fs
+from benchmarks.peers.common import host_cpu
 from benchmarks.workloads import WORKLOADS, flops_per_example, gemm_gflops
 
 SHAPES = {"logistic": (28, 28, 1), "dense": (28, 28, 1), "cnn": (28, 28, 1),
@@ -275,7 +276,8 @@ def main(argv=None):
   for name in args.workloads:
     for b in args.batches:
       r = step_ceiling(name, args.steps, args.repeats, b or None)
-      r.update(gemm_peak_gflops=peak, load_avg_1min=load, bench="step_ceiling", time=time.time())
+      r.update(gemm_peak_gflops=peak, load_avg_1min=load, bench="step_ceiling", cpu=host_cpu(),
+               time=time.time())
       print(f"| {name} | {r['batch']} | {r['examples_per_s']:.0f} | {r['gflops']:.0f} "
             f"| {100 * r['gflops'] / peak:.0f}% |", flush=True)
       if args.out:
@@ -285,7 +287,7 @@ def main(argv=None):
     print("\n| EMNIST-CNN layer (batch 20) | ms per step (fwd + bwd) | GFLOP/s | % of GEMM peak |")
     print("|---|---|---|---|")
     for r in cnn_layers(args.steps, args.repeats):
-      r.update(gemm_peak_gflops=peak, load_avg_1min=load, time=time.time())
+      r.update(gemm_peak_gflops=peak, load_avg_1min=load, cpu=host_cpu(), time=time.time())
       print(f"| {r['layer']} | {r['ms_per_step']:.2f} | {r['gflops']:.0f} "
             f"| {100 * r['gflops'] / peak:.0f}% |", flush=True)
       if args.out:
@@ -308,7 +310,8 @@ def main(argv=None):
             f"| {r['ratio']:.2f} |", flush=True)
       extra.append(r)
   for r in extra:
-    r.update(gemm_peak_gflops=peak, load_avg_1min=load, jax=jax.__version__, time=time.time())
+    r.update(gemm_peak_gflops=peak, load_avg_1min=load, jax=jax.__version__, cpu=host_cpu(),
+             time=time.time())
     if args.out:
       with open(args.out, "a") as fh:
         fh.write(json.dumps(r) + "\n")

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 import fedjax_sim as fs
+from benchmarks.peers.common import host_cpu
 from benchmarks.workloads import WORKLOADS
 
 
@@ -131,6 +132,7 @@ def check(name: str, cohort: int, chunks: list[int], rounds: int, repeats: int,
         "compile_plus_first_block_s": compile_s[label],
         "vs_best": med[best] / med[label], "best_setting": best,
         "automatic_chunk": auto_chunk, "load_avg_1min": load, "jax": jax.__version__,
+        "cpu": host_cpu(),
         "time": time.time(), **(tuning if label == "measured" else {})})
   return rows
 

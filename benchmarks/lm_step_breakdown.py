@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 import fedjax_sim as fs
+from benchmarks.peers.common import host_cpu
 from fedjax_sim.client import ClientData, make_local_trainer
 
 
@@ -123,7 +124,8 @@ def main():
     row = {"bench": "lm_step_breakdown", "variant": name, "ms_per_step": round(med, 2),
            "min_ms": round(float(np.min(ts)), 2), "vs_bare": round(med / base, 3),
            "reps": args.reps, "engine_steps": k, "load_before": round(load0, 2),
-           "load_after": round(load1, 2), "jax": jax.__version__, "time": stamp}
+           "load_after": round(load1, 2), "jax": jax.__version__, "cpu": host_cpu(),
+           "time": stamp}
     rows.append(row)
     print(f"{name:16s} {med:8.2f} ms/step  (min {np.min(ts):.2f})  x{med / base:.2f}")
   print(f"load {load0:.2f} -> {load1:.2f}")

@@ -46,6 +46,7 @@ import optax
 
 import fedjax_sim as fs
 from benchmarks import side_by_side
+from benchmarks.peers.common import host_cpu
 from benchmarks.workloads import (  # noqa: F401 - re-exported for scripts that used run's names
     MODELS,
     WORKLOADS,
@@ -355,7 +356,8 @@ def main(argv=None):
               "num_clients": pop.num_clients,
               "peak_rss_mb": peak_rss_mb(), "params": num_params,
               "load_avg_1min": os.getloadavg()[0],
-              "jax": jax.__version__, "machine": machine, "time": time.time(),
+              "jax": jax.__version__, "machine": machine, "cpu": host_cpu(),
+              "time": time.time(),
               "device_kind": jax.devices()[0].device_kind,
           }
           row["fraction_of_peak"] = row["gflops"] / peak

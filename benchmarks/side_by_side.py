@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 
+from benchmarks.peers.common import host_cpu
 from benchmarks.workloads import WORKLOADS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -315,10 +316,10 @@ def main(args) -> int:
   peers = [PEERS[p] for p in args.peers]
   usable, models_of, rows = {}, {}, []
 
-  sitting = time.time()
+  sitting, cpu = time.time(), host_cpu()
 
   def record(row):
-    row.update(machine=machine, time=time.time(), sitting=sitting)
+    row.update(machine=machine, cpu=cpu, time=time.time(), sitting=sitting)
     rows.append(row)
     with open(out, "a") as f:
       f.write(json.dumps(row) + "\n")
@@ -374,13 +375,13 @@ def main(args) -> int:
   summaries = summarize(rows)
   with open(out, "a") as f:
     for s in summaries:
-      f.write(json.dumps({**s, "machine": machine, "time": time.time()}) + "\n")
+      f.write(json.dumps({**s, "machine": machine, "cpu": cpu, "time": time.time()}) + "\n")
   table = markdown(summaries)
   print("\n" + table)
   with open(os.path.splitext(out)[0] + ".md", "a") as f:
     f.write(f"\n<!-- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
             f"`python -m benchmarks.run --peers {' '.join(args.peers)} --workloads "
-            f"{' '.join(args.workloads)}` -->\n{table}\n")
+            f"{' '.join(args.workloads)}`; CPU: {cpu} -->\n{table}\n")
   return 3 if any("error" in r for r in rows) else 0
 
 

@@ -62,6 +62,7 @@ def test_interleaved_best_setting_ratios_and_failed_peers(tmp_path):
   assert [(rep, eng) for rep, eng, _ in order] == [
       (rep, eng) for rep in (0, 1) for eng in ("fedjax_sim", "fedjax", "flwr", "flwr")]
   assert all("load_avg_1min" in r for r in runs if "error" not in r)
+  assert {r["cpu"] for r in rows} == {common.host_cpu()}  # every row, summaries too
   # The missing venv fails pfl's row with the setup command; no ratio from it.
   pfl = [r for r in runs if r["engine"] == "pfl"]
   assert len(pfl) == 1 and "setup.sh pfl" in pfl[0]["error"]
@@ -81,6 +82,34 @@ def test_interleaved_best_setting_ratios_and_failed_peers(tmp_path):
   md = (tmp_path / "peers.md").read_text()
   assert "| logistic | 10 | fedjax |" in md and "failed: the pfl peer" in md
   assert side_by_side.resummarize(str(out)) in md  # the table again, from the rows alone
+
+
+INTEL_AMX = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8
+
+processor\t: 1
+model name\t: another core, never read
+"""
+
+
+def test_host_cpu_names_the_processor_and_its_kernel_extensions(tmp_path):
+  intel = tmp_path / "intel"
+  intel.write_text(INTEL_AMX)
+  assert common.host_cpu(str(intel)) == (
+      "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz (family 6, model 143; avx512f, amx)")
+  amd = tmp_path / "amd"
+  amd.write_text("cpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+                 "flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+  assert common.host_cpu(str(amd)) == "AMD EPYC (family 25, model 17; avx512f, no amx)"
+  plain = tmp_path / "plain"
+  plain.write_text("model name\t: Some CPU\nflags\t\t: sse2\n")
+  assert common.host_cpu(str(plain)) == "Some CPU (no avx512f, no amx)"
+  assert common.host_cpu(str(tmp_path / "missing")) == (
+      common.platform.processor() or common.platform.machine())
 
 
 def test_best_setting_is_the_fastest_mean():

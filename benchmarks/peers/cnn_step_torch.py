@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (host_cpu)
 import pfl_fedavg  # noqa: E402  (pfl-research's simple_cnn, as the peer runs it)
 
 SHAPES = {"cnn": ((28, 28, 1), 62, 20), "cifar": ((32, 32, 3), 10, 10)}
@@ -69,7 +70,8 @@ def main(argv=None) -> dict:
 
   row = {"engine": "torch", "workload": args.workload, "batch": bsz,
          "torch_threads": args.torch_threads, "dropout": not args.eval_mode,
-         "torch": torch.__version__, "load_avg_1min": os.getloadavg()[0]}
+         "torch": torch.__version__, "cpu": common.host_cpu(),
+         "load_avg_1min": os.getloadavg()[0]}
   row["step_ms"] = _median_ms(step, args.reps)
   row["examples_per_s"] = 1e3 * bsz / row["step_ms"]
   if args.layers:

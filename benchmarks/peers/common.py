@@ -19,6 +19,7 @@ Workloads (all FedAvg, 1 local epoch, client SGD 0.1, server SGD 1.0):
 from __future__ import annotations
 
 import math
+import platform
 
 import numpy as np
 
@@ -49,6 +50,42 @@ LM_DATA = {
                     "sigma": 1.0, "min_examples": 1, "max_examples": 200},
 }
 
+
+
+def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """This machine's CPU as one string: its model name, family and model numbers, and the vector
+  and matrix extensions that decide the kernels' speed (AVX-512, AMX).
+
+  Every benchmark row records it: the "2-core CPU" these benchmarks run on has been more than
+  one kind of processor (an Intel part with AMX when issue 22 was filed, an AMD EPYC without it
+  in a later session), and kernel ratios such as XLA:CPU's convolution against oneDNN's differ
+  between them. A ratio is only ever quoted from one sitting, so its rows carry their CPU.
+
+  Returns:
+    e.g. ``"AMD EPYC (family 25, model 17; avx512f, no amx)"``; ``platform.processor()`` (or
+    the machine type) where ``cpuinfo`` cannot be read.
+
+  Example:
+    >>> isinstance(host_cpu(), str)
+    True
+  """
+  try:
+    with open(cpuinfo) as f:
+      text = f.read()
+  except OSError:
+    return platform.processor() or platform.machine()
+  fields = {}
+  for line in text.split("\n\n")[0].splitlines():  # the first processor's block
+    key, sep, value = line.partition(":")
+    if sep:
+      fields[key.strip()] = value.strip()
+  flags = set(fields.get("flags", "").split())
+  name = fields.get("model name") or platform.processor() or platform.machine()
+  numbers = ", ".join(f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields)
+  numbers = numbers.replace("cpu family", "family")
+  ext = ", ".join(["avx512f" if "avx512f" in flags else "no avx512f",
+                   "amx" if any(f.startswith("amx") for f in flags) else "no amx"])
+  return f"{name} ({numbers}; {ext})" if numbers else f"{name} ({ext})"
 
 def emnist_shaped(num_clients=3400, seed=0):
   """The fixed synthetic workload: lognormal client sizes, 28x28x1 inputs, 62 classes."""

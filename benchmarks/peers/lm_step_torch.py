@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (host_cpu)
 import pfl_lm  # noqa: E402  (pfl-research's LMTransformer, as the peer runs it)
 
 
@@ -51,7 +52,7 @@ def main(argv=None) -> dict:
     opt.step()
 
   row = {"engine": "torch", "model": "stackoverflow-transformer", "batch": [16, 20],
-         "torch_threads": args.torch_threads, "torch": torch.__version__,
+         "torch_threads": args.torch_threads, "torch": torch.__version__, "cpu": common.host_cpu(),
          "load_avg_1min": os.getloadavg()[0]}
   for name, f in (("fwd_ms", fwd), ("step_ms", step)):
     f()

@@ -14,6 +14,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (host_cpu)
+
 SETUP = "build the pfl virtualenv: bash benchmarks/peers/setup.sh pfl"
 
 
@@ -182,7 +185,7 @@ def train_and_time(args, torch, net, train, model_name: str) -> dict:
                          if int(os.environ.get("WORLD_SIZE", "1")) == 1 else None),
       "warmup_plus_timed_wall_s": wall,
       "param_checksum": float(flat.sum()), "params_finite": bool(torch.isfinite(flat).all()),
-      "load_avg_1min": os.getloadavg()[0], "time": time.time(),
+      "load_avg_1min": os.getloadavg()[0], "time": time.time(), "cpu": common.host_cpu(),
   }
   print(json.dumps(row), flush=True)
   return row
