@@ -75,7 +75,10 @@ PEERS = {
                    (("backend=jit", ("--backend", "jit")),), lm_script="fedjax_lm.py"),
     "pfl": Peer("pfl", "pfl_fedavg.py", None,
                 (("torch_threads=1", ("--torch-threads", "1")),
-                 ("torch_threads=2", ("--torch-threads", "2"))), lm_script="pfl_lm.py"),
+                 ("torch_threads=2", ("--torch-threads", "2")),
+                 # pfl's own multi-process simulation: one single-threaded worker per core.
+                 ("workers=2", ("--workers", "2", "--torch-threads", "1"))),
+                lm_script="pfl_lm.py"),
     "flwr": Peer("flwr", "flwr_fedavg.py", ("logistic", "dense", "cnn", "cifar"),
                  (("num_cpus=1", ("--num_cpus", "1")), ("num_cpus=2", ("--num_cpus", "2")))),
 }

@@ -7,6 +7,7 @@ peer prints, run under this interpreter from a fake venv folder.
 import json
 import os
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ import argparse, json, sys
 p = argparse.ArgumentParser()
 for a in ["--model", "--cohort", "--num_clients", "--num-clients", "--batch_size", "--batch-size",
           "--client_lr", "--client-lr", "--server_lr", "--server-lr", "--rounds", "--max_seconds",
-          "--max-seconds", "--warmup_cohort", "--backend", "--torch-threads", "--num_cpus"]:
+          "--max-seconds", "--warmup_cohort", "--backend", "--torch-threads", "--num_cpus",
+          "--workers"]:
   p.add_argument(a)
 a = p.parse_args()
 setting = a.backend or a.torch_threads or a.num_cpus
@@ -175,12 +177,44 @@ def test_peers_bad_input(capsys, tmp_path):
   assert "drop --peer-python" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     run.parse_args(["--peers", "pfl", "--peer-settings", "num_cpus=1"])
-  assert "valid: torch_threads=1, torch_threads=2" in capsys.readouterr().err
+  assert "valid: torch_threads=1, torch_threads=2, workers=2" in capsys.readouterr().err
   args = run.parse_args(["--peers", "pfl", "flwr", "--peer-settings", "num_cpus=1"])
   assert [s for s, _ in side_by_side.settings_of(args, side_by_side.PEERS["flwr"])] == [
       "num_cpus=1"]
   assert [s for s, _ in side_by_side.settings_of(args, side_by_side.PEERS["pfl"])] == [
-      "torch_threads=1", "torch_threads=2"]
+      "torch_threads=1", "torch_threads=2", "workers=2"]
+
+
+def test_pfl_workers_stop_together_and_count_every_workers_examples(capsys):
+  """pfl's multi-process setting: worker 0's row times the lockstep rounds and adds the other
+  workers' shares of the examples; a worker that failed fails the row with its output."""
+  import subprocess
+
+  sys.path.insert(0, os.path.dirname(common.__file__))
+  import pfl_common  # the peer's module (no torch needed for these parts)
+
+  row = pfl_common.combine_workers({"examples_timed": 300, "seconds": 3.0, "workers": 2},
+                                   [{"examples_timed": 150}, {"examples_timed": 450}])
+  assert row["examples_per_s"] == pytest.approx(300.0) and row["workers"] == 3
+  args = pfl_common.parse_args("x", ["--workers", "2"], cohort=4, num_clients=8, batch_size=2)
+  assert args.workers == 2
+  with pytest.raises(SystemExit):
+    pfl_common.parse_args("x", ["--workers", "0"], cohort=4, num_clients=8, batch_size=2)
+  assert "--workers must be >= 1" in capsys.readouterr().err
+  ok = subprocess.Popen([sys.executable, "-c", "print('noise'); print('{\"examples_timed\": 7}')"],
+                        stdout=subprocess.PIPE)
+  fail = subprocess.Popen([sys.executable, "-c", "raise SystemExit('gloo: connection refused')"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  paths = []
+  for proc in (ok, fail):
+    out = proc.communicate()[0]
+    f = tempfile.NamedTemporaryFile("wb", suffix=".log", delete=False)
+    f.write(out)
+    f.close()
+    paths.append(f.name)
+  assert pfl_common.collect_workers([(ok, paths[0])]) == [{"examples_timed": 7}]
+  with pytest.raises(SystemExit, match="(?s)exited with 1:.*connection refused"):
+    pfl_common.collect_workers([(fail, paths[1])])
 
 
 @pytest.mark.parametrize("model", ["logistic", "cifar"])

@@ -2,6 +2,12 @@
 transformer): importing torch and pfl with a clear error, the per-user ``FederatedDataset``, and
 one timed run of pfl's ``FederatedAveraging`` whose JSON row ``benchmarks/side_by_side.py`` reads.
 
+``--workers N`` runs pfl's own multi-process simulation (docs: "Fast distributed simulations";
+``PFL_WORKER_ADDRESSES`` / ``PFL_WORKER_RANK``, ``torch.distributed`` over gloo on CPU): the
+process started by the harness becomes worker 0 and starts workers 1..N-1 (the same script and
+flags); pfl gives each worker its share of every cohort. Worker 0 prints the one row: its clock,
+and the examples all workers trained (each reports its own share).
+
 Runs in the pfl virtualenv (``bash benchmarks/peers/setup.sh pfl``); only pfl's public API.
 """
 
@@ -9,7 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -44,7 +53,10 @@ def parse_args(description: str, argv=None, *, cohort: int, num_clients: int, ba
   ap.add_argument("--client-lr", type=float, default=0.1)
   ap.add_argument("--server-lr", type=float, default=1.0)
   ap.add_argument("--seed", type=int, default=0)
-  positive = ["rounds", "cohort", "num_clients", "batch_size"]
+  ap.add_argument("--workers", type=int, default=1,
+                  help="pfl worker processes (its native multi-process simulation), each "
+                       "training its share of every cohort with --torch-threads threads")
+  positive = ["rounds", "cohort", "num_clients", "batch_size", "workers"]
   if extra is not None:
     positive += extra(ap)
   args = ap.parse_args(argv)
@@ -67,6 +79,7 @@ def start(args):
   Returns:
     ``(torch, device)``.
   """
+  args.worker_procs = spawn_workers(args)
   os.environ["PFL_PYTORCH_DEVICE"] = args.device  # pfl reads it when it places models and data
   try:
     import pfl.model.pytorch  # noqa: F401
@@ -82,6 +95,78 @@ def start(args):
   torch.manual_seed(args.seed)
   np.random.seed(args.seed)  # noqa: NPY002 (pfl's samplers draw from the global numpy RNG)
   return torch, torch.device(args.device)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def spawn_workers(args) -> list:
+  """With ``--workers N > 1`` in the process the harness started: starts workers 1..N-1 (this
+  script with the same flags) and makes this process worker 0 of pfl's multi-process simulation
+  (``PFL_WORKER_ADDRESSES`` on 127.0.0.1; worker 0's address is the rendezvous).
+
+  Returns:
+    ``[(Popen, output path), ...]`` of the started workers; ``[]`` in a started worker, under
+    torchrun, or with one worker.
+  """
+  if args.workers == 1 or "PFL_WORKER_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
+    return []
+  os.environ["PFL_WORKER_ADDRESSES"] = ",".join(
+      f"127.0.0.1:{_free_port()}" for _ in range(args.workers))
+  procs = []
+  for rank in range(1, args.workers):
+    fd, path = tempfile.mkstemp(prefix=f"pfl_worker{rank}_", suffix=".log")
+    with os.fdopen(fd, "w") as out:
+      procs.append((subprocess.Popen(
+          [sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]],
+          env={**os.environ, "PFL_WORKER_RANK": str(rank)}, stdout=out,
+          stderr=subprocess.STDOUT), path))
+  os.environ["PFL_WORKER_RANK"] = "0"
+  return procs
+
+
+def combine_workers(row: dict, worker_rows: list[dict]) -> dict:
+  """Worker 0's row with the other workers' shares of the timed examples added in.
+
+  pfl's workers run the same rounds in lockstep (every round ends in an all-reduce), so worker
+  0's clock times them all and the examples trained are the sum of every worker's share.
+
+  Returns:
+    the row, its ``examples_per_s`` counting every worker's examples, ``workers`` set.
+
+  Example:
+    >>> combine_workers({"examples_timed": 30, "seconds": 2.0}, [{"examples_timed": 50}])
+    {'examples_timed': 80, 'seconds': 2.0, 'examples_per_s': 40.0, 'workers': 2}
+  """
+  total = row["examples_timed"] + sum(r["examples_timed"] for r in worker_rows)
+  return {**row, "examples_timed": total, "examples_per_s": total / row["seconds"],
+          "workers": 1 + len(worker_rows)}
+
+
+def collect_workers(procs: list, timeout: float = 600.0) -> list[dict]:
+  """Waits for the started workers and reads each one's row (its last JSON line).
+
+  Returns:
+    the workers' rows; a worker that failed is a ``SystemExit`` with the end of its output.
+  """
+  rows = []
+  for proc, path in procs:
+    try:
+      code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      code = "killed after a time-out"
+    with open(path) as f:
+      text = f.read()
+    os.unlink(path)
+    lines = [ln for ln in text.splitlines() if ln.startswith("{")]
+    if code != 0 or not lines:
+      raise SystemExit(f"pfl peer: worker process exited with {code}:\n{text[-2000:]}")
+    rows.append(json.loads(lines[-1]))
+  return rows
 
 
 def federated(users: dict):
@@ -148,6 +233,10 @@ def train_and_time(args, torch, net, train, model_name: str) -> dict:
         self.end, self.timed, self.drawn1 = now, done - args.warmup_rounds, drawn[0]
       over = (self.start is not None and self.timed > 0 and args.max_seconds > 0
               and now - self.start >= args.max_seconds)
+      if args.workers > 1:  # every worker must stop at the same round, or the rest wait forever
+        flag = torch.tensor([float(over)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        over = bool(flag.item() > 0)
       return over, Metrics()
 
   # The cohort's users are drawn lazily, one round at a time (FederatedDataset.get_cohort), so
@@ -181,12 +270,17 @@ def train_and_time(args, torch, net, train, model_name: str) -> dict:
       "client_updates_per_s": timer.timed * args.cohort / seconds,
       # Examples the timed rounds trained on (1 local epoch): client sizes vary, so this is the
       # work-normalised figure; None when this process draws a share of the cohort (torchrun).
+      # With --workers each worker counts its own share and worker 0 adds them up.
+      "examples_timed": timer.drawn1 - timer.drawn0,
       "examples_per_s": ((timer.drawn1 - timer.drawn0) / seconds
                          if int(os.environ.get("WORLD_SIZE", "1")) == 1 else None),
+      "workers": args.workers, "worker_rank": int(os.environ.get("PFL_WORKER_RANK", "0")),
       "warmup_plus_timed_wall_s": wall,
       "param_checksum": float(flat.sum()), "params_finite": bool(torch.isfinite(flat).all()),
       "load_avg_1min": os.getloadavg()[0], "time": time.time(), "cpu": common.host_cpu(),
   }
+  if getattr(args, "worker_procs", None):
+    row = combine_workers(row, collect_workers(args.worker_procs))
   print(json.dumps(row), flush=True)
   return row
 
