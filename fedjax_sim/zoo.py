@@ -331,6 +331,10 @@ class Dropout(nn.Module):
     else:
       mask = draws < jnp.uint32(round(keep * 2.0 ** bits))
     mask = jnp.broadcast_to(mask, inputs.shape)
+    # An integer input is scaled in floats (1 / keep is rarely an integer: 4/3 at rate 0.25),
+    # not truncated to its dtype; flax's layer raises a TypeError on one.
+    if not jnp.issubdtype(inputs.dtype, jnp.inexact):
+      inputs = inputs.astype(jnp.result_type(inputs.dtype, float))
     scale = jnp.asarray(1.0 / keep, inputs.dtype)
     return lax.select(mask, inputs * scale, jnp.zeros_like(inputs))
 

@@ -68,6 +68,19 @@ def test_rate_one_drops_everything_as_flax_does():
   assert dropout_keep(1.0) == (8, 0.0)
 
 
+def test_integer_inputs_give_a_float_unbiased_result():
+  """1 / keep is no integer (keep 0.75: 4/3): an integer input scaled in its own dtype would be
+  scaled by 1, silently biased. Ours scales in floats (flax's layer raises on integers)."""
+  x = jnp.full((64, 256), 3, jnp.int32)
+  ours = _apply(Dropout(0.25), x, jax.random.key(3))
+  with pytest.raises(TypeError):
+    nn.Dropout(0.25).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+  assert ours.dtype == jnp.float32
+  kept = np.asarray(ours)[np.asarray(ours) != 0]
+  np.testing.assert_allclose(kept, 4.0, rtol=1e-6)  # 3 / 0.75
+  assert abs(float(ours.mean()) - 3.0) < 5 * 3.0 * np.sqrt(0.25 / 0.75 / x.size)
+
+
 def test_broadcast_dims_share_the_mask():
   x = jnp.ones((8, 16, 32))
   y = np.asarray(_apply(Dropout(0.5, broadcast_dims=(1,)), x, jax.random.key(2)))
