@@ -13,6 +13,7 @@ Runs in the pfl virtualenv (``bash benchmarks/peers/setup.sh pfl``); only pfl's 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
@@ -125,6 +126,8 @@ def spawn_workers(args) -> list:
           env={**os.environ, "PFL_WORKER_RANK": str(rank)}, stdout=out,
           stderr=subprocess.STDOUT), path))
   os.environ["PFL_WORKER_RANK"] = "0"
+  # If this process dies before collect_workers (an exception), no worker is left behind.
+  atexit.register(lambda: [p.kill() for p, _ in procs if p.poll() is None])
   return procs
 
 
