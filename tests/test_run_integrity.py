@@ -449,6 +449,9 @@ def test_signal_handlers_restored_when_run_raises(tmp_path, sim, what, start):
 def test_sigint_mid_block_then_resume_is_bit_identical(tmp_path, sim, init_params, start):
   import threading
 
+  # What the run must restore: Python's default handler, or SIG_IGN where the shell started
+  # this process in the background (nohup, `cmd &` without job control).
+  before = signal.getsignal(signal.SIGINT)
   full, _ = sim.run(start(sim), 40, block_size=2)
   sender = threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT))
 
@@ -464,7 +467,7 @@ def test_sigint_mid_block_then_resume_is_bit_identical(tmp_path, sim, init_param
             callback=callback)
   stopped = int(info.value.state.round)
   assert stopped in (4, 6) and steps(d) == [stopped]
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert signal.getsignal(signal.SIGINT) is before
   resumed = sim.restore(d, init_params())
   resumed, _ = sim.run(resumed, 40 - stopped, block_size=2, checkpoint_dir=d)
   assert_same_state(resumed, full)
