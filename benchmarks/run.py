@@ -37,6 +37,7 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 import time
 
 import jax
@@ -48,19 +49,20 @@ import fedjax_sim as fs
 from benchmarks import side_by_side
 from benchmarks.peers.common import host_cpu
 from benchmarks.workloads import (  # noqa: F401 - re-exported for scripts that used run's names
-    MODELS,
-    WORKLOADS,
-    BenchmarkError,
-    Dense,
-    Logistic,
-    Workload,
-    check_finite,
-    cifar_shaped,
-    emnist_shaped,
-    flops_per_example,
-    gemm_gflops,
-    xla_flops,
+  MODELS,
+  WORKLOADS,
+  BenchmarkError,
+  Dense,
+  Logistic,
+  Workload,
+  check_finite,
+  cifar_shaped,
+  emnist_shaped,
+  flops_per_example,
+  gemm_gflops,
+  xla_flops,
 )
+from fedjax_sim import launch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -115,9 +117,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "torch_threads=2) of the peers they belong to; others try all theirs")
   ap.add_argument("--peer-max-seconds", type=float, default=60.0,
                   help="timed seconds per FedJAX run")
+  ap.add_argument("--processes", type=int, default=1,
+                  help="run fedjax_sim as this many local processes of one JAX run (python -m "
+                       "fedjax_sim.launch: one pinned to each core, every cohort split across "
+                       "them); the rows record it. No sequential baseline then")
+  ap.add_argument("--ours-settings", nargs="+", default=["default"], metavar="SETTING",
+                  help="with --peers: fedjax_sim's settings to try, each every repeat: "
+                       "'default' and/or 'processes=N' (see --processes); it is compared at its "
+                       "best, as the peers are")
   ap.add_argument("--machine", default=None)
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
+  if args.processes < 1:
+    ap.error(f"--processes must be >= 1; got {args.processes}")
+  for setting in args.ours_settings:
+    try:
+      side_by_side.ours_argv(setting)
+    except ValueError as e:
+      ap.error(f"--ours-settings: {e}")
+  if args.processes > 1 and (args.peers is not None or args.peer_python is not None):
+    ap.error("--processes is fedjax_sim's own setting; with --peers pass --ours-settings "
+             f"processes={args.processes} (and 'default' to try both)")
   if args.peers is not None:
     if args.peer_python is not None:
       ap.error("--peers runs FedJAX from <--peer-venvs>/fedjax; drop --peer-python")
@@ -246,9 +266,23 @@ def main(argv=None):
     if status:
       raise BenchmarkError(status)
     return
+  if args.processes > 1 and not launch.launched():  # start them; each runs this main()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    status = launch.launch([sys.executable, "-m", "benchmarks.run", *argv], args.processes)
+    if status:
+      raise BenchmarkError(f"benchmark error: fedjax_sim as {args.processes} processes failed "
+                           f"(exit {status}; the launcher's message above names the process)")
+    return
+  fs.sharding.initialize()  # joins the launcher's processes; nothing otherwise
+  if jax.process_count() != args.processes:
+    raise BenchmarkError(f"benchmark error: --processes {args.processes} but this run has "
+                         f"{jax.process_count()} processes")
+  lead = jax.process_index() == 0  # every process runs the rounds; process 0 records them
+  if args.processes > 1:
+    args.no_sequential = True  # the sequential loop is a one-process baseline
   machine = args.machine or f"{jax.devices()[0].platform}-{os.cpu_count()}core"
   out = args.out
-  if out is None:  # only the default location is created (tests pass --out)
+  if out is None and lead:  # only the default location is created (tests pass --out)
     out_dir = os.path.join(os.path.dirname(__file__), "results", machine)
     os.makedirs(out_dir, exist_ok=True)
     out = os.path.join(out_dir, "results.jsonl")
@@ -259,10 +293,17 @@ def main(argv=None):
     except ValueError as e:
       raise BenchmarkError(f"--precision {p}: {e}") from None
   peaks = {p: gemm_gflops(dtype=PRECISION_DTYPES[p]) for p in args.precision}
-  print(f"# {machine}: jax {jax.__version__}, {jax.devices()[0].device_kind}, GEMM peak "
-        + ", ".join(f"{v:.0f} GFLOP/s {p}" for p, v in peaks.items())
-        + f" (2048^2, measured now; default matmul precision); 1-min load average "
-        f"{os.getloadavg()[0]:.2f}", flush=True)
+  if jax.process_count() > 1:  # each process measured its own cores at once: the sum is ours
+    from jax.experimental import multihost_utils
+
+    peaks = {p: float(np.sum(multihost_utils.process_allgather(np.float32(v))))
+             for p, v in peaks.items()}
+  say = print if lead else (lambda *a, **k: None)
+  say(f"# {machine}: jax {jax.__version__}, {jax.devices()[0].device_kind}, "
+      f"{jax.process_count()} process(es), GEMM peak "
+      + ", ".join(f"{v:.0f} GFLOP/s {p}" for p, v in peaks.items())
+      + f" (2048^2, measured now; default matmul precision); 1-min load average "
+      f"{os.getloadavg()[0]:.2f}", flush=True)
   rows = []
   pops = {}
   for name in args.workloads:
@@ -274,7 +315,7 @@ def main(argv=None):
       x, y, ids = w.data(num_clients)
       pops[key] = fs.Population.from_arrays({"x": x, "y": y}, ids)
       del x, y, ids
-      print(f"# {pops[key]}", flush=True)
+      say(f"# {pops[key]}", flush=True)
     pop = pops[key]
     module = w.module()
     x1 = jnp.ones((1, *pop.features["x"].shape[1:]), pop.features["x"].dtype)
@@ -357,6 +398,7 @@ def main(argv=None):
               "peak_rss_mb": peak_rss_mb(), "params": num_params,
               "load_avg_1min": os.getloadavg()[0],
               "jax": jax.__version__, "machine": machine, "cpu": host_cpu(),
+              "processes": jax.process_count(), "devices": len(jax.devices()),
               "time": time.time(),
               "device_kind": jax.devices()[0].device_kind,
           }
@@ -385,11 +427,14 @@ def main(argv=None):
             row["sequential_client_updates_per_s"] = seq["client_updates_per_s"]
             row["speedup_vs_sequential"] = row["client_updates_per_s"] / seq["client_updates_per_s"]
           rows.append(row)
-          with open(out, "a") as f:
-            f.write(json.dumps(row) + "\n")
-          print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                            for k, v in row.items()}), flush=True)
+          if lead:
+            with open(out, "a") as f:
+              f.write(json.dumps(row) + "\n")
+          say(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                          for k, v in row.items()}), flush=True)
           del state, sim
+  if not lead:
+    return
   print()
   print("| workload | cohort | DP | precision | chunk | rounds/s | client-updates/s | examples/s "
         "| padding waste | GFLOP/s (% of GEMM peak) | sequential client-updates/s | speed-up |")

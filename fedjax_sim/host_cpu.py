@@ -177,17 +177,23 @@ def default_mesh():
   """The mesh a :class:`~fedjax_sim.Simulation` without one uses, or None.
 
   A ``clients`` mesh over the CPU devices when :func:`configure` set more than one of them and
-  CPU is jax's default backend; None otherwise (one device, a GPU/TPU, or a device count the
-  user chose, whose mesh the user passes).
+  CPU is jax's default backend, or over every process's CPU devices in a multi-process run
+  (``python -m fedjax_sim.launch``, :func:`fedjax_sim.sharding.initialize`); None otherwise
+  (one device, a GPU/TPU, or a device count the user chose, whose mesh the user passes).
 
   Returns:
     A :class:`jax.sharding.Mesh` or None.
   """
-  if not _state["devices"] or _state["devices"] < 2:
-    return None
-  devices = jax.devices()
-  if devices[0].platform != "cpu" or len(devices) < 2:
-    return None
+  if jax.process_count() > 1:  # several processes (python -m fedjax_sim.launch): all of them
+    devices = jax.devices()
+    if devices[0].platform != "cpu":
+      return None
+  else:
+    if not _state["devices"] or _state["devices"] < 2:
+      return None
+    devices = jax.devices()
+    if devices[0].platform != "cpu" or len(devices) < 2:
+      return None
   from fedjax_sim.sharding import clients_mesh
 
   return clients_mesh(devices)

@@ -30,6 +30,7 @@ across processes (read it with :func:`fetch`).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -246,12 +247,15 @@ def initialize(
     *,
     local_device_ids=None,
     initialization_timeout: int = 300,
-) -> None:
+) -> bool:
   """Joins a multi-process (multi-host) run: ``jax.distributed.initialize`` plus CPU collectives.
 
   Call it once per process, before anything touches a device. On CPU it selects the gloo
   collectives (``jax_cpu_collectives_implementation='gloo'``), without which cross-process sums
-  fail. On clusters that JAX detects (SLURM, TPU pods, Open MPI), the arguments may be omitted.
+  fail. Called with no arguments in a process that ``python -m fedjax_sim.launch`` started, it
+  joins the launcher's run (:mod:`fedjax_sim.launch`); on a cluster that JAX detects (SLURM,
+  TPU pods, Open MPI, Kubernetes), it joins that one; elsewhere it does nothing, so one script
+  runs as one process or many.
 
   Args:
     coordinator_address: ``"host:port"`` of process 0, reachable from every process.
@@ -259,7 +263,34 @@ def initialize(
     process_id: this process's index in ``[0, num_processes)``.
     local_device_ids: restrict this process to these local devices (optional).
     initialization_timeout: seconds to wait for every process to join.
+
+  Returns:
+    True when this process joined a multi-process run; False when it was called without
+    arguments outside the launcher and any cluster JAX detects (one process; nothing changed).
+
+  Raises:
+    ValueError: the launcher's environment is incomplete, or arguments were given inside a
+      launched process (the launcher already chose them).
+
+  Examples:
+    >>> import fedjax_sim as fs
+    >>> fs.sharding.initialize()   # not launched: a single-process run
+    False
   """
+  from fedjax_sim import launch as _launch
+
+  given = (coordinator_address, num_processes, process_id) != (None, None, None)
+  config = _launch.launched_config()
+  if config is not None:
+    if given:
+      raise ValueError(
+          "fs.sharding.initialize() got coordinator_address/num_processes/process_id in a "
+          "process started by `python -m fedjax_sim.launch`, which chose them already; call "
+          "it without them.")
+    coordinator_address = config["coordinator_address"]
+    num_processes, process_id = config["num_processes"], config["process_id"]
+  elif not given and not _cluster_detected():
+    return False
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
       coordinator_address=coordinator_address,
@@ -268,3 +299,16 @@ def initialize(
       local_device_ids=local_device_ids,
       initialization_timeout=initialization_timeout,
   )
+  return True
+
+
+def _cluster_detected() -> bool:
+  """Whether ``jax.distributed.initialize()`` would find a cluster (SLURM, Open MPI, ...)."""
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  try:
+    from jax._src.clusters import ClusterEnv
+  except ImportError:  # jax moved it: let jax.distributed decide, as before
+    return True
+  return any(not env.opt_in_only_method and env.is_env_present()
+             for env in ClusterEnv._cluster_types)

@@ -4,6 +4,10 @@ those runs need a fresh process).
 
     python sharded_worker.py devices OUT.npz WORKLOAD,...
     python sharded_worker.py multihost OUT.npz WORKLOAD,... COORDINATOR_PORT PROCESS_ID NPROC
+    python -m fedjax_sim.launch --processes 2 sharded_worker.py launched OUT.npz WORKLOAD,...
+
+``launched`` joins the launcher's run with ``fs.sharding.initialize()`` and passes no mesh (the
+default: every process's device, each scanning its own clients).
 """
 
 import sys
@@ -90,10 +94,32 @@ def main(argv):
 
   import fedjax_sim as fs
 
-  mesh = fs.sharding.clients_mesh()
+  if mode == "launched":
+    assert fs.sharding.initialize()
+  mesh = None if mode == "launched" else fs.sharding.clients_mesh()
   results = {"num_devices": np.asarray(len(jax.devices()))}
   for name in workloads:
     results.update(run_workload(name, mesh))
+  if mode == "launched":
+    pop = fs.Population.from_clients(make_population(num_clients=24))
+    sim = fs.Simulation(build("fedavg", fs.models.classifier_loss(linear_apply)), pop,
+                        cohort_size=7)
+    results["default_mesh_devices"] = np.asarray(0 if sim.mesh is None else sim.mesh.size)
+    results["per_device_scan"] = np.asarray(sim.performance.per_device_scan)
+    results["xla_flags"] = np.asarray(os.environ.get("XLA_FLAGS", ""))
+    results["cpus"] = np.asarray(sorted(os.sched_getaffinity(0)))
+    # A log directory: process 0 writes it (once); another run's log is refused on every process.
+    log_dir = path + ".log"
+    sim.run(sim.init(init_params(), jax.random.key(11)), 4, block_size=2, log_dir=log_dir)
+    other = fs.Simulation(build("fedavg", fs.models.classifier_loss(linear_apply)), pop,
+                          cohort_size=8)
+    try:
+      other.run(other.init(init_params(), jax.random.key(11)), 2, log_dir=log_dir)
+      refused = ""
+    except ValueError as e:
+      refused = str(e)
+    with open(f"{path}.refused{jax.process_index()}.txt", "w") as f:
+      f.write(refused)
   if mode == "devices":
     # Population on the host (cohorts gathered there) or split over the devices, on the mesh.
     for where in ("host", "sharded"):
@@ -134,7 +160,7 @@ def main(argv):
     results["total_rows"] = np.asarray(pop.total_examples)
   if mode == "devices" or jax.process_index() == 0:
     np.savez(path, **results)
-  if mode == "multihost":
+  if mode in ("multihost", "launched"):
     jax.distributed.shutdown()
 
 

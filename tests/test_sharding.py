@@ -5,6 +5,7 @@ multi-process runs happen in fresh processes (``sharded_worker.py``); this proce
 1-device reference with the same workload.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -100,6 +101,35 @@ def test_two_processes_equal_single_process(reference, tmp_path):
   got = np.load(path)
   assert int(got["num_devices"]) == 4  # 2 processes x 2 devices in one mesh
   _assert_same(got, reference, names)
+
+
+@pytest.mark.multihost
+def test_launched_processes_split_cohorts_by_default(reference, tmp_path):
+  """``python -m fedjax_sim.launch --processes 2``: no mesh passed, each process scans its own
+  clients (``per_device_scan``) on the global mesh, pinned to its own core; same results."""
+  path = tmp_path / "launched.npz"
+  names = ("fedavg", "scaffold")
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device per process, as the launcher sets it up
+  env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+  pin = [] if len(os.sched_getaffinity(0)) >= 2 else ["--no-pin"]
+  res = subprocess.run([sys.executable, "-m", "fedjax_sim.launch", "--processes", "2", *pin,
+                        "--log-dir", str(tmp_path / "logs"),
+                        os.path.join(HERE, "sharded_worker.py"), "launched", str(path),
+                        ",".join(names)], env=env, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  got = np.load(path)
+  assert int(got["num_devices"]) == 2 and int(got["default_mesh_devices"]) == 2
+  assert bool(got["per_device_scan"])
+  if not pin:  # process 0 on the first core, its kernels single-threaded
+    assert list(got["cpus"]) == [min(os.sched_getaffinity(0))]
+    assert "--xla_cpu_multi_thread_eigen=false" in str(got["xla_flags"])
+  _assert_same(got, reference, names)
+  # Process 0 alone wrote the log (4 rounds, 4 rows); the other run was refused on both.
+  with open(f"{path}.log/metrics.jsonl") as f:
+    assert [json.loads(line)["round"] for line in f] == [1, 2, 3, 4]
+  assert "holds the log of another run" in open(f"{path}.refused0.txt").read()
+  assert "process 0 refused it" in open(f"{path}.refused1.txt").read()
 
 
 def test_mesh_bad_input(pop, loss_fn):

@@ -117,16 +117,22 @@ class RunRecorder:
       prepare_checkpoint_dir(checkpoint_dir, state, self.fp, overwrite=overwrite)
     self.log = None
     if log_dir:
-      existing = prepare_log_dir(log_dir, self.fp, self.start, overwrite=overwrite)
-      seed_info = {"run_key_data": np.asarray(jax.random.key_data(state.key)).tolist(),
-                   "start_round": self.start}
-      session = {"num_rounds": num_rounds, "block_size": block_size, "eval_every": eval_every,
-                 "checkpoint_every": checkpoint_every, "delta": o.delta,
-                 "accountant": o.accountant, "chunk_size": plan.chunk_size}
-      if plan.performance.tuning is not None:  # chunk_size="auto": what was measured
-        session["chunk_tuning"] = plan.performance.tuning.as_dict()
-      self.log = MetricsLog(log_dir, self.fp, seed_info, tensorboard=o.tensorboard,
-                            existing=existing, settings=o.settings, session=session)
+      def open_log():
+        existing = prepare_log_dir(log_dir, self.fp, self.start, overwrite=overwrite)
+        seed_info = {"run_key_data": np.asarray(jax.random.key_data(state.key)).tolist(),
+                     "start_round": self.start}
+        session = {"num_rounds": num_rounds, "block_size": block_size,
+                   "eval_every": eval_every, "checkpoint_every": checkpoint_every,
+                   "delta": o.delta, "accountant": o.accountant, "chunk_size": plan.chunk_size,
+                   "processes": jax.process_count()}
+        if plan.performance.tuning is not None:  # chunk_size="auto": what was measured
+          session["chunk_tuning"] = plan.performance.tuning.as_dict()
+        return MetricsLog(log_dir, self.fp, seed_info, tensorboard=o.tensorboard,
+                          existing=existing, settings=o.settings, session=session)
+
+      # Several processes (python -m fedjax_sim.launch, hosts): the metrics are the same on
+      # every one, so process 0 alone writes the log; all stop if it refuses the directory.
+      self.log = on_process_zero(open_log, f"log_dir={log_dir!r}")
     self.stop = SignalFlag() if checkpoint_dir is not None else None
     self.epsilons = None if o.delta is None else privacy.epsilon_column(  # ε on the host
         plan.sampler, population.num_clients, plan.algorithm.aggregator.noise_multiplier,
@@ -210,6 +216,8 @@ class RunRecorder:
           ".state (sim.save(e.state, other_dir) keeps it).")
 
   def _write_log(self, first_round: int, rows: dict[str, np.ndarray], state) -> None:
+    if self.log is None:  # not process 0 of a multi-process run: it writes the log
+      return
     self._taken(self.log_dir, "config.json", state, "log_dir")  # still this run's log?
     self.log.write(first_round, rows)
 
@@ -298,3 +306,28 @@ class RunOptions:
   overwrite: bool = False
   settings: dict[str, Any] | None = None
   on_nonfinite: str = "raise"
+
+
+def on_process_zero(fn: Callable[[], Any], what: str) -> Any:
+  """Runs ``fn()`` on process 0 only (its result there; None elsewhere); every process raises
+  when it failed there, so that none of them goes on into the run's collectives alone.
+
+  Raises:
+    Whatever ``fn`` raised, on process 0; ``ValueError`` naming ``what`` on the others.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils
+
+  result, error = None, None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after telling the others
+      error = e
+  ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+  if error is not None:
+    raise error
+  if not ok:
+    raise ValueError(f"{what}: process 0 refused it (its error says why); no process ran.")
+  return result
