@@ -96,6 +96,11 @@ import json, os, platform, subprocess
 row = {"python": platform.python_version(), "platform": platform.platform(),
        "cpu_count": os.cpu_count()}
 try:
+  from benchmarks.peers.common import host_cpu
+  row["cpu"] = host_cpu()
+except Exception as e:  # recorded, not fatal
+  row["cpu"] = "unavailable: " + repr(e)
+try:
   import jax, jaxlib
   row.update(jax=jax.__version__, jaxlib=jaxlib.__version__, jax_backend=jax.default_backend(),
              jax_devices=[d.device_kind for d in jax.devices()])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -29,6 +30,9 @@ class ClientData:
     max_examples: static Python int, the largest client in the population.
     work_fraction: fraction of its planned local steps the client completes (stragglers; 1.0).
     step_cap: the most local steps the client can run this round (deadlines; effectively none).
+    trim_last_batch: static; the client runs alone, not vmapped with others, so the trainer may
+      run an epoch's partial last batch at a smaller static size that holds it
+      (:func:`last_batch_sizes`; ``Performance.trim_last_batch``).
   """
 
   features: dict[str, jax.Array]
@@ -37,10 +41,17 @@ class ClientData:
   max_examples: int = dataclasses.field(metadata=dict(static=True))
   work_fraction: jax.Array = 1.0
   step_cap: jax.Array = 2**30
+  trim_last_batch: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
-  def batch(self, perm: jax.Array, position: jax.Array, batch_size: int) -> dict[str, jax.Array]:
-    """The ``position``-th minibatch of an epoch ordered by ``perm``, with a mask for the tail."""
-    slots = position * batch_size + jnp.arange(batch_size)
+  def batch(self, perm: jax.Array, position: jax.Array, batch_size: int,
+            size: int | None = None) -> dict[str, jax.Array]:
+    """The ``position``-th minibatch of an epoch ordered by ``perm``, with a mask for the tail.
+
+    ``size`` (static, default ``batch_size``) keeps only the batch's first ``size`` slots: a
+    last batch whose real examples all lie there (the rest would be masked padding).
+    """
+    size = batch_size if size is None else size
+    slots = position * batch_size + jnp.arange(size)
     valid = slots < self.num_examples
     local = perm[jnp.clip(slots, 0, self.max_examples - 1)]
     rows = self.offset + jnp.where(valid, local, 0)
@@ -60,6 +71,30 @@ ClientUpdateFn = Callable[[Params, ClientData, PyTree, PRNGKey], ClientOutput]
 #: ``planned_steps(num_examples, work_fraction, step_cap, *, max_examples) -> int32 steps``: the
 #: local steps a client will run (:func:`make_local_trainer`); the round sorts clients by it.
 PlannedStepsFn = Callable[..., jax.Array]
+
+
+#: Fractions of the batch size at which a trimmed last batch may run (the smallest that holds
+#: it): the padded slots computed fall from up to ``B - 1`` to under ``B / 4``.
+LAST_BATCH_FRACTIONS = (0.25, 0.5, 0.75)
+
+
+def last_batch_sizes(batch_size: int) -> tuple[int, ...]:
+  """The static sizes below ``batch_size`` at which a client running alone trains the partial
+  last batch of an epoch (``Performance.trim_last_batch``).
+
+  A vmapped chunk cannot skip anything per client (a ``lax.switch`` under ``vmap`` runs every
+  branch), so trimming is for unbatched clients only: a chunk of one, or each device's scan.
+
+  Returns:
+    Sorted sizes (empty for batches under 4).
+
+  Examples:
+    >>> last_batch_sizes(20), last_batch_sizes(10), last_batch_sizes(3)
+    ((5, 10, 15), (3, 5, 8), ())
+  """
+  if batch_size < 4:
+    return ()
+  return tuple(sorted({math.ceil(batch_size * f) for f in LAST_BATCH_FRACTIONS} - {batch_size}))
 
 
 def epoch_permutation(key: PRNGKey, num_examples: jax.Array, max_examples: int) -> jax.Array:
@@ -296,21 +331,42 @@ def make_local_trainer(
     anchor = start if anchor is None else anchor
     mix_key = jax.random.fold_in(key, SHARED_DATA_SALT)
 
+    # A client running alone trains an epoch's partial last batch at the smallest static size
+    # that holds it (lax.switch picks the branch; the other sizes are never run). The slots
+    # cut are masked padding, which contributes exactly zero, and the random draws of the
+    # kept rows do not change (partitionable threefry counts along the leading axis), so only
+    # the float summation order differs from the full-size batch.
+    tails = (last_batch_sizes(bsz)
+             if data.trim_last_batch and batch_size is not None and shared is None else ())
+
     def body(carry):
       step, params, opt_state, perm, sums = carry
       perm = order_for(step, perm)
-      batch = data.batch(perm, step % steps_per_epoch, bsz)
-      if shared is not None:
-        batch = _mix(batch, shared, num_shared, jax.random.fold_in(mix_key, step))
+      position = step % steps_per_epoch
       key = jax.random.fold_in(step_key, step)
-      (_, (loss, aux)), grads = grad_fn(params, anchor, batch, key)
-      if grad_shift is not None:
-        grads = jax.tree.map(jnp.add, grads, grad_shift)
-      updates, opt_state = client_optimizer.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      count = batch[MASK_KEY].sum()
-      metrics = {"loss": loss, **aux}
-      sums = jax.tree.map(lambda s, m: s + count * m.astype(jnp.float32), sums, metrics)
+
+      def train_on(size, params, opt_state, sums):
+        batch = data.batch(perm, position, bsz, size)
+        if shared is not None:
+          batch = _mix(batch, shared, num_shared, jax.random.fold_in(mix_key, step))
+        (_, (loss, aux)), grads = grad_fn(params, anchor, batch, key)
+        if grad_shift is not None:
+          grads = jax.tree.map(jnp.add, grads, grad_shift)
+        updates, opt_state = client_optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        count = batch[MASK_KEY].sum()
+        metrics = {"loss": loss, **aux}
+        sums = jax.tree.map(lambda s, m: s + count * m.astype(jnp.float32), sums, metrics)
+        return params, opt_state, sums
+
+      if tails:
+        left = n - position * bsz  # real examples from this batch's first slot on
+        which = sum((left > t).astype(jnp.int32) for t in tails)
+        params, opt_state, sums = jax.lax.switch(
+            which, [functools.partial(train_on, size) for size in (*tails, bsz)],
+            params, opt_state, sums)
+      else:
+        params, opt_state, sums = train_on(bsz, params, opt_state, sums)
       return step + 1, params, opt_state, perm, sums
 
     sums0 = {"loss": jnp.zeros((), jnp.float32)}

@@ -202,8 +202,12 @@ class ClientResult(NamedTuple):
 
 def client_result(plan: RoundPlan, keys: RoundKeys, context: RoundContext,
                   population: Population, per_client_state, cid, is_real, states,
-                  broadcast) -> ClientResult:
-  """One client's part of the round (the function :func:`chunk_pass` vmaps)."""
+                  broadcast, *, alone: bool = False) -> ClientResult:
+  """One client's part of the round (the function :func:`chunk_pass` vmaps).
+
+  ``alone`` (static): the client is not vmapped with others (a chunk of one, or a device's
+  scan), so with ``plan.performance.trim_last_batch`` its partial last batches run trimmed.
+  """
   algo, system = plan.algorithm, plan.system
   process = algo.aggregator
   client_state, agg_client_state = states
@@ -225,6 +229,7 @@ def client_result(plan: RoundPlan, keys: RoundKeys, context: RoundContext,
       population.max_examples,
       work_fraction,
       step_cap,
+      trim_last_batch=alone and bool(plan.performance.trim_last_batch),
   )
   out = algo.client_update(broadcast, data, client_state, jax.random.fold_in(keys.client, cid))
   if algo.weight_fn is not None:
@@ -330,9 +335,11 @@ def scan_chunks(plan: RoundPlan, keys: RoundKeys, context: RoundContext, populat
     largest ``client_steps`` ``[num_chunks]``, and :class:`ChunkPass`'s per-slot outputs.
   """
   stacked = plan.algorithm.aggregator.reduce.needs_stack
+  alone = ids.shape[1] == 1 and plan.unbatched_single_client
   one = lambda cid, is_real, states, broadcast: client_result(
-      plan, keys, context, population, per_client_state, cid, is_real, states, broadcast)
-  if ids.shape[1] == 1 and plan.unbatched_single_client:
+      plan, keys, context, population, per_client_state, cid, is_real, states, broadcast,
+      alone=alone)
+  if alone:
     # A vmap over ONE client still batches every op (size-1 batch dimension: batched GEMMs,
     # grouped convolutions), which XLA:CPU runs slower (benchmarks/chunk1.py); run it plain.
     def clients(cids, creal, cstates, broadcast):

@@ -57,6 +57,12 @@ CPU_VMAP_GAIN_CHUNK = 32
 #: above are explained without it (it is 1.0 % of the logistic model's 5.9 MFLOP step and
 #: 0.24 % of the dense model's 25 MFLOP).
 CPU_VMAP_STEP_OVERHEAD_FLOPS = 6e4
+#: ``Performance.trim_last_batch=None`` trims the partial last batches of clients that run
+#: alone (one-client chunks, per-device scans) when one local step counts at least this many
+#: FLOPs: there the masked slots cost more than compiling the step at three more batch sizes
+#: (the EMNIST CNN's step, ~5.6e8 FLOPs at batch 20, paid 9.4 % masked slots; a logistic
+#: model's 5.9e6 FLOP step is mostly fixed cost).
+TRIM_STEP_FLOPS = 1e7
 #: :func:`cpu_vmap_chunk` takes the smallest chunk modelled within this fraction of the fastest
 #: (the model is no finer than that; a larger chunk must earn its place).
 CPU_VMAP_MARGIN = 0.01

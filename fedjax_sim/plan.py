@@ -82,6 +82,16 @@ class Performance:
       chunk. Needs the population replicated on the mesh (``population_on="device"``). What a
       :class:`~fedjax_sim.Simulation` on several host CPU devices uses
       (:mod:`fedjax_sim.host_cpu`).
+    trim_last_batch: a client that runs alone (a chunk of one with
+      ``unbatched_single_client``, or a device's scan of one client at a time) trains the
+      partial last batch of each epoch at the smallest of a few static sizes that holds it
+      (:func:`fedjax_sim.client.last_batch_sizes`: a quarter, half, three quarters of the batch)
+      instead of the full batch with masked padding; the padded slots contribute exactly zero
+      either way, and the kept rows' random draws are the same (partitionable threefry, jax's
+      default). Compiles the local step once per size. Vmapped chunks are never trimmed.
+      None (default): :func:`fedjax_sim.runs.planning.plan` decides, trimming where the local
+      step is heavy enough to pay for the extra compiles (``memory.TRIM_STEP_FLOPS``) and
+      ``jax_threefry_partitionable`` is on; a plan built otherwise leaves None as off.
     autotune: an :class:`fedjax_sim.autotune.AutoChunk` request (``chunk_size="auto"``); then
       ``tuning`` is the measured :class:`fedjax_sim.autotune.ChunkChoice`, recorded in config.json.
   """
@@ -91,6 +101,7 @@ class Performance:
   unbatched_single_client: bool = True
   mesh: jax.sharding.Mesh | None = None
   per_device_scan: bool = False
+  trim_last_batch: bool | None = None
   autotune: Any = None
   tuning: Any = None
 
@@ -103,6 +114,10 @@ class Performance:
     for name in ("sort_by_size", "unbatched_single_client", "per_device_scan"):
       if not isinstance(getattr(self, name), (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}.")
+    if self.trim_last_batch is not None and not isinstance(self.trim_last_batch,
+                                                           (bool, np.bool_)):
+      raise TypeError(f"trim_last_batch must be True, False or None (automatic); got "
+                      f"{self.trim_last_batch!r}.")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

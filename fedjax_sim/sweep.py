@@ -229,7 +229,8 @@ def compile_sweep(
           f"simulation {i}'s algorithm has a state of another shape than simulation 0's",
       )
 
-  plan0 = sim.plan
+  # The lanes are vmapped, so a trimmed last batch's lax.switch would run every branch.
+  plan0 = sim.plan.with_performance(trim_last_batch=False)
 
   def lane(seed, values, population):
     plan = dataclasses.replace(plan0, algorithm=build(**values))  # traced hyper-parameters

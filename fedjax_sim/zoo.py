@@ -313,8 +313,8 @@ class Dropout(nn.Module):
     bits, keep = dropout_keep(self.rate, self.bits)
     if self.rate == 0 or deterministic:
       return inputs
-    if keep == 0.0:  # rate 1
-      return jnp.zeros_like(inputs)
+    if keep == 0.0:  # rate 1: zeros, in the dtype any other rate returns (floats for ints)
+      return jnp.zeros(inputs.shape, _dropout_dtype(inputs.dtype))
     if rng is None:
       rng = self.make_rng(self.rng_collection)
     shape = list(inputs.shape)
@@ -333,10 +333,14 @@ class Dropout(nn.Module):
     mask = jnp.broadcast_to(mask, inputs.shape)
     # An integer input is scaled in floats (1 / keep is rarely an integer: 4/3 at rate 0.25),
     # not truncated to its dtype; flax's layer raises a TypeError on one.
-    if not jnp.issubdtype(inputs.dtype, jnp.inexact):
-      inputs = inputs.astype(jnp.result_type(inputs.dtype, float))
+    inputs = inputs.astype(_dropout_dtype(inputs.dtype))
     scale = jnp.asarray(1.0 / keep, inputs.dtype)
     return lax.select(mask, inputs * scale, jnp.zeros_like(inputs))
+
+
+def _dropout_dtype(dtype):
+  """:class:`Dropout`'s output dtype: the input's if inexact, else the default float."""
+  return dtype if jnp.issubdtype(dtype, jnp.inexact) else jnp.result_type(dtype, float)
 
 
 class LogisticRegression(nn.Module):

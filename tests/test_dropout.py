@@ -79,6 +79,10 @@ def test_integer_inputs_give_a_float_unbiased_result():
   kept = np.asarray(ours)[np.asarray(ours) != 0]
   np.testing.assert_allclose(kept, 4.0, rtol=1e-6)  # 3 / 0.75
   assert abs(float(ours.mean()) - 3.0) < 5 * 3.0 * np.sqrt(0.25 / 0.75 / x.size)
+  for rate in (1.0, 0.5):  # every rate gives floats for integers, rate 1 (all zeros) too
+    out = _apply(Dropout(rate), x, jax.random.key(3))
+    assert out.dtype == jnp.float32
+  assert not np.asarray(_apply(Dropout(1.0), x, jax.random.key(3))).any()
 
 
 def test_broadcast_dims_share_the_mask():

@@ -7,7 +7,6 @@ multi-process runs happen in fresh processes (``sharded_worker.py``); this proce
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ import pytest
 from sharded_worker import WORKLOADS, build, run_workload
 
 import fedjax_sim as fs
+from fedjax_sim.launch import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RTOL, ATOL = 2e-5, 2e-6
@@ -27,12 +27,6 @@ def _env(num_devices):
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
   return env
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +75,7 @@ def test_eight_devices_equal_one_device(reference, tmp_path):
 @pytest.mark.multihost
 def test_two_processes_equal_single_process(reference, tmp_path):
   path = tmp_path / "mh.npz"
-  port = _free_port()
+  port = free_port()
   names = ("dp_fedavg", "scaffold")
   procs = [
       subprocess.Popen(

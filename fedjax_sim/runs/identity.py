@@ -65,13 +65,15 @@ _OPTIONS = {("prng", "threefry_partitionable"): "jax_threefry_partitionable",
 #: The version of the traced round behind ``algorithm_digest``: raised whenever a change to the
 #: engine's code (not to what it computes) changes the traced program, so that checkpoints of
 #: older engines are recognised as such instead of as another configuration.
-ENGINE_DIGEST = "7"  # 3: fs.zoo CPU conv with a custom_vmap rule (issue 22); 4: chunk pass split
+ENGINE_DIGEST = "8"  # 3: fs.zoo CPU conv with a custom_vmap rule (issue 22); 4: chunk pass split
 #                      into scan_chunks / per_device_pass (shard_map over host devices); 5: with a
 #                      system model the cohort is sorted by the steps clients run (issue 22; the
 #                      rounds without a system trace as before); 6: client_steps (and so
 #                      step_slots) counts the steps of clients dropped at the deadline
 #                      (deadline_policy="drop"; other rounds trace as before); 7: the zoo's
-#                      models drop out with fs.zoo.Dropout (8/16-bit masks: other draws)
+#                      models drop out with fs.zoo.Dropout (8/16-bit masks: other draws);
+#                      8: a client running alone trains its partial last batch trimmed
+#                      (Performance.trim_last_batch)
 
 
 # -- digests ---------------------------------------------------------------------------------

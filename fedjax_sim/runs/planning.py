@@ -476,8 +476,23 @@ def plan(algorithm: Algorithm, sampler, population: Population, params: Any, key
       sampler.max_cohort_size, params, draft.views(params)[1], batch, bsz, budget,
       performance.mesh, performance.chunk_size, steps=steps,
       sort_by_size=performance.sort_by_size, step_flops=step_flops, convolutional=conv)
+  trim = performance.trim_last_batch
+  if trim is None:  # automatic: for clients that run alone, where the step is heavy
+    per_device = (1 if performance.mesh is None or not performance.per_device_scan
+                  else sharding.mesh_size(performance.mesh))
+    # (With chunk_size="auto" the tuned chunk may be one: decided for it too. The round trims
+    # only clients that do run alone, so the flag is inert on vmapped chunks.)
+    alone = performance.unbatched_single_client and (chunk == per_device
+                                                     or performance.autotune is not None)
+    if alone and step_flops is None:
+      step_flops, conv = _step_flops(algorithm, params, batch, key)
+    # Without partitionable threefry a cut batch's dropout draws would differ from the full
+    # one's (results would then depend on the chunk size): not trimmed.
+    trim = bool(alone and step_flops is not None and step_flops >= _memory.TRIM_STEP_FLOPS
+                and jax.config.jax_threefry_partitionable)
   planned = dataclasses.replace(
-      draft, performance=dataclasses.replace(performance, chunk_size=chunk))
+      draft, performance=dataclasses.replace(performance, chunk_size=chunk,
+                                              trim_last_batch=trim))
   if performance.autotune is not None:
     if tuner is None:
       raise ValueError("chunk_size='auto' is measured by Simulation.init; plan() needs "
