@@ -331,6 +331,28 @@ def launch(command: list[str], processes: int, *, cpus_per_process: int = 1, pin
       shutil.rmtree(log_dir, ignore_errors=True)
 
 
+#: The launcher's own options that take a value (the rest of the command line is the script's).
+_VALUED = ("--processes", "-n", "--cpus-per-process", "--log-dir")
+
+
+def _split(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+  """``(launcher options, module or None, command)``: the options end at the script, at ``-m
+  MODULE`` or at ``--``; everything after belongs to the script."""
+  i = 0
+  while i < len(argv):
+    token = argv[i]
+    if token == "--":
+      return argv[:i], None, argv[i + 1:]
+    if token == "-m":
+      if i + 1 >= len(argv):
+        return argv[:i + 1], None, []  # argparse names the missing module
+      return argv[:i], argv[i + 1], argv[i + 2:]
+    if not token.startswith("-"):
+      return argv[:i], None, argv[i:]
+    i += 2 if token in _VALUED else 1
+  return argv, None, []
+
+
 def main(argv=None) -> int:
   """``python -m fedjax_sim.launch``: parses the command line and runs :func:`launch`.
 
@@ -339,6 +361,8 @@ def main(argv=None) -> int:
   """
   ap = argparse.ArgumentParser(
       prog="python -m fedjax_sim.launch",
+      usage="python -m fedjax_sim.launch --processes N [options] (SCRIPT.py | -m MODULE | -- "
+            "PROGRAM) [ARGS ...]",
       description="Start a fedjax_sim script as N local processes of one JAX run (one per core "
                   "by default). The script calls fs.sharding.initialize() first.")
   ap.add_argument("--processes", "-n", type=int, required=True, help="number of processes")
@@ -349,14 +373,10 @@ def main(argv=None) -> int:
                   help="where processes 1.. write process-<i>.log (default: a temporary folder, "
                        "removed after a clean exit)")
   ap.add_argument("-m", dest="module", default=None, help="run a module, as `python -m`")
-  ap.add_argument("command", nargs=argparse.REMAINDER,
-                  help="the script and its arguments (or the module's arguments with -m)")
-  args = ap.parse_args(argv)
-  command = list(args.command)
-  if command and command[0] == "--":
-    command = command[1:]
-  if args.module:
-    command = [sys.executable, "-m", args.module, *command]
+  options, module, command = _split(list(sys.argv[1:] if argv is None else argv))
+  args = ap.parse_args(options)
+  if module:
+    command = [sys.executable, "-m", module, *command]
   elif command and command[0].endswith(".py"):
     command = [sys.executable, *command]
   if not command:

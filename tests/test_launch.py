@@ -101,6 +101,14 @@ def test_command_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
   assert res.returncode == 0, res.stderr
   assert "args ['--flag', '1']" in res.stdout
+  # The script's own flags (even one named like the launcher's) stay the script's; -m MODULE.
+  res = subprocess.run([sys.executable, "-m", "fedjax_sim.launch", "-n", "1", "--no-pin",
+                        str(script), "--processes", "3"],
+                       capture_output=True, text=True, timeout=120)
+  assert res.returncode == 0 and "args ['--processes', '3']" in res.stdout, res.stderr
+  res = subprocess.run([sys.executable, "-m", "fedjax_sim.launch", "-n", "1", "--no-pin",
+                        "-m", "platform", "--terse"], capture_output=True, text=True, timeout=120)
+  assert res.returncode == 0 and res.stdout.strip(), res.stderr
   res = subprocess.run([sys.executable, "-m", "fedjax_sim.launch", "--processes", "2"],
                        capture_output=True, text=True, timeout=120)
   assert res.returncode == 2 and "name the script to run" in res.stderr

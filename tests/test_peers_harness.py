@@ -165,6 +165,36 @@ def test_examples_ratio_is_against_the_peers_best_setting_by_examples():
   assert s["ratio_of_means_examples"] == pytest.approx(1000 / 1100)
 
 
+def test_fedjax_sim_is_taken_at_its_best_setting_too():
+  """--ours-settings default processes=2: fedjax_sim's best mean is compared, and named."""
+  rows = [{"model": "cnn", "cohort": 100, "repeat": i, "engine": "fedjax_sim",
+           "ours_setting": o, "setting": f"{o} chunk=1", "client_updates_per_s": v,
+           "examples_per_s": e, "load_avg_1min": 1.0}
+          for i in range(2)
+          for o, v, e in (("default", 13.0, 1300.0 + i), ("processes=2", 15.0 + i, 1200.0))]
+  rows += [{"model": "cnn", "cohort": 100, "repeat": i, "engine": "pfl", "setting": "workers=2",
+            "client_updates_per_s": 15.0, "examples_per_s": 1500.0, "load_avg_1min": 1.0}
+           for i in range(2)]
+  (s,) = side_by_side.summarize(rows)
+  assert s["fedjax_sim_best_setting"] == "processes=2"
+  assert s["fedjax_sim_setting_means"] == {"default": 13.0, "processes=2": 15.5}
+  assert s["ratio_of_means"] == pytest.approx(15.5 / 15.0)
+  assert s["ratios_per_repeat"] == pytest.approx([1.0, 16 / 15])
+  # By examples its best is the default here (1300.5 > 1200): compared on that.
+  assert s["fedjax_sim_best_setting_examples"] == "default"
+  assert s["ratio_of_means_examples"] == pytest.approx(1300.5 / 1500)
+  assert "15–16 (processes=2)" in side_by_side.markdown([s])
+  # Rows from before --ours-settings are the default setting; one setting: nothing named.
+  (old,) = side_by_side.summarize([{k: v for k, v in r.items() if k != "ours_setting"}
+                                   for r in rows if r.get("ours_setting") != "processes=2"])
+  assert "fedjax_sim_best_setting" not in old
+  assert side_by_side.ours_argv("default") == ()
+  assert side_by_side.ours_argv("processes=4") == ("--processes", "4")
+  for bad in ("processes=1", "threads=2", "processes=x"):
+    with pytest.raises(ValueError, match="not a fedjax_sim setting"):
+      side_by_side.ours_argv(bad)
+
+
 def test_peers_bad_input(capsys, tmp_path):
   with pytest.raises(SystemExit):
     run.parse_args(["--peers", "tff"])
@@ -183,6 +213,15 @@ def test_peers_bad_input(capsys, tmp_path):
       "num_cpus=1"]
   assert [s for s, _ in side_by_side.settings_of(args, side_by_side.PEERS["pfl"])] == [
       "torch_threads=1", "torch_threads=2", "workers=2"]
+  with pytest.raises(SystemExit):
+    run.parse_args(["--peers", "pfl", "--ours-settings", "default", "threads=2"])
+  assert "--ours-settings: 'threads=2' is not a fedjax_sim setting" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    run.parse_args(["--peers", "pfl", "--processes", "2"])
+  assert "pass --ours-settings processes=2" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    run.parse_args(["--processes", "0"])
+  assert "--processes must be >= 1" in capsys.readouterr().err
 
 
 def test_pfl_workers_stop_together_and_count_every_workers_examples(capsys):

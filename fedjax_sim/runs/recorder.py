@@ -309,11 +309,19 @@ class RunOptions:
 
 
 def on_process_zero(fn: Callable[[], Any], what: str) -> Any:
-  """Runs ``fn()`` on process 0 only (its result there; None elsewhere); every process raises
-  when it failed there, so that none of them goes on into the run's collectives alone.
+  """Runs ``fn()`` on process 0 only; every process raises when it failed there, so that none
+  of them goes on into the run's collectives alone.
+
+  Args:
+    fn: what process 0 runs (opening a log directory).
+    what: names the setting in the other processes' error.
+
+  Returns:
+    ``fn()``'s result on process 0; None on the others.
 
   Raises:
-    Whatever ``fn`` raised, on process 0; ``ValueError`` naming ``what`` on the others.
+    Exception: whatever ``fn`` raised, on process 0.
+    ValueError: on the other processes when it failed there (naming ``what``).
   """
   if jax.process_count() == 1:
     return fn()
