@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
 import fedjax_sim as fs
@@ -159,3 +160,15 @@ def test_sigterm_to_the_launcher_stops_every_process(tmp_path):
   proc.terminate()
   err = proc.communicate(timeout=60)[1]
   assert proc.returncode == 143 and "terminated; processes stopped" in err
+
+
+def test_a_simulation_without_a_mesh_in_a_multi_process_run_warns(monkeypatch, pop, loss_fn):
+  """An explicit chunk size keeps the default mesh off: each process would then run the whole
+  simulation alone, which is said, not left silent."""
+  import optax
+
+  algo = fs.algorithms.fedavg(loss_fn, client_optimizer=optax.sgd(0.1), batch_size=4,
+                              local_epochs=1)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.warns(UserWarning, match="every process runs the whole simulation by itself"):
+    fs.Simulation(algo, pop, cohort_size=4, chunk_size=2)
