@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -360,6 +361,19 @@ def with_template(plan: RoundPlan, params: Any) -> RoundPlan:
   train, _ = plan.views(params)
   template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), train)
   return dataclasses.replace(plan, context=plan.context._replace(params_template=template))
+
+
+def mesh_across_processes(mesh):
+  """Returns ``mesh``; warns when a run of several processes has none: each process would then
+  run the whole simulation by itself (the same results on every one, and no speed-up)."""
+  if mesh is None and jax.process_count() > 1:
+    warnings.warn(
+        f"this Simulation has no mesh in a run of {jax.process_count()} processes, so every "
+        "process runs the whole simulation by itself (same results, no speed-up). Pass "
+        "mesh=fs.sharding.clients_mesh() to split the cohorts over the processes, or leave "
+        "chunk_size=None and population_on='device' (on CPU that mesh is the default).",
+        stacklevel=3)
+  return mesh
 
 
 def plan_for(algorithm: Algorithm, sampler, population: Population, params: Any, *,

@@ -13,7 +13,6 @@ directories in :mod:`fedjax_sim.runs.ownership`, progress in :mod:`fedjax_sim.pr
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any
 
 import jax
@@ -85,14 +84,7 @@ class Simulation:
     if mesh is None and chunk_size is None and population_on == "device":
       mesh = _host_cpu.default_mesh()  # one client per host CPU device (fedjax_sim/host_cpu.py)
       per_device_scan = mesh is not None  # each device scans its clients (core.per_device_pass)
-    if mesh is None and jax.process_count() > 1:
-      warnings.warn(
-          f"this Simulation has no mesh in a run of {jax.process_count()} processes, so every "
-          "process runs the whole simulation by itself (same results, no speed-up). Pass "
-          "mesh=fs.sharding.clients_mesh() to split the cohorts over the processes, or leave "
-          "chunk_size=None and population_on='device' (on CPU that mesh is the default).",
-          stacklevel=2)
-    self.mesh = mesh
+    self.mesh = planning.mesh_across_processes(mesh)  # warns if each process would run it whole
     self.performance = Performance(  # as requested; init() fixes an automatic chunk size
         **_autotune.chunk_request(chunk_size), sort_by_size=sort_by_size,
         unbatched_single_client=unbatched_single_client, mesh=mesh,
