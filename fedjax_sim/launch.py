@@ -387,6 +387,8 @@ def main(argv=None) -> int:
                   pin=not args.no_pin, log_dir=args.log_dir)
   except ValueError as e:
     ap.error(str(e))
+  except OSError as e:  # the program cannot start (not found, not executable)
+    ap.error(f"cannot start {shlex.join(command)}: {e}")
 
 
 if __name__ == "__main__":

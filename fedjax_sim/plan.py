@@ -90,8 +90,10 @@ class Performance:
       either way, and the kept rows' random draws are the same (partitionable threefry, jax's
       default). Compiles the local step once per size. Vmapped chunks are never trimmed.
       None (default): :func:`fedjax_sim.runs.planning.plan` decides, trimming where the local
-      step is heavy enough to pay for the extra compiles (``memory.TRIM_STEP_FLOPS``) and
-      ``jax_threefry_partitionable`` is on; a plan built otherwise leaves None as off.
+      step is heavy enough to pay for the extra compiles (``memory.TRIM_STEP_FLOPS``),
+      ``jax_threefry_partitionable`` is on and the loss traces at the smaller sizes (a loss
+      written for one batch size is not trimmed; ``True`` for one is a ``ValueError`` before
+      compiling); a plan built otherwise leaves None as off.
     autotune: an :class:`fedjax_sim.autotune.AutoChunk` request (``chunk_size="auto"``); then
       ``tuning`` is the measured :class:`fedjax_sim.autotune.ChunkChoice`, recorded in config.json.
   """

@@ -277,6 +277,9 @@ def initialize(
     >>> fs.sharding.initialize()   # not launched: a single-process run
     False
   """
+  # Imported here, not at the top: `import fedjax_sim` must not import the launcher, which
+  # `python -m fedjax_sim.launch` runs as __main__ (runpy warns when it is already imported).
+  # fedjax_sim.launch imports nothing of the package, so there is no cycle.
   from fedjax_sim import launch as _launch
 
   given = (coordinator_address, num_processes, process_id) != (None, None, None)

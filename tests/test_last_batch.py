@@ -101,6 +101,17 @@ def test_automatic_for_heavy_steps_of_clients_that_run_alone(pop, loss_fn, init_
   big = {"w1": jnp.zeros((5, 200_000)), "w2": jnp.zeros((200_000, 3))}  # ~5e7 FLOPs a step
   assert decided(heavy, big, chunk_size=1) is True
   assert decided(heavy, big, chunk_size=2) is False  # vmapped chunks are never trimmed
+  # A loss written for one batch size (it reshapes to 4 rows) is not trimmed automatically,
+  # and asking for trimming names the problem before anything compiles.
+  fixed = fs.models.classifier_loss(
+      lambda p, x: jnp.tanh(x.reshape(4, -1) @ p["w1"]) @ p["w2"])
+  fixed_algo = fs.algorithms.fedavg(fixed, client_optimizer=optax.sgd(0.1), batch_size=4,
+                                    local_epochs=1)
+  assert decided(fixed_algo, big, chunk_size=1) is False
+  with pytest.raises(ValueError, match=r"trim_last_batch=True\): the loss does not trace on a "
+                                       r"batch of 1 examples"):
+    fs.runs.planning.plan(fixed_algo, fs.sampling.uniform(4), pop, big, jax.random.key(0),
+                          performance=fs.Performance(chunk_size=1, trim_last_batch=True))
   partitionable(False)  # a cut batch's draws would differ from the full one's: not trimmed
   assert decided(heavy, big, chunk_size=1) is False
 

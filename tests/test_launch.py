@@ -113,6 +113,9 @@ def test_command_line(tmp_path):
   res = subprocess.run([sys.executable, "-m", "fedjax_sim.launch", "--processes", "2"],
                        capture_output=True, text=True, timeout=120)
   assert res.returncode == 2 and "name the script to run" in res.stderr
+  res = subprocess.run([sys.executable, "-m", "fedjax_sim.launch", "-n", "2", "--no-pin", "--",
+                        "no-such-program-here"], capture_output=True, text=True, timeout=120)
+  assert res.returncode == 2 and "cannot start no-such-program-here" in res.stderr
   many = len(launch.available_cpus()) + 1
   res = subprocess.run([sys.executable, "-m", "fedjax_sim.launch", "--processes", str(many),
                         str(script)], capture_output=True, text=True, timeout=120)

@@ -30,6 +30,7 @@ from fedjax_sim import partition_views as _views
 from fedjax_sim import sharding
 from fedjax_sim.aggregators import ADDS_NOISE, CAPS_WEIGHTS, LOCAL_NOISE
 from fedjax_sim.algorithms import Algorithm
+from fedjax_sim.client import last_batch_sizes
 from fedjax_sim.data import disk as _disk
 from fedjax_sim.data.population import Population
 from fedjax_sim.data.sampling import PoissonSampler, UniformSampler
@@ -503,7 +504,16 @@ def plan(algorithm: Algorithm, sampler, population: Population, params: Any, key
     # Without partitionable threefry a cut batch's dropout draws would differ from the full
     # one's (results would then depend on the chunk size): not trimmed.
     trim = bool(alone and step_flops is not None and step_flops >= _memory.TRIM_STEP_FLOPS
-                and jax.config.jax_threefry_partitionable)
+                and jax.config.jax_threefry_partitionable
+                and _traces_at_last_batch_sizes(algorithm, params, batch, bsz, key) is None)
+  elif trim:
+    error = _traces_at_last_batch_sizes(algorithm, params, batch, bsz, key)
+    if error is not None:
+      raise ValueError(
+          f"Performance(trim_last_batch=True): the loss does not trace on a batch of "
+          f"{error[0]} examples (a trimmed last batch; the full batch is {bsz}): {error[1]}. "
+          "Make the loss work for any batch size, or pass trim_last_batch=False (or None: "
+          "automatic, which does not trim such a loss).")
   planned = dataclasses.replace(
       draft, performance=dataclasses.replace(performance, chunk_size=chunk,
                                               trim_last_batch=trim))
@@ -513,6 +523,21 @@ def plan(algorithm: Algorithm, sampler, population: Population, params: Any, key
                        "tuner=fedjax_sim.runs.tuning.tune_plan to time the candidates.")
     planned = _tuned(planned, population, params, key, batch, bsz, budget, population_on, tuner)
   return Planned(planned, spec, budget)
+
+
+def _traces_at_last_batch_sizes(algorithm: Algorithm, params: Any, batch: dict, bsz: int,
+                                key: jax.Array):
+  """None when the loss traces (abstractly) on every trimmed last-batch size of ``bsz``; else
+  ``(size, error)`` for the first that fails (a loss written for one batch size)."""
+  if algorithm.loss_fn is None:
+    return None
+  for size in last_batch_sizes(bsz):
+    cut = {k: jax.ShapeDtypeStruct((size, *v.shape[1:]), v.dtype) for k, v in batch.items()}
+    try:
+      jax.eval_shape(algorithm.loss_fn, params, cut, key)
+    except Exception as e:  # noqa: BLE001 - reported (explicit) or not trimmed (automatic)
+      return size, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+  return None
 
 
 def _step_flops(algorithm: Algorithm, params: Any, batch: dict, key: jax.Array):
