@@ -15,6 +15,10 @@ forward + both gradients, in a ``lax.scan``) written five ways: ``fs.zoo``'s CPU
 (``canonical``), plain ``lax.conv_general_dilated`` (``lax``), im2col by nine shifted slices and
 one dot (``slices``), nine dots summed (``sumdots``) and ``lax.conv_general_dilated_patches`` +
 dot (``patches``); its torch counterpart is ``benchmarks/peers/cnn_step_torch.py --layers``.
+``--zoo-variants`` times the convolutional workloads' step (``cnn``, ``cifar``, ``cifar-small``)
+with ``fs.zoo``'s CPU choices switched off and on, interleaved: the bias gradient as a GEMV
+(``fs.zoo.add_channel_bias``) and the im2col forward of shallow convolutions
+(``fs.zoo.PATCHES_MAX_DEPTH``).
 ``--engine`` times the engine's own round (``fs.Simulation``, FedAvg, chunk 1, cohort 10) on
 the workload and reports milliseconds per step slot beside the step-only ceiling, interleaved
 in one process: the engine's overhead over the bare step.
@@ -23,6 +27,7 @@ in one process: the engine's overhead over the bare step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -242,6 +247,57 @@ def engine_vs_ceiling(name: str, steps: int, repeats: int, cohort: int = 10) -> 
           "ratio": engine / ceiling}
 
 
+#: fs.zoo's two CPU-path choices, as ``(GEMV bias gradient, im2col forward of shallow convs)``.
+ZOO_VARIANTS = {"neither": (False, False), "bias": (True, False), "im2col": (False, True),
+                "both": (True, True)}
+
+
+@contextlib.contextmanager
+def zoo_choices(bias: bool, im2col: bool):
+  """Switches fs.zoo's CPU choices off for an A/B inside this block (restored after).
+
+  ``bias=False``: :class:`fs.zoo.Conv` takes ``nn.Conv``'s own call (flax's broadcast bias add);
+  ``im2col=False``: every forward convolution is XLA's. A benchmark's patch of the library:
+  programs must be traced inside the block (jit traces at the first call).
+  """
+  call, depth = fs.zoo.Conv._canonical_call, fs.zoo.PATCHES_MAX_DEPTH
+  try:
+    if not bias:
+      fs.zoo.Conv._canonical_call = lambda self, inputs: False
+    if not im2col:
+      fs.zoo.PATCHES_MAX_DEPTH = 0
+    yield
+  finally:
+    fs.zoo.Conv._canonical_call, fs.zoo.PATCHES_MAX_DEPTH = call, depth
+
+
+def zoo_variants(names, steps: int, repeats: int) -> list[dict]:
+  """ms per step-only step of each workload with fs.zoo's CPU choices off and on (every
+  combination of :data:`ZOO_VARIANTS`), interleaved ``repeats`` times in this process."""
+  runs = {}
+  for name in names:
+    for label, flags in ZOO_VARIANTS.items():
+      with zoo_choices(*flags):
+        run, params, _, _ = _ceiling_program(name, steps)
+        jax.block_until_ready(run(params))  # traced and compiled with the choices
+      runs[(name, label)] = (run, params)
+  times = {k: [] for k in runs}
+  for _ in range(repeats):  # interleaved: a load change hits every variant alike
+    for k, (run, params) in runs.items():
+      t = time.perf_counter()
+      jax.block_until_ready(run(params))
+      times[k].append(1e3 * (time.perf_counter() - t) / steps)
+  rows = []
+  for (name, label), ms in times.items():
+    base = float(np.median(times[(name, "neither")]))
+    rows.append({"bench": "zoo_variants", "workload": name, "variant": label,
+                 "bias_gemv": ZOO_VARIANTS[label][0], "im2col": ZOO_VARIANTS[label][1],
+                 "ms_per_step_median": float(np.median(ms)), "ms_per_step_min": float(min(ms)),
+                 "speedup_vs_neither": base / float(np.median(ms)), "repeats": repeats,
+                 "xla_flags": os.environ.get("XLA_FLAGS", "")})
+  return rows
+
+
 #: The workloads whose one-batch step this measures: those with an input shape above (the
 #: language models' step is timed by ``benchmarks.lm_step_breakdown``).
 CEILING_WORKLOADS = tuple(k for k in WORKLOADS if k in SHAPES)
@@ -260,6 +316,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="also time each EMNIST-CNN layer's training step alone")
   ap.add_argument("--conv-variants", action="store_true",
                   help="also time the EMNIST CNN's conv2 written five ways")
+  ap.add_argument("--zoo-variants", action="store_true",
+                  help="also time the convolutional workloads' step with fs.zoo's CPU choices "
+                       "(GEMV bias gradient, im2col forward of shallow convs) off and on")
   ap.add_argument("--engine", action="store_true",
                   help="also time the engine's round per step slot beside the ceiling")
   ap.add_argument("--out", default=None, help="append JSON lines here")
@@ -300,6 +359,14 @@ def main(argv=None):
     for r in conv_variants(args.steps, args.repeats):
       print(f"| {r['conv2']} | {r['ms_per_step']:.2f} | {r['gflops']:.0f} "
             f"| {r['max_abs_diff']:.1e} |", flush=True)
+      extra.append(r)
+  if args.zoo_variants:
+    print("\n| workload | fs.zoo CPU choices on | ms per step (median) | min | speedup |")
+    print("|---|---|---|---|---|")
+    conv = [n for n in args.workloads if n in ("cnn", "cifar", "cifar-small")]
+    for r in zoo_variants(conv, args.steps, args.repeats):
+      print(f"| {r['workload']} | {r['variant']} | {r['ms_per_step_median']:.2f} "
+            f"| {r['ms_per_step_min']:.2f} | {r['speedup_vs_neither']:.3f} |", flush=True)
       extra.append(r)
   if args.engine:
     print("\n| workload | engine ms per step slot | ceiling ms per step | ratio |")

@@ -70,8 +70,25 @@ def map_on_vmap(f):
   return g
 
 
+#: The CPU forward pass of a convolution whose window holds at most this many input values
+#: (``kh * kw * C_in``: a first layer on images) is im2col (shifted slices) and one dot, which
+#: XLA:CPU runs ~1.7x faster than its convolution at such a small depth (pfl's CIFAR conv1,
+#: 3x3x3, batch 10: ~0.5 against ~0.85 ms on one core; the whole step: ``python -m
+#: benchmarks.ceiling --zoo-variants``); same values. Deeper convolutions keep XLA's.
+PATCHES_MAX_DEPTH = 32
+#: ... as long as the patches fit in this many bytes (a large image batch keeps XLA's conv).
+PATCHES_MAX_BYTES = 32 * 2**20
+
+
 @map_on_vmap
 def _fwd_conv(x, k):
+  kh, kw, c, o = k.shape
+  n, h2, w2 = x.shape[0], x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  depth = kh * kw * c
+  if depth <= PATCHES_MAX_DEPTH and n * h2 * w2 * depth * x.dtype.itemsize <= PATCHES_MAX_BYTES:
+    patches = jnp.concatenate([x[:, i:i + h2, j:j + w2, :] for i in range(kh) for j in range(kw)],
+                              axis=-1)  # features in (kh, kw, C_in) order: HWIO's rows
+    return (patches.reshape(-1, depth) @ k.reshape(depth, o)).reshape(n, h2, w2, o)
   return lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=_NHWC)
 
 
@@ -216,10 +233,59 @@ def max_pool(x: jax.Array, window_shape=(2, 2), strides=None, padding="VALID", *
   return _max_pool_2x2(x)
 
 
+@jax.custom_vjp
+def add_channel_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """``y + bias`` for a bias over the last axis, whose bias gradient is one matrix-vector product.
+
+  The gradient of a broadcast add is a sum over every leading axis (a column reduction), which
+  XLA:CPU fuses into the SGD update that consumes it and then runs as a strided scalar loop:
+  in the training step of pfl's CIFAR ``simple_cnn`` on one core the two convolutions' bias
+  gradients took ~1 of its ~17 ms. Written as ``ones @ dy`` (a GEMV, never fused) the step runs
+  about as fast as with no biases at all (``python -m benchmarks.ceiling --zoo-variants``,
+  docs/benchmarks.md). Values are
+  those of ``y + bias`` to float rounding (the sum's order differs). Reverse mode only (a
+  ``jax.custom_vjp``), like the CPU convolution.
+
+  Args:
+    y: ``[..., C]`` array.
+    bias: ``[C]`` array of ``y``'s dtype.
+
+  Returns:
+    ``y + bias``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> y, b = jnp.ones((2, 3, 4)), jnp.arange(4.0)
+    >>> g = jax.grad(lambda b: jnp.sum(add_channel_bias(y, b) ** 2))(b)
+    >>> bool(jnp.allclose(g, jax.grad(lambda b: jnp.sum((y + b) ** 2))(b)))
+    True
+  """
+  return y + bias
+
+
+def _add_channel_bias_fwd(y, bias):
+  return y + bias, None
+
+
+def _add_channel_bias_bwd(_, dy):
+  c = dy.shape[-1]
+  ones = jnp.ones((dy.size // c,), dy.dtype)
+  db = lax.dot_general(ones, dy.reshape(-1, c), (((0,), (0,)), ((), ())),
+                       preferred_element_type=jnp.promote_types(dy.dtype, jnp.float32))
+  return dy, db.astype(dy.dtype)
+
+
+add_channel_bias.defvjp(_add_channel_bias_fwd, _add_channel_bias_bwd)
+
+
 class Conv(nn.Conv):
   """``flax.linen.Conv`` using :func:`conv_general_dilated` (fast gradients in loops on CPU).
 
-  Same parameters as ``nn.Conv``; ``impl`` picks the implementation (``"auto"``: per backend).
+  Same parameters as ``nn.Conv`` (names, shapes, initialisers); ``impl`` picks the
+  implementation (``"auto"``: per backend). On the CPU path a plain 2-D convolution (NHWC input,
+  stride 1, undilated, ungrouped, ``"SAME"``/``"VALID"`` or explicit padding, no mask) also adds
+  its bias with :func:`add_channel_bias` (a faster bias gradient); anything else is exactly
+  ``nn.Conv``'s call.
   """
 
   impl: str = "auto"
@@ -231,6 +297,40 @@ class Conv(nn.Conv):
       object.__setattr__(self, "conv_general_dilated",
                          functools.partial(conv_general_dilated, impl=self.impl))
     super().__post_init__()
+
+  def _canonical_call(self, inputs) -> bool:
+    """True when this call takes the CPU path whose bias is added by add_channel_bias."""
+    impl = self.impl
+    if impl == "auto":
+      impl = "canonical" if jax.default_backend() == "cpu" else "lax"
+    conv = self.conv_general_dilated
+    unit = (None, 1, (1, 1), [1, 1])
+    padding_ok = (self.padding in ("SAME", "VALID") or (
+        isinstance(self.padding, Sequence) and not isinstance(self.padding, str)
+        and len(self.padding) == 2 and all(
+            isinstance(p, Sequence) and len(p) == 2 and all(isinstance(v, int) for v in p)
+            for p in self.padding)))
+    return (impl == "canonical" and self.use_bias and self.shared_weights and self.mask is None
+            and getattr(conv, "func", None) is conv_general_dilated
+            and self.conv_general_dilated_cls is None and inputs.ndim == 4
+            and isinstance(self.kernel_size, Sequence) and len(self.kernel_size) == 2
+            and self.strides in unit and self.input_dilation in unit
+            and self.kernel_dilation in unit and self.feature_group_count == 1
+            and self.precision is None and padding_ok)
+
+  @nn.compact
+  def __call__(self, inputs):
+    if not self._canonical_call(inputs):
+      return nn.Conv.__call__(self, inputs)
+    # nn.Conv's own parameters (same names, shapes, initialisers, dtypes) for this case.
+    kernel = self.param("kernel", self.kernel_init,
+                        (*self.kernel_size, inputs.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    promote = getattr(self, "promote_dtype", nn.dtypes.promote_dtype)
+    inputs, kernel, bias = promote(inputs, kernel, bias, dtype=self.dtype)
+    padding = self.padding if isinstance(self.padding, str) else [tuple(p) for p in self.padding]
+    y = self.conv_general_dilated(inputs, kernel, (1, 1), padding, dimension_numbers=_NHWC)
+    return add_channel_bias(y, bias)
 
 
 def dropout_keep(rate: float, bits: int | str = "auto") -> tuple[int, float]:

@@ -114,3 +114,23 @@ def test_chunk_check_times_the_measured_chunk_on_the_same_work():
   assert not tuning["from_cache"] and by["measured"]["tuning_s"] > 0
   assert all(r["batch_size"] == 4 for r in rows)
   assert len({round(r["examples_per_s"] * r["median_s"], 3) for r in rows}) == 1
+
+
+def test_zoo_choices_switch_the_cpu_path_off_and_restore_it():
+  """The A/B of --zoo-variants really compares the two paths (and leaves the library as it was)."""
+  x = jnp.ones((2, 6, 6, 3))
+  conv = fs.zoo.Conv(4, (3, 3), padding="VALID")
+  p = conv.init(jax.random.key(0), x)
+
+  def jaxpr():
+    return str(jax.make_jaxpr(lambda q: conv.apply(q, x))(p))
+
+  on = jaxpr()
+  assert on.count("custom_vjp_call") == 2 and "dot_general" in on  # bias; im2col forward
+  with ceiling.zoo_choices(bias=False, im2col=False):
+    off = jaxpr()
+  assert off.count("custom_vjp_call") == 1 and "dot_general" not in off
+  with ceiling.zoo_choices(bias=True, im2col=False):
+    assert jaxpr().count("custom_vjp_call") == 2
+  assert jaxpr() == on
+  assert set(ceiling.ZOO_VARIANTS) == {"neither", "bias", "im2col", "both"}

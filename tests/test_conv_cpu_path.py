@@ -1,6 +1,7 @@
 """The CPU convolution path (canonical-layout gradients) computes what the plain path computes."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,3 +142,85 @@ def test_conv_under_vmap_matches_plain_vmap(batched):
     return jax.vmap(jax.vmap(g))(x, k)
 
   _close(f("canonical"), f("lax"), 1e-4)
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME", ((2, 0), (1, 3)), [[1, 1], [0, 2]]])
+def test_conv_module_matches_flax_conv_with_its_bias_path(padding):
+  """fs.zoo.Conv's CPU call (its own params + add_channel_bias) = nn.Conv: same parameter
+  tree and initial values, same outputs and gradients."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(3, 9, 8, 3)), jnp.float32)
+  ours, flax_conv = fs.zoo.Conv(5, (3, 2), padding=padding), nn.Conv(5, (3, 2), padding=padding)
+  assert ours._canonical_call(x)
+  p, p_flax = ours.init(jax.random.key(1), x), flax_conv.init(jax.random.key(1), x)
+  chex.assert_trees_all_equal(p, p_flax)
+  p = jax.tree.map(lambda v: v + 0.3, p)  # a nonzero bias
+  jaxpr = str(jax.make_jaxpr(lambda q: ours.apply(q, x))(p))
+  assert jaxpr.count("custom_vjp_call") == 2  # the convolution and the bias
+
+  def f(module):
+    return jax.value_and_grad(lambda q: jnp.sum(jnp.sin(module.apply(q, x))))(p)
+
+  _close(f(ours), f(flax_conv), 1e-5)
+
+
+@pytest.mark.parametrize("kwargs,shape", [
+    ({"strides": 2}, (2, 9, 8, 3)),
+    ({"kernel_dilation": 2}, (2, 9, 8, 3)),
+    ({"feature_group_count": 3}, (2, 9, 8, 3)),
+    ({"padding": "CIRCULAR"}, (2, 9, 8, 3)),
+    ({"padding": 1}, (2, 9, 8, 3)),
+    ({"use_bias": False}, (2, 9, 8, 3)),
+    ({"impl": "lax"}, (2, 9, 8, 3)),
+    ({}, (9, 8, 3)),  # no batch axis
+    ({}, (2, 2, 9, 8, 3)),  # two batch axes
+])
+def test_conv_module_falls_back_to_flax_call(kwargs, shape):
+  """Anything but a plain NHWC 2-D conv is nn.Conv's own call (same params, same results)."""
+  x = jnp.asarray(np.random.default_rng(5).normal(size=shape), jnp.float32)
+  ours = fs.zoo.Conv(6, (3, 3), **kwargs)
+  flax_conv = nn.Conv(6, (3, 3), **{k: v for k, v in kwargs.items() if k != "impl"})
+  assert not ours._canonical_call(x)
+  p = ours.init(jax.random.key(2), x)
+  chex.assert_trees_all_equal(p, flax_conv.init(jax.random.key(2), x))
+  _close(ours.apply(p, x), flax_conv.apply(p, x), 1e-5)
+
+
+def test_add_channel_bias_gradient_under_vmap_and_in_bfloat16():
+  rng = np.random.default_rng(6)
+  y = jnp.asarray(rng.normal(size=(4, 3, 5, 7)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(4, 7)), jnp.float32)
+
+  def grads(add):
+    loss = lambda y, b: jnp.sum(jnp.sin(add(y, b)))
+    return jax.vmap(jax.value_and_grad(loss, argnums=(0, 1)))(y, b)  # a bias per client
+
+  _close(grads(fs.zoo.add_channel_bias), grads(lambda y, b: y + b), 1e-5)
+  yb, bb = y[0].astype(jnp.bfloat16), b[0].astype(jnp.bfloat16)
+  g = jax.grad(lambda b: jnp.sum(fs.zoo.add_channel_bias(yb, b)).astype(jnp.float32))(bb)
+  assert g.dtype == jnp.bfloat16 and g.shape == (7,)
+  np.testing.assert_allclose(np.asarray(g, np.float32), 15.0)
+
+
+@pytest.mark.parametrize("shape,kernel", [((3, 10, 9, 3), (3, 3, 3, 4)),  # im2col forward
+                                          ((2, 7, 7, 1), (2, 3, 1, 5)),
+                                          ((2, 8, 8, 4), (3, 3, 4, 6))])  # depth 36: XLA's
+def test_small_depth_forward_matches_lax_conv(shape, kernel):
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  k = jnp.asarray(rng.normal(size=kernel), jnp.float32)
+  dn = ("NHWC", "HWIO", "NHWC")
+  depth = kernel[0] * kernel[1] * kernel[2]
+  jaxpr = str(jax.make_jaxpr(fs.zoo._fwd_conv)(x, k))
+  assert ("conv_general_dilated" in jaxpr) == (depth > fs.zoo.PATCHES_MAX_DEPTH)
+
+  def f(impl):
+    return jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(fs.zoo.conv_general_dilated(
+        x, k, (1, 1), "VALID", dimension_numbers=dn, impl=impl))), argnums=(0, 1))(x, k)
+
+  _close(f("canonical"), f("lax"), 1e-5)
+  vm = jax.vmap(lambda x, k: fs.zoo.conv_general_dilated(x, k, (1, 1), "VALID",
+                                                         dimension_numbers=dn))
+  xs, ks = jnp.stack([x, 2 * x]), jnp.stack([k, -k])
+  _close(vm(xs, ks), jax.vmap(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "VALID", dimension_numbers=dn))(xs, ks), 1e-5)
