@@ -260,15 +260,15 @@ def zoo_choices(bias: bool, im2col: bool):
   ``im2col=False``: every forward convolution is XLA's. A benchmark's patch of the library:
   programs must be traced inside the block (jit traces at the first call).
   """
-  call, depth = fs.zoo.Conv._canonical_call, fs.zoo.PATCHES_MAX_DEPTH
+  call, depth = fs.zoo.canonical_conv_call, fs.zoo.PATCHES_MAX_DEPTH
   try:
     if not bias:
-      fs.zoo.Conv._canonical_call = lambda self, inputs: False
+      fs.zoo.canonical_conv_call = lambda conv, inputs: False
     if not im2col:
       fs.zoo.PATCHES_MAX_DEPTH = 0
     yield
   finally:
-    fs.zoo.Conv._canonical_call, fs.zoo.PATCHES_MAX_DEPTH = call, depth
+    fs.zoo.canonical_conv_call, fs.zoo.PATCHES_MAX_DEPTH = call, depth
 
 
 def zoo_variants(names, steps: int, repeats: int) -> list[dict]:

@@ -19,7 +19,10 @@ fast path inside loops too; the forward pass and the math are unchanged (same gr
 float rounding). On GPU/TPU it is ``lax.conv_general_dilated``. Likewise :func:`max_pool`: the
 gradient of ``reduce_window`` max (select-and-scatter) is slow on XLA:CPU, so the CPU path writes
 the 2x2 pool's gradient out (same values, ties included). Measured in ``benchmarks/conv_loop.py``
-and ``benchmarks/ceiling.py --cnn-layers``.
+and ``benchmarks/ceiling.py --cnn-layers``. Also on CPU, :class:`Conv` adds its bias with
+:func:`add_channel_bias` (the bias gradient as one GEMV, not a fused column reduction) and a
+shallow convolution (window depth <= :data:`PATCHES_MAX_DEPTH`, a first layer) runs its forward
+pass as im2col + one dot: ``python -m benchmarks.ceiling --zoo-variants``.
 """
 
 from __future__ import annotations
@@ -298,29 +301,9 @@ class Conv(nn.Conv):
                          functools.partial(conv_general_dilated, impl=self.impl))
     super().__post_init__()
 
-  def _canonical_call(self, inputs) -> bool:
-    """True when this call takes the CPU path whose bias is added by add_channel_bias."""
-    impl = self.impl
-    if impl == "auto":
-      impl = "canonical" if jax.default_backend() == "cpu" else "lax"
-    conv = self.conv_general_dilated
-    unit = (None, 1, (1, 1), [1, 1])
-    padding_ok = (self.padding in ("SAME", "VALID") or (
-        isinstance(self.padding, Sequence) and not isinstance(self.padding, str)
-        and len(self.padding) == 2 and all(
-            isinstance(p, Sequence) and len(p) == 2 and all(isinstance(v, int) for v in p)
-            for p in self.padding)))
-    return (impl == "canonical" and self.use_bias and self.shared_weights and self.mask is None
-            and getattr(conv, "func", None) is conv_general_dilated
-            and self.conv_general_dilated_cls is None and inputs.ndim == 4
-            and isinstance(self.kernel_size, Sequence) and len(self.kernel_size) == 2
-            and self.strides in unit and self.input_dilation in unit
-            and self.kernel_dilation in unit and self.feature_group_count == 1
-            and self.precision is None and padding_ok)
-
   @nn.compact
   def __call__(self, inputs):
-    if not self._canonical_call(inputs):
+    if not canonical_conv_call(self, inputs):
       return nn.Conv.__call__(self, inputs)
     # nn.Conv's own parameters (same names, shapes, initialisers, dtypes) for this case.
     kernel = self.param("kernel", self.kernel_init,
@@ -331,6 +314,50 @@ class Conv(nn.Conv):
     padding = self.padding if isinstance(self.padding, str) else [tuple(p) for p in self.padding]
     y = self.conv_general_dilated(inputs, kernel, (1, 1), padding, dimension_numbers=_NHWC)
     return add_channel_bias(y, bias)
+
+
+def canonical_conv_call(conv: Conv, inputs: jax.Array) -> bool:
+  """Whether ``conv(inputs)`` takes :class:`Conv`'s own CPU call (the bias added by
+  :func:`add_channel_bias`) rather than ``nn.Conv``'s.
+
+  It does for a plain 2-D convolution of an NHWC batch on the CPU path: ``impl`` resolving to
+  ``"canonical"``, a bias, shared weights, no mask, stride and dilations one, one feature group,
+  ``"SAME"``/``"VALID"`` or explicit integer padding, the default precision and the zoo's own
+  ``conv_general_dilated``.
+
+  Returns:
+    True when the call is the CPU path's; False when it is exactly ``nn.Conv.__call__``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.ones((2, 8, 8, 3))
+    >>> canonical_conv_call(Conv(4, (3, 3), impl="canonical"), x)
+    True
+    >>> canonical_conv_call(Conv(4, (3, 3), strides=2, impl="canonical"), x)
+    False
+  """
+  impl = conv.impl
+  if impl == "auto":
+    impl = "canonical" if jax.default_backend() == "cpu" else "lax"
+  fn = conv.conv_general_dilated
+
+  def pairs(v, ok):  # a sequence of two entries, each ok(entry)
+    return (isinstance(v, Sequence) and not isinstance(v, str) and len(v) == 2
+            and all(ok(e) for e in v))
+
+  def unit(v):  # None, 1 or (1, 1): stride / dilation one
+    one = lambda e: isinstance(e, int) and not isinstance(e, bool) and e == 1
+    return v is None or one(v) or pairs(v, one)
+
+  ints = lambda p: pairs(p, lambda e: isinstance(e, int) and not isinstance(e, bool))
+  padding_ok = ((isinstance(conv.padding, str) and conv.padding in ("SAME", "VALID"))
+                or pairs(conv.padding, ints))
+  return (impl == "canonical" and conv.use_bias is True and conv.shared_weights
+          and conv.mask is None and getattr(fn, "func", None) is conv_general_dilated
+          and conv.conv_general_dilated_cls is None and inputs.ndim == 4
+          and pairs(conv.kernel_size, lambda e: isinstance(e, int))
+          and unit(conv.strides) and unit(conv.input_dilation) and unit(conv.kernel_dilation)
+          and conv.feature_group_count == 1 and conv.precision is None and padding_ok)
 
 
 def dropout_keep(rate: float, bits: int | str = "auto") -> tuple[int, float]:

@@ -151,7 +151,7 @@ def test_conv_module_matches_flax_conv_with_its_bias_path(padding):
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.normal(size=(3, 9, 8, 3)), jnp.float32)
   ours, flax_conv = fs.zoo.Conv(5, (3, 2), padding=padding), nn.Conv(5, (3, 2), padding=padding)
-  assert ours._canonical_call(x)
+  assert fs.zoo.canonical_conv_call(ours, x)
   p, p_flax = ours.init(jax.random.key(1), x), flax_conv.init(jax.random.key(1), x)
   chex.assert_trees_all_equal(p, p_flax)
   p = jax.tree.map(lambda v: v + 0.3, p)  # a nonzero bias
@@ -180,7 +180,7 @@ def test_conv_module_falls_back_to_flax_call(kwargs, shape):
   x = jnp.asarray(np.random.default_rng(5).normal(size=shape), jnp.float32)
   ours = fs.zoo.Conv(6, (3, 3), **kwargs)
   flax_conv = nn.Conv(6, (3, 3), **{k: v for k, v in kwargs.items() if k != "impl"})
-  assert not ours._canonical_call(x)
+  assert not fs.zoo.canonical_conv_call(ours, x)
   p = ours.init(jax.random.key(2), x)
   chex.assert_trees_all_equal(p, flax_conv.init(jax.random.key(2), x))
   _close(ours.apply(p, x), flax_conv.apply(p, x), 1e-5)
@@ -224,3 +224,12 @@ def test_small_depth_forward_matches_lax_conv(shape, kernel):
   xs, ks = jnp.stack([x, 2 * x]), jnp.stack([k, -k])
   _close(vm(xs, ks), jax.vmap(lambda x, k: jax.lax.conv_general_dilated(
       x, k, (1, 1), "VALID", dimension_numbers=dn))(xs, ks), 1e-5)
+
+
+def test_conv_module_canonical_call_accepts_lists_and_unit_strides():
+  x = jnp.ones((2, 6, 6, 3))
+  call = fs.zoo.canonical_conv_call
+  assert call(fs.zoo.Conv(4, [3, 3], strides=[1, 1], input_dilation=1,
+                          kernel_dilation=(1, 1)), x)
+  assert not call(fs.zoo.Conv(4, (3, 3), strides=(1, 2)), x)
+  assert not call(fs.zoo.Conv(4, (3, 3), padding=np.array([[1, 1], [1, 1]])), x)

@@ -94,6 +94,7 @@ def test_a_failing_process_stops_the_others_and_its_status_is_returned(tmp_path,
   assert os.path.isdir(log_dir)  # a failed run keeps its logs
 
 
+@pytest.mark.slow  # process-level: six launcher processes, each importing jax (~12 s)
 def test_command_line(tmp_path):
   script = tmp_path / "ok.py"
   script.write_text("import sys; print('args', sys.argv[1:])\n")
@@ -148,6 +149,7 @@ def test_initialize_outside_the_launcher_is_a_single_process_run():
   assert fs.sharding.initialize() is False  # no launcher, no cluster: nothing changes
 
 
+@pytest.mark.slow  # process-level (a launcher and its children)
 def test_sigterm_to_the_launcher_stops_every_process(tmp_path):
   script = tmp_path / "sleep.py"
   script.write_text("import os, time\n"
