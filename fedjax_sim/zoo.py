@@ -251,10 +251,14 @@ def add_channel_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
 
   Args:
     y: ``[..., C]`` array.
-    bias: ``[C]`` array of ``y``'s dtype.
+    bias: ``[C]`` array (its gradient comes back in its own dtype, summed in float32 at
+      least).
 
   Returns:
     ``y + bias``.
+
+  Raises:
+    ValueError: ``bias`` is not one vector of ``y.shape[-1]`` entries.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -263,19 +267,29 @@ def add_channel_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
     >>> bool(jnp.allclose(g, jax.grad(lambda b: jnp.sum((y + b) ** 2))(b)))
     True
   """
+  _check_channel_bias(y, bias)
   return y + bias
 
 
+def _check_channel_bias(y, bias):
+  if jnp.ndim(y) < 1 or jnp.shape(bias) != (jnp.shape(y)[-1],):
+    raise ValueError(f"add_channel_bias: bias must have shape (y.shape[-1],) = "
+                     f"{(jnp.shape(y)[-1:])}; got y {jnp.shape(y)} and bias {jnp.shape(bias)}.")
+
+
 def _add_channel_bias_fwd(y, bias):
-  return y + bias, None
+  _check_channel_bias(y, bias)
+  # Zero-size residuals carry the two dtypes: each cotangent comes back in its primal's.
+  return y + bias, (jnp.zeros((0,), y.dtype), jnp.zeros((0,), bias.dtype))
 
 
-def _add_channel_bias_bwd(_, dy):
+def _add_channel_bias_bwd(dtypes, dy):
+  y_dtype, bias_dtype = dtypes[0].dtype, dtypes[1].dtype
   c = dy.shape[-1]
   ones = jnp.ones((dy.size // c,), dy.dtype)
   db = lax.dot_general(ones, dy.reshape(-1, c), (((0,), (0,)), ((), ())),
                        preferred_element_type=jnp.promote_types(dy.dtype, jnp.float32))
-  return dy, db.astype(dy.dtype)
+  return dy.astype(y_dtype), db.astype(bias_dtype)
 
 
 add_channel_bias.defvjp(_add_channel_bias_fwd, _add_channel_bias_bwd)

@@ -200,6 +200,13 @@ def test_add_channel_bias_gradient_under_vmap_and_in_bfloat16():
   g = jax.grad(lambda b: jnp.sum(fs.zoo.add_channel_bias(yb, b)).astype(jnp.float32))(bb)
   assert g.dtype == jnp.bfloat16 and g.shape == (7,)
   np.testing.assert_allclose(np.asarray(g, np.float32), 15.0)
+  # Mixed dtypes: each gradient in its own input's dtype (a float32 y, a bfloat16 bias).
+  gy, gb = jax.grad(lambda y, b: jnp.sum(fs.zoo.add_channel_bias(y, b)), argnums=(0, 1))(y[0], bb)
+  assert gy.dtype == jnp.float32 and gb.dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="bias must have shape"):
+    fs.zoo.add_channel_bias(y, b)  # [4, 7] bias: not one vector
+  with pytest.raises(ValueError, match="bias must have shape"):
+    jax.grad(lambda b: jnp.sum(fs.zoo.add_channel_bias(y[0], b)))(b[0, :3])
 
 
 @pytest.mark.parametrize("shape,kernel", [((3, 10, 9, 3), (3, 3, 3, 4)),  # im2col forward
