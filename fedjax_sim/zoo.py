@@ -74,10 +74,11 @@ def map_on_vmap(f):
 
 
 #: The CPU forward pass of a convolution whose window holds at most this many input values
-#: (``kh * kw * C_in``: a first layer on images) is im2col (shifted slices) and one dot, which
-#: XLA:CPU runs ~1.7x faster than its convolution at such a small depth (pfl's CIFAR conv1,
-#: 3x3x3, batch 10: ~0.5 against ~0.85 ms on one core; the whole step: ``python -m
-#: benchmarks.ceiling --zoo-variants``); same values. Deeper convolutions keep XLA's.
+#: (``kh * kw * C_in``: a first layer on images) is im2col (shifted slices) and one dot, where
+#: XLA:CPU's convolution is slow at such a small depth: the whole training step 1.03-1.08x
+#: faster on the EMNIST CNN (3x3x1), 1.05x on pfl's CIFAR ``simple_cnn`` (3x3x3) on one core and
+#: level with two threads (``python -m benchmarks.ceiling --zoo-variants``); same values.
+#: Deeper convolutions keep XLA's.
 PATCHES_MAX_DEPTH = 32
 #: ... as long as the patches fit in this many bytes (a large image batch keeps XLA's conv).
 PATCHES_MAX_BYTES = 32 * 2**20
@@ -242,12 +243,12 @@ def add_channel_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
 
   The gradient of a broadcast add is a sum over every leading axis (a column reduction), which
   XLA:CPU fuses into the SGD update that consumes it and then runs as a strided scalar loop:
-  in the training step of pfl's CIFAR ``simple_cnn`` on one core the two convolutions' bias
-  gradients took ~1 of its ~17 ms. Written as ``ones @ dy`` (a GEMV, never fused) the step runs
-  about as fast as with no biases at all (``python -m benchmarks.ceiling --zoo-variants``,
-  docs/benchmarks.md). Values are
-  those of ``y + bias`` to float rounding (the sum's order differs). Reverse mode only (a
-  ``jax.custom_vjp``), like the CPU convolution.
+  with the two convolutions' bias gradients written as ``ones @ dy`` (a GEMV, never fused) the
+  training step of pfl's CIFAR ``simple_cnn`` ran 1.09x faster on one core (18.21 -> 16.72 ms)
+  and the EMNIST CNN's 1.05x (``python -m benchmarks.ceiling --zoo-variants``, rows in
+  ``benchmarks/results/cpu-2core/ceiling.jsonl``). Values are those of ``y + bias`` to float
+  rounding (the sum's order differs). Reverse mode only (a ``jax.custom_vjp``), like the CPU
+  convolution.
 
   Args:
     y: ``[..., C]`` array.

@@ -240,3 +240,20 @@ def test_conv_module_canonical_call_accepts_lists_and_unit_strides():
                           kernel_dilation=(1, 1)), x)
   assert not call(fs.zoo.Conv(4, (3, 3), strides=(1, 2)), x)
   assert not call(fs.zoo.Conv(4, (3, 3), padding=np.array([[1, 1], [1, 1]])), x)
+
+
+def test_conv_module_in_bfloat16_matches_flax_conv():
+  """dtype=bfloat16 (computation) with float32 params: the same promotion as nn.Conv's."""
+  x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 7, 7, 3)), jnp.float32)
+  ours = fs.zoo.Conv(4, (3, 3), padding="VALID", dtype=jnp.bfloat16)
+  flax_conv = nn.Conv(4, (3, 3), padding="VALID", dtype=jnp.bfloat16)
+  assert fs.zoo.canonical_conv_call(ours, x)
+  p = ours.init(jax.random.key(3), x)
+  chex.assert_trees_all_equal(p, flax_conv.init(jax.random.key(3), x))
+  a, b = ours.apply(p, x), flax_conv.apply(p, x)
+  assert a.dtype == b.dtype == jnp.bfloat16
+  _close(a.astype(jnp.float32), b.astype(jnp.float32), 5e-2)
+  g = jax.grad(lambda q: jnp.sum(ours.apply(q, x).astype(jnp.float32)))(p)
+  g_flax = jax.grad(lambda q: jnp.sum(flax_conv.apply(q, x).astype(jnp.float32)))(p)
+  chex.assert_trees_all_equal_dtypes(g, g_flax)
+  _close(g, g_flax, 5e-2)
